@@ -17,6 +17,8 @@
 from __future__ import annotations
 
 import re
+import smtplib
+from typing import Any
 
 __all__ = [
     "AuthenticationError",
@@ -29,8 +31,8 @@ __all__ = [
     "PermanentError",
     "RecipientsRefused",
     "RelayUnavailable",
-    "SMTPUTF8Required",
     "SMTPTimeout",
+    "SMTPUTF8Required",
     "SpoolCorrupt",
     "SpoolError",
     "TLSFailure",
@@ -43,8 +45,32 @@ __all__ = [
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
 
 
+_OSERROR_FIELDS = ("errno", "strerror", "filename", "filename2")
+
+
+def _rebuild(
+    cls: type[MailspoolError], args: tuple[Any, ...], state: dict[str, Any]
+) -> MailspoolError:
+    exc = cls.__new__(cls)
+    exc.args = args
+    for name, value in state.items():
+        setattr(exc, name, value)
+    return exc
+
+
 class MailspoolError(Exception):
     """The base of every error mailspool raises on purpose."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickle by state, not by calling __init__ again: the subclasses'
+        # constructors take arguments that ``args`` lacks, and errors cross
+        # process boundaries (multiprocessing, process pools).  An OSError
+        # keeps errno, strerror and filename outside ``args`` and __dict__.
+        state = dict(vars(self))
+        if isinstance(self, OSError):
+            fields = ((name, getattr(self, name)) for name in _OSERROR_FIELDS)
+            state.update((name, value) for name, value in fields if value is not None)
+        return (_rebuild, (type(self), self.args, state))
 
 
 # --- input -----------------------------------------------------------------
@@ -174,10 +200,23 @@ class RecipientsRefused(DeliveryError):
     ``transient`` is True when at least one refusal was a 4xx.
     """
 
-    def __init__(self, text: str, *, result: object, transient: bool, **kw: object) -> None:
+    def __init__(
+        self,
+        text: str,
+        *,
+        result: object,
+        transient: bool,
+        code: int | None = None,
+        enhanced: str | None = None,
+        recipient: str | None = None,
+    ) -> None:
         self.result = result
-        self.transient = transient  # type: ignore[misc]
-        super().__init__(text, **kw)  # type: ignore[arg-type]
+        self.transient = transient
+        super().__init__(text, code=code, enhanced=enhanced, recipient=recipient)
+
+
+# Enhanced codes that say the message is too big (RFC 3463 3.4/3.3).
+_TOO_LARGE = ("5.3.4", "5.2.3")
 
 
 def error_for_reply(
@@ -185,39 +224,104 @@ def error_for_reply(
 ) -> DeliveryError:
     """Turn an SMTP reply into the right error class.
 
-    ``phase`` is the command the reply answered (``"greeting"``, ``"ehlo"``,
-    ``"auth"``, ``"starttls"``, ``"mail"``, ``"rcpt"``, ``"data"``).  Replies
-    about the relay or our configuration are told apart from replies about
-    the message: 421 anywhere, any failure of the greeting or EHLO, 530/535/
-    538/454 (authentication or encryption required).
+    Replies about the relay or our configuration are told apart from replies
+    about the message, in this order:
+
+    * 421 anywhere, or any failure of the greeting or EHLO/HELO:
+      :class:`RelayUnavailable` (a 5xx greeting too, as Postfix does).
+    * any failure of STARTTLS, or 538 (encryption required):
+      :class:`TLSFailure`.
+    * any failure of AUTH, 530 (authentication required), 535 or enhanced
+      code 5.7.8 (bad credentials), 454 except at RCPT (temporary
+      authentication failure; at RCPT it refuses that recipient only):
+      :class:`AuthenticationError`.
+    * 552 at RCPT counts as 452 (RFC 5321 4.5.3.1.10): a
+      :class:`TransientError` with ``code`` 452.
+    * other 4xx: :class:`TransientError`.
+    * 552 without an enhanced code or with 5.3.4/5.2.3, and any 5xx with
+      5.3.4 or 5.2.3 (message too big): :class:`MessageTooLarge`.
+    * other 5xx: :class:`PermanentError`.
+    * any other code (a reply where none was expected): :class:`TransientError`,
+      since only a 5xx says that trying again is useless.
+
+    Args:
+        code: the three-digit reply code.
+        text: the reply text (an enhanced status code at its start is read).
+        recipient: the recipient the reply is about, if any.
+        phase: the command the reply answered (``"greeting"``, ``"ehlo"``,
+            ``"helo"``, ``"starttls"``, ``"auth"``, ``"mail"``, ``"rcpt"``,
+            ``"data"``), or ``""`` when unknown.
+
+    Returns:
+        The error (not raised).
     """
     enh = enhanced_code(text)
-    kw: dict[str, object] = {"code": code, "enhanced": enh, "recipient": recipient}
-    if code == 421 or phase in ("greeting", "ehlo"):
-        return RelayUnavailable(text, **kw)  # type: ignore[arg-type]
-    if code in (530, 535, 454) or phase == "auth" or (enh or "").startswith("5.7.8"):
-        return AuthenticationError(text, **kw)  # type: ignore[arg-type]
+
+    def make(cls: type[DeliveryError], reply_code: int = code) -> DeliveryError:
+        return cls(text, code=reply_code, enhanced=enh, recipient=recipient)
+
+    if code == 421 or phase in ("greeting", "ehlo", "helo"):
+        return make(RelayUnavailable)
     if code == 538 or phase == "starttls":
-        return TLSFailure(text, **kw)  # type: ignore[arg-type]
+        return make(TLSFailure)
+    if phase == "auth" or code in (530, 535) or enh == "5.7.8" or (code == 454 and phase != "rcpt"):
+        return make(AuthenticationError)
     if code == 552 and phase == "rcpt":
-        # RFC 5321 4.5.3.1.10: 552 on RCPT is treated as 452 (too many recipients).
-        return TransientError(text, code=452, enhanced=enh, recipient=recipient)
-    if code == 552 or (enh or "") == "5.3.4":
-        return MessageTooLarge(text, **kw)  # type: ignore[arg-type]
+        return make(TransientError, 452)
     if 400 <= code < 500:
-        return TransientError(text, **kw)  # type: ignore[arg-type]
-    return PermanentError(text, **kw)  # type: ignore[arg-type]
+        return make(TransientError)
+    if 500 <= code < 600:
+        if enh in _TOO_LARGE or (code == 552 and enh is None):
+            return make(MessageTooLarge)
+        return make(PermanentError)
+    return make(TransientError)
+
+
+# What each smtplib reply error answered, for error_for_reply's ``phase``.
+_SMTPLIB_PHASES: tuple[tuple[type[smtplib.SMTPResponseException], str], ...] = (
+    (smtplib.SMTPConnectError, "greeting"),
+    (smtplib.SMTPHeloError, "ehlo"),
+    (smtplib.SMTPAuthenticationError, "auth"),
+    (smtplib.SMTPSenderRefused, "mail"),
+    (smtplib.SMTPDataError, "data"),
+)
+
+
+def _reply_text(value: object) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
 
 
 def is_transient(exc: BaseException) -> bool:
     """The one place that decides whether a failure is worth retrying.
 
-    Delivery errors say so themselves; OS-level network errors and timeouts
-    are transient; anything else (a bug, a corrupt file) is not.
+    Delivery errors say so themselves.  ``smtplib`` errors are judged by
+    their reply like :func:`error_for_reply` judges ours (a refused
+    recipient list is transient when any refusal is).  A corrupt spool file
+    is not transient; other OS-level errors (network, timeouts, TLS, a full
+    disk) are.  Anything else (a bug, bad input) is not.
+
+    Args:
+        exc: the exception that stopped a delivery.
+
+    Returns:
+        True when trying again later may succeed.
     """
     if isinstance(exc, DeliveryError):
         return exc.transient
-    return isinstance(exc, (ConnectionError, TimeoutError, OSError))
+    if isinstance(exc, SpoolCorrupt):
+        return False
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return any(
+            error_for_reply(code, _reply_text(text), phase="rcpt").transient
+            for code, text in exc.recipients.values()
+        )
+    if isinstance(exc, smtplib.SMTPResponseException):
+        phase = next((p for cls, p in _SMTPLIB_PHASES if isinstance(exc, cls)), "")
+        reply = error_for_reply(exc.smtp_code, _reply_text(exc.smtp_error), phase=phase)
+        return reply.transient
+    return isinstance(exc, OSError)
 
 
 # --- spool -------------------------------------------------------------------

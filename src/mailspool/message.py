@@ -1,0 +1,527 @@
+"""From what the caller passed to bytes on the wire: a pure core, no I/O.
+
+Everything ``send()`` is given is checked here, before anything joins a
+transaction, so that a bad address or an unsendable message fails at
+``send()`` and never at commit or, worse, in the queue processor hours later.
+
+* :func:`parse_mailbox` / :func:`make_envelope` validate addresses: no CR, LF,
+  NUL or other control character anywhere (header and SMTP command
+  injection), exactly one RFC 5321 mailbox, display names reduced to the
+  mailbox.  The envelope says whether an address is not ASCII and the relay
+  must therefore offer SMTPUTF8 (RFC 6531).
+* :func:`to_wire` turns ``bytes``, ``str`` or an ``email.message.Message``
+  into bytes with CRLF line endings only, no NUL and no line over 998 octets.
+  Dot-stuffing is left to the SMTP client, which does it on the wire (doing
+  it here too would double the dots).
+* :func:`prepare` does both and makes sure the message has exactly one
+  well-formed ``Message-Id`` and a ``Date``.  It looks only at the header
+  block, with a few regular expressions; the message is never parsed by the
+  ``email`` package, which is what makes enqueueing cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+import email.errors
+import email.utils
+import ipaddress
+import os
+import quopri
+import re
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from email.message import Message
+
+from mailspool.errors import InvalidAddress, InvalidMessage
+
+__all__ = [
+    "MAX_LINE",
+    "Envelope",
+    "Prepared",
+    "make_envelope",
+    "make_msgid",
+    "needs_8bit",
+    "parse_mailbox",
+    "prepare",
+    "to_wire",
+]
+
+#: Longest line RFC 5321 allows, without the CRLF.
+MAX_LINE = 998
+_MAX_LOCAL = 64
+_MAX_DOMAIN = 255
+_MAX_LABEL = 63
+_MAX_PATH = 256  # RFC 5321 4.5.3.1.3, the angle brackets included
+
+# --- addresses ---------------------------------------------------------------
+
+# Injection first (these three are named in the error), then every other
+# C0/C1 control, DEL and the Unicode line and paragraph separators.
+_INJECTION = ("\r", "\n", "\0")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# atext (RFC 5322 3.2.3) and the non-ASCII characters RFC 6531/6532 add to it
+# (UTF-8 can encode every code point but the surrogates).
+_ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
+_UTF8 = "\u00a0-\ud7ff\ue000-\U0010ffff"
+_DOT_ATOM = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*\Z")
+# RFC 5321 Quoted-string: qtextSMTP or a backslash and a printable character.
+_QUOTED = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"\Z')
+_LABEL = re.compile(rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9{_UTF8}])?\Z")
+# A display name: words (atoms, with the dots obs-phrase allows, or quoted
+# strings), white space and comments.  Every alternative consumes one
+# character or one whole delimited token, so matching stays linear.
+_PHRASE = re.compile(rf'(?:[ \t]|[{_ATEXT}{_UTF8}.]|"(?:[^"\\]|\\.)*"|\((?:[^()\\]|\\.)*\))*')
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope: who the message is from and whom it goes to.
+
+    Addresses are bare mailboxes (``local@domain``), already validated.
+    """
+
+    sender: str
+    recipients: tuple[str, ...]
+
+    @property
+    def smtputf8(self) -> bool:
+        """True when an address is not ASCII and the relay must offer SMTPUTF8."""
+        return not all(a.isascii() for a in (self.sender, *self.recipients))
+
+
+def _check_characters(value: str) -> None:
+    for ch in _INJECTION:
+        if ch in value:
+            raise InvalidAddress(value, f"contains {ch!r} (header injection)")
+    m = _CONTROL.search(value)
+    if m is not None:
+        raise InvalidAddress(value, f"contains the control character {m.group()!r}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidAddress(value, "is not valid Unicode (lone surrogate)") from None
+
+
+def _check_domain(domain: str, original: str) -> None:
+    if len(domain.encode("utf-8")) > _MAX_DOMAIN:
+        raise InvalidAddress(original, f"domain longer than {_MAX_DOMAIN} octets")
+    if domain.startswith("["):
+        # An address literal (RFC 5321 4.1.3): [IPv4] or [IPv6:...].
+        inner = domain[1:-1] if domain.endswith("]") else ""
+        try:
+            if inner[:5].lower() == "ipv6:" and "%" not in inner:
+                ipaddress.IPv6Address(inner[5:])
+            else:
+                ipaddress.IPv4Address(inner)
+        except ValueError:
+            raise InvalidAddress(
+                original, f"{domain!r} is not an IPv4 or IPv6 address literal"
+            ) from None
+        return
+    for label in domain.split("."):
+        if not _LABEL.match(label):
+            raise InvalidAddress(original, f"domain {domain!r} has an invalid label {label!r}")
+        # A non-ASCII label is limited in its ASCII (xn--) form.
+        size = len(label) if label.isascii() else 4 + len(label.encode("punycode"))
+        if size > _MAX_LABEL:
+            raise InvalidAddress(
+                original, f"domain label {label!r} longer than {_MAX_LABEL} octets"
+            )
+
+
+def _check_mailbox(mailbox: str, original: str) -> str:
+    if "@" not in mailbox:
+        raise InvalidAddress(original, "no '@' and domain")
+    local, _, domain = mailbox.rpartition("@")
+    if not local:
+        raise InvalidAddress(original, "empty local part")
+    if not domain:
+        raise InvalidAddress(original, "empty domain")
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+        raise InvalidAddress(original, f"local part {local!r} is neither a dot-atom nor quoted")
+    # Non-ASCII white space (no-break, em, ideographic spaces) passes the
+    # character classes above; it is allowed inside quotes only.
+    unquoted = domain if local.startswith('"') else mailbox
+    if not unquoted.isascii() and any(c.isspace() for c in unquoted):
+        raise InvalidAddress(original, "white space outside quotes")
+    if len(local.encode("utf-8")) > _MAX_LOCAL:
+        raise InvalidAddress(original, f"local part longer than {_MAX_LOCAL} octets")
+    _check_domain(domain, original)
+    if len(mailbox.encode("utf-8")) > _MAX_PATH - 2:
+        raise InvalidAddress(original, f"longer than {_MAX_PATH - 2} octets")
+    return mailbox
+
+
+def parse_mailbox(value: str) -> str:
+    """Validate one address and return the bare mailbox for the envelope.
+
+    Accepts ``jane@example.org``, ``<jane@example.org>``,
+    ``Jane <jane@example.org>`` and ``"Doe, Jane" <jane@example.org>``; a
+    display name with a comma or another special character must be quoted
+    (unquoted, ``Doe, Jane <jane@example.org>`` is two addresses).  Quoted
+    local parts (``"a b"@example.org``), address literals
+    (``jane@[192.0.2.1]``) and non-ASCII addresses are accepted.  The mailbox
+    is returned as written, never rewritten.
+
+    Args:
+        value: one address, as a ``str``.
+
+    Returns:
+        The mailbox, ``local@domain``.
+
+    Raises:
+        InvalidAddress: naming ``value``, for CR, LF, NUL or another control
+            character anywhere (display name included), for anything that is
+            not exactly one RFC 5321 mailbox (``""``, ``foo``, ``a@``, ``@b``,
+            ``a@b@c``, a local part over 64 octets, a domain over 255 octets
+            or with a bad label), or for a value that is not a ``str``.
+    """
+    if not isinstance(value, str):
+        raise InvalidAddress(value, f"expected str, got {type(value).__name__}")
+    _check_characters(value)
+    text = value.strip(" \t")
+    if not text:
+        raise InvalidAddress(value, "empty")
+    if text.endswith(">"):
+        # [display-name] "<" mailbox ">": the phrase ends at the first "<"
+        # that is not inside a quoted string or a comment.
+        phrase = _PHRASE.match(text)
+        end = phrase.end() if phrase else 0
+        if text[end : end + 1] != "<":
+            raise InvalidAddress(
+                value,
+                f"unexpected {text[end]!r} in the display name (quote the name)",
+            )
+        mailbox = text[end + 1 : -1].strip(" \t")
+        if not mailbox:
+            raise InvalidAddress(value, "empty mailbox")
+    else:
+        mailbox = text
+    return _check_mailbox(mailbox, value)
+
+
+def _same_mailbox_key(mailbox: str) -> str:
+    # Domains are case-insensitive, local parts are not (RFC 5321 2.4).
+    local, _, domain = mailbox.rpartition("@")
+    return f"{local}@{domain.lower()}"
+
+
+def make_envelope(fromaddr: str, toaddrs: Iterable[str] | str) -> Envelope:
+    """Validate a sender and recipients into an :class:`Envelope`.
+
+    Args:
+        fromaddr: the sender, in any form :func:`parse_mailbox` accepts.
+        toaddrs: the recipients, an iterable of addresses; a single ``str``
+            is taken as ONE address, never split on commas (a display name
+            may contain one).
+
+    Returns:
+        The envelope with bare mailboxes.  A recipient given more than once
+        (also in another spelling of the same mailbox: with a display name,
+        or the domain in other letter case) is kept once, at its first place.
+
+    Raises:
+        InvalidAddress: for a bad address (naming it), a ``toaddrs`` that is
+            neither a ``str`` nor an iterable of ``str``, or no recipients.
+    """
+    sender = parse_mailbox(fromaddr)
+    if isinstance(toaddrs, str):
+        given: tuple[str, ...] = (toaddrs,)
+    elif isinstance(toaddrs, (bytes, bytearray, memoryview)):
+        raise InvalidAddress(toaddrs, "recipients must be str, not bytes")
+    else:
+        try:
+            given = tuple(toaddrs)
+        except TypeError:
+            raise InvalidAddress(
+                toaddrs, "recipients must be a str or an iterable of str"
+            ) from None
+    recipients: dict[str, str] = {}
+    for addr in given:
+        mailbox = parse_mailbox(addr)  # checks that addr is a str
+        recipients.setdefault(_same_mailbox_key(mailbox), mailbox)
+    if not recipients:
+        raise InvalidAddress(toaddrs, "no recipients")
+    return Envelope(sender, tuple(recipients.values()))
+
+
+# --- message bytes -----------------------------------------------------------
+
+
+def _crlf(data: bytes) -> bytes:
+    """``data`` with every line break as CRLF, ending with one."""
+    n = data.count(b"\n")
+    if n != data.count(b"\r\n") or n != data.count(b"\r"):
+        # Faster than a regular expression: CRLF and bare CR to LF, then
+        # every LF to CRLF.
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    return data
+
+
+def _bad_line(data: bytes) -> str | None:
+    """What is wrong with a line of CRLF ``data`` that SMTP cannot carry."""
+    pos = data.find(b"\0")
+    if pos >= 0:
+        number = data.count(b"\n", 0, pos) + 1
+        return f"line {number} contains a NUL byte"
+    if len(data) <= MAX_LINE:
+        return None
+    # Splitting is several times faster than any regular expression here.
+    lines = data.split(b"\r\n")
+    if max(map(len, lines)) <= MAX_LINE:
+        return None
+    number, line = next((i, x) for i, x in enumerate(lines, 1) if len(x) > MAX_LINE)
+    return (
+        f"line {number} is {len(line)} octets long; SMTP allows at most {MAX_LINE}"
+        " (fold long header fields; encode long body lines as quoted-printable or base64)"
+    )
+
+
+def _generate(message: Message) -> bytes:
+    policy = message.policy.clone(linesep="\r\n")
+    try:
+        return _crlf(message.as_bytes(policy=policy))
+    except (email.errors.MessageError, UnicodeError, LookupError, ValueError) as exc:
+        raise InvalidMessage(f"the message cannot be serialised: {exc}") from exc
+
+
+def _reencoded(message: Message) -> Message | None:
+    """A copy of ``message`` with long-lined parts made quoted-printable.
+
+    ``None`` when no part can be re-encoded, or when the message is signed or
+    encrypted (re-encoding would break the signature).
+    """
+    if any(
+        part.get_content_type() in ("multipart/signed", "multipart/encrypted")
+        for part in message.walk()
+    ):
+        return None
+    fixed = copy.deepcopy(message)
+    changed = False
+    for part in fixed.walk():
+        if part.is_multipart():
+            continue
+        cte = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+        if cte in ("base64", "quoted-printable"):
+            continue
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes) or all(
+            len(line) <= MAX_LINE for line in payload.splitlines()
+        ):
+            continue
+        del part["Content-Transfer-Encoding"]
+        part.set_payload(quopri.encodestring(payload).decode("ascii"))
+        part["Content-Transfer-Encoding"] = "quoted-printable"
+        changed = True
+    return fixed if changed else None
+
+
+def _encoded(message: bytes | str) -> bytes:
+    if isinstance(message, str):
+        try:
+            return message.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:
+            raise InvalidMessage(f"the message is not valid Unicode: {exc}") from None
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return bytes(message)
+    raise InvalidMessage(
+        f"message must be bytes, str or email.message.Message, not {type(message).__name__}"
+    )
+
+
+def to_wire(message: bytes | str | Message) -> bytes:
+    """The message as bytes with CRLF line endings only, ready for SMTP DATA.
+
+    Bare LF, bare CR and mixed line endings become CRLF, and the message ends
+    with CRLF.  A ``str`` is encoded as UTF-8 (lone surrogates from a
+    ``surrogateescape`` decoding give back their original bytes).  A
+    ``Message`` is generated with its own policy and CRLF; a part of it with
+    a line over 998 octets is re-encoded as quoted-printable (on a copy: the
+    caller's object is not changed), unless the message is signed or
+    encrypted.  ``bytes`` and ``str`` are never re-encoded: their lines are
+    sent as given or refused.  Leading dots are not stuffed: the SMTP client
+    does that.
+
+    Args:
+        message: ``bytes``, ``str`` or ``email.message.Message`` (including
+            ``EmailMessage``).
+
+    Returns:
+        The wire bytes.
+
+    Raises:
+        InvalidMessage: naming the line, when a line is longer than 998
+            octets or holds a NUL byte; when the message is empty, cannot be
+            serialised, or is of an unsupported type.
+    """
+    if isinstance(message, Message):
+        data = _generate(message)
+        problem = _bad_line(data)
+        if problem is not None:
+            fixed = _reencoded(message)
+            if fixed is not None:
+                data = _generate(fixed)
+                problem = _bad_line(data)
+    else:
+        data = _crlf(_encoded(message))
+        problem = _bad_line(data)
+    if data.isspace():
+        raise InvalidMessage("message is empty")
+    if problem is not None:
+        raise InvalidMessage(problem)
+    return data
+
+
+def needs_8bit(data: bytes) -> bool:
+    """True when the message has bytes outside 7-bit ASCII (8BITMIME needed)."""
+    return not data.isascii()
+
+
+# --- headers -----------------------------------------------------------------
+
+_counter_lock = threading.Lock()
+_counter = 0
+_hostname: str | None = None
+_ASCII_DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
+
+
+def _host() -> str:
+    # gethostname, not getfqdn: no DNS lookup (which can stall for seconds)
+    # on the first send.  Uniqueness comes from the left part anyway.
+    global _hostname
+    if _hostname is None:
+        name = re.sub(r"[^A-Za-z0-9.\-]", "-", socket.gethostname())
+        labels = (label for label in name.split(".") if label)
+        _hostname = ".".join(labels) or "localhost"
+    return _hostname
+
+
+def make_msgid(domain: str | None = None) -> str:
+    """A new Message-Id, with angle brackets, unique across hosts and processes.
+
+    The left part is the time in microseconds, the pid, a per-process counter
+    and 64 random bits; the right part ``domain`` (default: this host's name).
+
+    Args:
+        domain: the right-hand side, an ASCII dot-atom such as
+            ``example.org``.
+
+    Returns:
+        ``<left@domain>``, in the RFC 5322 ``msg-id`` form.
+
+    Raises:
+        ValueError: when ``domain`` is not an ASCII dot-atom.
+    """
+    global _counter
+    if domain is None:
+        domain = _host()
+    elif not _ASCII_DOT_ATOM.match(domain):
+        raise ValueError(f"Message-Id domain {domain!r} is not an ASCII dot-atom")
+    with _counter_lock:
+        _counter += 1
+        n = _counter
+    left = f"{time.time_ns() // 1000:x}.{os.getpid():x}.{n:x}.{secrets.token_hex(8)}"
+    return f"<{left}@{domain}>"
+
+
+# The header block: header fields (a name, optional white space, a colon) and
+# their continuation lines, from the start up to the first other line.
+_HEADER_BLOCK = re.compile(rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*)*")
+_MESSAGE_ID = re.compile(rb"^message-id[ \t]*:((?:[^\r\n]*\r\n[ \t])*[^\r\n]*)\r\n", re.I | re.M)
+_DATE = re.compile(rb"^date[ \t]*:", re.I | re.M)
+_A = rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+"
+# RFC 5322 3.6.4: "<" dot-atom-text "@" (dot-atom-text / no-fold-literal) ">".
+_MSG_ID = re.compile(
+    rb"[ \t]*<(%s(?:\.%s)*@(?:%s(?:\.%s)*|\[[\x21-\x5a\x5e-\x7e]*\]))>[ \t]*\Z" % (_A, _A, _A, _A)
+)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A message ready for the spool or the wire.
+
+    Attributes:
+        envelope: the validated envelope.
+        message_id: the Message-Id without angle brackets.
+        data: the message bytes, CRLF line endings, headers complete.
+    """
+
+    envelope: Envelope
+    message_id: str
+    data: bytes
+
+    @property
+    def eight_bit(self) -> bool:
+        """True when ``data`` is not 7-bit ASCII (the relay must offer 8BITMIME)."""
+        return needs_8bit(self.data)
+
+
+def prepare(
+    fromaddr: str,
+    toaddrs: Iterable[str] | str,
+    message: bytes | str | Message,
+    *,
+    msgid_domain: str | None = None,
+) -> Prepared:
+    """Validate everything ``send()`` was given and complete the headers.
+
+    Only the header block is examined: the header fields at the top, up to
+    the first line that is not one (a ``Message-Id:`` in the body does not
+    count).  Field names are matched case-insensitively and folded values
+    are unfolded.  A well-formed Message-Id is kept as written; a missing one
+    is added, and so is a missing ``Date``, at the end of the header block.
+    A message without any header field gets a header block of its own (the
+    whole text becomes the body); one that starts with an mbox ``From ``
+    line is refused instead.
+
+    Args:
+        fromaddr: the envelope sender.
+        toaddrs: the envelope recipients (see :func:`make_envelope`).
+        message: ``bytes``, ``str`` or ``email.message.Message``.
+        msgid_domain: the right-hand side of an added Message-Id (default:
+            this host's name).
+
+    Returns:
+        The envelope, the Message-Id without angle brackets, and the data.
+
+    Raises:
+        InvalidAddress: for a bad sender or recipient, or no recipients.
+        InvalidMessage: for a malformed or repeated Message-Id, and
+            everything :func:`to_wire` refuses.
+    """
+    envelope = make_envelope(fromaddr, toaddrs)
+    data = to_wire(message)
+    if data.startswith(b"From "):
+        # Not a header field: it would turn the whole message into a body.
+        raise InvalidMessage("the message starts with an mbox 'From ' line; remove it")
+    block = _HEADER_BLOCK.match(data)
+    end = block.end() if block else 0
+    headers = data[:end]
+    added = b""
+    values = _MESSAGE_ID.findall(headers)
+    if len(values) > 1:
+        raise InvalidMessage(f"{len(values)} Message-Id header fields; one at most")
+    if values:
+        value = values[0].replace(b"\r\n", b"")
+        m = _MSG_ID.match(value)
+        if m is None:
+            shown = value.strip().decode("utf-8", "replace")[:200]
+            raise InvalidMessage(f"malformed Message-Id: {shown!r}")
+        message_id = m.group(1).decode("ascii")
+    else:
+        msgid = make_msgid(msgid_domain)
+        added += b"Message-Id: " + msgid.encode("ascii") + b"\r\n"
+        message_id = msgid[1:-1]
+    if _DATE.search(headers) is None:
+        added += b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n"
+    if added:
+        if end == 0 and not data.startswith(b"\r\n"):
+            added += b"\r\n"  # no header block at all: the text is the body
+        data = data[:end] + added + data[end:]
+    return Prepared(envelope, message_id, data)

@@ -1,0 +1,357 @@
+"""Transactional deliveries: mail goes out only if the transaction commits.
+
+Theory of operation
+-------------------
+``send()`` validates everything at once (a bad address raises here, never at
+commit), then records the prepared message in a data manager joined to the
+current transaction of the delivery's transaction manager: one data manager
+per delivery and transaction, holding every message sent in it.
+
+The two-phase commit of the ``transaction`` package then drives it:
+
+* ``tpc_vote`` does whatever can fail.  The queued delivery writes each
+  message to ``tmp/`` in the spool and fsyncs it (a full disk, a read-only
+  spool or a permission error aborts the transaction here, leaving nothing
+  visible); the direct delivery opens and checks its connection to the relay.
+* ``tpc_finish`` "should never fail".  The queued delivery renames the files
+  into ``new/`` and fsyncs the directory once for the batch: only now is the
+  mail visible, and durable.  The direct delivery sends; a failure is logged
+  and reported by an event, never raised out of the commit.
+* ``abort``/``tpc_abort`` remove whatever was written to ``tmp/``.
+
+Savepoints record how many messages were sent before them; rolling back
+drops exactly the later ones.  Events are dispatched after the commit, with
+the finished transaction detached from its manager (see :mod:`mailspool.events`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import logging
+import os
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from email.message import Message
+from typing import Any
+
+import transaction as _transaction
+from zope.interface import implementer
+
+from mailspool.errors import DeliveryError, RecipientsRefused
+from mailspool.events import MailEvent, MailFailed, MailQueued, MailSent, notify_after_commit
+from mailspool.interfaces import IDirectMailDelivery, IMailer, IQueuedMailDelivery
+from mailspool.message import Prepared, prepare
+from mailspool.spool import Spool, Staged
+
+__all__ = ["DirectMailDelivery", "QueuedMailDelivery"]
+
+log = logging.getLogger(__name__)
+
+MessageInput = bytes | str | Message
+
+# Data managers holding mail whose transaction has not ended, to warn at exit
+# about the classic mistake of never committing.
+_open_managers: weakref.WeakSet[_MailDataManager] = weakref.WeakSet()
+
+
+@atexit.register
+def _warn_uncommitted() -> None:
+    pending = [dm for dm in list(_open_managers) if dm.messages]
+    for dm in pending:
+        log.warning(
+            "process exits with %d message(s) joined to a transaction that never "
+            "ended (commit() was not called): they were not sent: %s",
+            len(dm.messages),
+            ", ".join(p.message_id for p, _ in dm.messages),
+        )
+
+
+class _Savepoint:
+    def __init__(self, dm: _MailDataManager) -> None:
+        self._dm = dm
+        self._length = len(dm.messages)
+
+    def rollback(self) -> None:
+        del self._dm.messages[self._length :]
+
+
+class _MailDataManager:
+    """Joins one transaction on behalf of one delivery; holds its messages."""
+
+    def __init__(self, delivery: _Delivery, transaction_manager: Any) -> None:
+        self.delivery = delivery
+        self.transaction_manager = transaction_manager
+        self.messages: list[tuple[Prepared, float | None]] = []
+        self.staged: list[Staged] = []
+        self.results: list[MailEvent] = []
+        _open_managers.add(self)
+
+    # -- IDataManager ---------------------------------------------------------
+
+    def sortKey(self) -> str:
+        # "~" sorts after the usual keys: vote after databases, so nothing is
+        # written to the spool for a transaction that another resource vetoes.
+        return f"~mailspool.{id(self):x}"
+
+    def abort(self, txn: Any) -> None:
+        self._discard()
+
+    def tpc_begin(self, txn: Any) -> None:
+        pass
+
+    def commit(self, txn: Any) -> None:
+        pass
+
+    def tpc_vote(self, txn: Any) -> None:
+        self.delivery._vote(self)
+
+    def tpc_finish(self, txn: Any) -> None:
+        try:
+            self.delivery._finish(self)
+        finally:
+            self.messages = []
+            _open_managers.discard(self)
+
+    def tpc_abort(self, txn: Any) -> None:
+        self._discard()
+
+    def savepoint(self) -> _Savepoint:
+        return _Savepoint(self)
+
+    def _discard(self) -> None:
+        try:
+            self.delivery._abort(self)
+        finally:
+            self.messages = []
+            self.staged = []
+            _open_managers.discard(self)
+
+
+class _Delivery:
+    """What both deliveries share: validation and joining the transaction."""
+
+    def __init__(self, *, transaction_manager: Any = None, msgid_domain: str | None = None):
+        self.transaction_manager = transaction_manager or _transaction.manager
+        self.msgid_domain = msgid_domain
+
+    def _join(self, prepared: Prepared, not_before: float | None) -> str:
+        txn = self.transaction_manager.get()
+        try:
+            dm: _MailDataManager = txn.data(self)
+        except KeyError:
+            dm = _MailDataManager(self, self.transaction_manager)
+            txn.join(dm)
+            txn.set_data(self, dm)
+            notify_after_commit(txn, lambda: self._events(dm))
+        dm.messages.append((prepared, not_before))
+        return prepared.message_id
+
+    def _prepare(
+        self, fromaddr: str, toaddrs: Iterable[str] | str, message: MessageInput
+    ) -> Prepared:
+        return prepare(fromaddr, toaddrs, message, msgid_domain=self.msgid_domain)
+
+    # Hooks for the data manager.
+    def _vote(self, dm: _MailDataManager) -> None:
+        raise NotImplementedError
+
+    def _finish(self, dm: _MailDataManager) -> None:
+        raise NotImplementedError
+
+    def _abort(self, dm: _MailDataManager) -> None:
+        raise NotImplementedError
+
+    def _events(self, dm: _MailDataManager) -> Sequence[MailEvent]:
+        events, dm.results = dm.results, []
+        return events
+
+
+def _timestamp(when: float | datetime.datetime | None) -> float | None:
+    if when is None or isinstance(when, (int, float)):
+        return when
+    if when.tzinfo is None:
+        when = when.astimezone()  # a naive datetime is local time
+    return when.timestamp()
+
+
+@implementer(IQueuedMailDelivery)
+class QueuedMailDelivery(_Delivery):
+    """Writes mail durably into a spool when the transaction commits.
+
+    Args:
+        spool_path: the spool directory (created, mode 0700, if missing).
+        transaction_manager: the manager whose current transaction ``send()``
+            joins; default ``transaction.manager`` (thread-local).
+        msgid_domain: the domain of generated Message-Ids (default: this
+            host's name).
+        on_commit: called with no arguments after a commit that queued mail,
+            e.g. ``processor.wake`` to have an in-process processor pick the
+            mail up at once.
+    """
+
+    def __init__(
+        self,
+        spool_path: str | os.PathLike[str],
+        *,
+        transaction_manager: Any = None,
+        msgid_domain: str | None = None,
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(transaction_manager=transaction_manager, msgid_domain=msgid_domain)
+        self.spool = Spool(spool_path)
+        self.on_commit = on_commit
+
+    @property
+    def queuePath(self) -> str:
+        return self.spool.path
+
+    def send(
+        self,
+        fromaddr: str,
+        toaddrs: Iterable[str] | str,
+        message: MessageInput,
+        *,
+        not_before: float | datetime.datetime | None = None,
+    ) -> str:
+        """Queue ``message`` for delivery when the current transaction commits.
+
+        Args:
+            fromaddr: the envelope sender (a display name is allowed and
+                dropped from the envelope).
+            toaddrs: the recipients; a single string is one address.
+            message: ``bytes``, ``str`` or ``email.message.Message``.
+            not_before: keep the message in the queue until this time (a
+                ``time.time()`` value or a datetime; naive means local time).
+
+        Returns:
+            The Message-Id, without angle brackets.
+
+        Raises:
+            InvalidAddress: a bad sender or recipient, or no recipients.
+            InvalidMessage: a malformed Message-Id or an over-long line.
+        """
+        prepared = self._prepare(fromaddr, toaddrs, message)
+        return self._join(prepared, _timestamp(not_before))
+
+    def _vote(self, dm: _MailDataManager) -> None:
+        for prepared, not_before in dm.messages:
+            # On failure stage() removes its own file and raises SpoolError;
+            # tpc_abort then removes the ones staged before it.
+            dm.staged.append(self.spool.stage(prepared, not_before=not_before))
+
+    def _finish(self, dm: _MailDataManager) -> None:
+        staged, dm.staged = dm.staged, []
+        try:
+            self.spool.publish(staged)
+        except Exception:
+            # tpc_finish must not fail; renames inside one directory tree only
+            # fail if the spool was tampered with.  Say loudly where the mail is.
+            log.critical(
+                "committed mail could not be moved into the queue; it is still in %s",
+                ", ".join(s.tmp_path for s in staged),
+                exc_info=True,
+            )
+            return
+        for prepared, _ in dm.messages:
+            env = prepared.envelope
+            dm.results.append(MailQueued(prepared.message_id, env.sender, env.recipients))
+        if self.on_commit is not None:
+            try:
+                self.on_commit()
+            except Exception:
+                log.exception("on_commit callback failed")
+
+    def _abort(self, dm: _MailDataManager) -> None:
+        staged, dm.staged = dm.staged, []
+        if staged:
+            self.spool.discard(staged)
+
+
+@implementer(IDirectMailDelivery)
+class DirectMailDelivery(_Delivery):
+    """Hands mail to a mailer when the transaction commits.
+
+    The relay is checked at vote (an unreachable relay aborts the
+    transaction); the mail is sent at the end of the commit.  A failure then
+    cannot undo the commit: it is logged and reported by a
+    :class:`~mailspool.events.MailFailed` event.  There is no retry: use
+    :class:`QueuedMailDelivery` when mail must not be lost.
+
+    Args:
+        mailer: an ``IMailer``, such as :class:`~mailspool.SMTPMailer`.
+        transaction_manager: as for :class:`QueuedMailDelivery`.
+        msgid_domain: as for :class:`QueuedMailDelivery`.
+    """
+
+    def __init__(
+        self,
+        mailer: Any,
+        *,
+        transaction_manager: Any = None,
+        msgid_domain: str | None = None,
+    ) -> None:
+        super().__init__(transaction_manager=transaction_manager, msgid_domain=msgid_domain)
+        if not IMailer.providedBy(mailer) and not callable(getattr(mailer, "send", None)):
+            raise TypeError(f"mailer must provide IMailer, got {mailer!r}")
+        self.mailer = mailer
+
+    def send(self, fromaddr: str, toaddrs: Iterable[str] | str, message: MessageInput) -> str:
+        """Send ``message`` when the current transaction commits.
+
+        Returns the Message-Id (without angle brackets).  Raises
+        ``InvalidAddress``/``InvalidMessage`` at once for bad input.
+        """
+        return self._join(self._prepare(fromaddr, toaddrs, message), None)
+
+    def _vote(self, dm: _MailDataManager) -> None:
+        vote = getattr(self.mailer, "vote", None)
+        if vote is not None and dm.messages:
+            first = dm.messages[0][0]
+            vote(first.envelope.sender, first.envelope.recipients, first.data)
+
+    def _finish(self, dm: _MailDataManager) -> None:
+        for prepared, _ in dm.messages:
+            dm.results.extend(self._send_one(prepared))
+
+    def _send_one(self, prepared: Prepared) -> list[MailEvent]:
+        env = prepared.envelope
+        mid = prepared.message_id
+        try:
+            result = self.mailer.send(env.sender, env.recipients, prepared.data)
+        except Exception as exc:  # the commit boundary: never raise out of it
+            log.error("mail %s to %s was not sent: %s", mid, ", ".join(env.recipients), exc)
+            refused = getattr(exc, "result", None)
+            reasons = _reasons(refused) if refused is not None else {}
+            if not isinstance(exc, (DeliveryError, RecipientsRefused)):
+                log.debug("unexpected error sending %s", mid, exc_info=True)
+            return [
+                MailFailed(mid, env.sender, env.recipients, str(exc), error=exc, reasons=reasons)
+            ]
+        events: list[MailEvent] = []
+        accepted = tuple(getattr(result, "accepted", env.recipients))
+        refused_map = getattr(result, "refused", {}) or {}
+        if accepted:
+            log.info("mail %s sent to %s", mid, ", ".join(accepted))
+            events.append(MailSent(mid, env.sender, accepted))
+        if refused_map:
+            reasons = _reasons(result)
+            text = "; ".join(f"{a}: {c} {t}" for a, (c, t) in reasons.items())
+            log.error("mail %s refused for %s", mid, text)
+            events.append(MailFailed(mid, env.sender, tuple(reasons), text, reasons=reasons))
+        return events
+
+    def _abort(self, dm: _MailDataManager) -> None:
+        abort = getattr(self.mailer, "abort", None)
+        if abort is not None:
+            try:
+                abort()
+            except Exception:
+                log.debug("mailer abort failed", exc_info=True)
+
+
+def _reasons(result: Any) -> dict[str, tuple[int | None, str]]:
+    refused = getattr(result, "refused", None) or {}
+    return {
+        addr: (getattr(r, "code", None), getattr(r, "text", str(r))) for addr, r in refused.items()
+    }

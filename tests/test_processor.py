@@ -1,0 +1,461 @@
+"""The queue processor against real relays: outcomes per recipient, retries, pauses.
+
+Time is injected (``process_once(now=...)``) wherever retries, expiry or
+relay pauses are involved, so nothing here waits for a backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zope.event
+
+from _relays import (
+    RCPT,
+    DataReply,
+    DropAfter250,
+    Greylist,
+    MidDataDropper,
+    RcptOnce,
+    RefuseSome,
+    Switchable,
+    enqueue,
+    message_id,
+    only_id,
+)
+from conftest import RELAY_PASSWORD, Relay, RelayFactory
+from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
+from mailspool.interfaces import IMailQueueProcessor
+from mailspool.mailer import SMTPMailer
+from mailspool.processor import THROTTLE_PERIOD, QueueProcessor, RetryPolicy, Summary, _Relay
+from mailspool.spool import Spool
+
+QUICK = RetryPolicy(
+    first_delay=60, factor=2, max_delay=240, give_up_after=3600, relay_first_delay=10,
+    relay_max_delay=40,
+)  # fmt: skip
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def fired() -> Iterator[list[MailEvent]]:
+    """The mail events dispatched during the test."""
+    seen: list[MailEvent] = []
+
+    def subscriber(event: Any) -> None:
+        if isinstance(event, MailEvent):
+            seen.append(event)
+
+    zope.event.subscribers.append(subscriber)
+    yield seen
+    zope.event.subscribers.remove(subscriber)
+
+
+def processor(spool: Spool, relay: Relay, **kw: Any) -> QueueProcessor:
+    kw.setdefault("retry", QUICK)
+    kw.setdefault("watch", False)
+    return QueueProcessor(spool, SMTPMailer(**relay.mailer_kwargs()), **kw)
+
+
+def outcome_lines(caplog: pytest.LogCaptureFixture, id: str) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "mailspool.processor" and r.getMessage().startswith(f"mail {id} ")
+    ]
+
+
+# --- pure parts -----------------------------------------------------------------------
+
+
+def test_retry_policy_doubles_up_to_the_cap() -> None:
+    policy = RetryPolicy()
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 6)] == [300, 600, 1200, 2400, 3600, 3600]
+    assert policy.delay(10_000) == 3600  # no overflow
+    assert policy.give_up_after == 5 * 86400
+    assert [QUICK.relay_delay(n) for n in (1, 2, 3, 4)] == [10, 20, 40, 40]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{"first_delay": 0}, {"factor": 0.5}, {"max_delay": 1.0}, {"give_up_after": 0}],
+)
+def test_retry_policy_refuses_nonsense(kw: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kw)
+
+
+def test_summaries_add_up() -> None:
+    total = Summary(sent=1, deferred=2) + Summary(failed=3, quarantined=1, relay_paused=True)
+    assert total == Summary(1, 2, 3, 1, True)
+    assert total.total == 7
+
+
+def test_relay_state_pauses_probes_and_throttles() -> None:
+    relay = _Relay(QUICK, connections=4)
+    assert relay.parallelism(0) == 4
+    assert relay.trouble(100, 421, lower=True) == 10
+    assert relay.trouble(105, 421, lower=True) is None  # same step: no new pause
+    assert relay.paused(109) and not relay.paused(110)
+    assert relay.answered(105) == 0  # under way before the pause: proves nothing
+    assert relay.parallelism(110) == 1  # probing: one message at a time
+    assert relay.trouble(110, None) == 20  # the probe failed: twice as long
+    assert relay.answered(130) == 2  # the next probe got through
+    assert relay.parallelism(130) == 2  # halved after the 421...
+    assert relay.parallelism(100 + THROTTLE_PERIOD) == 4  # ...for a while
+
+
+def test_constructor_checks_its_arguments(spool: Spool) -> None:
+    with pytest.raises(ValueError, match="connections"):
+        QueueProcessor(spool, object(), connections=0)
+    with pytest.raises(ValueError, match="rate_limit"):
+        QueueProcessor(spool, object(), rate_limit=0)
+    p = QueueProcessor(spool.path, object())
+    assert IMailQueueProcessor.providedBy(p)
+    assert p.queuePath == spool.path
+
+
+# --- outcomes per recipient ---------------------------------------------------------------
+
+
+def test_healthy_relay_sends_everything_over_reused_connections(
+    spool: Spool, relay: Relay, fired: list[MailEvent], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailspool.processor")
+    ids = enqueue(spool, 20)
+    with processor(spool, relay, connections=2) as p:
+        summary = p.drain()
+    assert summary == Summary(sent=20)
+    assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
+    assert relay.connections <= 2  # reused, not one per message
+    assert spool.counts() == dict.fromkeys(spool.counts(), 0)
+    assert sorted(e.message_id for e in fired if isinstance(e, MailSent)) == sorted(ids)
+    lines = [r for r in caplog.records if " sent to " in r.getMessage()]
+    assert len(lines) == 20 and all(
+        RCPT in r.getMessage() and "250" in r.getMessage() for r in lines
+    )
+
+
+def test_greylisting_defers_then_sends_after_the_retry(
+    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
+) -> None:
+    relay = smtp_relay(Greylist())
+    to = ["a@example.org", "b@example.org", "c@example.org"]
+    [mid] = enqueue(spool, to=to)
+    id = only_id(spool)
+    p = processor(spool, relay)
+    t0 = time.time()
+    assert p.process_once(t0) == Summary(deferred=1)
+    entry = spool.get(id)
+    assert entry.state == "deferred" and entry.attempts == 1
+    assert entry.next_attempt == pytest.approx(t0 + 60)
+    assert [r.code for r in entry.recipients] == [450, 450, 450]
+    assert relay.messages == []
+    assert p.process_once(t0 + 59) == Summary()  # not due yet: nothing tried
+    assert relay.commands.count("MAIL") == 1
+    assert p.process_once(t0 + 60) == Summary(sent=1)
+    assert [m.rcpt_tos for m in relay.messages] == [to]
+    assert [type(e) for e in fired] == [MailDeferred, MailSent]
+    deferred = fired[0]
+    assert isinstance(deferred, MailDeferred)
+    assert deferred.message_id == mid and deferred.retry_at == pytest.approx(t0 + 60)
+    assert "450 4.2.0 greylisted" in deferred.errorMessage
+    p.stop()
+
+
+def test_one_of_three_refused_fails_alone(
+    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
+) -> None:
+    relay = smtp_relay(RefuseSome(["nobody@example.org"]))
+    enqueue(spool, to=["a@example.org", "nobody@example.org", "b@example.org"])
+    id = only_id(spool)
+    p = processor(spool, relay)
+    t0 = time.time()
+    assert p.process_once(t0) == Summary(failed=1)
+    assert p.process_once(t0 + 86400) == Summary()  # a failed message is not retried
+    assert [m.rcpt_tos for m in relay.messages] == [["a@example.org", "b@example.org"]]
+    entry = spool.get(id)
+    assert entry.state == "failed"
+    status = {r.address: (r.status, r.code, r.text) for r in entry.recipients}
+    assert status["a@example.org"][0] == status["b@example.org"][0] == "sent"
+    assert status["nobody@example.org"] == ("failed", 550, "5.1.1 no such user here")
+    sent, failed = fired
+    assert isinstance(sent, MailSent) and sent.toaddrs == ("a@example.org", "b@example.org")
+    assert isinstance(failed, MailFailed) and failed.toaddrs == ("nobody@example.org",)
+    assert failed.reasons == {"nobody@example.org": (550, "5.1.1 no such user here")}
+    p.stop()
+
+
+def test_permanent_data_refusal_fails_every_recipient(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    relay = smtp_relay(DataReply("554 5.6.0 content rejected"))
+    enqueue(spool, to=["a@example.org", "b@example.org"])
+    id = only_id(spool)
+    with processor(spool, relay) as p:
+        assert p.process_once() == Summary(failed=1)
+    assert {(r.status, r.code) for r in spool.get(id).recipients} == {("failed", 554)}
+
+
+def test_always_451_until_expiry(
+    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
+) -> None:
+    relay = smtp_relay(DataReply("451 4.3.0 try again later"))
+    policy = RetryPolicy(first_delay=10, factor=2, max_delay=40, give_up_after=100)
+    enqueue(spool)
+    id = only_id(spool)
+    p = processor(spool, relay, retry=policy)
+    now: float | None = time.time()
+    seen: list[Summary] = []
+    while now is not None and len(seen) < 20:
+        seen.append(p.process_once(now))
+        now = spool.next_due()
+    p.stop()
+    # Attempts at +0, +10, +30, +70, then at the give-up time (moved forward).
+    assert seen == [Summary(deferred=1)] * 4 + [Summary(failed=1)]
+    assert relay.commands.count("DATA") == 5 and relay.messages == []
+    entry = spool.get(id)
+    assert entry.state == "failed" and entry.attempts == 5
+    [r] = entry.recipients
+    assert r.status == "failed" and r.code == 451
+    assert r.text is not None and r.text.startswith("expired") and "4.3.0 try again" in r.text
+    assert [type(e) for e in fired] == [MailDeferred] * 4 + [MailFailed]
+
+
+def test_drop_mid_data_defers_and_loses_nothing(spool: Spool) -> None:
+    server = MidDataDropper(drops=1)
+    try:
+        enqueue(spool, size=3_000_000)  # larger than the socket buffers
+        id = only_id(spool)
+        mailer = SMTPMailer("127.0.0.1", server.port, tls="none", timeout=5, data_timeout=5)
+        with QueueProcessor(spool, mailer, retry=QUICK, watch=False) as p:
+            t0 = time.time()
+            assert p.process_once(t0) == Summary(deferred=1)
+            entry = spool.get(id)
+            assert entry.attempts == 1 and entry.last_error
+            assert server.received == 0
+            assert p.process_once(t0 + 60) == Summary(sent=1)
+        assert server.received == 1
+    finally:
+        server.stop()
+
+
+def test_drop_after_250_counts_as_sent(spool: Spool, smtp_relay: RelayFactory) -> None:
+    handler = DropAfter250()
+    relay = smtp_relay(handler)
+    enqueue(spool, 1)
+    with processor(spool, relay, connections=1) as p:
+        assert p.process_once() == Summary(sent=1)
+        assert handler.closed.wait(5)
+        time.sleep(0.1)  # for the close to reach the client
+        enqueue(spool, 1)
+        assert p.process_once() == Summary(sent=1)  # a dead connection is not reused
+    assert len(relay.messages) == 2
+    assert relay.connections == 2
+    assert spool.counts()["deferred"] == 0
+
+
+# --- relay-level trouble ------------------------------------------------------------------
+
+
+def test_relay_down_then_back_pauses_and_probes_once_per_step(
+    spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailspool.processor")
+    handler = Switchable()
+    relay = smtp_relay(handler)
+    ids = enqueue(spool, 20)
+    p = processor(spool, relay, connections=4)
+    t0 = time.time()
+    probes = []
+    for dt in (0, 5, 10, 29, 30, 69):  # pauses of 10, 20, 40 s
+        s = p.process_once(t0 + dt)
+        assert s.relay_paused and s.total == 0
+        probes.append(relay.connections)
+    assert probes == [1, 1, 2, 2, 3, 3]  # one connection per backoff step
+    counts = spool.counts()
+    assert counts["ready"] == 20 and counts["failed"] == counts["deferred"] == 0
+    assert {e.attempts for e in spool.entries()} == {0}  # not counted against any message
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "paused" in errors[0].getMessage()
+    assert "421" in errors[0].getMessage()
+
+    handler.down = False
+    assert p.process_once(t0 + 70) == Summary(sent=20)
+    assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
+    assert any("is back" in r.getMessage() for r in caplog.records)
+    p.stop()
+
+
+def test_relay_that_refuses_connections_fails_nothing(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    enqueue(spool, 3)
+    mailer = SMTPMailer("127.0.0.1", port, tls="none", connect_timeout=2)
+    with QueueProcessor(spool, mailer, retry=QUICK, watch=False) as p:
+        summary = p.drain()
+    assert summary == Summary(relay_paused=True)
+    assert spool.counts()["ready"] == 3
+    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert "cannot connect" in error.getMessage()
+
+
+def test_421_on_rcpt_pauses_then_healthy_relay_delivers(
+    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
+) -> None:
+    relay = smtp_relay(RcptOnce("421 4.7.0 too many connections"))
+    enqueue(spool, 3)
+    p = processor(spool, relay, connections=1)
+    t0 = time.time()
+    s = p.process_once(t0)
+    assert s.relay_paused and s.total == 0
+    assert {e.attempts for e in spool.entries()} == {0} and spool.counts()["ready"] == 3
+    assert p.process_once(t0 + 5).relay_paused  # still paused: nothing tried
+    assert relay.commands.count("MAIL") == 1
+    assert p.process_once(t0 + 10) == Summary(sent=3)
+    assert len(relay.messages) == 3
+    assert not [e for e in fired if not isinstance(e, MailSent)]
+    p.stop()
+
+
+def test_wrong_password_pauses_and_never_logs_it(
+    spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    relay = smtp_relay(RefuseSome(["nobody@example.org"]), tls="starttls", auth=True)
+    enqueue(spool, 2, to=["a@example.org", "nobody@example.org"])
+    good = SMTPMailer(**relay.mailer_kwargs())
+    with QueueProcessor(spool, good, connections=1, retry=QUICK, watch=False) as p:
+        assert p.drain() == Summary(failed=2)
+    enqueue(spool, 2)
+    bad = SMTPMailer(**relay.mailer_kwargs(password="wrong-" + RELAY_PASSWORD))
+    with QueueProcessor(spool, bad, connections=1, retry=QUICK, watch=False) as p:
+        t0 = time.time()
+        assert p.process_once(t0).relay_paused
+        assert p.process_once(t0 + 1).relay_paused
+    assert relay.connections == 2  # the good one, then a single probe
+    assert spool.counts()["ready"] == 2
+    assert RELAY_PASSWORD not in caplog.text
+    assert any(r.levelno == logging.ERROR and "535" in r.getMessage() for r in caplog.records)
+
+
+# --- never stuck ------------------------------------------------------------------------
+
+
+def test_corrupt_file_and_fifo_do_not_stop_the_drain(spool: Spool, relay: Relay) -> None:
+    ids = enqueue(spool, 3)
+    new = Path(spool.path, "new")
+    (new / "1700000000.corrupt.test").write_bytes(b"X-Mailspool: 1 10 10 00000000\r\ngarbage")
+    os.mkfifo(new / "1700000000.fifo.test")
+    result: list[Summary] = []
+    p = processor(spool, relay)
+    t = threading.Thread(target=lambda: result.append(p.drain()), daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the drain got stuck"
+    p.stop()
+    assert result == [Summary(sent=3, quarantined=2)]
+    assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
+    assert spool.counts()["quarantined"] == 2
+
+
+def test_an_exception_is_caught_at_the_message_and_the_rest_flows(
+    spool: Spool, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    enqueue(spool, 3)
+    mailer = SMTPMailer(**relay.mailer_kwargs())
+
+    class Buggy:
+        """A mailer whose first connection raises a bug (not a delivery error)."""
+
+        calls = 0
+
+        def connect(self) -> Any:
+            conn = mailer.connect()
+            original = conn.send
+
+            def send(envelope: Any, data: bytes) -> Any:
+                Buggy.calls += 1
+                if Buggy.calls == 1:
+                    raise RuntimeError("a bug in the mailer")
+                return original(envelope, data)
+
+            conn.send = send  # type: ignore[method-assign]
+            return conn
+
+    with QueueProcessor(spool, Buggy(), connections=1, retry=QUICK, watch=False) as p:
+        assert p.process_once() == Summary(sent=2, deferred=1)
+    [entry] = spool.entries("deferred")
+    assert entry.attempts == 1 and "a bug in the mailer" in (entry.last_error or "")
+    assert any(r.exc_info and "RuntimeError" in caplog.text for r in caplog.records)
+
+
+# --- one line per outcome, send later, rate limit ----------------------------------------
+
+
+def test_one_log_line_per_message_outcome(
+    spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailspool.processor")
+    relay = smtp_relay(RefuseSome(["nobody@example.org"]))
+    enqueue(spool, to=["a@example.org", "nobody@example.org"])
+    id = only_id(spool)
+    with processor(spool, relay) as p:
+        p.process_once()
+    [line] = outcome_lines(caplog, id)
+    text = line.getMessage()
+    assert line.levelno == logging.ERROR
+    assert "sent to a@example.org" in text and "250" in text
+    assert "failed for nobody@example.org: 550 5.1.1 no such user here" in text
+
+
+def test_send_later_waits_for_its_time(spool: Spool, relay: Relay) -> None:
+    t0 = time.time()
+    enqueue(spool, 1, not_before=t0 + 3600)
+    with processor(spool, relay) as p:
+        assert p.process_once(t0) == Summary()
+        assert spool.next_due() == pytest.approx(t0 + 3600)
+        assert p.process_once(t0 + 3600) == Summary(sent=1)
+    assert len(relay.messages) == 1
+
+
+def test_rate_limit_spaces_messages(spool: Spool, relay: Relay) -> None:
+    enqueue(spool, 6)
+    with processor(spool, relay, rate_limit=10.0, connections=4) as p:
+        started = time.monotonic()
+        assert p.drain() == Summary(sent=6)
+        elapsed = time.monotonic() - started
+    assert elapsed >= 0.45  # five gaps of 0.1 s at least; a lower bound only
+
+
+def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay) -> None:
+    legacy = (
+        b"X-Zope-From: app@example.org\r\n"
+        b"X-Zope-To: a@example.org, b@example.org\r\n"
+        b"Message-Id: <legacy.1@example.org>\r\n"
+        b"Subject: from the old queue\r\n\r\nhello\r\n"
+    )
+    Path(spool.path, "new", "1700000000.12345.oldhost").write_bytes(legacy)
+    with processor(spool, relay) as p:
+        assert p.drain() == Summary(sent=1)
+    [received] = relay.messages
+    assert received.mail_from == "app@example.org"
+    assert received.rcpt_tos == ["a@example.org", "b@example.org"]
+    assert message_id(received.content) == "legacy.1@example.org"
+    assert b"X-Zope-" not in received.content

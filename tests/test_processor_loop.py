@@ -1,0 +1,161 @@
+"""The processor's loop: pickup after commit, sleeping when idle, stopping cleanly.
+
+Time bounds here are generous (seconds where milliseconds are expected):
+they prove that the pickup is not waiting for a poll, without timing it.
+"""
+
+from __future__ import annotations
+
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import transaction
+
+from _relays import RCPT, SENDER, SlowData, body, enqueue, message_id, start_child, wait_for
+from conftest import Relay, RelayFactory
+from mailspool.delivery import QueuedMailDelivery
+from mailspool.mailer import SMTPMailer
+from mailspool.processor import QueueProcessor, _Inotify
+from mailspool.spool import Spool
+
+
+def _has_inotify() -> bool:
+    watcher = _Inotify.open({"/": 0x100})
+    if watcher is None:
+        return False
+    watcher.close()
+    return True
+
+
+inotify = pytest.mark.skipif(not _has_inotify(), reason="inotify is not available here")
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+def running(spool: Spool, relay: Relay, **kw: object) -> QueueProcessor:
+    p = QueueProcessor(spool, SMTPMailer(**relay.mailer_kwargs()), **kw)  # type: ignore[arg-type]
+    p.start()
+    time.sleep(0.2)  # the first pass is over: the loop is waiting
+    return p
+
+
+def commit(delivery: QueuedMailDelivery, n: int = 0, **kw: object) -> str:
+    with transaction.manager:
+        return delivery.send(SENDER, [RCPT], body(n), **kw)  # type: ignore[arg-type]
+
+
+def test_wake_after_commit_picks_up_at_once(spool: Spool, relay: Relay) -> None:
+    p = running(spool, relay, watch=False, interval=30.0)
+    try:
+        delivery = QueuedMailDelivery(spool.path, on_commit=p.wake)
+        mid = commit(delivery)
+        assert wait_for(lambda: len(relay.messages) == 1, timeout=2.0)
+        assert message_id(relay.messages[0].content) == mid
+    finally:
+        p.stop()
+
+
+@inotify
+def test_inotify_sees_a_commit_from_another_process(spool: Spool, relay: Relay) -> None:
+    p = running(spool, relay, watch=True, interval=30.0)
+    try:
+        code = textwrap.dedent(
+            f"""
+            import transaction
+            from mailspool.delivery import QueuedMailDelivery
+            delivery = QueuedMailDelivery({spool.path!r})
+            with transaction.manager:
+                print(delivery.send({SENDER!r}, [{RCPT!r}], b"Subject: x\\r\\n\\r\\nhi\\r\\n"))
+            """
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert wait_for(lambda: len(relay.messages) == 1, timeout=2.0)
+        assert message_id(relay.messages[0].content) == out.stdout.strip()
+    finally:
+        p.stop()
+
+
+def test_polls_every_interval_without_inotify(spool: Spool, relay: Relay) -> None:
+    p = running(spool, relay, watch=False, interval=0.2)
+    try:
+        commit(QueuedMailDelivery(spool.path))  # no wake: only the poll can find it
+        assert wait_for(lambda: len(relay.messages) == 1, timeout=3.0)
+    finally:
+        p.stop()
+
+
+def test_send_later_is_sent_when_due_and_not_before(spool: Spool, relay: Relay) -> None:
+    p = running(spool, relay, watch=True, interval=30.0)
+    try:
+        not_before = time.time() + 0.8
+        commit(QueuedMailDelivery(spool.path, on_commit=p.wake), not_before=not_before)
+        time.sleep(0.3)
+        assert relay.messages == []  # kept in deferred/ until its time
+        assert wait_for(lambda: len(relay.messages) == 1, timeout=3.0)
+        assert time.time() >= not_before
+    finally:
+        p.stop()
+
+
+def test_idle_processor_sleeps(spool: Spool, relay: Relay) -> None:
+    p = running(spool, relay, watch=True, interval=0.05)
+    try:
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        time.sleep(1.0)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        assert cpu < 0.25  # a busy loop would burn about a second
+    finally:
+        p.stop()
+
+
+def test_stop_finishes_what_is_in_flight(spool: Spool, smtp_relay: RelayFactory) -> None:
+    handler = SlowData(0.5)
+    relay = smtp_relay(handler)
+    enqueue(spool, 3)
+    p = QueueProcessor(spool, SMTPMailer(**relay.mailer_kwargs()), connections=1, watch=False)
+    p.start()
+    assert handler.started.wait(5)
+    p.stop()
+    assert len(relay.messages) == 1  # the one under way was settled...
+    counts = spool.counts()
+    assert counts["ready"] == 2 and counts["in_flight"] == 0  # ...nothing new started
+    with pytest.raises(RuntimeError):
+        p.start()
+        p.start()
+    p.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_during_run_finishes_the_message_in_flight(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    handler = SlowData(1.0)
+    relay = smtp_relay(handler)
+    ids = enqueue(spool, 3)
+    child = start_child(spool, relay.port, connections=1, mode="run")
+    try:
+        assert handler.started.wait(10), child.stderr.read() if child.stderr else ""
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=15)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 0, err
+    assert "returned" in out
+    assert "stopped on SIGTERM" in err
+    [received] = relay.messages
+    assert message_id(received.content) in ids
+    counts = spool.counts()
+    assert counts["ready"] == 2 and counts["in_flight"] == 0

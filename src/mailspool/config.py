@@ -1,0 +1,545 @@
+"""Settings for the ``mailspool`` command: one frozen object, four sources.
+
+Why one table: every setting is declared once in :data:`FIELDS` with its
+TOML table and key, its environment variable and its command-line flag, so
+the loader, the error messages ("port: ... (from MAILSPOOL_PORT)") and the
+documentation cannot drift apart.
+
+Precedence, highest first: command-line flags, environment variables, the
+TOML file, defaults.  Every value is converted and checked by
+:func:`load_settings` and :meth:`Settings.validate` before the command
+touches anything; a bad value raises :class:`ConfigError`, whose text is one
+line naming the setting and where the value came from.
+
+The relay password is a secret with rules of its own: it comes from
+``MAILSPOOL_PASSWORD``, from a password file (``--password-file``,
+``MAILSPOOL_PASSWORD_FILE`` or ``password_file`` in the TOML file) or from
+the TOML file itself, never from a command-line flag (``ps`` shows every
+process's arguments).  A TOML file that holds a password and is readable by
+its group or by others is refused.  The password never appears in a repr,
+a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from mailspool.errors import MailspoolError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib  # type: ignore[import-not-found, unused-ignore]
+
+__all__ = [
+    "CONFIG_ENV",
+    "FIELDS",
+    "TLS_MODES",
+    "ConfigError",
+    "Field",
+    "Settings",
+    "load_settings",
+    "parse_duration",
+]
+
+#: The environment variable naming the TOML file (``--config`` wins over it).
+CONFIG_ENV = "MAILSPOOL_CONFIG"
+#: The values ``tls`` may take.
+TLS_MODES = ("starttls", "implicit", "none")
+
+
+class ConfigError(MailspoolError, ValueError):
+    """A setting is missing, malformed or out of range.
+
+    ``setting`` names it (``"port"``, ``"config"``...); ``str(error)`` is one
+    line that starts with the setting's name and never contains a password.
+    """
+
+    def __init__(self, setting: str, problem: str, origin: str | None = None) -> None:
+        self.setting = setting
+        self.problem = problem
+        self.origin = origin
+        text = f"{setting}: {problem}"
+        if origin:
+            text += f" (from {origin})"
+        super().__init__(text)
+
+    def with_origin(self, origin: str | None) -> ConfigError:
+        """The same error, saying where the value came from."""
+        if origin is None or self.origin is not None:
+            return self
+        return ConfigError(self.setting, self.problem, origin)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the command needs to know, validated.
+
+    Construct with keyword arguments (or through :func:`load_settings`) and
+    call :meth:`validate`.  Durations are seconds.  ``password`` is left out
+    of the repr.
+    """
+
+    queue: str | None = None
+    host: str = "localhost"
+    port: int | None = None
+    tls: str = "starttls"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    verify_certificates: bool = True
+    allow_plaintext_auth: bool = False
+    local_hostname: str | None = None
+    connect_timeout: float = 60.0
+    timeout: float = 300.0
+    data_timeout: float = 600.0
+    connections: int = 4
+    interval: float = 3.0
+    rate_limit: float | None = None
+    first_delay: float = 300.0
+    max_delay: float = 3600.0
+    give_up_after: float = 5 * 86400.0
+
+    @property
+    def relay_port(self) -> int:
+        """``port``, or the standard port for ``tls`` when none was set."""
+        if self.port is not None:
+            return self.port
+        return 465 if self.tls == "implicit" else 25
+
+    def validate(self) -> Settings:
+        """Check every setting and how they fit together.
+
+        Returns:
+            ``self``, so that ``Settings(...).validate()`` reads naturally.
+
+        Raises:
+            ConfigError: naming the first setting that is wrong.
+        """
+        for f in FIELDS:
+            value = getattr(self, f.name)
+            if value is None and f.optional:
+                continue
+            kinds = (int, float) if f.kind is float else (f.kind,)
+            if not isinstance(value, kinds) or (f.kind is not bool and isinstance(value, bool)):
+                raise ConfigError(f.name, f"expected {f.kind.__name__}, got {value!r}")
+        if self.tls not in TLS_MODES:
+            raise ConfigError("tls", f"must be one of {', '.join(TLS_MODES)}; got {self.tls!r}")
+        if self.port is not None and not 1 <= self.port <= 65535:
+            raise ConfigError("port", f"must be between 1 and 65535, got {self.port}")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ConfigError("host", f"not a host name: {self.host!r}")
+        for name in (
+            "connect_timeout",
+            "timeout",
+            "data_timeout",
+            "interval",
+            "first_delay",
+            "max_delay",
+        ):
+            if not getattr(self, name) > 0:  # NaN too
+                raise ConfigError(name, "must be greater than 0")
+        if not self.give_up_after > 0:
+            raise ConfigError("give_up_after", "must be greater than 0")
+        if self.max_delay < self.first_delay:
+            raise ConfigError(
+                "max_delay",
+                f"must not be shorter than first_delay ({self.max_delay:g}s "
+                f"< {self.first_delay:g}s)",
+            )
+        if self.connections < 1:
+            raise ConfigError("connections", "must be at least 1")
+        if self.rate_limit is not None and not self.rate_limit > 0:
+            raise ConfigError("rate_limit", "must be greater than 0 (leave unset for none)")
+        if self.ca_file is not None and not os.access(self.ca_file, os.R_OK):
+            raise ConfigError("ca_file", f"cannot read {self.ca_file}")
+        if self.password is not None and self.username is None:
+            raise ConfigError("username", "a password is set but no username")
+        if self.username is not None and self.password is None:
+            raise ConfigError(
+                "password",
+                "a username is set but no password (set MAILSPOOL_PASSWORD or use --password-file)",
+            )
+        if self.username is not None and self.tls == "none" and not self.allow_plaintext_auth:
+            raise ConfigError(
+                "tls",
+                "'none' would send the password in clear text; use starttls or "
+                "implicit, or set allow_plaintext_auth",
+            )
+        if self.queue is not None and not self.queue:
+            raise ConfigError("queue", "empty path")
+        return self
+
+    def mailer_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`mailspool.mailer.SMTPMailer`."""
+        return {
+            "host": self.host,
+            "port": self.relay_port,
+            "username": self.username,
+            "password": self.password,
+            "tls": self.tls,
+            "ca_file": self.ca_file,
+            "verify_certificates": self.verify_certificates,
+            "allow_plaintext_auth": self.allow_plaintext_auth,
+            "local_hostname": self.local_hostname,
+            "connect_timeout": self.connect_timeout,
+            "timeout": self.timeout,
+            "data_timeout": self.data_timeout,
+        }
+
+    def public(self) -> dict[str, Any]:
+        """Every setting as plain values, the password replaced by ``"***"``."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "password" and value is not None:
+                value = "***"
+            out[f.name] = value
+        return out
+
+
+# --- conversions ---------------------------------------------------------------
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?\s*\Z", re.IGNORECASE)
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from a number or a string such as ``"90"``, ``"90s"``, ``"5m"``,
+    ``"1.5h"`` or ``"5d"``.
+
+    Raises:
+        ConfigError: (with setting ``"duration"``) for anything else.
+    """
+    if isinstance(value, bool):
+        raise ConfigError("duration", f"not a duration: {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION.match(value)
+        if m is None:
+            raise ConfigError(
+                "duration", f"not a duration: {value!r} (write e.g. 30, 30s, 5m, 2h, 5d)"
+            )
+        seconds = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
+    else:
+        raise ConfigError("duration", f"not a duration: {value!r}")
+    if not math.isfinite(seconds):
+        raise ConfigError("duration", f"not a finite duration: {value!r}")
+    return seconds
+
+
+def _to_str(value: object) -> str:
+    if not isinstance(value, str):
+        raise ConfigError("", f"expected a string, got {value!r}")
+    return value
+
+
+def _to_int(value: object) -> int:
+    if isinstance(value, bool):
+        raise ConfigError("", f"not an integer: {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ConfigError("", f"not an integer: {value!r}")
+
+
+def _to_float(value: object) -> float:
+    if isinstance(value, bool):
+        raise ConfigError("", f"not a number: {value!r}")
+    if isinstance(value, (int, float)):
+        result = float(value)
+    elif isinstance(value, str):
+        try:
+            result = float(value)
+        except ValueError:
+            raise ConfigError("", f"not a number: {value!r}") from None
+    else:
+        raise ConfigError("", f"not a number: {value!r}")
+    if not math.isfinite(result):
+        raise ConfigError("", f"not a finite number: {value!r}")
+    return result
+
+
+def _to_duration(value: object) -> float:
+    try:
+        return parse_duration(value)
+    except ConfigError as exc:
+        raise ConfigError("", exc.problem) from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _to_bool(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ConfigError("", f"not a boolean: {value!r} (write true or false)")
+
+
+def _to_tls(value: object) -> str:
+    text = _to_str(value).strip().lower()
+    if text not in TLS_MODES:
+        raise ConfigError("", f"must be one of {', '.join(TLS_MODES)}; got {value!r}")
+    return text
+
+
+@dataclass(frozen=True)
+class Field:
+    """How one setting is spelled in each source.
+
+    Attributes:
+        name: the :class:`Settings` attribute.
+        table: the TOML table holding it (``""`` for the top level).
+        env: its environment variable, or ``None``.
+        flag: its command-line flag, or ``None``.
+        kind: the type the setting has once converted.
+        convert: turns a raw value (a string from a flag or the environment,
+            any TOML value) into the setting's type; raises
+            :class:`ConfigError`.
+        optional: ``None`` is an allowed value.
+        path: a file or directory name, resolved against the TOML file's
+            directory when it comes from there.
+        help: one line for the documentation.
+    """
+
+    name: str
+    table: str
+    env: str | None
+    flag: str | None
+    kind: type
+    convert: Callable[[object], object]
+    optional: bool = False
+    path: bool = False
+    help: str = ""
+
+
+#: Every setting, in the order the documentation lists them.  The password
+#: has no flag on purpose; see the module docstring.
+FIELDS: tuple[Field, ...] = (
+    Field("queue", "", "MAILSPOOL_QUEUE", "--queue", str, _to_str, True, True,
+          "the spool directory"),
+    Field("host", "relay", "MAILSPOOL_HOST", "--host", str, _to_str,
+          help="the SMTP relay's host name"),
+    Field("port", "relay", "MAILSPOOL_PORT", "--port", int, _to_int, True,
+          help="the relay's port (default 25, or 465 with tls = implicit)"),
+    Field("tls", "relay", "MAILSPOOL_TLS", "--tls", str, _to_tls,
+          help="TLS to the relay: starttls, implicit or none"),
+    Field("username", "relay", "MAILSPOOL_USERNAME", "--username", str, _to_str, True,
+          help="user name for SMTP AUTH"),
+    Field("password", "relay", "MAILSPOOL_PASSWORD", None, str, _to_str, True,
+          help="password for SMTP AUTH (never a flag)"),
+    Field("ca_file", "relay", "MAILSPOOL_CA_FILE", "--ca-file", str, _to_str, True, True,
+          help="CA certificates (PEM) to verify the relay with"),
+    Field("verify_certificates", "relay", "MAILSPOOL_VERIFY_CERTIFICATES",
+          "--no-verify-certificates", bool, _to_bool,
+          help="verify the relay's certificate and host name"),
+    Field("allow_plaintext_auth", "relay", "MAILSPOOL_ALLOW_PLAINTEXT_AUTH",
+          "--allow-plaintext-auth", bool, _to_bool,
+          help="allow AUTH on a connection without TLS"),
+    Field("local_hostname", "relay", "MAILSPOOL_LOCAL_HOSTNAME", "--local-hostname",
+          str, _to_str, True, help="the name sent with EHLO (default: this host's)"),
+    Field("connect_timeout", "relay", "MAILSPOOL_CONNECT_TIMEOUT", "--connect-timeout",
+          float, _to_duration, help="timeout for connecting and the relay's greeting"),
+    Field("timeout", "relay", "MAILSPOOL_TIMEOUT", "--timeout", float, _to_duration,
+          help="timeout for each SMTP command's reply"),
+    Field("data_timeout", "relay", "MAILSPOOL_DATA_TIMEOUT", "--data-timeout",
+          float, _to_duration, help="timeout for the reply after the message data"),
+    Field("connections", "processor", "MAILSPOOL_CONNECTIONS", "--connections",
+          int, _to_int, help="parallel connections to the relay"),
+    Field("interval", "processor", "MAILSPOOL_INTERVAL", "--interval", float, _to_duration,
+          help="how often `run` looks for due mail"),
+    Field("rate_limit", "processor", "MAILSPOOL_RATE_LIMIT", "--rate-limit",
+          float, _to_float, True, help="at most this many messages per second"),
+    Field("first_delay", "retry", "MAILSPOOL_FIRST_DELAY", "--first-delay",
+          float, _to_duration, help="delay before the first retry"),
+    Field("max_delay", "retry", "MAILSPOOL_MAX_DELAY", "--max-delay", float, _to_duration,
+          help="longest delay between retries"),
+    Field("give_up_after", "retry", "MAILSPOOL_GIVE_UP_AFTER", "--give-up-after",
+          float, _to_duration, help="fail what is still undelivered this long after queueing"),
+)  # fmt: skip
+
+_BY_NAME = {f.name: f for f in FIELDS}
+_PASSWORD_FILE_ENV = "MAILSPOOL_PASSWORD_FILE"
+
+
+# --- sources ---------------------------------------------------------------------
+
+
+def _to_str_for(name: str, value: object, origin: str) -> str:
+    try:
+        return _to_str(value)
+    except ConfigError as exc:
+        raise ConfigError(name, exc.problem, origin) from None
+
+
+def _read_secret_file(path: str, setting: str, origin: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "unreadable"
+        raise ConfigError(setting, f"cannot read {path}: {reason}", origin) from None
+    # One trailing line end is the file's, not the password's.
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    elif text.endswith("\n"):
+        text = text[:-1]
+    if not text:
+        raise ConfigError(setting, f"{path} is empty", origin)
+    return text
+
+
+def _read_toml(path: str) -> tuple[dict[str, Any], int]:
+    """The parsed file and its permission bits; refuses what cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError("config", f"{path} is not a regular file")
+            raw = f.read()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8") from None
+    except tomllib.TOMLDecodeError as exc:
+        # The decoder's message never quotes the value, only its position.
+        raise ConfigError("config", f"{path}: invalid TOML: {exc}") from None
+    return data, stat.S_IMODE(mode)
+
+
+def _flatten_toml(data: Mapping[str, Any], path: str) -> dict[str, tuple[object, str]]:
+    """``{setting: (value, origin)}`` from a parsed file; unknown keys are errors."""
+    tables = {f.table for f in FIELDS if f.table}
+    known = {(f.table, f.name) for f in FIELDS} | {("relay", "password_file")}
+    out: dict[str, tuple[object, str]] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key in tables:
+            for sub, subvalue in value.items():
+                if (key, sub) not in known:
+                    raise ConfigError("config", f"{path}: unknown setting [{key}] {sub}")
+                out[sub] = (subvalue, f"{path} [{key}] {sub}")
+        elif ("", key) in known:
+            out[key] = (value, f"{path} {key}")
+        else:
+            where = f"[{key}]" if isinstance(value, dict) else key
+            raise ConfigError("config", f"{path}: unknown setting {where}")
+    return out
+
+
+def _resolve(value: object, base: str | None) -> object:
+    if isinstance(value, str) and base is not None and value:
+        return os.path.join(base, os.path.expanduser(value))
+    return value
+
+
+def load_settings(
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: str | None = None,
+) -> Settings:
+    """Gather, convert and validate the settings from every source.
+
+    Args:
+        flags: values given on the command line, by setting name; ``None``
+            values are "not given".  ``password_file`` names a file holding
+            the password; there is no ``password`` flag and one is refused.
+        environ: the environment (default ``os.environ``); empty variables
+            count as unset.
+        config_file: the TOML file; default ``MAILSPOOL_CONFIG`` from
+            ``environ``; none when neither is set.
+
+    Returns:
+        Validated :class:`Settings`.
+
+    Raises:
+        ConfigError: one line naming the setting and the source of the bad
+            value, for a bad value, an unknown key in the file, an unreadable
+            file, or a password in a file that others can read.
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    env = {k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}
+    if "password" in flags:
+        raise ConfigError("password", "is never taken from the command line; use --password-file")
+
+    values: dict[str, object] = {}
+    origins: dict[str, str] = {}
+
+    # Lowest first: each source overwrites what the one before it set.
+    path = config_file or env.get(CONFIG_ENV)
+    if path:
+        data, mode = _read_toml(path)
+        base = os.path.dirname(os.path.abspath(path))
+        from_file = _flatten_toml(data, path)
+        if "password" in from_file and "password_file" in from_file:
+            raise ConfigError("password", f"{path} sets both password and password_file")
+        if "password" in from_file and mode & 0o044:
+            raise ConfigError(
+                "config",
+                f"{path} holds a password but is readable by group or others "
+                f"(mode {mode:04o}); chmod 600 it, or use MAILSPOOL_PASSWORD or "
+                "password_file",
+            )
+        for name, (value, origin) in from_file.items():
+            if name == "password_file":
+                pw_path = str(_resolve(_to_str_for("password_file", value, origin), base))
+                values["password"] = _read_secret_file(pw_path, "password_file", origin)
+                origins["password"] = origin
+                continue
+            if _BY_NAME[name].path:
+                value = _resolve(value, base)
+            values[name], origins[name] = value, origin
+
+    for f in FIELDS:
+        if f.env and f.env in env:
+            values[f.name], origins[f.name] = env[f.env], f.env
+    if _PASSWORD_FILE_ENV in env:
+        if "MAILSPOOL_PASSWORD" in env:
+            raise ConfigError(
+                "password", f"both MAILSPOOL_PASSWORD and {_PASSWORD_FILE_ENV} are set"
+            )
+        values["password"] = _read_secret_file(
+            env[_PASSWORD_FILE_ENV], "password_file", _PASSWORD_FILE_ENV
+        )
+        origins["password"] = _PASSWORD_FILE_ENV
+
+    for name, value in flags.items():
+        if name == "password_file":
+            values["password"] = _read_secret_file(str(value), "password_file", "--password-file")
+            origins["password"] = "--password-file"
+        elif name in _BY_NAME:
+            f = _BY_NAME[name]
+            values[name], origins[name] = value, f.flag or f"--{name.replace('_', '-')}"
+        else:
+            raise ConfigError(name, "is not a setting")
+
+    converted: dict[str, Any] = {}
+    for name, value in values.items():
+        f = _BY_NAME[name]
+        if value is None and f.optional:
+            converted[name] = None
+            continue
+        try:
+            converted[name] = f.convert(value)
+        except ConfigError as exc:
+            raise ConfigError(name, exc.problem, origins[name]) from None
+
+    settings = Settings(**converted)
+    try:
+        return settings.validate()
+    except ConfigError as exc:
+        raise exc.with_origin(origins.get(exc.setting)) from None

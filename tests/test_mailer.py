@@ -17,6 +17,7 @@ from zope.interface.verify import verifyObject
 
 from mailspool import SMTPMailer
 from mailspool.errors import (
+    AuthenticationError,
     ConnectionFailed,
     InvalidAddress,
     MessageTooLarge,
@@ -712,3 +713,62 @@ def test_large_message_goes_through_in_blocks(relay: Any, mailer_for: Any) -> No
     body = b"Subject: big\r\n\r\n" + line * 12_000  # ~1.1 MB, several blocks
     mailer_for(relay).send(FROM, ["a@example.org"], body)
     assert relay.messages[0].original_content == body
+
+
+# --- the module layout, the defaults ---------------------------------------------------
+
+
+def test_the_mailer_module_still_exports_every_name() -> None:
+    import mailspool
+    import mailspool.result
+    import mailspool.sendmail
+    import mailspool.smtp
+    from mailspool.mailer import SendmailMailer, SMTPConnection
+    from mailspool.mailer import SMTPMailer as Mailer
+
+    assert Mailer is SMTPMailer is mailspool.SMTPMailer
+    assert SMTPConnection is mailspool.smtp.SMTPConnection
+    assert SendmailMailer is mailspool.sendmail.SendmailMailer is mailspool.SendmailMailer
+    assert (Reply, SendResult) == (mailspool.result.Reply, mailspool.result.SendResult)
+
+
+def test_timeouts_default_to_rfc_5321_like_values() -> None:
+    mailer = SMTPMailer("relay.example.org")
+    # Commands 5 min; the reply after the final dot 10 min (RFC 5321 4.5.3.2).
+    assert (mailer.timeout, mailer.data_timeout) == (300.0, 600.0)
+    assert mailer.connect_timeout == 60.0
+
+
+def test_a_relay_that_never_greets_times_out_as_unavailable(mailer_for: Any) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # the kernel completes the handshake; nobody answers
+        port = listener.getsockname()[1]
+
+        class Silent:
+            def mailer_kwargs(self, **kw: Any) -> dict[str, Any]:
+                return {"host": "127.0.0.1", "port": port, "tls": "none", **kw}
+
+        with pytest.raises(RelayUnavailable, match="no greeting") as info:
+            mailer_for(Silent(), connect_timeout=0.3).send(FROM, ["a@example.org"], MSG)
+    assert info.value.about_relay and info.value.transient
+
+
+def test_530_at_every_rcpt_is_about_the_relay_not_the_recipients(
+    smtp_relay: Any, mailer_for: Any
+) -> None:
+    refuse = "530 5.7.0 authentication required"
+    relay = smtp_relay(PerRecipient({"a@example.org": refuse, "b@example.org": refuse}))
+    with pytest.raises(AuthenticationError) as info:
+        mailer_for(relay).send(FROM, ["a@example.org", "b@example.org"], MSG)
+    assert info.value.about_relay and info.value.code == 530
+    assert not isinstance(info.value, RecipientsRefused)
+
+
+def test_eight_bit_body_uses_smtputf8_when_8bitmime_is_missing(
+    smtp_relay: Any, mailer_for: Any
+) -> None:
+    relay = smtp_relay(ehlo_strip=["8BITMIME"])  # offers SMTPUTF8 only
+    mailer_for(relay).send(FROM, ["a@example.org"], "Subject: plain\n\nCrème\n")
+    [received] = relay.messages
+    assert "SMTPUTF8" in received.mail_options and "BODY=8BITMIME" not in received.mail_options

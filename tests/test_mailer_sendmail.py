@@ -13,12 +13,14 @@ from zope.interface.verify import verifyObject
 from mailspool import SendmailMailer
 from mailspool.errors import (
     InvalidAddress,
+    InvalidMessage,
     PermanentError,
     RelayUnavailable,
     SMTPTimeout,
     TransientError,
 )
 from mailspool.interfaces import IMailer, ISendmailMailer
+from mailspool.message import make_envelope
 
 FAKE = """\
 #!{python}
@@ -134,3 +136,13 @@ def test_a_hanging_sendmail_is_killed(fake: FakeSendmail) -> None:
     fake.behave(sleep=10)
     with pytest.raises(SMTPTimeout, match="did not finish"):
         SendmailMailer(fake.path, timeout=0.5).send("a@example.org", ["b@example.org"], b"x\r\n")
+
+
+def test_fast_path_checks_the_data_like_send(fake: FakeSendmail) -> None:
+    mailer = SendmailMailer(fake.path)
+    envelope = make_envelope("a@example.org", ["b@example.org"])
+    with pytest.raises(InvalidMessage, match="998"):
+        mailer.send_envelope(envelope, b"Subject: x\r\n\r\n" + b"y" * 2000 + b"\r\n")
+    assert not (fake.dir / "argv.json").exists()  # never run with broken data
+    mailer.send_envelope(envelope, b"Subject: x\r\n\r\nbare\nlf")
+    assert fake.stdin == b"Subject: x\n\nbare\nlf\n"

@@ -7,7 +7,13 @@ import transaction
 from zope.interface.verify import verifyObject
 
 from mailspool import DirectMailDelivery
-from mailspool.errors import InvalidAddress, PermanentError, RecipientsRefused, TransientError
+from mailspool.errors import (
+    AuthenticationError,
+    InvalidAddress,
+    PermanentError,
+    RecipientsRefused,
+    TransientError,
+)
 from mailspool.interfaces import IMailer
 from mailspool.mailer import Reply
 from mailspool.message import make_envelope
@@ -125,4 +131,29 @@ def test_works_as_the_mailer_of_a_direct_delivery() -> None:
     manager.begin()
     delivery.send("me@example.org", ["a@example.org"], "Subject: no\n\nno\n")
     manager.abort()
+    assert len(mailer.outbox) == 1
+
+
+def test_refusals_are_raised_as_smtp_mailer_raises_them() -> None:
+    mailer = InMemoryMailer()
+    mailer.refuse("crowd@example.org", 552, "5.5.3 too many recipients")
+    mailer.refuse("gate@example.org", 530, "5.7.0 authentication required")
+    # 552 at RCPT counts as 452 (RFC 5321 4.5.3.1.10), as SMTPMailer records it.
+    result = mailer.send("me@example.org", ["ok@example.org", "crowd@example.org"], MSG)
+    assert result.refused["crowd@example.org"] == Reply(452, "5.5.3 too many recipients")
+    with pytest.raises(RecipientsRefused) as refused:
+        mailer.send("me@example.org", ["crowd@example.org"], MSG)
+    assert refused.value.transient and refused.value.code == 452
+    assert refused.value.recipient == "crowd@example.org"
+    # A refusal about the relay itself is raised as such, not as refused recipients.
+    with pytest.raises(AuthenticationError) as info:
+        mailer.send("me@example.org", ["gate@example.org"], MSG)
+    assert info.value.about_relay
+
+
+def test_connection_send_takes_smtp_connections_keywords() -> None:
+    mailer = InMemoryMailer()
+    envelope = make_envelope("me@example.org", ["a@example.org"])
+    with mailer.connect() as conn:
+        conn.send(envelope, MSG, retry_stale=False)
     assert len(mailer.outbox) == 1

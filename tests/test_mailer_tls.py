@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -226,3 +227,82 @@ def test_login_mechanism_when_plain_is_not_offered(smtp_relay: Any, mailer_for: 
     relay = smtp_relay(tls="starttls", auth=True, auth_exclude_mechanism=["PLAIN"])
     assert mailer_for(relay).send(FROM, ["a@example.org"], MSG).accepted
     assert relay.auth_attempts == [("LOGIN", "mailer")]
+
+
+# --- what the README shows, and the ports users type ------------------------------------
+
+
+def test_readme_submission_example_is_starttls_with_verified_certificates() -> None:
+    mailer = SMTPMailer("smtp.example.org", 587, username="app", password="secret")
+    assert (mailer.host, mailer.port, mailer.tls) == ("smtp.example.org", 587, "starttls")
+    assert mailer.verify_certificates and not mailer.allow_plaintext_auth
+    assert mailer.ssl_context is not None
+    assert mailer.ssl_context.verify_mode == ssl.CERT_REQUIRED
+    assert mailer.ssl_context.check_hostname
+    assert "secret" not in repr(mailer)
+
+
+def test_positional_port_with_starttls_and_auth_against_a_relay(smtp_relay: Any) -> None:
+    # The README's form, against a real submission-like relay: host and port
+    # positional, credentials, STARTTLS by default (only the CA is ours).
+    relay = smtp_relay(tls="starttls", auth=True, auth_required=True)
+    assert relay.username is not None and relay.password is not None
+    mailer = SMTPMailer(
+        "localhost", relay.port, username=relay.username, password=relay.password,
+        ca_file=relay.ca_file, local_hostname="client.test",
+    )  # fmt: skip
+    try:
+        assert mailer.send(FROM, ["a@example.org"], MSG).accepted == ("a@example.org",)
+    finally:
+        mailer.close()
+    assert relay.commands[:5] == ["EHLO", "STARTTLS", "EHLO", "AUTH", "MAIL"]
+
+
+def test_port_465_with_starttls_warns(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="mailspool.mailer"):
+        SMTPMailer("smtp.example.org", 465)
+    assert "tls='implicit'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mailspool.mailer"):
+        SMTPMailer("smtp.example.org", 465, tls="implicit")
+        SMTPMailer("smtp.example.org", 587)
+    assert caplog.text == ""
+
+
+# --- ssl_context: used as given, but never a silent way to turn checks off ---------------
+
+
+def test_a_ready_ssl_context_is_used(smtp_relay: Any, mailer_for: Any) -> None:
+    relay = smtp_relay(tls="starttls")
+    context = ssl.create_default_context(cafile=relay.ca_file)
+    mailer = mailer_for(relay, ca_file=None, ssl_context=context)
+    assert mailer.ssl_context is context
+    assert mailer.send(FROM, ["a@example.org"], MSG).accepted
+
+
+def test_an_unverifying_ssl_context_needs_the_named_switch(
+    smtp_relay: Any, mailer_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    loose = ssl.create_default_context()
+    loose.check_hostname = False
+    loose.verify_mode = ssl.CERT_NONE
+    with pytest.raises(ValueError, match="verify_certificates=False"):
+        SMTPMailer("relay.example.org", ssl_context=loose)
+    no_names = ssl.create_default_context()
+    no_names.check_hostname = False
+    with pytest.raises(ValueError, match="verify_certificates=False"):
+        SMTPMailer("relay.example.org", ssl_context=no_names)
+    relay = smtp_relay(tls="starttls")
+    with caplog.at_level(logging.WARNING, logger="mailspool.mailer"):
+        mailer = mailer_for(relay, ca_file=None, ssl_context=loose, verify_certificates=False)
+    assert "verification is OFF" in caplog.text
+    assert mailer.send(FROM, ["a@example.org"], MSG).accepted
+
+
+def test_contradictory_tls_options_are_refused(ca_file: str) -> None:
+    with pytest.raises(ValueError, match="ca_file or ssl_context"):
+        SMTPMailer("relay.example.org", ca_file=ca_file, ssl_context=ssl.create_default_context())
+    with pytest.raises(ValueError, match="checks certificates"):
+        SMTPMailer(
+            "relay.example.org", ssl_context=ssl.create_default_context(), verify_certificates=False
+        )

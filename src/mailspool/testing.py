@@ -32,10 +32,10 @@ from typing import Literal
 
 from zope.interface import implementer
 
-from mailspool.errors import RecipientsRefused, TransientError
+from mailspool.errors import TransientError
 from mailspool.interfaces import IMailer
-from mailspool.mailer import MessageInput, Reply, SendResult
 from mailspool.message import Envelope, make_envelope, to_wire
+from mailspool.result import MessageInput, Reply, SendResult, all_refused
 
 __all__ = ["InMemoryConnection", "InMemoryMailer", "Outbox", "SentMessage"]
 
@@ -144,11 +144,14 @@ class InMemoryMailer:
         """Refuse ``address`` at every later send, with this reply.
 
         The other recipients are accepted and the refusal is reported in
-        the :class:`~mailspool.mailer.SendResult`, as a relay would; when
-        every recipient is refused, ``RecipientsRefused`` is raised.
+        the :class:`~mailspool.result.SendResult`, as a relay would (a 552
+        is recorded as 452, as :class:`~mailspool.SMTPMailer` records a 552
+        at ``RCPT``); when every recipient is refused, the mailer raises
+        what ``SMTPMailer`` would: ``RecipientsRefused``, or the error about
+        the relay for a code such as 530.
         """
         with self._lock:
-            self._refusals[address] = Reply(code, text)
+            self._refusals[address] = Reply(452 if code == 552 else code, text)
 
     def reset(self) -> None:
         """Forget the recorded messages, the pending failures and refusals, the counters."""
@@ -187,12 +190,7 @@ class InMemoryMailer:
             refused = {r: self._refusals[r] for r in envelope.recipients if r in self._refusals}
         accepted = tuple(r for r in envelope.recipients if r not in refused)
         if not accepted:
-            text = "; ".join(f"{r}: {reply}" for r, reply in refused.items())
-            raise RecipientsRefused(
-                f"all recipients were refused: {text}",
-                result=SendResult((), MappingProxyType(refused), None),
-                transient=any(reply.transient for reply in refused.values()),
-            )
+            raise all_refused(envelope.recipients, refused)
         sent = SentMessage(Envelope(envelope.sender, accepted), data, _message_id(data))
         with self._lock:
             self.outbox.append(sent)
@@ -228,8 +226,12 @@ class InMemoryConnection:
         """True until :meth:`close`."""
         return self._mailer is not None
 
-    def send(self, envelope: Envelope, data: bytes) -> SendResult:
-        """Record one message through the mailer (see :meth:`InMemoryMailer.send_envelope`)."""
+    def send(self, envelope: Envelope, data: bytes, *, retry_stale: bool = True) -> SendResult:
+        """Record one message through the mailer (see :meth:`InMemoryMailer.send_envelope`).
+
+        ``retry_stale`` is accepted for :class:`~mailspool.mailer.SMTPConnection`'s
+        signature; an in-memory connection never goes stale.
+        """
         if self._mailer is None:
             raise ValueError("the connection is closed")
         result = self._mailer.send_envelope(envelope, data)

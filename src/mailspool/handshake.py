@@ -1,0 +1,323 @@
+"""Opening an SMTP session: TCP, greeting, EHLO, STARTTLS, AUTH -- securely or not at all.
+
+Everything that happens before the first message lives here, apart from the
+transactions (:mod:`mailspool.smtp`), because this is where the
+security promises are kept and where a failure means "the relay or our
+configuration", never "this message":
+
+* TLS is required unless ``tls="none"`` was chosen: with ``starttls`` a relay
+  that does not offer STARTTLS (or a man in the middle who removed it from
+  the EHLO reply) is refused before anything else is sent; certificates
+  and host names are checked with the context the mailer built
+  (``ssl.create_default_context()``), never smtplib's unverified default.
+* AUTH is sent only over TLS (unless the mailer allows plain text), with one
+  mechanism and one attempt, and the password is held by
+  :class:`Credentials`, whose repr hides it; it is wiped from smtplib's
+  object as soon as AUTH is done.
+* Network-level failures are turned into classified errors
+  (:func:`network_error`): ``RelayUnavailable`` or ``TLSFailure`` or
+  ``AuthenticationError`` here (``about_relay``), ``ConnectionFailed`` or
+  ``SMTPTimeout`` during a transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+import socket
+import ssl
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from mailspool.errors import (
+    AuthenticationError,
+    ConnectionFailed,
+    DeliveryError,
+    RelayUnavailable,
+    SMTPTimeout,
+    TLSFailure,
+    error_for_reply,
+)
+
+if TYPE_CHECKING:
+    from mailspool.mailer import SMTPMailer
+
+__all__ = [
+    "AUTH_MECHANISMS",
+    "Credentials",
+    "certificate_error",
+    "default_local_hostname",
+    "network_error",
+    "open_session",
+    "reply_text",
+]
+
+#: AUTH mechanisms in order of preference.  Under TLS, PLAIN is the standard;
+#: CRAM-MD5 (historic, RFC 8314 era) only when nothing else is offered.
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+class Credentials:
+    """A user name and password for AUTH; the password never shows.
+
+    Args:
+        username: the user name (ASCII).
+        password: the password (ASCII).
+    """
+
+    __slots__ = ("_password", "username")
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self._password = password
+
+    def reveal(self) -> str:
+        """The password, for the AUTH exchange only."""
+        return self._password
+
+    def __repr__(self) -> str:
+        return f"Credentials(username={self.username!r}, password=<hidden>)"
+
+
+@lru_cache(maxsize=1)
+def default_local_hostname() -> str:
+    """The name to send with EHLO: this host's FQDN, or its address literal."""
+    # What smtplib would send, computed once instead of at every connection.
+    fqdn = socket.getfqdn()
+    if "." in fqdn:
+        return fqdn
+    try:
+        return f"[{socket.gethostbyname(socket.gethostname())}]"
+    except OSError:
+        return "[127.0.0.1]"
+
+
+def reply_text(raw: bytes | str) -> str:
+    """A reply's text as ``str`` (undecodable bytes replaced)."""
+    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+
+
+def certificate_error(exc: ssl.SSLCertVerificationError, where: str) -> TLSFailure:
+    """The error for a relay certificate that was not accepted, with what to do about it."""
+    reason = exc.verify_message or str(exc)
+    return TLSFailure(
+        f"certificate of {where} was not accepted: {reason}; trust its CA "
+        "with ca_file=..., or turn checks off with verify_certificates=False"
+    )
+
+
+def network_error(
+    exc: OSError,
+    where: str,
+    phase: str,
+    *,
+    limit: float,
+    relay: bool = False,
+    maybe_sent: bool = False,
+) -> DeliveryError:
+    """Turn a network-level failure into a classified error (the caller closes the socket).
+
+    Args:
+        exc: what smtplib or the socket raised.
+        where: ``host:port`` of the relay, for the text.
+        phase: what was going on (``"EHLO"``, ``"RCPT TO"``...), for the text.
+        limit: the timeout that applied, in seconds, for the text.
+        relay: the failure happened while opening the session, so it is about
+            the relay: ``RelayUnavailable`` rather than ``ConnectionFailed``
+            or ``SMTPTimeout``.
+        maybe_sent: the final dot was sent: the text says the message may
+            have been delivered.
+
+    Returns:
+        The error (not raised).
+    """
+    timed_out = isinstance(exc, TimeoutError) or (
+        isinstance(exc, smtplib.SMTPServerDisconnected)
+        and isinstance(exc.__context__, TimeoutError)
+    )
+    note = "; the message may have been delivered" if maybe_sent else ""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return certificate_error(exc, where)
+    if timed_out:
+        text = f"{where} did not answer {phase} within {limit:g} s{note}"
+        return RelayUnavailable(text) if relay else SMTPTimeout(text)
+    if isinstance(exc, smtplib.SMTPResponseException):
+        text = f"{where} sent a malformed reply to {phase}: {reply_text(exc.smtp_error)}{note}"
+    elif isinstance(exc, smtplib.SMTPServerDisconnected):
+        text = f"{where} closed the connection during {phase}{note}"
+    else:
+        text = f"connection to {where} failed during {phase}: {exc}{note}"
+    return RelayUnavailable(text) if relay else ConnectionFailed(text)
+
+
+def open_session(mailer: SMTPMailer, credentials: Credentials | None) -> smtplib.SMTP:
+    """Connect to the mailer's relay: greeting read, EHLO sent, TLS up, AUTH done.
+
+    Args:
+        mailer: the settings (host, port, TLS mode and context, timeouts...).
+        credentials: for AUTH, or ``None``.
+
+    Returns:
+        The ready ``smtplib.SMTP``, its socket timeout set to ``mailer.timeout``.
+
+    Raises:
+        RelayUnavailable: cannot connect, no or a 4xx/5xx greeting, EHLO
+            refused, 421, the connection lost or stalled while opening.
+        TLSFailure: STARTTLS not offered or refused, certificate not
+            trusted or not for this host, handshake failed.
+        AuthenticationError: AUTH not offered, no common mechanism,
+            credentials refused.
+    """
+    smtp = _connect(mailer)
+    try:
+        _setup(mailer, smtp, credentials)
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def _where(mailer: SMTPMailer) -> str:
+    return f"{mailer.host}:{mailer.port}"
+
+
+def _port_hint(mailer: SMTPMailer) -> str:
+    """What to try when the TLS mode looks wrong for the port."""
+    if mailer.tls != "implicit" and mailer.port == 465:
+        return "; port 465 is usually SMTPS: try tls='implicit'"
+    if mailer.tls == "implicit" and mailer.port in (25, 587):
+        return f"; port {mailer.port} usually expects tls='starttls'"
+    return ""
+
+
+def _connect(mailer: SMTPMailer) -> smtplib.SMTP:
+    m = mailer
+    where = _where(m)
+    local = m.local_hostname or default_local_hostname()
+    try:
+        if m.tls == "implicit":
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                m.host,
+                m.port,
+                local_hostname=local,
+                timeout=m.connect_timeout,
+                context=m.ssl_context,
+            )
+        else:
+            smtp = smtplib.SMTP(m.host, m.port, local_hostname=local, timeout=m.connect_timeout)
+    except smtplib.SMTPConnectError as exc:
+        raise error_for_reply(
+            exc.smtp_code,
+            f"{reply_text(exc.smtp_error)} [greeting of {where}]",
+            phase="greeting",
+        ) from exc
+    except smtplib.SMTPServerDisconnected as exc:
+        if isinstance(exc.__context__, TimeoutError):
+            text = f"no greeting from {where} within {m.connect_timeout:g} s{_port_hint(m)}"
+        else:
+            text = f"{where} closed the connection before its greeting{_port_hint(m)}"
+        raise RelayUnavailable(text) from exc
+    except ssl.SSLCertVerificationError as exc:
+        raise certificate_error(exc, where) from exc
+    except ssl.SSLError as exc:
+        raise TLSFailure(f"TLS handshake with {where} failed: {exc}{_port_hint(m)}") from exc
+    except TimeoutError as exc:
+        raise RelayUnavailable(
+            f"connecting to {where} timed out after {m.connect_timeout:g} s{_port_hint(m)}"
+        ) from exc
+    except OSError as exc:
+        raise RelayUnavailable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+    sock = smtp.sock
+    if sock is None:  # pragma: no cover - smtplib always sets it on success
+        raise ConnectionFailed(f"no socket after connecting to {where}")
+    sock.settimeout(m.timeout)
+    # MAIL/RCPT/DATA each wait for their reply, so Nagle's algorithm would
+    # only ever delay the last block of a message.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return smtp
+
+
+def _setup(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials | None) -> None:
+    where = _where(mailer)
+    needs_esmtp = mailer.tls == "starttls" or credentials is not None
+    _hello(mailer, smtp, allow_helo=not needs_esmtp)
+    if mailer.tls == "starttls":
+        if not smtp.has_extn("starttls"):
+            raise TLSFailure(
+                f"{where} does not offer STARTTLS, and TLS is required "
+                "(tls='starttls'); nothing was sent.  Use tls='implicit' for "
+                "an SMTPS port, or tls='none' only for a trusted local relay"
+            )
+        try:
+            smtp.starttls(context=mailer.ssl_context)
+        except smtplib.SMTPResponseException as exc:
+            text = f"{reply_text(exc.smtp_error)} [STARTTLS to {where}]"
+            if exc.smtp_code == 421:
+                raise error_for_reply(421, text, phase="starttls") from exc
+            # Any other refusal (454 "TLS not available", 5xx) is a TLS
+            # failure, whatever the code would mean after AUTH.
+            raise TLSFailure(text, code=exc.smtp_code) from exc
+        except ssl.SSLCertVerificationError as exc:
+            raise certificate_error(exc, where) from exc
+        except ssl.SSLError as exc:
+            raise TLSFailure(f"TLS handshake with {where} failed: {exc}") from exc
+        except OSError as exc:
+            raise _opening_error(mailer, exc, "STARTTLS") from exc
+        _hello(mailer, smtp, allow_helo=False)
+    if credentials is not None:
+        _login(mailer, smtp, credentials)
+
+
+def _opening_error(mailer: SMTPMailer, exc: OSError, phase: str) -> DeliveryError:
+    return network_error(exc, _where(mailer), phase, limit=mailer.timeout, relay=True)
+
+
+def _hello(mailer: SMTPMailer, smtp: smtplib.SMTP, *, allow_helo: bool) -> None:
+    try:
+        code, reply = smtp.ehlo()
+        if not 200 <= code < 300 and allow_helo and code != 421:
+            code, reply = smtp.helo()
+    except OSError as exc:
+        raise _opening_error(mailer, exc, "EHLO") from exc
+    if not 200 <= code < 300:
+        text = f"{reply_text(reply)} [EHLO to {_where(mailer)}]"
+        raise error_for_reply(code, text, phase="ehlo")
+
+
+def _login(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials) -> None:
+    where = _where(mailer)
+    encrypted = isinstance(smtp.sock, ssl.SSLSocket)
+    if not encrypted and not mailer.allow_plaintext_auth:
+        # Unreachable through SMTPMailer's checks; kept as the last guard.
+        raise TLSFailure(f"refusing to send AUTH to {where} without TLS")
+    if not smtp.has_extn("auth"):
+        raise AuthenticationError(
+            f"{where} does not offer AUTH"
+            + ("" if encrypted else " (over a connection without TLS)")
+        )
+    offered = smtp.esmtp_features.get("auth", "").upper().split()
+    mechanism = next((m for m in AUTH_MECHANISMS if m in offered), None)
+    if mechanism is None:
+        raise AuthenticationError(
+            f"no AUTH mechanism in common with {where}: it offers "
+            f"{' '.join(offered) or 'none'}; mailspool supports {', '.join(AUTH_MECHANISMS)}"
+        )
+    # One mechanism, one attempt: smtplib's login() would try the next
+    # mechanism after a refusal, sending a wrong password again (and
+    # counting twice towards the account's lockout).
+    smtp.user, smtp.password = credentials.username, credentials.reveal()
+    answer = getattr(smtp, "auth_" + mechanism.lower().replace("-", "_"))
+    try:
+        smtp.auth(mechanism, answer)
+    except smtplib.SMTPResponseException as exc:
+        raise error_for_reply(exc.smtp_code, reply_text(exc.smtp_error), phase="auth") from None
+    except smtplib.SMTPServerDisconnected as exc:
+        raise _opening_error(mailer, exc, "AUTH") from None
+    except smtplib.SMTPException as exc:  # e.g. endless challenges
+        raise AuthenticationError(f"AUTH {mechanism} with {where} failed: {exc}") from None
+    except OSError as exc:
+        raise _opening_error(mailer, exc, "AUTH") from None
+    finally:
+        # smtplib keeps the credentials on the object; do not.
+        smtp.user = smtp.password = ""

@@ -1,0 +1,416 @@
+"""One SMTP session that carries many messages: the transaction, per-recipient outcomes.
+
+Theory of operation
+-------------------
+
+:class:`SMTPConnection` drives each transaction itself (``MAIL``, one
+``RCPT`` per recipient, ``DATA``) over the standard library's
+:mod:`smtplib` instead of calling ``sendmail()``, for three reasons:
+
+* every recipient's reply is kept (``sendmail()`` only reports refusals when
+  some were accepted, and raises without them otherwise), so the caller
+  learns exactly who got the message (:class:`~mailspool.result.SendResult`);
+* each phase gets its own socket timeout: the short one for commands and for
+  each block of data, the long one (10 minutes by default, as RFC 5321
+  4.5.3.2 asks) for the reply after the final dot, because giving up early
+  there is what causes duplicate deliveries;
+* failures are classified where they happen (:mod:`mailspool.errors`).
+
+After a refused transaction it sends ``RSET`` and stays usable; after
+anything that leaves the session in an unknown state (a timeout, a lost
+connection, a 421, a garbled reply) the session is closed and never used
+again.
+
+A reused connection may have been closed by the relay while it sat idle.
+:meth:`SMTPConnection.send` notices that before ``MAIL`` when it can (the
+socket became readable: the relay closed it or said 421), or at ``MAIL``
+(a drop or a 421 in answer), and then opens a new session and sends once
+more -- only when the session had already carried a transaction, and only
+up to ``MAIL``: nothing of the message had been transmitted.  Once ``MAIL``
+was accepted nothing is retried here, and after ``DATA`` never, since the
+relay may already hold the message.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import smtplib
+import socket
+import ssl
+from types import MappingProxyType, TracebackType
+from typing import TYPE_CHECKING
+
+from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply
+from mailspool.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
+from mailspool.handshake import Credentials, network_error, open_session, reply_text
+from mailspool.message import Envelope
+from mailspool.result import Reply, SendResult, all_refused
+
+if TYPE_CHECKING:
+    from mailspool.mailer import SMTPMailer
+
+__all__ = ["SMTPConnection"]
+
+log = logging.getLogger(__name__)
+
+# Message data is written in blocks, each with the command timeout, so that
+# a large message on a slow link is not cut off by one total deadline
+# (socket.sendall's timeout covers the whole call).
+_BLOCK = 256 * 1024
+
+
+def _readable(sock: socket.socket) -> bool:
+    """True when the peer sent something (or closed) while we expected silence."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+            return bool(poller.poll(0))
+        ready, _, _ = select.select([sock], [], [], 0)
+        return bool(ready)
+    except (OSError, ValueError):
+        return True
+
+
+class _Stale(Exception):
+    """The relay dropped a reused session before the transaction began.
+
+    Nothing of the message was transmitted, so it is safe to reconnect and
+    send again.
+    """
+
+    def __init__(self, error: DeliveryError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class SMTPConnection:
+    """One SMTP session with a relay, ready for any number of messages.
+
+    Made by :meth:`mailspool.mailer.SMTPMailer.connect`; not safe to share
+    between threads.  Use it as a context manager, or call :meth:`close`.
+
+    Args:
+        mailer: the :class:`~mailspool.mailer.SMTPMailer` whose settings to use.
+        credentials: for AUTH (also when reconnecting), or ``None``.
+
+    Raises:
+        the errors :meth:`mailspool.mailer.SMTPMailer.connect` lists.
+
+    Attributes:
+        host, port: the relay.
+        features: the ESMTP keywords the relay offered after TLS (lower case).
+        max_size: the relay's SIZE limit in octets, or ``None``.
+        transactions: how many messages this connection delivered.
+        reconnects: how many times :meth:`send` replaced a session the relay
+            had closed while it was idle.
+    """
+
+    def __init__(self, mailer: SMTPMailer, credentials: Credentials | None = None) -> None:
+        self._mailer = mailer
+        self._credentials = credentials
+        self.host = mailer.host
+        self.port = mailer.port
+        self.transactions = 0
+        self.reconnects = 0
+        self.features: dict[str, str] = {}
+        self.max_size: int | None = None
+        self._smtp: smtplib.SMTP | None = None
+        self._reused = False  # this session has carried a transaction (MAIL was sent)
+        self._open()
+
+    @property
+    def _where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        state = "open" if self._smtp is not None else "closed"
+        return f"<SMTPConnection {self._where} tls={self._mailer.tls} {state}>"
+
+    def __enter__(self) -> SMTPConnection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _open(self) -> None:
+        smtp = open_session(self._mailer, self._credentials)
+        self._smtp = smtp
+        self._reused = False
+        self.features = dict(smtp.esmtp_features)
+        self.max_size = size_limit(self.features)
+        log.debug(
+            "connected to %s (tls=%s, auth=%s)",
+            self._where,
+            self._mailer.tls,
+            self._credentials is not None,
+        )
+
+    def _reopen(self, why: str) -> None:
+        log.info("relay %s closed a reused connection (%s); reconnecting", self._where, why)
+        self._drop()
+        self.reconnects += 1
+        self._open()
+
+    # -- state --------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        """True when the connection can take the next message.
+
+        False after :meth:`close`, after any failure that left the session
+        in an unknown state, and when the relay has closed the connection
+        (or said anything) since its last reply.
+        """
+        smtp = self._smtp
+        if smtp is None or smtp.sock is None:
+            return False
+        return not _readable(smtp.sock)
+
+    def _drop(self) -> None:
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.close()
+
+    def close(self) -> None:
+        """Say QUIT (briefly, ignoring any failure) and close the connection."""
+        smtp = self._smtp
+        if smtp is None:
+            return
+        try:
+            if smtp.sock is not None and self.alive:
+                smtp.sock.settimeout(min(self._mailer.timeout, 5.0))
+                smtp.docmd("QUIT")
+        except OSError:
+            pass
+        finally:
+            self._drop()
+
+    def noop(self) -> bool:
+        """Send NOOP; True when the relay answered 250 (else the connection is closed)."""
+        smtp = self._smtp
+        if smtp is None:
+            return False
+        try:
+            code, _ = smtp.docmd("NOOP")
+        except OSError:
+            code = -1
+        if code != 250:
+            self._drop()
+            return False
+        return True
+
+    # -- sending ------------------------------------------------------------
+
+    def check(self, envelope: Envelope, data: bytes) -> list[str]:
+        """Check a message against what the relay offers; return the MAIL parameters.
+
+        Nothing is sent and the connection stays usable.
+
+        Args:
+            envelope: the validated envelope.
+            data: the message's wire bytes.
+
+        Returns:
+            The ``MAIL FROM`` parameters to use (``SMTPUTF8``,
+            ``BODY=8BITMIME``, ``SIZE=n``).
+
+        Raises:
+            SMTPUTF8Required: an address is not ASCII and the relay does not
+                offer SMTPUTF8.
+            PermanentError: the data has 8-bit bytes and the relay offers
+                neither 8BITMIME nor SMTPUTF8.
+            MessageTooLarge: the message is larger than the relay's SIZE.
+        """
+        return mail_parameters(envelope, data, self.features, self.max_size, self._where)
+
+    def send(self, envelope: Envelope, data: bytes, *, retry_stale: bool = True) -> SendResult:
+        """Send one message over this connection.
+
+        Args:
+            envelope: the validated envelope (:func:`mailspool.message.make_envelope`).
+            data: the message as :func:`mailspool.message.to_wire` returns it
+                (other line endings are normalised, never sent as they are).
+            retry_stale: when this session has already carried a message and
+                the relay turns out to have closed it while it was idle (the
+                socket shows it, or ``MAIL`` gets no reply or a 421), open a
+                new session and send once more.  Never after ``MAIL`` was
+                accepted: nothing is sent twice.  ``False`` raises instead.
+
+        Returns:
+            The :class:`~mailspool.result.SendResult`; at least one recipient
+            was accepted.
+
+        Raises:
+            RecipientsRefused: no recipient was accepted (after RSET the
+                connection stays usable).
+            DeliveryError: the classified failure; the connection is closed
+                when the failure left the session in an unknown state.  If
+                reconnecting fails, the error of the new connection
+                (``RelayUnavailable``, ``TLSFailure``...), about the relay.
+        """
+        smtp = self._smtp
+        if smtp is None or smtp.sock is None:
+            raise ConnectionFailed(f"the connection to {self._where} is closed")
+        data = wire_bytes(data)
+        stale_ok = retry_stale and self._reused
+        if stale_ok and _readable(smtp.sock):
+            # Closed (or a 421 said) while idle: no need to try MAIL first.
+            self._reopen("seen before MAIL")
+            stale_ok = False
+        try:
+            return self._send(envelope, data, stale_ok=stale_ok)
+        except _Stale as stale:
+            self._reopen(str(stale.error))
+            return self._send(envelope, data, stale_ok=False)
+
+    def _send(self, envelope: Envelope, data: bytes, *, stale_ok: bool) -> SendResult:
+        smtp = self._smtp
+        assert smtp is not None
+        options = self.check(envelope, data)
+        try:
+            return self._transaction(smtp, envelope, data, options, stale_ok)
+        except (DeliveryError, _Stale):
+            raise
+        except BaseException:
+            self._drop()
+            raise
+
+    def _command(
+        self, smtp: smtplib.SMTP, cmd: str, args: str, phase: str, *, stale_ok: bool = False
+    ) -> tuple[int, str]:
+        """Send one command and read its reply; network failures are classified.
+
+        With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
+        """
+        error: DeliveryError
+        try:
+            smtp.putcmd(cmd, args)
+            code, raw = smtp.getreply()
+        except OSError as exc:
+            error = self._translate(exc, phase)
+            if stale_ok:
+                raise _Stale(error) from exc
+            raise error from exc
+        if code < 100:
+            self._drop()
+            error = ConnectionFailed(f"{self._where} sent a malformed reply to {phase}: {raw!r}")
+            raise _Stale(error) if stale_ok else error
+        return code, reply_text(raw)
+
+    def _transaction(
+        self,
+        smtp: smtplib.SMTP,
+        envelope: Envelope,
+        data: bytes,
+        options: list[str],
+        stale_ok: bool,
+    ) -> SendResult:
+        sock = smtp.sock
+        assert sock is not None
+        timeout = self._mailer.timeout
+        sock.settimeout(timeout)
+        smtp.command_encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        self._reused = True
+
+        # MAIL: a failure here means nothing of the message was transmitted.
+        params = "".join(f" {option}" for option in options)
+        code, text = self._command(
+            smtp, "MAIL", f"FROM:<{envelope.sender}>{params}", "MAIL FROM", stale_ok=stale_ok
+        )
+        if not 200 <= code < 300:
+            error = error_for_reply(code, text, phase="mail")
+            if code == 421 and stale_ok:
+                self._drop()
+                raise _Stale(error)
+            self._reset(code)
+            raise error
+
+        accepted: list[str] = []
+        refused: dict[str, Reply] = {}
+        for rcpt in envelope.recipients:
+            code, text = self._command(smtp, "RCPT", f"TO:<{rcpt}>", "RCPT TO")
+            if 200 <= code < 300:
+                accepted.append(rcpt)
+            elif code == 421:
+                self._drop()
+                raise error_for_reply(code, text, recipient=rcpt, phase="rcpt")
+            else:
+                # RFC 5321 4.5.3.1.10: 552 at RCPT means "too many", i.e. 452.
+                refused[rcpt] = Reply(452 if code == 552 else code, text)
+        if not accepted:
+            self._reset(code)
+            raise all_refused(envelope.recipients, refused)
+
+        code, text = self._command(smtp, "DATA", "", "DATA")
+        if code != 354:
+            self._reset(code)
+            raise error_for_reply(code, text, phase="data")
+
+        payload = memoryview(dot_stuff(data))
+        try:
+            for start in range(0, len(payload), _BLOCK):
+                smtp.send(payload[start : start + _BLOCK])
+        except OSError as exc:
+            # The final dot was not (completely) sent: nothing was delivered.
+            raise self._translate(exc, "the message data") from exc
+        try:
+            # The long wait: a relay may take minutes to queue the message
+            # (RFC 5321 4.5.3.2.6), and giving up early duplicates it.
+            sock.settimeout(self._mailer.data_timeout)
+            code, raw = smtp.getreply()
+        except OSError as exc:
+            raise self._translate(exc, "the reply after the final dot", maybe_sent=True) from exc
+        if smtp.sock is not None:
+            sock.settimeout(timeout)
+        text = reply_text(raw)
+        if code < 100:
+            self._drop()
+            raise ConnectionFailed(
+                f"{self._where} sent a malformed reply after the final dot: {raw!r}; "
+                "the message may have been delivered"
+            )
+        if code == 421:
+            self._drop()
+        if not 200 <= code < 300:
+            raise error_for_reply(code, text, phase="data")
+        self.transactions += 1
+        result = SendResult(tuple(accepted), MappingProxyType(refused), Reply(code, text))
+        log.debug(
+            "relay %s took the message for %d of %d recipient(s): %s",
+            self._where,
+            len(accepted),
+            len(envelope.recipients),
+            result.reply,
+        )
+        return result
+
+    def _reset(self, code: int) -> None:
+        """After a refused step: RSET, or close when the session cannot go on."""
+        if code == 421 or code < 0:
+            self._drop()
+            return
+        smtp = self._smtp
+        if smtp is None:
+            return
+        try:
+            rset, _ = smtp.docmd("RSET")
+        except OSError:
+            rset = -1
+        if rset != 250:
+            self._drop()
+
+    def _translate(self, exc: OSError, phase: str, *, maybe_sent: bool = False) -> DeliveryError:
+        """Turn a network-level failure into a classified error; close the connection."""
+        self._drop()
+        m = self._mailer
+        limit = m.data_timeout if maybe_sent else m.timeout
+        return network_error(exc, self._where, phase, limit=limit, maybe_sent=maybe_sent)

@@ -359,3 +359,59 @@ def test_ctrl_c_during_drain_finishes_the_message_in_flight(
     assert len(relay.messages) == 1
     st = status(queue)
     assert (st["ready"], st["in_flight"], st["total"]) == (2, 0, 2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_run_once_finishes_the_message_in_flight(
+    smtp_relay: RelayFactory, tmp_path: Path
+) -> None:
+    slow = SlowData(1.0)
+    relay = smtp_relay(slow)
+    queue = tmp_path / "spool"
+    send(queue, "jane@example.org")
+    proc = subprocess.Popen(
+        [SCRIPT, "run", "--once"],
+        env=relay_env(relay, queue),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert slow.arrived.wait(15), "nothing reached the relay"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert out == "stopped: 1 sent, 0 deferred, 0 failed, 0 quarantined\n"
+    assert err.endswith("mailspool: interrupted; the messages in flight were finished\n")
+    assert "Traceback" not in err
+    assert [m.rcpt_tos for m in relay.messages] == [["jane@example.org"]]
+    assert status(queue)["total"] == 0  # settled as sent: it will not go twice
+
+
+def test_relay_down_during_drain_fails_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    queue = tmp_path / "spool"
+    send(queue, "jane@example.org")
+    send(queue, "bob@example.org")
+    argv = ["--queue", str(queue), "--host", "127.0.0.1", "--port", str(port), "--tls", "none"]
+    code = main(["drain", *argv, "--relay-first-delay", "1h", "--relay-max-delay", "2h"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == (
+        f"drained {queue}: 0 sent, 0 deferred, 0 failed, 0 quarantined; "
+        "the relay was unavailable (its messages stay queued)\n"
+    )
+    assert "Traceback" not in err
+    counts = Spool(queue).counts()
+    assert (counts["ready"], counts["failed"], counts["deferred"]) == (2, 0, 0)
+    assert all(e.attempts == 0 for e in Spool(queue).entries())

@@ -1,9 +1,11 @@
 """Settings for the ``mailspool`` command: one frozen object, four sources.
 
-Why one table: every setting is declared once in :data:`FIELDS` with its
-TOML table and key, its environment variable and its command-line flag, so
-the loader, the error messages ("port: ... (from MAILSPOOL_PORT)") and the
-documentation cannot drift apart.
+Every setting is declared once, in the table :data:`FIELDS`
+(:mod:`mailspool.config_fields`), with its TOML table and key, its
+environment variable and its command-line flag, so the loader, the error
+messages ("port: ... (from MAILSPOOL_PORT)") and the documentation cannot
+drift apart.  :func:`resolve_settings` also says where each value came from
+(``mailspool config`` prints it).
 
 Precedence, highest first: command-line flags, environment variables, the
 TOML file, defaults.  Every value is converted and checked by
@@ -22,16 +24,21 @@ a log line or an error message.
 
 from __future__ import annotations
 
-import math
 import os
-import re
 import stat
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mailspool.errors import MailspoolError
+from mailspool.config_fields import (
+    FIELDS,
+    TLS_MODES,
+    ConfigError,
+    Field,
+    field_named,
+    parse_duration,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,41 +48,21 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 __all__ = [
     "CONFIG_ENV",
     "FIELDS",
+    "PASSWORD_FILE_ENV",
     "TLS_MODES",
     "ConfigError",
     "Field",
+    "LoadedSettings",
     "Settings",
     "load_settings",
     "parse_duration",
+    "resolve_settings",
 ]
 
 #: The environment variable naming the TOML file (``--config`` wins over it).
 CONFIG_ENV = "MAILSPOOL_CONFIG"
-#: The values ``tls`` may take.
-TLS_MODES = ("starttls", "implicit", "none")
-
-
-class ConfigError(MailspoolError, ValueError):
-    """A setting is missing, malformed or out of range.
-
-    ``setting`` names it (``"port"``, ``"config"``...); ``str(error)`` is one
-    line that starts with the setting's name and never contains a password.
-    """
-
-    def __init__(self, setting: str, problem: str, origin: str | None = None) -> None:
-        self.setting = setting
-        self.problem = problem
-        self.origin = origin
-        text = f"{setting}: {problem}"
-        if origin:
-            text += f" (from {origin})"
-        super().__init__(text)
-
-    def with_origin(self, origin: str | None) -> ConfigError:
-        """The same error, saying where the value came from."""
-        if origin is None or self.origin is not None:
-            return self
-        return ConfigError(self.setting, self.problem, origin)
+#: The environment variable naming a file that holds the password.
+PASSWORD_FILE_ENV = "MAILSPOOL_PASSWORD_FILE"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,7 +92,10 @@ class Settings:
     rate_limit: float | None = None
     first_delay: float = 300.0
     max_delay: float = 3600.0
+    backoff_factor: float = 2.0
     give_up_after: float = 5 * 86400.0
+    relay_first_delay: float = 30.0
+    relay_max_delay: float = 600.0
 
     @property
     def relay_port(self) -> int:
@@ -143,6 +133,8 @@ class Settings:
             "interval",
             "first_delay",
             "max_delay",
+            "relay_first_delay",
+            "relay_max_delay",
         ):
             if not getattr(self, name) > 0:  # NaN too
                 raise ConfigError(name, "must be greater than 0")
@@ -154,6 +146,14 @@ class Settings:
                 f"must not be shorter than first_delay ({self.max_delay:g}s "
                 f"< {self.first_delay:g}s)",
             )
+        if self.relay_max_delay < self.relay_first_delay:
+            raise ConfigError(
+                "relay_max_delay",
+                f"must not be shorter than relay_first_delay ({self.relay_max_delay:g}s "
+                f"< {self.relay_first_delay:g}s)",
+            )
+        if not self.backoff_factor >= 1:
+            raise ConfigError("backoff_factor", f"must be at least 1, got {self.backoff_factor:g}")
         if self.connections < 1:
             raise ConfigError("connections", "must be at least 1")
         if self.rate_limit is not None and not self.rate_limit > 0:
@@ -194,6 +194,26 @@ class Settings:
             "data_timeout": self.data_timeout,
         }
 
+    def retry_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`mailspool.processor.RetryPolicy`."""
+        return {
+            "first_delay": self.first_delay,
+            "factor": self.backoff_factor,
+            "max_delay": self.max_delay,
+            "give_up_after": self.give_up_after,
+            "relay_first_delay": self.relay_first_delay,
+            "relay_max_delay": self.relay_max_delay,
+        }
+
+    def processor_options(self) -> dict[str, Any]:
+        """Keyword arguments for :class:`mailspool.processor.QueueProcessor`
+        (without ``retry``: build it from :meth:`retry_options`)."""
+        return {
+            "connections": self.connections,
+            "interval": self.interval,
+            "rate_limit": self.rate_limit,
+        }
+
     def public(self) -> dict[str, Any]:
         """Every setting as plain values, the password replaced by ``"***"``."""
         out: dict[str, Any] = {}
@@ -205,183 +225,13 @@ class Settings:
         return out
 
 
-# --- conversions ---------------------------------------------------------------
-
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?\s*\Z", re.IGNORECASE)
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from a number or a string such as ``"90"``, ``"90s"``, ``"5m"``,
-    ``"1.5h"`` or ``"5d"``.
-
-    Raises:
-        ConfigError: (with setting ``"duration"``) for anything else.
-    """
-    if isinstance(value, bool):
-        raise ConfigError("duration", f"not a duration: {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if m is None:
-            raise ConfigError(
-                "duration", f"not a duration: {value!r} (write e.g. 30, 30s, 5m, 2h, 5d)"
-            )
-        seconds = float(m.group(1)) * _UNITS[(m.group(2) or "s").lower()]
-    else:
-        raise ConfigError("duration", f"not a duration: {value!r}")
-    if not math.isfinite(seconds):
-        raise ConfigError("duration", f"not a finite duration: {value!r}")
-    return seconds
-
-
-def _to_str(value: object) -> str:
-    if not isinstance(value, str):
-        raise ConfigError("", f"expected a string, got {value!r}")
-    return value
-
-
-def _to_int(value: object) -> int:
-    if isinstance(value, bool):
-        raise ConfigError("", f"not an integer: {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
-        return int(value)
-    raise ConfigError("", f"not an integer: {value!r}")
-
-
-def _to_float(value: object) -> float:
-    if isinstance(value, bool):
-        raise ConfigError("", f"not a number: {value!r}")
-    if isinstance(value, (int, float)):
-        result = float(value)
-    elif isinstance(value, str):
-        try:
-            result = float(value)
-        except ValueError:
-            raise ConfigError("", f"not a number: {value!r}") from None
-    else:
-        raise ConfigError("", f"not a number: {value!r}")
-    if not math.isfinite(result):
-        raise ConfigError("", f"not a finite number: {value!r}")
-    return result
-
-
-def _to_duration(value: object) -> float:
-    try:
-        return parse_duration(value)
-    except ConfigError as exc:
-        raise ConfigError("", exc.problem) from None
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _to_bool(value: object) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise ConfigError("", f"not a boolean: {value!r} (write true or false)")
-
-
-def _to_tls(value: object) -> str:
-    text = _to_str(value).strip().lower()
-    if text not in TLS_MODES:
-        raise ConfigError("", f"must be one of {', '.join(TLS_MODES)}; got {value!r}")
-    return text
-
-
-@dataclass(frozen=True)
-class Field:
-    """How one setting is spelled in each source.
-
-    Attributes:
-        name: the :class:`Settings` attribute.
-        table: the TOML table holding it (``""`` for the top level).
-        env: its environment variable, or ``None``.
-        flag: its command-line flag, or ``None``.
-        kind: the type the setting has once converted.
-        convert: turns a raw value (a string from a flag or the environment,
-            any TOML value) into the setting's type; raises
-            :class:`ConfigError`.
-        optional: ``None`` is an allowed value.
-        path: a file or directory name, resolved against the TOML file's
-            directory when it comes from there.
-        help: one line for the documentation.
-    """
-
-    name: str
-    table: str
-    env: str | None
-    flag: str | None
-    kind: type
-    convert: Callable[[object], object]
-    optional: bool = False
-    path: bool = False
-    help: str = ""
-
-
-#: Every setting, in the order the documentation lists them.  The password
-#: has no flag on purpose; see the module docstring.
-FIELDS: tuple[Field, ...] = (
-    Field("queue", "", "MAILSPOOL_QUEUE", "--queue", str, _to_str, True, True,
-          "the spool directory"),
-    Field("host", "relay", "MAILSPOOL_HOST", "--host", str, _to_str,
-          help="the SMTP relay's host name"),
-    Field("port", "relay", "MAILSPOOL_PORT", "--port", int, _to_int, True,
-          help="the relay's port (default 25, or 465 with tls = implicit)"),
-    Field("tls", "relay", "MAILSPOOL_TLS", "--tls", str, _to_tls,
-          help="TLS to the relay: starttls, implicit or none"),
-    Field("username", "relay", "MAILSPOOL_USERNAME", "--username", str, _to_str, True,
-          help="user name for SMTP AUTH"),
-    Field("password", "relay", "MAILSPOOL_PASSWORD", None, str, _to_str, True,
-          help="password for SMTP AUTH (never a flag)"),
-    Field("ca_file", "relay", "MAILSPOOL_CA_FILE", "--ca-file", str, _to_str, True, True,
-          help="CA certificates (PEM) to verify the relay with"),
-    Field("verify_certificates", "relay", "MAILSPOOL_VERIFY_CERTIFICATES",
-          "--no-verify-certificates", bool, _to_bool,
-          help="verify the relay's certificate and host name"),
-    Field("allow_plaintext_auth", "relay", "MAILSPOOL_ALLOW_PLAINTEXT_AUTH",
-          "--allow-plaintext-auth", bool, _to_bool,
-          help="allow AUTH on a connection without TLS"),
-    Field("local_hostname", "relay", "MAILSPOOL_LOCAL_HOSTNAME", "--local-hostname",
-          str, _to_str, True, help="the name sent with EHLO (default: this host's)"),
-    Field("connect_timeout", "relay", "MAILSPOOL_CONNECT_TIMEOUT", "--connect-timeout",
-          float, _to_duration, help="timeout for connecting and the relay's greeting"),
-    Field("timeout", "relay", "MAILSPOOL_TIMEOUT", "--timeout", float, _to_duration,
-          help="timeout for each SMTP command's reply"),
-    Field("data_timeout", "relay", "MAILSPOOL_DATA_TIMEOUT", "--data-timeout",
-          float, _to_duration, help="timeout for the reply after the message data"),
-    Field("connections", "processor", "MAILSPOOL_CONNECTIONS", "--connections",
-          int, _to_int, help="parallel connections to the relay"),
-    Field("interval", "processor", "MAILSPOOL_INTERVAL", "--interval", float, _to_duration,
-          help="how often `run` looks for due mail"),
-    Field("rate_limit", "processor", "MAILSPOOL_RATE_LIMIT", "--rate-limit",
-          float, _to_float, True, help="at most this many messages per second"),
-    Field("first_delay", "retry", "MAILSPOOL_FIRST_DELAY", "--first-delay",
-          float, _to_duration, help="delay before the first retry"),
-    Field("max_delay", "retry", "MAILSPOOL_MAX_DELAY", "--max-delay", float, _to_duration,
-          help="longest delay between retries"),
-    Field("give_up_after", "retry", "MAILSPOOL_GIVE_UP_AFTER", "--give-up-after",
-          float, _to_duration, help="fail what is still undelivered this long after queueing"),
-)  # fmt: skip
-
-_BY_NAME = {f.name: f for f in FIELDS}
-_PASSWORD_FILE_ENV = "MAILSPOOL_PASSWORD_FILE"
-
-
 # --- sources ---------------------------------------------------------------------
 
 
 def _to_str_for(name: str, value: object, origin: str) -> str:
-    try:
-        return _to_str(value)
-    except ConfigError as exc:
-        raise ConfigError(name, exc.problem, origin) from None
+    if not isinstance(value, str):
+        raise ConfigError(name, f"expected a string, got {value!r}", origin)
+    return value
 
 
 def _read_secret_file(path: str, setting: str, origin: str) -> str:
@@ -446,6 +296,32 @@ def _resolve(value: object, base: str | None) -> object:
     return value
 
 
+@dataclass(frozen=True)
+class LoadedSettings:
+    """The settings together with where each value came from.
+
+    Attributes:
+        settings: the validated :class:`Settings`.
+        origins: for each setting that is not at its default, where its value
+            came from: a flag (``"--port"``), an environment variable
+            (``"MAILSPOOL_PORT"``) or a place in the TOML file
+            (``"/etc/m.toml [relay] port"``).  A password read from a file
+            names the file, never the password.
+        config_file: the TOML file that was read, or ``None``.
+        config_origin: how that file was named: ``"--config"`` or
+            :data:`CONFIG_ENV`; ``None`` when no file was read.
+    """
+
+    settings: Settings
+    origins: Mapping[str, str]
+    config_file: str | None = None
+    config_origin: str | None = None
+
+    def origin(self, name: str) -> str:
+        """Where setting ``name`` came from; ``"default"`` when nowhere."""
+        return self.origins.get(name, "default")
+
+
 def load_settings(
     flags: Mapping[str, object] | None = None,
     environ: Mapping[str, str] | None = None,
@@ -471,6 +347,22 @@ def load_settings(
             value, for a bad value, an unknown key in the file, an unreadable
             file, or a password in a file that others can read.
     """
+    return resolve_settings(flags, environ, config_file=config_file).settings
+
+
+def resolve_settings(
+    flags: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+    *,
+    config_file: str | None = None,
+) -> LoadedSettings:
+    """Like :func:`load_settings`, and say where each value came from.
+
+    Args and Raises are those of :func:`load_settings`.
+
+    Returns:
+        :class:`LoadedSettings`: the validated settings and their origins.
+    """
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     env = {k: v for k, v in (os.environ if environ is None else environ).items() if v != ""}
     if "password" in flags:
@@ -481,6 +373,7 @@ def load_settings(
 
     # Lowest first: each source overwrites what the one before it set.
     path = config_file or env.get(CONFIG_ENV)
+    config_origin = None if not path else "--config" if config_file else CONFIG_ENV
     if path:
         data, mode = _read_toml(path)
         base = os.path.dirname(os.path.abspath(path))
@@ -498,38 +391,37 @@ def load_settings(
             if name == "password_file":
                 pw_path = str(_resolve(_to_str_for("password_file", value, origin), base))
                 values["password"] = _read_secret_file(pw_path, "password_file", origin)
-                origins["password"] = origin
+                origins["password"] = f"{origin} ({pw_path})"
                 continue
-            if _BY_NAME[name].path:
+            if field_named(name).path:
                 value = _resolve(value, base)
             values[name], origins[name] = value, origin
 
     for f in FIELDS:
         if f.env and f.env in env:
             values[f.name], origins[f.name] = env[f.env], f.env
-    if _PASSWORD_FILE_ENV in env:
+    if PASSWORD_FILE_ENV in env:
         if "MAILSPOOL_PASSWORD" in env:
             raise ConfigError(
-                "password", f"both MAILSPOOL_PASSWORD and {_PASSWORD_FILE_ENV} are set"
+                "password", f"both MAILSPOOL_PASSWORD and {PASSWORD_FILE_ENV} are set"
             )
-        values["password"] = _read_secret_file(
-            env[_PASSWORD_FILE_ENV], "password_file", _PASSWORD_FILE_ENV
-        )
-        origins["password"] = _PASSWORD_FILE_ENV
+        pw_path = env[PASSWORD_FILE_ENV]
+        values["password"] = _read_secret_file(pw_path, "password_file", PASSWORD_FILE_ENV)
+        origins["password"] = f"{PASSWORD_FILE_ENV} ({pw_path})"
 
     for name, value in flags.items():
         if name == "password_file":
             values["password"] = _read_secret_file(str(value), "password_file", "--password-file")
-            origins["password"] = "--password-file"
-        elif name in _BY_NAME:
-            f = _BY_NAME[name]
+            origins["password"] = f"--password-file ({value})"
+        elif any(f.name == name for f in FIELDS):
+            f = field_named(name)
             values[name], origins[name] = value, f.flag or f"--{name.replace('_', '-')}"
         else:
             raise ConfigError(name, "is not a setting")
 
     converted: dict[str, Any] = {}
     for name, value in values.items():
-        f = _BY_NAME[name]
+        f = field_named(name)
         if value is None and f.optional:
             converted[name] = None
             continue
@@ -538,8 +430,8 @@ def load_settings(
         except ConfigError as exc:
             raise ConfigError(name, exc.problem, origins[name]) from None
 
-    settings = Settings(**converted)
     try:
-        return settings.validate()
+        settings = Settings(**converted).validate()
     except ConfigError as exc:
         raise exc.with_origin(origins.get(exc.setting)) from None
+    return LoadedSettings(settings, dict(origins), path or None, config_origin)

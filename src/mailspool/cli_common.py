@@ -1,0 +1,392 @@
+"""What every verb of the ``mailspool`` command shares.
+
+The verbs live in modules of their own (:mod:`mailspool.cli_queue`,
+:mod:`mailspool.cli_delivery`, :mod:`mailspool.cli_dev`,
+:mod:`mailspool.cli_config`) and :mod:`mailspool.cli` assembles them; this
+module is what they have in common, so that none of them needs to import
+:mod:`mailspool.cli`: the exit codes, :class:`CommandError` (how a verb
+stops with one line and a code), the option groups built from the settings
+table, loading the settings, opening the spool, building the processor, the
+signal handling of the delivering verbs, and small formatting helpers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+import click
+
+from mailspool.config import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
+from mailspool.errors import SpoolError
+
+if TYPE_CHECKING:
+    from mailspool.processor import QueueProcessor, Summary
+    from mailspool.spool import Spool
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_NO_QUEUE",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "STATE_NAMES",
+    "CommandError",
+    "OneLineFormatter",
+    "common_options",
+    "fail",
+    "make_processor",
+    "open_spool",
+    "processor_options",
+    "reading",
+    "reason",
+    "relay_options",
+    "resolve",
+    "settings",
+    "setup_logging",
+    "stop_on_signals",
+    "summary_code",
+    "summary_line",
+    "when",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NO_QUEUE = 3
+EXIT_INTERRUPTED = 130
+
+#: The states of a spooled message, in the order the command shows them.
+STATE_NAMES = ("ready", "in_flight", "deferred", "held", "failed", "quarantined")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class CommandError(Exception):
+    """Stop the command with one line on stderr and an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Stop the command: ``message`` on stderr, exit code ``code``.
+
+    Raises:
+        CommandError: always.
+    """
+    raise CommandError(message, code)
+
+
+# --- options -------------------------------------------------------------------
+
+_FLAG_HELP = {f.name: f"{f.help[:1].upper()}{f.help[1:]}" for f in FIELDS}
+
+
+def _env_help(name: str) -> str:
+    env = next(f.env for f in FIELDS if f.name == name)
+    return f"{_FLAG_HELP[name]}. [env {env}]"
+
+
+def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    def apply(func: F) -> F:
+        for deco in reversed(decorators):
+            func = deco(func)
+        return func
+
+    return apply
+
+
+#: ``--queue``, ``--config``, ``-v``: on the group and on every queue verb.
+common_options = _options(
+    click.option("--queue", metavar="PATH", help=_env_help("queue")),
+    click.option(
+        "--config",
+        metavar="FILE",
+        help="Read settings from this TOML file. [env MAILSPOOL_CONFIG]",
+    ),
+    click.option("-v", "--verbose", count=True, help="Log more (-vv: debug)."),
+)
+
+#: How to reach the relay: on the verbs that deliver.
+relay_options = _options(
+    click.option("--host", metavar="HOST", help=_env_help("host")),
+    click.option("--port", metavar="PORT", help=_env_help("port")),
+    click.option("--tls", metavar="starttls|implicit|none", help=_env_help("tls")),
+    click.option("--username", metavar="NAME", help=_env_help("username")),
+    click.option(
+        "--password-file",
+        metavar="FILE",
+        help="Read the AUTH password from this file (there is no password flag: "
+        "use this or the environment). [env MAILSPOOL_PASSWORD, MAILSPOOL_PASSWORD_FILE]",
+    ),
+    click.option("--ca-file", metavar="FILE", help=_env_help("ca_file")),
+    click.option(
+        "--no-verify-certificates",
+        "verify_certificates",
+        flag_value="false",
+        default=None,
+        help="Do not verify the relay's certificate (insecure). "
+        "[env MAILSPOOL_VERIFY_CERTIFICATES]",
+    ),
+    click.option(
+        "--allow-plaintext-auth",
+        flag_value="true",
+        default=None,
+        help="Allow AUTH without TLS (exposes the password). [env MAILSPOOL_ALLOW_PLAINTEXT_AUTH]",
+    ),
+    click.option("--local-hostname", metavar="NAME", help=_env_help("local_hostname")),
+    click.option("--connect-timeout", metavar="DURATION", help=_env_help("connect_timeout")),
+    click.option("--timeout", metavar="DURATION", help=_env_help("timeout")),
+    click.option("--data-timeout", metavar="DURATION", help=_env_help("data_timeout")),
+)
+
+#: How the processor works and retries: on the verbs that deliver.
+processor_options = _options(
+    click.option("--connections", metavar="N", help=_env_help("connections")),
+    click.option("--interval", metavar="DURATION", help=_env_help("interval")),
+    click.option("--rate-limit", metavar="PER_SECOND", help=_env_help("rate_limit")),
+    click.option("--first-delay", metavar="DURATION", help=_env_help("first_delay")),
+    click.option("--max-delay", metavar="DURATION", help=_env_help("max_delay")),
+    click.option("--backoff-factor", metavar="FACTOR", help=_env_help("backoff_factor")),
+    click.option("--give-up-after", metavar="DURATION", help=_env_help("give_up_after")),
+    click.option("--relay-first-delay", metavar="DURATION", help=_env_help("relay_first_delay")),
+    click.option("--relay-max-delay", metavar="DURATION", help=_env_help("relay_max_delay")),
+)
+
+_SETTING_FLAGS = {f.name for f in FIELDS} | {"password_file"}
+_COMMON = ("queue", "config", "verbose")
+
+
+def resolve(ctx: click.Context, /, kw: dict[str, Any]) -> LoadedSettings:
+    """Merge the group's and the verb's flags; load the settings and their origins.
+
+    Removes the setting flags from ``kw`` (what is left is the verb's own)
+    and sets up logging for ``-v``.
+
+    Raises:
+        CommandError: a bad setting (exit code 2).
+    """
+    group: dict[str, Any] = ctx.find_root().obj or {}
+    flags: dict[str, object] = {}
+    for name in list(kw):
+        if name in _SETTING_FLAGS or name in _COMMON:
+            value = kw.pop(name)
+            if name in _COMMON and not value:
+                value = group.get(name)
+            if name not in ("config", "verbose"):
+                flags[name] = value
+            elif name == "verbose":
+                setup_logging(int(value or 0), ctx)
+            else:
+                group["config"] = value
+    try:
+        return resolve_settings(flags, config_file=group.get("config"))
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def settings(ctx: click.Context, /, kw: dict[str, Any]) -> Settings:
+    """:func:`resolve`, the settings only."""
+    return resolve(ctx, kw).settings
+
+
+def setup_logging(verbose: int, ctx: click.Context) -> None:
+    """Log to stderr: INFO for ``run``, WARNING for the others; each ``-v`` one level more.
+
+    Tracebacks are shown only with ``-vv``; below that an error logged with
+    its exception stays one line (the exception's type and text appended).
+    """
+    base = logging.INFO if ctx.info_name == "run" else logging.WARNING
+    level = max(logging.DEBUG, base - 10 * verbose)
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        root.addHandler(handler)
+    handler.setFormatter(OneLineFormatter(tracebacks=verbose >= 2))
+    root.setLevel(level)
+
+
+class OneLineFormatter(logging.Formatter):
+    """``time LEVEL logger: message``; a traceback only when asked for.
+
+    Args:
+        tracebacks: append the traceback of a record's exception (``-vv``);
+            otherwise only ``(TypeName: text)`` on the same line.
+    """
+
+    def __init__(self, *, tracebacks: bool = False) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if record.exc_info and not self.tracebacks:
+            exc = record.exc_info[1]
+            record = logging.makeLogRecord(record.__dict__)
+            if exc is not None:
+                text = " ".join(str(exc).split())
+                record.msg = f"{record.getMessage()} ({type(exc).__name__}: {text})"
+                record.args = None
+            record.exc_info = None
+            record.exc_text = None
+            record.stack_info = None
+        return super().format(record)
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Logs to whatever ``sys.stderr`` is now (main() may run many times in a process)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+# --- the spool and the processor -----------------------------------------------------
+
+
+def reason(exc: BaseException) -> str:
+    """The text of an error, on one line (an OSError without its errno prefix)."""
+    text = str(exc.args[-1]) if isinstance(exc, OSError) and exc.args else str(exc)
+    return " ".join(text.split())
+
+
+def open_spool(settings: Settings, *, create: bool = False) -> Spool:
+    """The spool named by the settings.
+
+    Args:
+        settings: where ``queue`` is.
+        create: make it when missing; otherwise a missing spool is an error.
+
+    Raises:
+        CommandError: no queue given (exit code 2); not found, not a
+            directory, unreadable or not creatable (exit code 3).
+    """
+    from mailspool.spool import Spool
+
+    path = settings.queue
+    if not path:
+        fail(
+            "queue: no queue given; use --queue PATH, MAILSPOOL_QUEUE or queue = ... "
+            "in the config file",
+            EXIT_USAGE,
+        )
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"queue {path}: not a directory", EXIT_NO_QUEUE)
+    if not create:
+        if not os.path.isdir(path):
+            fail(f"queue {path}: not found", EXIT_NO_QUEUE)
+        if not os.access(path, os.R_OK | os.X_OK):
+            fail(f"queue {path}: permission denied", EXIT_NO_QUEUE)
+    try:
+        return Spool(path, create=create)
+    except SpoolError as exc:
+        fail(f"queue {path}: {reason(exc)}", EXIT_NO_QUEUE)
+    except OSError as exc:
+        fail(f"queue {path}: {exc.strerror or exc}", EXIT_NO_QUEUE)
+
+
+@contextlib.contextmanager
+def reading(spool: Spool) -> Iterator[None]:
+    """Turn a failure to read the spool's directories into exit code 3.
+
+    An area that cannot be listed (permissions, a file where a directory
+    should be) is a broken queue, not a bug: one line naming the queue.
+    """
+    try:
+        yield
+    except (SpoolError, OSError) as exc:
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else reason(exc)
+        where = getattr(exc, "filename", None)
+        detail = f"{where}: {text}" if isinstance(where, str) and where else text
+        fail(f"queue {spool.path}: cannot read: {detail}", EXIT_NO_QUEUE)
+
+
+def make_processor(settings: Settings, *, create: bool = False) -> QueueProcessor:
+    """A :class:`~mailspool.processor.QueueProcessor` with an SMTP mailer, as set.
+
+    The mailer and the retry policy are built first, so that a setting they
+    refuse stops the command before the spool is opened (or created).
+
+    Args:
+        settings: the relay, processor and retry settings, and the queue.
+        create: create the spool when missing (see :func:`open_spool`).
+
+    Raises:
+        CommandError: the mailer or the processor refuses a setting (exit
+            code 2), or the spool cannot be opened (see :func:`open_spool`).
+    """
+    from mailspool.mailer import SMTPMailer
+    from mailspool.processor import QueueProcessor, RetryPolicy
+
+    try:
+        mailer = SMTPMailer(**settings.mailer_options())
+        retry = RetryPolicy(**settings.retry_options())
+    except ValueError as exc:
+        fail(f"relay: {exc}", EXIT_USAGE)
+    spool = open_spool(settings, create=create)
+    try:
+        return QueueProcessor(spool, mailer, retry=retry, **settings.processor_options())
+    except ValueError as exc:
+        fail(f"processor: {exc}", EXIT_USAGE)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM while the block runs (main thread only).
+
+    The previous handlers are back after the block: a second Ctrl-C then
+    interrupts at once.
+    """
+    stop = threading.Event()
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield stop  # signals are the main thread's business
+        return
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+# --- formatting -------------------------------------------------------------------
+
+
+def when(ts: float) -> str:
+    """A local ISO 8601 time, to the second."""
+    return datetime.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def summary_line(summary: Summary) -> str:
+    """``"3 sent, 0 deferred, 0 failed, 0 quarantined"`` (and a word on the relay)."""
+    text = (
+        f"{summary.sent} sent, {summary.deferred} deferred, {summary.failed} failed, "
+        f"{summary.quarantined} quarantined"
+    )
+    if summary.relay_paused:
+        text += "; the relay was unavailable (its messages stay queued)"
+    return text
+
+
+def summary_code(summary: Summary) -> int:
+    """0 when everything due was sent; 1 when something failed, stayed deferred or waits."""
+    bad = summary.failed or summary.deferred or summary.relay_paused
+    return EXIT_FAILED if bad else EXIT_OK

@@ -1,0 +1,358 @@
+"""The verbs that look at and repair the queue: status, list, show, retry, delete, hold, release.
+
+Postfix's ``mailq`` and ``postsuper`` are the models.  Each verb is a thin
+layer over :class:`~mailspool.spool.Spool` (counts, entries, get, and the
+moves between states); this module adds only what a person or a monitoring
+script reads: aligned text, or JSON with ``--json``.  Nothing here delivers
+mail, and a verb that only looks never creates or changes the spool.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from mailspool.cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    STATE_NAMES,
+    common_options,
+    fail,
+    open_spool,
+    reading,
+    reason,
+    settings,
+    when,
+)
+
+if TYPE_CHECKING:
+    from mailspool.spool import Spool, SpoolEntry
+
+__all__ = ["COMMANDS", "entry_json"]
+
+
+def _age(seconds: float) -> str:
+    """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+def _size(n: int) -> str:
+    """A short human size: 812, 4.2K, 17K, 3.1M."""
+    if n < 1024:
+        return str(n)
+    value = float(n)
+    for unit in ("K", "M", "G"):
+        value /= 1024
+        if value < 1024 or unit == "G":
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    raise AssertionError("unreachable")
+
+
+def entry_json(entry: SpoolEntry) -> dict[str, Any]:
+    """One message as the plain object ``list --json`` and ``show --json`` print."""
+    return {
+        "id": entry.id,
+        "state": entry.state,
+        "message_id": entry.message_id,
+        "sender": entry.sender,
+        "recipients": [
+            {"address": r.address, "status": r.status, "code": r.code, "text": r.text}
+            for r in entry.recipients
+        ],
+        "queued_at": entry.queued_at,
+        "attempts": entry.attempts,
+        "next_attempt": entry.next_attempt,
+        "size": entry.size,
+        "last_error": entry.last_error,
+        "legacy": entry.legacy,
+    }
+
+
+def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
+    """The message bytes of ``entry`` (without the envelope), or None."""
+    from mailspool.spool import AREAS, decode_file
+
+    path = os.path.join(spool.path, AREAS[entry.state], entry.id)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        _, data = decode_file(raw, verify=False, mtime=entry.queued_at or 0.0)
+    except (OSError, ValueError):
+        return None
+    return data
+
+
+def _headers(data: bytes) -> list[tuple[str, str]]:
+    parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+    msg = parser.parsebytes(data)
+    return [(k, " ".join(str(v).split())) for k, v in msg.items()]
+
+
+def _state(value: str | None) -> str | None:
+    if value is None:
+        return None
+    name = value.replace("-", "_").lower()
+    if name not in STATE_NAMES:
+        fail(f"--state: must be one of {', '.join(STATE_NAMES)}; got {value!r}", EXIT_USAGE)
+    return name
+
+
+def _entries(spool: Spool, state: str | None = None) -> Iterator[SpoolEntry]:
+    with reading(spool):
+        yield from spool.entries(state)
+
+
+@click.command(short_help="Counts per state, oldest message, next retry.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@common_options
+@click.pass_context
+def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
+    """Counts per state, the oldest message's age, the next retry time.
+
+    With --json: one object with integer counts under ready, in_flight,
+    deferred, held, failed and quarantined, plus total, oldest_queued_at,
+    oldest_age, next_retry_at and next_retry_in (seconds; null when none).
+    """
+    spool = open_spool(settings(ctx, kw))
+    now = time.time()
+    with reading(spool):
+        counts = spool.counts()
+        next_retry = spool.next_due()
+    oldest: float | None = None
+    for state in ("ready", "in_flight", "deferred", "held"):
+        if not counts.get(state):
+            continue
+        for entry in _entries(spool, state):
+            if entry.queued_at is not None and (oldest is None or entry.queued_at < oldest):
+                oldest = entry.queued_at
+    if as_json:
+        out: dict[str, Any] = {"queue": spool.path}
+        out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
+        out["total"] = sum(out[s] for s in STATE_NAMES)
+        out["oldest_queued_at"] = oldest
+        out["oldest_age"] = None if oldest is None else round(max(0.0, now - oldest), 3)
+        out["next_retry_at"] = next_retry
+        out["next_retry_in"] = None if next_retry is None else round(max(0.0, next_retry - now), 3)
+        click.echo(json.dumps(out))
+        return EXIT_OK
+    click.echo(f"queue {spool.path}")
+    for s in STATE_NAMES:
+        extra = ""
+        if s == "deferred" and next_retry is not None:
+            extra = f"   next retry {when(next_retry)} (in {_age(next_retry - now)})"
+        click.echo(f"  {s.replace('_', ' '):<12} {counts.get(s, 0):>7}{extra}")
+    if oldest is not None:
+        click.echo(f"  oldest waiting message: queued {_age(now - oldest)} ago ({when(oldest)})")
+    return EXIT_OK
+
+
+@click.command("list")
+@click.option(
+    "--state",
+    metavar="STATE",
+    help="Only this state: ready, in_flight, deferred, held, failed, quarantined.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array of messages.")
+@common_options
+@click.pass_context
+def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) -> int:
+    """List the messages in the queue, like mailq.
+
+    One line per message (ID, state, age, size, attempts, sender and
+    recipients), the last error indented below it. Only the head of each
+    file is read.
+    """
+    spool = open_spool(settings(ctx, kw))
+    wanted = _state(state)
+    now = time.time()
+    if as_json:
+        out = sys.stdout
+        out.write("[")
+        for i, entry in enumerate(_entries(spool, wanted)):
+            out.write(("," if i else "") + "\n  " + json.dumps(entry_json(entry)))
+        out.write("\n]\n")
+        return EXIT_OK
+    n = 0
+    for entry in _entries(spool, wanted):
+        if n == 0:
+            click.echo(f"{'ID':<40} {'STATE':<11} {'AGE':>7} {'SIZE':>6} {'TRIES':>5}  FROM -> TO")
+        n += 1
+        age = _age(now - entry.queued_at) if entry.queued_at else "?"
+        rcpts = ", ".join(
+            r.address + ("" if r.status == "pending" else f" ({r.status})")
+            for r in entry.recipients
+        )
+        click.echo(
+            f"{entry.id:<40} {entry.state:<11} {age:>7} {_size(entry.size):>6} "
+            f"{entry.attempts:>5}  {entry.sender or '<>'} -> {rcpts}"
+        )
+        if entry.last_error:
+            click.echo(f"    {' '.join(entry.last_error.split())}")
+    click.echo(f"{n} message{'s' if n != 1 else ''}" + (f" {wanted}" if wanted else ""))
+    return EXIT_OK
+
+
+@click.command(short_help="Show one message: envelope, replies, headers.")
+@click.argument("message_id", metavar="ID")
+@click.option("--body", is_flag=True, help="Print the whole message too.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@common_options
+@click.pass_context
+def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw: Any) -> int:
+    """Show one message: envelope, attempts, each recipient's last reply, headers.
+
+    The body is printed only with --body. ID is the first column of
+    `mailspool list`.
+    """
+    spool = open_spool(settings(ctx, kw))
+    try:
+        entry = spool.get(message_id)
+    except KeyError:
+        fail(f"{message_id}: not in the queue")
+    except ValueError as exc:
+        fail(f"{message_id}: {exc}")
+    except OSError as exc:  # SpoolError too
+        fail(f"{message_id}: {reason(exc)}")
+    data = _read_message(spool, entry)
+    headers = _headers(data) if data is not None else []
+    if as_json:
+        obj = entry_json(entry)
+        obj["headers"] = [[k, v] for k, v in headers]
+        if body:
+            obj["message"] = None if data is None else data.decode("utf-8", "replace")
+        click.echo(json.dumps(obj, indent=2))
+        return EXIT_OK
+    rows = [
+        ("id", entry.id),
+        ("state", entry.state),
+        ("message-id", entry.message_id or "-"),
+        ("queued", when(entry.queued_at) if entry.queued_at else "?"),
+        ("attempts", str(entry.attempts)),
+        ("size", f"{entry.size} bytes"),
+        ("from", entry.sender or "<>"),
+    ]
+    if entry.next_attempt is not None:
+        rows.append(("next attempt", when(entry.next_attempt)))
+    if entry.legacy:
+        rows.append(("format", "legacy (zope.sendmail / repoze.sendmail)"))
+    for key, value in rows:
+        click.echo(f"{key + ':':<14}{value}")
+    click.echo("recipients:")
+    for r in entry.recipients:
+        reply = f"  {r.code or ''} {r.text or ''}".rstrip() if (r.code or r.text) else ""
+        click.echo(f"  {r.address}  {r.status}{reply}")
+    if entry.last_error:
+        click.echo(f"{'last error:':<14}{' '.join(entry.last_error.split())}")
+    if headers:
+        click.echo("headers:")
+        for k, v in headers:
+            click.echo(f"  {k}: {v}")
+    if body:
+        click.echo("")
+        if data is None:
+            fail(f"{message_id}: the message cannot be read")
+        click.echo(data.decode("utf-8", "replace").replace("\r\n", "\n"), nl=False)
+    return EXIT_OK
+
+
+def _each(spool: Spool, ids: Sequence[str], action: Callable[[str], None], done: str) -> int:
+    code = EXIT_OK
+    for id in ids:
+        try:
+            action(id)
+        except KeyError:
+            click.echo(f"mailspool: {id}: not in the queue", err=True)
+            code = EXIT_FAILED
+        except (OSError, ValueError) as exc:
+            click.echo(f"mailspool: {id}: {reason(exc)}", err=True)
+            code = EXIT_FAILED
+        else:
+            click.echo(f"{id}: {done}")
+    return code
+
+
+@click.command()
+@click.argument("ids", metavar="ID...", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every deferred and failed message.")
+@common_options
+@click.pass_context
+def retry(ctx: click.Context, /, ids: tuple[str, ...], all_: bool, **kw: Any) -> int:
+    """Make deferred or failed messages ready now.
+
+    Failed recipients become pending again; recipients already sent stay
+    sent. A quarantined message can be retried by its ID once its file is
+    repaired. A running `mailspool run` picks them up; otherwise
+    `mailspool drain` sends them.
+    """
+    loaded = settings(ctx, kw)
+    if bool(ids) == all_:
+        fail("retry: give message IDs or --all (not both)", EXIT_USAGE)
+    spool = open_spool(loaded)
+    if all_:
+        ids = tuple(e.id for s in ("deferred", "failed") for e in list(_entries(spool, s)))
+        if not ids:
+            click.echo("nothing to retry")
+            return EXIT_OK
+    return _each(spool, ids, spool.retry, "ready")
+
+
+@click.command()
+@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@common_options
+@click.pass_context
+def delete(ctx: click.Context, /, ids: tuple[str, ...], **kw: Any) -> int:
+    """Remove messages from the queue for good (not while being sent).
+
+    Works in every state; a message being sent at that moment is left
+    alone (exit code 1). There is no undo.
+    """
+    spool = open_spool(settings(ctx, kw))
+    return _each(spool, ids, spool.delete, "deleted")
+
+
+@click.command()
+@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@common_options
+@click.pass_context
+def hold(ctx: click.Context, /, ids: tuple[str, ...], **kw: Any) -> int:
+    """Keep ready or deferred messages from being sent until released.
+
+    A held message stays in the queue (state held) and is not sent until
+    `mailspool release` makes it ready again.
+    """
+    spool = open_spool(settings(ctx, kw))
+    return _each(spool, ids, spool.hold, "held")
+
+
+@click.command()
+@click.argument("ids", metavar="ID...", nargs=-1, required=True)
+@common_options
+@click.pass_context
+def release(ctx: click.Context, /, ids: tuple[str, ...], **kw: Any) -> int:
+    """Make held messages ready again.
+
+    A running `mailspool run` picks them up; otherwise
+    `mailspool drain` sends them.
+    """
+    spool = open_spool(settings(ctx, kw))
+    return _each(spool, ids, spool.release, "ready")
+
+
+#: The verbs of this module, for :mod:`mailspool.cli` to register.
+COMMANDS: tuple[click.Command, ...] = (status, list_, show, retry, delete, hold, release)

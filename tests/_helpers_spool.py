@@ -76,3 +76,17 @@ def small_fs(path: Path, size: str = "64k") -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def fill_disk(path: Path) -> Path:
+    """Write ``path/filler`` until the file system is full; return its path."""
+    filler = path / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        block = b"\0" * 4096
+        with contextlib.suppress(OSError):
+            while os.write(fd, block):
+                pass
+    finally:
+        os.close(fd)
+    return filler

@@ -17,6 +17,7 @@ import pytest
 
 from _helpers_spool import fill_spool, message, names, run_child, small_fs, wait_for
 from mailspool import spool as spool_mod
+from mailspool import spooldir, spoolfile
 from mailspool.errors import SpoolError
 from mailspool.spool import (
     LIFECYCLE,
@@ -58,7 +59,7 @@ def test_open_without_create_needs_an_existing_spool(tmp_path: Path) -> None:
 
 
 def test_names_follow_the_maildir_rules() -> None:
-    seen = {spool_mod._new_name() for _ in range(5000)}
+    seen = {spooldir.new_name() for _ in range(5000)}
     assert len(seen) == 5000
     for name in list(seen)[:200]:
         assert "/" not in name and ":" not in name and not name.startswith(".")
@@ -75,7 +76,7 @@ def test_directories_0700_files_0600_whatever_the_umask(tmp_path: Path, umask: i
         sp.publish([later])
     finally:
         os.umask(old)
-    for area in ("", "tmp", "new", "cur", "deferred", "failed", "quarantine"):
+    for area in ("", "tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash"):
         mode = stat.S_IMODE(os.stat(tmp_path / "spool" / area).st_mode)
         assert mode == 0o700, (area, oct(mode))
     for f in (tmp_path / "spool" / "new" / ids[0], tmp_path / "spool" / "deferred" / later.id):
@@ -162,7 +163,7 @@ def test_relay_text_is_capped() -> None:
     rec = Record("s@x.org", (RecipientStatus("a@x.org", "failed", 550, "é" * 5000),), 1.0)
     head, _ = encode_file(rec, b"x\r\n")
     back = decode_file(head + b"x\r\n")[0]
-    assert back.recipients[0].text == "é" * spool_mod._MAX_TEXT
+    assert back.recipients[0].text == "é" * spoolfile.MAX_TEXT
     assert max(len(line) for line in head.split(b"\r\n")) < 5000
 
 

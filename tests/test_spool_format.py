@@ -18,6 +18,7 @@ from mailspool.spool import (
     quote_value,
     unquote_value,
 )
+from mailspool.spoolfile import encode_head, head_size
 
 _ATEXT = st.sampled_from([*"aZ09!#$%&'*+/=?^_`{|}~-", "é", "ß", "日", "🙂"])
 _DOT_ATOM = st.lists(st.text(_ATEXT, min_size=1, max_size=6), min_size=1, max_size=3).map(".".join)
@@ -111,3 +112,19 @@ def test_envelope_round_trips_through_a_real_spool(sender: str, rcpts: list[str]
             e = sp.get(s.id)
             assert [r.address for r in e.recipients] == rcpts
             assert [r.text for r in e.recipients[1:]] == [f"try {a}, later" for a in rest]
+
+
+@given(
+    ADDRESS,
+    st.lists(ADDRESS, min_size=1, max_size=4, unique=True),
+    st.floats(0, 4e9),
+    st.binary(max_size=200),
+)
+def test_the_enqueue_fast_path_writes_what_encode_file_writes(
+    sender: str, rcpts: list[str], queued: float, data: bytes
+) -> None:
+    record = Record(sender, tuple(RecipientStatus(a) for a in rcpts), queued, 0, "m.1@example.org")
+    head = encode_head(sender, rcpts, "m.1@example.org", queued, data)
+    assert head == encode_file(record, data)[0]
+    assert head_size(head + data[:3]) == (len(head), len(data))
+    assert head_size(b"Subject: not ours\r\n") is None

@@ -83,6 +83,15 @@ def test_undecodable_repoze_header_is_quarantined(tmp_path: Path) -> None:
     assert "undecodable" in (sp.get("1.r.host").last_error or "")
 
 
+def test_a_zope_envelope_that_is_not_utf8_is_quarantined(tmp_path: Path) -> None:
+    q = zope_queue(tmp_path)
+    (q / "new" / "1.z.host").write_bytes(b"X-Zope-From: a@x.org\nX-Zope-To: b\xff@x.org\n\nbody\n")
+    sp = Spool(q, create=False)
+    assert sp.claim("1.z.host") is None
+    assert sp.state("1.z.host") == "quarantined"
+    assert "not UTF-8" in (sp.get("1.z.host").last_error or "")
+
+
 def test_a_plain_message_without_any_envelope_is_quarantined(tmp_path: Path) -> None:
     q = zope_queue(tmp_path)
     (q / "new" / "1.x.host").write_bytes(b"Subject: who is this for?\n\nbody\n")

@@ -1,0 +1,384 @@
+"""The operator's view of a spool: what is where, and repairs.
+
+Listing never moves anything and never loads the whole queue: counts()
+reads directory entries only, entries() streams one message at a time and
+reads only the head of each file, state() costs one ``lstat`` per area.
+Repairs (retry, hold, release, delete) take the message's lock, so a
+message being sent is never moved under its sender, and each move is one
+the lifecycle table allows (:func:`mailspool.lifecycle.next_area`).
+:class:`mailspool.spool.Spool` inherits all of it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+from mailspool.errors import SpoolError
+from mailspool.lifecycle import AREAS, STATES, next_area
+from mailspool.locks import RFLAGS, close_held, lock_file
+from mailspool.spooldir import (
+    LOCATE_ORDER,
+    SpoolDir,
+    check_id,
+    errname,
+    new_name,
+    read_all,
+    unlink_quietly,
+)
+from mailspool.spoolfile import (
+    FAILED,
+    PENDING,
+    RecipientStatus,
+    Record,
+    decode_file,
+    encode_file,
+    head_size,
+)
+
+__all__ = ["SpoolAdmin", "SpoolEntry"]
+
+_HEAD_READ = 16384  # bytes read to list a message; more when the envelope is longer
+
+
+@dataclass(frozen=True)
+class SpoolEntry:
+    """What the spool knows about one message, for listings and the CLI."""
+
+    id: str
+    state: str
+    message_id: str | None
+    sender: str
+    recipients: tuple[RecipientStatus, ...]
+    queued_at: float | None
+    attempts: int
+    next_attempt: float | None
+    size: int
+    last_error: str | None
+    legacy: bool = False
+
+
+class SpoolAdmin(SpoolDir):
+    """Listing, inspection and repair of a spool directory.
+
+    :class:`mailspool.spool.Spool` inherits it; see there for the arguments.
+    """
+
+    # -- where a message is -------------------------------------------------------
+
+    def _locate(self, id: str) -> str | None:
+        check_id(id)
+        for area in LOCATE_ORDER:
+            try:
+                os.lstat(self._dirs[area] + id)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise self._error(f"look for {id}", exc) from exc
+            return area
+        return None
+
+    def state(self, id: str) -> str | None:
+        """The state of message ``id``, from directory entries only.
+
+        One ``lstat`` per area until found; no file is opened or read, so it
+        is cheap enough to ask after every failed claim (was it quarantined,
+        or taken by someone else?).
+
+        Args:
+            id: a spool id.
+
+        Returns:
+            ``"ready"``, ``"in_flight"``, ``"deferred"``, ``"held"``,
+            ``"failed"`` or ``"quarantined"``; None when no area holds it
+            (sent and removed, or deleted).  When a crash left a stale copy
+            in ``cur/`` besides a newer state, the newer state is returned.
+
+        Raises:
+            ValueError: ``id`` is not a valid name.
+            SpoolError: an area cannot be searched (EACCES...).
+        """
+        area = self._locate(id)
+        return None if area is None else STATES[area]
+
+    # -- the operator's view ----------------------------------------------------------
+
+    def counts(self, now: float | None = None) -> dict[str, int]:
+        """How many messages each state holds, from directory entries only.
+
+        Keys: ready, in_flight, deferred, held, failed, quarantined.  With
+        ``now``, deferred messages already due are counted as ready (that
+        needs one stat per deferred entry; without ``now`` no file is
+        opened or stat'ed).
+        """
+        out = dict.fromkeys(AREAS, 0)
+        for area, state in STATES.items():
+            try:
+                it = os.scandir(self._dirs[area])
+            except FileNotFoundError:
+                continue
+            with it:
+                for e in it:
+                    if e.name[0] == ".":
+                        continue
+                    if now is not None and area == "deferred":
+                        try:
+                            if e.stat(follow_symlinks=False).st_mtime <= now:
+                                out["ready"] += 1
+                                continue
+                        except OSError:
+                            continue
+                    out[state] += 1
+        return out
+
+    def entries(self, state: str | None = None) -> Iterator[SpoolEntry]:
+        """Stream one :class:`SpoolEntry` per message (all states, or one).
+
+        Only the head of each file is read; nothing is moved, a damaged
+        file is listed with what is wrong in ``last_error``.
+
+        Raises:
+            ValueError: ``state`` is not one of :data:`AREAS`.
+        """
+        if state is not None and state not in AREAS:
+            raise ValueError(f"unknown state {state!r}; one of {sorted(AREAS)}")
+        for area in [AREAS[state]] if state else list(STATES):
+            for name in self._names(area):
+                entry = self._entry(area, name, full=False)
+                if entry is not None:
+                    yield entry
+
+    def get(self, id: str) -> SpoolEntry:
+        """Everything known about one message, its checksum verified.
+
+        Raises:
+            KeyError: no such message.
+            ValueError: ``id`` is not a valid name.
+        """
+        for _ in range(3):  # it may move between lookup and read
+            area = self._locate(id)
+            if area is None:
+                break
+            entry = self._entry(area, id, full=True)
+            if entry is not None:
+                return entry
+        raise KeyError(id)
+
+    def message(self, id: str) -> bytes:
+        """The message ``id`` as it would be sent, without the envelope.
+
+        Read like a claim reads (no symlink followed, no FIFO opened for
+        long), but the checksum is not required: a quarantined file can be
+        inspected.
+
+        Raises:
+            KeyError: no such message.
+            ValueError: ``id`` is not a valid name, or the file cannot be
+                decoded.
+            SpoolError: the file is not a regular file or cannot be read.
+        """
+        area = self._locate(id)
+        if area is None:
+            raise KeyError(id)
+        path = self._dirs[area] + id
+        try:
+            fd = os.open(path, RFLAGS)
+        except FileNotFoundError:
+            raise KeyError(id) from None
+        except OSError as exc:
+            raise self._error(f"read {id}", exc) from exc
+        try:
+            st = os.fstat(fd)
+            raw = read_all(fd, st.st_size) if stat.S_ISREG(st.st_mode) else None
+        except OSError as exc:
+            raise self._error(f"read {id}", exc) from exc
+        finally:
+            os.close(fd)
+        if raw is None:
+            raise SpoolError(f"spool {self.path}: {id} is not a regular file")
+        return decode_file(raw, verify=False, mtime=st.st_mtime)[1]
+
+    def _entry(self, area: str, id: str, full: bool) -> SpoolEntry | None:
+        path = self._dirs[area] + id
+        state = STATES[area]
+        error: str | None = None
+        record: Record | None = None
+        size = 0
+        mtime = 0.0
+        try:
+            fd = os.open(path, RFLAGS)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            error = f"cannot open: {errname(exc)}"
+        else:
+            try:
+                st = os.fstat(fd)
+                size, mtime = st.st_size, st.st_mtime
+                if not stat.S_ISREG(st.st_mode):
+                    error = f"not a regular file (mode {st.st_mode:o})"
+                else:
+                    if full:
+                        raw = read_all(fd, size)
+                    else:
+                        raw = os.pread(fd, _HEAD_READ, 0)
+                        sizes = head_size(raw)
+                        if sizes is not None:
+                            need, size = sizes
+                            if len(raw) < need <= st.st_size:  # many recipients
+                                raw = os.pread(fd, need, 0)
+                    record, data = decode_file(raw, verify=full, mtime=mtime)
+                    if full:
+                        size = len(data)
+            except (OSError, ValueError) as exc:
+                error = errname(exc) if isinstance(exc, OSError) else str(exc)
+            finally:
+                os.close(fd)
+        if area == "quarantine":
+            error = self._quarantine_reason(id) or error
+        if record is None:
+            return SpoolEntry(id, state, None, "", (), None, 0, None, size, error)
+        return SpoolEntry(
+            id,
+            state,
+            record.message_id,
+            record.sender,
+            record.recipients,
+            record.queued_at,
+            record.attempts,
+            mtime if area == "deferred" else None,
+            size,
+            error or record.last_error,
+            record.legacy,
+        )
+
+    def _admin(self, action: str, id: str) -> None:
+        """Move one message as an operator asked, holding its lock."""
+        for _ in range(3):  # it may move between lookup and lock
+            area = self._locate(id)
+            if area is None:
+                break
+            target = next_area(action, area)
+            try:
+                fd = lock_file(self._dirs[area] + id)
+            except FileNotFoundError:
+                continue
+            except BlockingIOError:
+                raise SpoolError(f"cannot {action} {id}: it is being sent") from None
+            except OSError:
+                fd = -1  # a symlink or unreadable entry: no lock to take
+            if fd is None:
+                continue
+            try:
+                self._move(action, area, target, id, fd)
+            finally:
+                if fd >= 0:
+                    close_held(fd)
+            return
+        raise KeyError(id)
+
+    def _move(self, action: str, area: str, target: str | None, id: str, fd: int) -> None:
+        path = self._dirs[area] + id
+        try:
+            if area == "failed" and target == "new":
+                self._retry_failed(id, fd)
+            elif target is None:
+                os.unlink(path)
+                if area != "cur":
+                    self._drop_stale_cur(id)
+            else:
+                os.rename(path, self._dirs[target] + id)
+                self._fsync_dir(target)
+            if area == "quarantine":
+                unlink_quietly(f"{self._dirs['quarantine']}.{id}.reason")
+        except SpoolError:
+            raise
+        except OSError as exc:
+            raise self._error(f"{action} {id}", exc) from exc
+        except ValueError as exc:  # a failed/ file that is damaged
+            raise SpoolError(f"cannot {action} {id}: {exc}") from exc
+
+    def _drop_stale_cur(self, id: str) -> None:
+        """After a delete: a copy a crash left in cur/ must not come back."""
+        try:
+            fd = lock_file(self._dirs["cur"] + id)
+        except OSError:
+            return  # none, or held by a live claim
+        if fd is not None:
+            try:
+                os.unlink(self._dirs["cur"] + id)
+            finally:
+                close_held(fd)
+
+    def _retry_failed(self, id: str, fd: int) -> None:
+        st = os.fstat(fd)
+        record, data = decode_file(read_all(fd, st.st_size), mtime=st.st_mtime)
+        record = replace(
+            record,
+            recipients=tuple(
+                RecipientStatus(r.address, PENDING, r.code, r.text) if r.status == FAILED else r
+                for r in record.recipients
+            ),
+        )
+        head, data = encode_file(record, data)
+        tmp = self._dirs["tmp"] + new_name()
+        self._write(tmp, head, data, None, False)
+        os.rename(tmp, self._dirs["new"] + id)
+        self._fsync_dir("new")
+        self._trash(self._dirs["failed"] + id)
+
+    def retry(self, id: str) -> None:
+        """Make a deferred, failed or quarantined message ready now.
+
+        Failed recipients become pending again (their last reply is kept).
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is in a state that cannot be retried.
+        """
+        self._admin("retry", id)
+
+    def hold(self, id: str) -> None:
+        """Keep a ready or deferred message out of the processor's way.
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is being sent or in another state.
+        """
+        self._admin("hold", id)
+
+    def release(self, id: str) -> None:
+        """Make a held message ready again.
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is not held.
+        """
+        self._admin("unhold", id)
+
+    def delete(self, id: str) -> None:
+        """Remove a message for good (not while it is being sent).
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is being sent.
+        """
+        self._admin("delete", id)
+
+    def _quarantine_reason(self, id: str) -> str | None:
+        try:
+            fd = os.open(f"{self._dirs['quarantine']}.{id}.reason", RFLAGS)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None  # a FIFO or device planted there: never read it
+            line = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        parts = line.split(" ", 2)
+        return parts[2] if len(parts) == 3 else line

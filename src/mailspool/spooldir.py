@@ -1,0 +1,368 @@
+"""The spool directory and its system calls: where files are, how they are
+written durably, locked, moved to ``trash/`` or ``quarantine/``.
+
+:class:`SpoolDir` is the I/O edge that :class:`mailspool.spool.Spool` (the
+operations) and :class:`mailspool.claim.Claim` (a message held for
+sending) are built on.  The rules it keeps:
+
+* Every file is created with ``O_EXCL|O_NOFOLLOW`` under a unique Maildir
+  name, mode 0600 whatever the umask (checked with ``fstat`` on the open
+  file, so a umask changed later cannot weaken it), written completely,
+  fsynced and closed with the close checked.  A failed fsync or close is a
+  failed write, never retried.
+* Existing files are opened ``O_NOFOLLOW|O_NONBLOCK``: a planted symlink
+  fails (ELOOP) and a FIFO opens without blocking; callers check that
+  what they opened is a regular file.
+* A message belongs to whoever holds the ``flock`` on its file
+  (:mod:`mailspool.locks`).  A name is moved or removed only by the holder
+  of the lock on the file it names, and a claim that renames a file onto
+  ``cur/ID`` first locks a stale file there: so no two processes ever move
+  the same name at once, and a stale copy is never confused with a live
+  claim.
+* Finished files go to ``trash/`` through a descriptor of it opened with
+  ``O_NOFOLLOW``, so they never land anywhere else (:mod:`mailspool.trash`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import random
+import re
+import socket
+import stat
+import time
+import weakref
+from collections.abc import Iterator
+
+from mailspool import trash
+from mailspool.errors import SpoolError
+from mailspool.lifecycle import NEWER_THAN_CUR
+from mailspool.locks import (
+    LOCK,
+    close_held,
+    close_quietly,
+    lock_file,
+    open_held,
+)
+
+__all__ = [
+    "DFLAGS",
+    "LOCATE_ORDER",
+    "WFLAGS",
+    "SpoolDir",
+    "check_id",
+    "errname",
+    "log",
+    "new_name",
+    "read_all",
+    "unlink_quietly",
+]
+
+# One logger for the whole spool, whichever module of it speaks: operators
+# filter on "mailspool.spool" (docs/operations.md).
+log = logging.getLogger("mailspool.spool")
+
+WFLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+#: Every area, in the order a message is looked for: newer states before a
+#: ``cur/`` copy that a crash may have left behind.
+LOCATE_ORDER = ("new", "deferred", "hold", "failed", "quarantine", "cur")
+_AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash")
+
+# --- names --------------------------------------------------------------------
+
+_seq = itertools.count(1)
+_pid = os.getpid()
+_host = re.sub(r"[^A-Za-z0-9\-_]", "-", socket.gethostname().split(".")[0]) or "localhost"
+
+
+def new_name() -> str:
+    """A Maildir unique name: time, microseconds, pid, counter, random, host."""
+    us = time.time_ns() // 1000
+    return (
+        f"{us // 1_000_000}.M{us % 1_000_000}P{_pid}Q{next(_seq)}"
+        f"R{random.getrandbits(32):08x}.{_host}"
+    )
+
+
+def check_id(id: str) -> None:
+    """Refuse what cannot be a spool id (a path, a dot-file, empty).
+
+    Raises:
+        ValueError: ``id`` is not a valid name.
+    """
+    if not isinstance(id, str) or not id or id[0] == "." or "/" in id or "\0" in id:
+        raise ValueError(f"not a spool message id: {id!r}")
+
+
+def _after_fork_in_child() -> None:
+    global _pid, _seq
+    _pid = os.getpid()  # names made in the child are the child's
+    _seq = itertools.count(1)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+# --- small helpers ------------------------------------------------------------------
+
+
+def errname(exc: OSError) -> str:
+    """``No space left on device (ENOSPC)`` for an OSError."""
+    code = exc.errno or 0
+    return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
+def unlink_quietly(path: str) -> None:
+    """Remove ``path`` if it exists, ignoring errors."""
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def read_all(fd: int, size: int) -> bytes:
+    """Read ``size`` bytes from ``fd`` (fewer only at the end of the file)."""
+    data = os.read(fd, size) if size else b""
+    if len(data) == size:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        chunk = os.read(fd, size - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+# --- the directory ----------------------------------------------------------------------
+
+
+class SpoolDir:
+    """A spool directory's areas and the system calls on them.
+
+    Args:
+        path: the spool root.
+        create: create the root and its areas (mode 0700) when missing;
+            with ``False`` a missing root or Maildir triple raises.
+
+    Raises:
+        SpoolError: the spool does not exist (``create=False``) or cannot be
+            created.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        self.path = os.fspath(path)
+        root = os.path.abspath(self.path)  # immune to a later chdir()
+        self._dirs = {a: os.path.join(root, a) + os.sep for a in _AREAS}
+        made: list[str] = []
+        if create and not os.path.isdir(root):
+            parent = os.path.dirname(root)
+            p = parent
+            while not os.path.isdir(p) and os.path.dirname(p) != p:
+                p = os.path.dirname(p)
+                made.append(p)  # its new entry must be synced too
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise SpoolError(exc.errno, f"cannot create {parent}: {errname(exc)}") from exc
+            if self._mkdir(root):
+                made.append(parent)
+        for area in _AREAS:
+            d = self._dirs[area][:-1]
+            if os.path.isdir(d):
+                continue
+            if not create and area in ("tmp", "new", "cur"):
+                raise SpoolError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
+            try:
+                if self._mkdir(d):
+                    made.append(root)
+            except SpoolError:
+                if create:
+                    raise
+                # A read-only legacy queue opened for listing: fine.
+        for d in dict.fromkeys(made):  # new directory entries must survive a power cut
+            try:
+                self._fsync_path(d)
+            except OSError as exc:
+                raise SpoolError(exc.errno, f"cannot fsync {d}: {errname(exc)}") from exc
+        # Finished files are renamed relative to this descriptor, so they land
+        # in the real trash/ even if the name is later replaced by a symlink.
+        self._trash_fd = -1
+        with contextlib.suppress(OSError):  # none (read-only legacy queue), or a symlink
+            self._trash_fd = os.open(self._dirs["trash"][:-1], DFLAGS | os.O_NOFOLLOW)
+            weakref.finalize(self, close_quietly, self._trash_fd)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.path!r})"
+
+    def _mkdir(self, path: str) -> bool:
+        """Create ``path`` with mode 0700; False when it existed already."""
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"cannot create spool {path}: {errname(exc)}") from exc
+        os.chmod(path, 0o700)  # whatever the umask
+        return True
+
+    def _error(self, what: str, exc: OSError) -> SpoolError:
+        err = SpoolError(exc.errno, f"spool {self.path}: cannot {what}: {errname(exc)}")
+        err.__cause__ = exc
+        return err
+
+    # -- writing -----------------------------------------------------------------
+
+    def _write(self, path: str, head: bytes, data: bytes, mtime: float | None, lock: bool) -> int:
+        """Create ``path`` and make ``head + data`` durable in it.
+
+        Returns the still-open, locked fd when ``lock`` is true (close it
+        with close_held()), else -1.  On any failure the file is removed and
+        the OSError re-raised: a failed fsync or close is never retried (the
+        kernel may have dropped the data).
+        """
+        fd = open_held(path, WFLAGS) if lock else os.open(path, WFLAGS, 0o600)
+        try:
+            if lock:
+                fcntl.flock(fd, LOCK)
+            if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+                os.fchmod(fd, 0o600)  # the umask took owner bits (or is odd)
+            total = len(head) + len(data)
+            n = os.writev(fd, (head, data))
+            if n != total:
+                rest = memoryview(head + data)[n:]
+                while rest:
+                    k = os.write(fd, rest)
+                    if k <= 0:
+                        raise OSError(errno.EIO, "short write")
+                    rest = rest[k:]
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            os.fsync(fd)
+            if lock:
+                return fd
+        except BaseException:
+            if lock:
+                close_held(fd)
+            else:
+                close_quietly(fd)
+            unlink_quietly(path)
+            raise
+        try:
+            os.close(fd)
+        except OSError:
+            unlink_quietly(path)
+            raise
+        return -1
+
+    def _fsync_path(self, path: str) -> None:
+        fd = os.open(path, DFLAGS)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _fsync_dir(self, area: str) -> None:
+        self._fsync_path(self._dirs[area])
+
+    # -- locks ---------------------------------------------------------------------
+
+    def _lock_stale_cur(self, id: str) -> int | None:
+        """Before a claim renames a file onto ``cur/ID``: lock what is there.
+
+        Returns:
+            -1 when ``cur/ID`` is absent (or not a lockable file); the
+            locked descriptor of a stale copy (close it after the rename);
+            None when someone holds it: do not claim now.
+        """
+        try:
+            fd = lock_file(self._dirs["cur"] + id)
+        except BlockingIOError:
+            return None
+        except FileNotFoundError:
+            return -1
+        except OSError:
+            return -1  # a planted symlink or FIFO: the rename replaces it
+        return fd
+
+    def _superseded(self, id: str) -> bool:
+        """Whether a newer state of a ``cur/`` message exists elsewhere."""
+        return any(os.path.lexists(self._dirs[a] + id) for a in NEWER_THAN_CUR)
+
+    def _names(self, area: str) -> Iterator[str]:
+        try:
+            it = os.scandir(self._dirs[area])
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with it:
+            for e in it:
+                if e.name[0] != ".":
+                    yield e.name
+
+    # -- trash and quarantine -------------------------------------------------------
+
+    def _trash(self, path: str) -> None:
+        """Take a finished file out of the spool now; it is unlinked later.
+
+        Call it only for a file whose lock you hold (or that is not a
+        message any more).
+
+        Raises:
+            OSError: the file could be neither moved nor removed.
+        """
+        try:
+            if self._trash_fd < 0:
+                raise FileNotFoundError(errno.ENOENT, "no trash/")
+            os.rename(path, new_name(), dst_dir_fd=self._trash_fd)
+        except OSError:
+            with contextlib.suppress(FileNotFoundError):  # gone already
+                os.unlink(path)  # no usable trash/: the slow way
+            return
+        trash.reap_soon(self._dirs["trash"])
+
+    def purge(self) -> int:
+        """Unlink everything in ``trash/`` now (the reaper does it anyway).
+
+        Returns:
+            How many files were removed.
+        """
+        return trash.purge(self._dirs["trash"])
+
+    def _quarantine(self, area: str, id: str, reason: str) -> bool:
+        """Move ``area/id`` to quarantine/ with its reason; log once.
+
+        Returns:
+            False when the file was gone (someone else moved it first).
+
+        Raises:
+            SpoolError: the rename failed.
+        """
+        target = id
+        while os.path.lexists(self._dirs["quarantine"] + target):
+            target = f"{id}.{random.getrandbits(32):08x}"
+        try:
+            os.rename(self._dirs[area] + id, self._dirs["quarantine"] + target)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise self._error(f"quarantine {area}/{id}", exc) from exc
+        log.warning("spool %s: %s/%s quarantined: %s", self.path, area, id, reason)
+        # Written aside and renamed into place: a file planted under the
+        # reason's name (a FIFO, a hard link to a message) is replaced, never
+        # opened or truncated.
+        tmp = self._dirs["tmp"] + new_name()
+        line = f"{time.time():.0f} {area} {reason}\n".encode("utf-8", "replace")
+        try:
+            self._write(tmp, line, b"", None, False)
+            os.rename(tmp, f"{self._dirs['quarantine']}.{target}.reason")
+        except OSError as exc:
+            unlink_quietly(tmp)
+            log.warning("spool %s: cannot record why %s was quarantined: %s", self.path, id, exc)
+        return True

@@ -179,6 +179,28 @@ def test_show_headers_not_body_unless_asked(
     assert "message" not in shown
 
 
+def test_show_never_follows_a_planted_symlink(
+    queue: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (id,) = enqueue(queue, "planted")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("Subject: top secret\n\nthe secret body\n")
+    ready = queue / "new" / id
+    ready.unlink()
+    ready.symlink_to(secret)
+    spool = Spool(queue)
+    assert spool.claim(id) is None  # set aside, as the processor would
+    assert spool.state(id) == "quarantined"
+
+    code, out, _ = run(capsys, "show", id, "--body", "--queue", str(queue))
+    assert "quarantined" in out
+    assert "secret" not in out
+
+    code, out, _ = run(capsys, "show", id, "--body", "--json", "--queue", str(queue))
+    assert json.loads(out)["message"] is None
+    assert "secret" not in out
+
+
 def test_show_unknown_id(queue: Path, capsys: pytest.CaptureFixture[str]) -> None:
     enqueue(queue, "x")
     code, out, err = run(capsys, "show", "1234.nope.host", "--queue", str(queue))

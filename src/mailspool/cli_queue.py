@@ -12,7 +12,6 @@ from __future__ import annotations
 import email.parser
 import email.policy
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -85,17 +84,15 @@ def entry_json(entry: SpoolEntry) -> dict[str, Any]:
 
 
 def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
-    """The message bytes of ``entry`` (without the envelope), or None."""
-    from mailspool.spool import AREAS, decode_file
+    """The message bytes of ``entry`` (without the envelope), or None.
 
-    path = os.path.join(spool.path, AREAS[entry.state], entry.id)
+    Read through the spool, which follows no symlink and opens no FIFO, so
+    ``show`` is as safe on a tampered spool as the processor is.
+    """
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
-        _, data = decode_file(raw, verify=False, mtime=entry.queued_at or 0.0)
-    except (OSError, ValueError):
+        return spool.message(entry.id)
+    except (KeyError, ValueError, OSError):
         return None
-    return data
 
 
 def _headers(data: bytes) -> list[tuple[str, str]]:

@@ -184,7 +184,12 @@ def test_show_never_follows_a_planted_symlink(
 ) -> None:
     (id,) = enqueue(queue, "planted")
     secret = tmp_path / "secret.txt"
-    secret.write_text("Subject: top secret\n\nthe secret body\n")
+    # Readable as a message (a zope.sendmail queue file), so only the refusal
+    # to follow the link keeps it out of the output.
+    secret.write_bytes(
+        b"X-Zope-From: x@example.org\r\nX-Zope-To: y@example.org\r\n"
+        b"Subject: top secret\r\n\r\nthe secret body\r\n"
+    )
     ready = queue / "new" / id
     ready.unlink()
     ready.symlink_to(secret)

@@ -172,7 +172,7 @@ def test_unserialisable_message_is_refused_as_invalid() -> None:
     msg = Message()
     msg["Subject"] = "x\r\nBcc: victim@example.org"  # compat32 stores it as is
     msg.set_payload("y")
-    with pytest.raises(InvalidMessage, match="cannot be serialised"):
+    with pytest.raises(InvalidMessage, match="header injection"):
         to_wire(msg)
 
 
@@ -875,3 +875,41 @@ def test_valid_mailboxes_are_accepted_unchanged(mailbox: str, display: str) -> N
     env = make_envelope(mailbox, [mailbox, f'"{display}" <{mailbox}>'])
     assert env.recipients == (mailbox,)
     assert env.smtputf8 is (not mailbox.isascii())
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "<id@example.org>\r\nRCPT TO:<victim@evil.example>",
+        "Hello\r\n\r\nInjected text where the body should start",
+        "Hello\nInjected line",
+        "Hello\rInjected line",
+        "a@example.org\r\nnot a header field",
+        "ends with a break\r\n",
+        "nul\x00byte",
+    ],
+)
+def test_message_object_header_with_a_line_break_is_refused(value: str) -> None:
+    from email.message import Message as Compat32Message
+
+    msg = Compat32Message()
+    msg["Subject"] = value
+    msg.set_payload("body\n")
+    with pytest.raises(InvalidMessage, match="header injection"):
+        to_wire(msg)
+
+
+@pytest.mark.parametrize("value", ["folded\r\n continued", "folded\n\tcontinued", "plain"])
+def test_message_object_header_folding_is_kept(value: str) -> None:
+    from email.message import Message as Compat32Message
+
+    msg = Compat32Message()
+    msg["Subject"] = value
+    msg.set_payload("body\n")
+    wire = to_wire(msg)
+    first = wire.split(b"\r\n\r\n", 1)[0]
+    assert first.startswith(b"Subject: ")
+    assert (
+        first.replace(b"\r\n", b"")
+        == b"Subject: " + value.replace("\r\n", "").replace("\n", "").encode()
+    )

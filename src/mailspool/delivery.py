@@ -15,8 +15,11 @@ The two-phase commit of the ``transaction`` package then drives it:
   visible); the direct delivery opens and checks its connection to the relay.
 * ``tpc_finish`` "should never fail".  The queued delivery renames the files
   into ``new/`` and fsyncs the directory once for the batch: only now is the
-  mail visible, and durable.  The direct delivery sends; a failure is logged
-  and reported by an event, never raised out of the commit.
+  mail visible, and durable.  The one exception to "never fail": if that
+  directory fsync reports an I/O error, the mail is not known to be on disk,
+  and ``commit()`` raises rather than claim it is (a failed fsync is a failed
+  commit, never retried).  The direct delivery sends; a failure is logged and
+  reported by an event, never raised out of the commit.
 * ``abort``/``tpc_abort`` remove whatever was written to ``tmp/``.
 
 Savepoints record how many messages were sent before them; rolling back
@@ -244,15 +247,19 @@ class QueuedMailDelivery(_Delivery):
         staged, dm.staged = dm.staged, []
         try:
             self.spool.publish(staged)
-        except Exception:
-            # tpc_finish must not fail; renames inside one directory tree only
-            # fail if the spool was tampered with.  Say loudly where the mail is.
+        except Exception as exc:
+            # Only a broken disk gets here (the renames stay inside the spool;
+            # the directory fsync reported an I/O error).  A failed fsync is a
+            # failed commit: the caller must not be told the mail is safe.
+            # What was renamed is visible and will be sent; what was not
+            # stays in tmp/, never sent.
             log.critical(
-                "committed mail could not be moved into the queue; it is still in %s",
+                "committed mail may not be durable: moving it into the queue failed "
+                "(%s); files: %s",
+                exc,
                 ", ".join(s.tmp_path for s in staged),
-                exc_info=True,
             )
-            return
+            raise
         for prepared, _ in dm.messages:
             env = prepared.envelope
             dm.results.append(MailQueued(prepared.message_id, env.sender, env.recipients))

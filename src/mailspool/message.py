@@ -361,6 +361,7 @@ def to_wire(message: bytes | str | Message) -> bytes:
             serialised, or is of an unsupported type.
     """
     if isinstance(message, Message):
+        _check_header_values(message)
         data = _generate(message)
         problem = _bad_line(data)
         if problem is not None:
@@ -376,6 +377,29 @@ def to_wire(message: bytes | str | Message) -> bytes:
     if problem is not None:
         raise InvalidMessage(problem)
     return data
+
+
+# A line break in a header value is legitimate only as folding: followed by
+# a space or a tab, and not at the end of the value.
+_INJECTED_BREAK = re.compile(r"\r\n(?![ \t])|\r(?![\n \t])|(?<!\r)\n(?![ \t])|\x00")
+
+
+def _check_header_values(message: Message) -> None:
+    """Refuse header values that would end their header early (injection).
+
+    The modern email policies refuse CR and LF in header values when they
+    are set; the compat32 policy of ``email.message.Message`` keeps them, and
+    its generator writes them out as they are, so ``"<id@x>\\r\\nBcc: ..."``
+    would become a header of its own, or start the body early.
+    """
+    for part in message.walk():
+        for name, value in part.items():
+            text = str(value)
+            if _INJECTED_BREAK.search(text):
+                raise InvalidMessage(
+                    f"header {name!r} holds a line break that is not folding "
+                    f"(header injection): {text!r}"
+                )
 
 
 def needs_8bit(data: bytes) -> bool:

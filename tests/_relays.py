@@ -9,6 +9,7 @@ cut while the message data is still arriving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import socket
@@ -181,6 +182,48 @@ class SlowData:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         self.started.set()
         await asyncio.sleep(self.delay)
+        return "250 2.0.0 OK"
+
+
+class TooManyConnections:
+    """Answers EHLO with 421 while ``limit`` other sessions are open, as providers do.
+
+    Until the first such refusal, the data of each message is held (up to
+    ``hold`` seconds), so that the sessions already open are surely busy
+    when the next connection arrives: a processor with more connections
+    than ``limit`` meets the 421 at once.  ``refused`` counts the refusals,
+    ``most`` the largest number of sessions open at once.
+    """
+
+    def __init__(self, limit: int, hold: float = 10.0) -> None:
+        self.limit = limit
+        self.hold = hold
+        self.refused = 0
+        self.most = 0
+        self._sessions: list[Any] = []
+        self._crowded: asyncio.Event | None = None
+
+    def _event(self) -> asyncio.Event:
+        if self._crowded is None:
+            self._crowded = asyncio.Event()
+        return self._crowded
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        live = [s for s in self._sessions if s.transport is not None]
+        if len(live) >= self.limit:
+            self.refused += 1
+            self._event().set()
+            return ["421 4.7.0 too many connections from your host"]
+        self._sessions = [*live, server]
+        self.most = max(self.most, len(self._sessions))
+        return responses
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if not self.refused:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._event().wait(), self.hold)
         return "250 2.0.0 OK"
 
 

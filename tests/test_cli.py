@@ -198,10 +198,12 @@ def test_show_never_follows_a_planted_symlink(
     assert spool.state(id) == "quarantined"
 
     code, out, _ = run(capsys, "show", id, "--body", "--queue", str(queue))
+    assert code == 0
     assert "quarantined" in out
     assert "secret" not in out
 
     code, out, _ = run(capsys, "show", id, "--body", "--json", "--queue", str(queue))
+    assert code == 0
     assert json.loads(out)["message"] is None
     assert "secret" not in out
 

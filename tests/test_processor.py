@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,19 @@ from _relays import (
     RcptOnce,
     RefuseSome,
     Switchable,
+    TooManyConnections,
     enqueue,
     message_id,
     only_id,
+    wait_for,
 )
 from conftest import RELAY_PASSWORD, Relay, RelayFactory
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.mailer import SMTPMailer
-from mailspool.processor import THROTTLE_PERIOD, QueueProcessor, RetryPolicy, Summary, _Relay
-from mailspool.spool import Spool
+from mailspool.policy import THROTTLE_PERIOD
+from mailspool.processor import QueueProcessor, RetryPolicy, Summary
+from mailspool.spool import Claim, Spool
 
 QUICK = RetryPolicy(
     first_delay=60, factor=2, max_delay=240, give_up_after=3600, relay_first_delay=10,
@@ -48,10 +51,19 @@ def spool(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool")
 
 
+class Fired(list[MailEvent]):
+    """Mail events seen during a test (``zope.event`` is global: filter by message)."""
+
+    def about(self, ids: Iterable[str]) -> list[MailEvent]:
+        """The events about these Message-Ids, in order."""
+        wanted = set(ids)
+        return [e for e in self if e.message_id in wanted]
+
+
 @pytest.fixture
-def fired() -> Iterator[list[MailEvent]]:
+def fired() -> Iterator[Fired]:
     """The mail events dispatched during the test."""
-    seen: list[MailEvent] = []
+    seen = Fired()
 
     def subscriber(event: Any) -> None:
         if isinstance(event, MailEvent):
@@ -60,6 +72,15 @@ def fired() -> Iterator[list[MailEvent]]:
     zope.event.subscribers.append(subscriber)
     yield seen
     zope.event.subscribers.remove(subscriber)
+
+
+def errors_about(caplog: pytest.LogCaptureFixture, relay_port: int) -> list[str]:
+    """ERROR lines about the relay on ``relay_port`` (other tests' threads may log too)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and f":{relay_port}" in r.getMessage()
+    ]
 
 
 def processor(spool: Spool, relay: Relay, **kw: Any) -> QueueProcessor:
@@ -76,44 +97,7 @@ def outcome_lines(caplog: pytest.LogCaptureFixture, id: str) -> list[logging.Log
     ]
 
 
-# --- pure parts -----------------------------------------------------------------------
-
-
-def test_retry_policy_doubles_up_to_the_cap() -> None:
-    policy = RetryPolicy()
-    assert [policy.delay(n) for n in (1, 2, 3, 4, 5, 6)] == [300, 600, 1200, 2400, 3600, 3600]
-    assert policy.delay(10_000) == 3600  # no overflow
-    assert policy.give_up_after == 5 * 86400
-    assert [QUICK.relay_delay(n) for n in (1, 2, 3, 4)] == [10, 20, 40, 40]
-
-
-@pytest.mark.parametrize(
-    "kw",
-    [{"first_delay": 0}, {"factor": 0.5}, {"max_delay": 1.0}, {"give_up_after": 0}],
-)
-def test_retry_policy_refuses_nonsense(kw: dict[str, float]) -> None:
-    with pytest.raises(ValueError):
-        RetryPolicy(**kw)
-
-
-def test_summaries_add_up() -> None:
-    total = Summary(sent=1, deferred=2) + Summary(failed=3, quarantined=1, relay_paused=True)
-    assert total == Summary(1, 2, 3, 1, True)
-    assert total.total == 7
-
-
-def test_relay_state_pauses_probes_and_throttles() -> None:
-    relay = _Relay(QUICK, connections=4)
-    assert relay.parallelism(0) == 4
-    assert relay.trouble(100, 421, lower=True) == 10
-    assert relay.trouble(105, 421, lower=True) is None  # same step: no new pause
-    assert relay.paused(109) and not relay.paused(110)
-    assert relay.answered(105) == 0  # under way before the pause: proves nothing
-    assert relay.parallelism(110) == 1  # probing: one message at a time
-    assert relay.trouble(110, None) == 20  # the probe failed: twice as long
-    assert relay.answered(130) == 2  # the next probe got through
-    assert relay.parallelism(130) == 2  # halved after the 421...
-    assert relay.parallelism(100 + THROTTLE_PERIOD) == 4  # ...for a while
+# --- construction ----------------------------------------------------------------------
 
 
 def test_constructor_checks_its_arguments(spool: Spool) -> None:
@@ -130,9 +114,9 @@ def test_constructor_checks_its_arguments(spool: Spool) -> None:
 
 
 def test_healthy_relay_sends_everything_over_reused_connections(
-    spool: Spool, relay: Relay, fired: list[MailEvent], caplog: pytest.LogCaptureFixture
+    spool: Spool, relay: Relay, fired: Fired, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "mailspool.processor")
+    caplog.set_level(logging.INFO, "mailspool")
     ids = enqueue(spool, 20)
     with processor(spool, relay, connections=2) as p:
         summary = p.drain()
@@ -140,7 +124,7 @@ def test_healthy_relay_sends_everything_over_reused_connections(
     assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
     assert relay.connections <= 2  # reused, not one per message
     assert spool.counts() == dict.fromkeys(spool.counts(), 0)
-    assert sorted(e.message_id for e in fired if isinstance(e, MailSent)) == sorted(ids)
+    assert sorted(e.message_id for e in fired.about(ids) if isinstance(e, MailSent)) == sorted(ids)
     lines = [r for r in caplog.records if " sent to " in r.getMessage()]
     assert len(lines) == 20 and all(
         RCPT in r.getMessage() and "250" in r.getMessage() for r in lines
@@ -148,7 +132,7 @@ def test_healthy_relay_sends_everything_over_reused_connections(
 
 
 def test_greylisting_defers_then_sends_after_the_retry(
-    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
+    spool: Spool, smtp_relay: RelayFactory, fired: Fired
 ) -> None:
     relay = smtp_relay(Greylist())
     to = ["a@example.org", "b@example.org", "c@example.org"]
@@ -166,8 +150,8 @@ def test_greylisting_defers_then_sends_after_the_retry(
     assert relay.commands.count("MAIL") == 1
     assert p.process_once(t0 + 60) == Summary(sent=1)
     assert [m.rcpt_tos for m in relay.messages] == [to]
-    assert [type(e) for e in fired] == [MailDeferred, MailSent]
-    deferred = fired[0]
+    assert [type(e) for e in fired.about([mid])] == [MailDeferred, MailSent]
+    deferred = fired.about([mid])[0]
     assert isinstance(deferred, MailDeferred)
     assert deferred.message_id == mid and deferred.retry_at == pytest.approx(t0 + 60)
     assert "450 4.2.0 greylisted" in deferred.errorMessage
@@ -175,10 +159,10 @@ def test_greylisting_defers_then_sends_after_the_retry(
 
 
 def test_one_of_three_refused_fails_alone(
-    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
+    spool: Spool, smtp_relay: RelayFactory, fired: Fired
 ) -> None:
     relay = smtp_relay(RefuseSome(["nobody@example.org"]))
-    enqueue(spool, to=["a@example.org", "nobody@example.org", "b@example.org"])
+    ids = enqueue(spool, to=["a@example.org", "nobody@example.org", "b@example.org"])
     id = only_id(spool)
     p = processor(spool, relay)
     t0 = time.time()
@@ -190,7 +174,7 @@ def test_one_of_three_refused_fails_alone(
     status = {r.address: (r.status, r.code, r.text) for r in entry.recipients}
     assert status["a@example.org"][0] == status["b@example.org"][0] == "sent"
     assert status["nobody@example.org"] == ("failed", 550, "5.1.1 no such user here")
-    sent, failed = fired
+    sent, failed = fired.about(ids)
     assert isinstance(sent, MailSent) and sent.toaddrs == ("a@example.org", "b@example.org")
     assert isinstance(failed, MailFailed) and failed.toaddrs == ("nobody@example.org",)
     assert failed.reasons == {"nobody@example.org": (550, "5.1.1 no such user here")}
@@ -208,12 +192,10 @@ def test_permanent_data_refusal_fails_every_recipient(
     assert {(r.status, r.code) for r in spool.get(id).recipients} == {("failed", 554)}
 
 
-def test_always_451_until_expiry(
-    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
-) -> None:
+def test_always_451_until_expiry(spool: Spool, smtp_relay: RelayFactory, fired: Fired) -> None:
     relay = smtp_relay(DataReply("451 4.3.0 try again later"))
     policy = RetryPolicy(first_delay=10, factor=2, max_delay=40, give_up_after=100)
-    enqueue(spool)
+    ids = enqueue(spool)
     id = only_id(spool)
     p = processor(spool, relay, retry=policy)
     now: float | None = time.time()
@@ -230,7 +212,7 @@ def test_always_451_until_expiry(
     [r] = entry.recipients
     assert r.status == "failed" and r.code == 451
     assert r.text is not None and r.text.startswith("expired") and "4.3.0 try again" in r.text
-    assert [type(e) for e in fired] == [MailDeferred] * 4 + [MailFailed]
+    assert [type(e) for e in fired.about(ids)] == [MailDeferred] * 4 + [MailFailed]
 
 
 def test_drop_mid_data_defers_and_loses_nothing(spool: Spool) -> None:
@@ -272,7 +254,7 @@ def test_drop_after_250_counts_as_sent(spool: Spool, smtp_relay: RelayFactory) -
 def test_relay_down_then_back_pauses_and_probes_once_per_step(
     spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "mailspool.processor")
+    caplog.set_level(logging.INFO, "mailspool")
     handler = Switchable()
     relay = smtp_relay(handler)
     ids = enqueue(spool, 20)
@@ -287,9 +269,12 @@ def test_relay_down_then_back_pauses_and_probes_once_per_step(
     counts = spool.counts()
     assert counts["ready"] == 20 and counts["failed"] == counts["deferred"] == 0
     assert {e.attempts for e in spool.entries()} == {0}  # not counted against any message
-    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert len(errors) == 1 and "paused" in errors[0].getMessage()
-    assert "421" in errors[0].getMessage()
+    [error] = errors_about(caplog, relay.port)  # one error for the whole outage
+    assert "paused for 10s" in error and "421" in error
+    probe_warnings = [
+        r.getMessage() for r in caplog.records if "still unavailable" in r.getMessage()
+    ]
+    assert len(probe_warnings) == 2 and "next probe in 40s" in probe_warnings[-1]
 
     handler.down = False
     assert p.process_once(t0 + 70) == Summary(sent=20)
@@ -312,25 +297,62 @@ def test_relay_that_refuses_connections_fails_nothing(
         summary = p.drain()
     assert summary == Summary(relay_paused=True)
     assert spool.counts()["ready"] == 3
-    [error] = [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert "cannot connect" in error.getMessage()
+    [error] = errors_about(caplog, port)
+    assert "cannot connect" in error
 
 
 def test_421_on_rcpt_pauses_then_healthy_relay_delivers(
-    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent]
+    spool: Spool, smtp_relay: RelayFactory, fired: Fired, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Deterministic by construction: one sender thread, so the first message
+    # meets the 421, and every time is injected (nothing waits for the pause).
+    caplog.set_level(logging.INFO, "mailspool")
     relay = smtp_relay(RcptOnce("421 4.7.0 too many connections"))
-    enqueue(spool, 3)
+    ids = enqueue(spool, 3)
     p = processor(spool, relay, connections=1)
     t0 = time.time()
     s = p.process_once(t0)
     assert s.relay_paused and s.total == 0
     assert {e.attempts for e in spool.entries()} == {0} and spool.counts()["ready"] == 3
     assert p.process_once(t0 + 5).relay_paused  # still paused: nothing tried
-    assert relay.commands.count("MAIL") == 1
+    assert relay.commands.count("MAIL") == 1 and relay.connections == 1
     assert p.process_once(t0 + 10) == Summary(sent=3)
-    assert len(relay.messages) == 3
-    assert not [e for e in fired if not isinstance(e, MailSent)]
+    assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
+    assert relay.connections == 2  # the 421 closed the first; the probe opened one, reused
+    assert [type(e) for e in fired.about(ids)] == [MailSent] * 3  # nothing failed or deferred
+    [error] = errors_about(caplog, relay.port)
+    assert "421 4.7.0 too many connections" in error and "paused for 10s" in error
+    untouched = [r.getMessage() for r in caplog.records if "back in the queue" in r.getMessage()]
+    assert len(untouched) == 1 and RCPT in untouched[0]  # the one under way, with its recipient
+    p.stop()
+
+
+def test_421_too_many_connections_lowers_the_parallelism(
+    spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailspool")
+    handler = TooManyConnections(limit=2)
+    relay = smtp_relay(handler)
+    ids = enqueue(spool, 12)
+    p = processor(spool, relay, connections=4)
+    t0 = time.time()
+    # Two connections are busy when the third is refused.  Those two finish
+    # their messages (and may slip in one more each before the pause is
+    # recorded); the refused one goes back untouched.
+    first = p.process_once(t0)
+    assert first.relay_paused and first.total == first.sent and 2 <= first.sent <= 6
+    assert handler.refused == 1
+    assert spool.counts()["ready"] == 12 - first.sent
+    assert {e.attempts for e in spool.entries()} == {0}
+    [error] = errors_about(caplog, relay.port)
+    assert "421" in error and "fewer connections" in error
+    # After the pause: one probe, then at most two at a time, on at most two
+    # connections, although the processor has four sender threads.
+    assert p.process_once(t0 + 10) == Summary(sent=12 - first.sent)
+    assert handler.refused == 1 and handler.most == 2
+    assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
+    assert p.relay.parallelism(t0 + 10) == 2
+    assert p.relay.parallelism(t0 + THROTTLE_PERIOD) == 4  # for a while only
     p.stop()
 
 
@@ -375,35 +397,83 @@ def test_corrupt_file_and_fifo_do_not_stop_the_drain(spool: Spool, relay: Relay)
     assert spool.counts()["quarantined"] == 2
 
 
+def test_a_message_claimed_elsewhere_is_left_alone(spool: Spool, relay: Relay) -> None:
+    ids = enqueue(spool, 2)
+    [held] = [e.id for e in spool.entries()][:1]
+    claim = spool.claim(held)  # as another processor would hold it
+    assert claim is not None
+    with claim, processor(spool, relay) as p:
+        assert p.process_once() == Summary(sent=1)  # not quarantined, not sent
+        assert spool.state(held) == "in_flight"
+    assert len(relay.messages) == 1 and message_id(relay.messages[0].content) in ids
+    assert spool.state(held) == "ready"  # given back by its holder, untouched
+
+
+class Buggy:
+    """A mailer whose first ``bugs`` sends raise a bug (not a delivery error)."""
+
+    def __init__(self, relay: Relay, bugs: int = 1) -> None:
+        self.mailer = SMTPMailer(**relay.mailer_kwargs())
+        self.bugs = bugs
+
+    def connect(self) -> Any:
+        conn = self.mailer.connect()
+        original = conn.send
+
+        def send(envelope: Any, data: bytes) -> Any:
+            if self.bugs > 0:
+                self.bugs -= 1
+                raise RuntimeError("a bug in the mailer")
+            return original(envelope, data)
+
+        conn.send = send  # type: ignore[method-assign]
+        return conn
+
+
 def test_an_exception_is_caught_at_the_message_and_the_rest_flows(
     spool: Spool, relay: Relay, caplog: pytest.LogCaptureFixture
 ) -> None:
     enqueue(spool, 3)
-    mailer = SMTPMailer(**relay.mailer_kwargs())
-
-    class Buggy:
-        """A mailer whose first connection raises a bug (not a delivery error)."""
-
-        calls = 0
-
-        def connect(self) -> Any:
-            conn = mailer.connect()
-            original = conn.send
-
-            def send(envelope: Any, data: bytes) -> Any:
-                Buggy.calls += 1
-                if Buggy.calls == 1:
-                    raise RuntimeError("a bug in the mailer")
-                return original(envelope, data)
-
-            conn.send = send  # type: ignore[method-assign]
-            return conn
-
-    with QueueProcessor(spool, Buggy(), connections=1, retry=QUICK, watch=False) as p:
+    with QueueProcessor(spool, Buggy(relay), connections=1, retry=QUICK, watch=False) as p:
         assert p.process_once() == Summary(sent=2, deferred=1)
     [entry] = spool.entries("deferred")
     assert entry.attempts == 1 and "a bug in the mailer" in (entry.last_error or "")
-    assert any(r.exc_info and "RuntimeError" in caplog.text for r in caplog.records)
+    [line] = outcome_lines(caplog, entry.id)
+    assert line.exc_info is not None and "RuntimeError" in caplog.text
+    assert f"unexpected error while sending to {RCPT}; deferred until" in line.getMessage()
+    assert relay.connections == 2  # the connection in an unknown state was not reused
+
+
+def test_an_exception_expires_like_a_temporary_failure(
+    spool: Spool, relay: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    enqueue(spool, 1)
+    id = only_id(spool)
+    with QueueProcessor(spool, Buggy(relay), connections=1, retry=QUICK, watch=False) as p:
+        assert p.process_once(time.time() + QUICK.give_up_after) == Summary(failed=1)
+    [r] = spool.get(id).recipients
+    assert r.status == "failed" and r.text is not None
+    assert r.text.startswith("expired") and "a bug in the mailer" in r.text
+
+
+def test_a_message_that_cannot_even_be_deferred_is_left_until_its_retry(
+    spool: Spool, relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    enqueue(spool, 1)
+    id = only_id(spool)
+
+    def broken(self: Any, retry_at: float, reason: str, **kw: Any) -> None:
+        # A mock: no real part fails exactly this write on demand.
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Claim, "defer", broken)
+    with QueueProcessor(spool, Buggy(relay, bugs=1), connections=1, retry=QUICK, watch=False) as p:
+        t0 = time.time()
+        assert p.process_once(t0) == Summary()  # nothing settled: released untouched
+        assert spool.state(id) == "ready"
+        assert p.process_once(t0 + 59) == Summary()  # not taken again before its retry time
+        assert relay.messages == []
+        assert p.process_once(t0 + 60) == Summary(sent=1)
 
 
 # --- one line per outcome, send later, rate limit ----------------------------------------
@@ -412,7 +482,7 @@ def test_an_exception_is_caught_at_the_message_and_the_rest_flows(
 def test_one_log_line_per_message_outcome(
     spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, "mailspool.processor")
+    caplog.set_level(logging.INFO, "mailspool")
     relay = smtp_relay(RefuseSome(["nobody@example.org"]))
     enqueue(spool, to=["a@example.org", "nobody@example.org"])
     id = only_id(spool)
@@ -435,13 +505,40 @@ def test_send_later_waits_for_its_time(spool: Spool, relay: Relay) -> None:
     assert len(relay.messages) == 1
 
 
-def test_rate_limit_spaces_messages(spool: Spool, relay: Relay) -> None:
-    enqueue(spool, 6)
-    with processor(spool, relay, rate_limit=10.0, connections=4) as p:
-        started = time.monotonic()
-        assert p.drain() == Summary(sent=6)
-        elapsed = time.monotonic() - started
-    assert elapsed >= 0.45  # five gaps of 0.1 s at least; a lower bound only
+@pytest.mark.xfail(
+    strict=True,
+    reason="the spool keeps no trace of not_before after the first attempt, and "
+    "queued_at is the commit time: give_up_after counts from the commit",
+)
+def test_send_later_than_the_give_up_time_is_not_expired_at_its_first_failure(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    relay = smtp_relay(Greylist())
+    t0 = time.time()
+    later = t0 + 2 * QUICK.give_up_after  # a reminder for the day after tomorrow
+    enqueue(spool, 1, not_before=later)
+    id = only_id(spool)
+    with processor(spool, relay) as p:
+        assert p.process_once(later) == Summary(deferred=1)  # greylisted: try again
+        assert p.process_once(later + 60) == Summary(sent=1)
+    assert spool.state(id) is None
+
+
+def test_rate_limit_holds_the_next_message_until_its_slot(spool: Spool, relay: Relay) -> None:
+    enqueue(spool, 2)
+    p = processor(spool, relay, rate_limit=0.1, connections=2)  # one message every 10 s
+    p.start()
+    try:
+        assert wait_for(lambda: len(relay.messages) == 1)
+        # The second is claimed and waits for its slot instead of going at once...
+        assert wait_for(lambda: spool.counts()["in_flight"] == 1)
+        assert len(relay.messages) == 1
+    finally:
+        p.stop()  # ...and a stop cuts the wait short
+    assert len(relay.messages) == 1
+    counts = spool.counts()
+    assert counts["ready"] == 1 and counts["in_flight"] == 0  # given back untouched
+    assert {e.attempts for e in spool.entries()} == {0}
 
 
 def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay) -> None:

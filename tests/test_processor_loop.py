@@ -6,11 +6,12 @@ they prove that the pickup is not waiting for a poll, without timing it.
 
 from __future__ import annotations
 
-import resource
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -21,12 +22,13 @@ from _relays import RCPT, SENDER, SlowData, body, enqueue, message_id, start_chi
 from conftest import Relay, RelayFactory
 from mailspool.delivery import QueuedMailDelivery
 from mailspool.mailer import SMTPMailer
-from mailspool.processor import QueueProcessor, _Inotify
+from mailspool.processor import QueueProcessor
 from mailspool.spool import Spool
+from mailspool.wakeup import Inotify
 
 
 def _has_inotify() -> bool:
-    watcher = _Inotify.open({"/": 0x100})
+    watcher = Inotify.open({"/": 0x100})
     if watcher is None:
         return False
     watcher.close()
@@ -108,13 +110,22 @@ def test_send_later_is_sent_when_due_and_not_before(spool: Spool, relay: Relay) 
 
 
 def test_idle_processor_sleeps(spool: Spool, relay: Relay) -> None:
-    p = running(spool, relay, watch=True, interval=0.05)
+    passes: list[float] = []
+
+    def clock() -> float:  # the loop reads its clock once per pass
+        passes.append(time.time())
+        return passes[-1]
+
+    mailer = SMTPMailer(**relay.mailer_kwargs())
+    p = QueueProcessor(spool, mailer, watch=True, interval=30.0, clock=clock)
+    p.start()
     try:
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        assert wait_for(lambda: len(passes) == 1)
         time.sleep(1.0)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-        assert cpu < 0.25  # a busy loop would burn about a second
+        assert len(passes) == 1  # no look at the spool at all: asleep in the kernel
+        commit(QueuedMailDelivery(spool.path, on_commit=p.wake))
+        assert wait_for(lambda: len(relay.messages) == 1, timeout=5.0)
+        assert len(passes) >= 2  # woken by the commit, not by a poll
     finally:
         p.stop()
 
@@ -159,3 +170,38 @@ def test_sigterm_during_run_finishes_the_message_in_flight(
     assert message_id(received.content) in ids
     counts = spool.counts()
     assert counts["ready"] == 2 and counts["in_flight"] == 0
+
+
+class _SignalNotHandled(Exception):
+    pass
+
+
+def test_sigint_stops_run_and_restores_the_previous_handler(spool: Spool, relay: Relay) -> None:
+    passes: list[float] = []
+
+    def clock() -> float:  # called at each pass: run() has installed its handlers by then
+        passes.append(time.time())
+        return passes[-1]
+
+    def previous(signum: int, frame: object) -> None:
+        raise _SignalNotHandled(signum)  # what the test gets if run() did not catch it
+
+    p = QueueProcessor(
+        spool, SMTPMailer(**relay.mailer_kwargs()), watch=False, interval=30.0, clock=clock
+    )
+
+    def interrupt() -> None:
+        if wait_for(lambda: len(passes) >= 1):
+            time.sleep(0.1)  # asleep between passes now
+            os.kill(os.getpid(), signal.SIGINT)
+
+    old = signal.signal(signal.SIGINT, previous)
+    try:
+        killer = threading.Thread(target=interrupt, daemon=True)
+        killer.start()
+        p.run()  # returns on SIGINT instead of raising
+        killer.join()
+        assert signal.getsignal(signal.SIGINT) is previous  # put back as it was
+    finally:
+        signal.signal(signal.SIGINT, old)
+        p.stop()

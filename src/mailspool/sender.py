@@ -1,0 +1,330 @@
+"""One message from the spool to the relay: claim, send, settle per recipient.
+
+This is the per-message boundary of the queue processor.  A sender thread
+of :class:`~mailspool.processor.QueueProcessor` calls :meth:`Sender.handle`
+with one spool id; it claims the message (an ``flock`` that dies with the
+process: no two senders ever hold one message), sends it over a pooled
+connection, and settles it recipient by recipient (:mod:`mailspool.outcome`):
+
+* accepted: sent for good, never sent to again;
+* 5xx: failed, with the relay's code and text;
+* 4xx, a lost connection, a timeout: deferred until the
+  :class:`~mailspool.policy.RetryPolicy` says, counted as an attempt; once
+  the message is older than ``give_up_after`` its pending recipients fail
+  as expired.
+
+Trouble that is about the relay and not the message (cannot connect, a
+421, a bad greeting, TLS or AUTH failing; ``about_relay`` on the error)
+fails nothing and counts nothing: the message goes back untouched and the
+relay is paused (:class:`~mailspool.policy.RelayState`).  Connections are
+opened one at a time, under a lock that re-checks the pause, so a dead
+relay sees one attempt per backoff step, not one per queued message.
+
+Exceptions are caught broadly in exactly two places here, each for a
+reason of its own: opening a connection (whatever fails there is the
+relay's trouble, not the message's) and :meth:`Sender.handle` itself (a
+bug while one message is handled is logged with its traceback, the
+message deferred, and the next one taken).
+
+Every attempt is told in one log line (logger ``mailspool.processor``) naming
+the spool id, the Message-Id, the sender, each recipient's outcome and the
+relay's reply; relay pauses are told once per outage.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mailspool.connections import Connection, ConnectionPool, connect, relay_name
+from mailspool.errors import DeliveryError
+from mailspool.events import MailEvent
+from mailspool.mailer import Reply, SendResult
+from mailspool.outcome import Verdict, classify, human, one_line, report, when
+from mailspool.policy import RateLimiter, RelayState, RetryPolicy
+from mailspool.spool import Claim, Spool
+
+__all__ = ["Done", "Sender"]
+
+# The processor's logger: operators configure one name for all of its parts.
+log = logging.getLogger("mailspool.processor")
+
+
+@dataclass(frozen=True)
+class Done:
+    """What became of one message, and the events to dispatch for it.
+
+    ``outcome`` is ``"sent"``, ``"deferred"``, ``"failed"``,
+    ``"quarantined"``, or None when nothing was attempted (taken by someone
+    else, relay paused, stopping) and the message stays where it was.
+    """
+
+    outcome: str | None
+    events: tuple[MailEvent, ...] = ()
+
+
+class _RelayTrouble(Exception):
+    """Opening a connection failed; the relay is paused already."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _NotNow(Exception):
+    """The relay was paused, or a stop requested, before this message was sent."""
+
+
+class Sender:
+    """Delivers single messages; shared by the processor's sender threads.
+
+    Args:
+        spool: where the messages are.
+        mailer: an ``SMTPMailer``, or anything with ``connect()``,
+            ``send_envelope()`` or ``send()`` (see
+            :class:`~mailspool.processor.QueueProcessor`).
+        retry: the retry policy.
+        relay: the relay's pause and parallelism, shared with the dispatcher.
+        pool: the connections to the relay.
+        rate: the rate limit, if any.
+        stopping: true once the processor is asked to stop.
+        sleep: waits the given seconds; returns True when cut short by a stop.
+    """
+
+    def __init__(
+        self,
+        spool: Spool,
+        mailer: Any,
+        *,
+        retry: RetryPolicy,
+        relay: RelayState,
+        pool: ConnectionPool,
+        rate: RateLimiter | None,
+        stopping: Callable[[], bool],
+        sleep: Callable[[float], bool],
+    ) -> None:
+        self.spool = spool
+        self.mailer = mailer
+        self.retry = retry
+        self.relay = relay
+        self.pool = pool
+        self.rate = rate
+        self.where = relay_name(mailer)
+        self._stopping = stopping
+        self._sleep = sleep
+        self._connect_lock = threading.Lock()
+        self._skip: dict[str, float] = {}  # messages that could not even be deferred
+        self._skip_lock = threading.Lock()
+
+    # -- the per-message boundary -------------------------------------------------
+
+    def handle(self, id: str, now: float) -> Done:
+        """Claim, send and settle the message ``id``; never raises for its sake.
+
+        Args:
+            id: the spool id.
+            now: the time of the pass (the processor's clock).
+
+        Returns:
+            What became of it (see :class:`Done`).
+
+        Raises:
+            SpoolError: the spool itself failed while claiming (e.g. too
+                many open files); the message is untouched.
+        """
+        if self._stopping() or self.relay.paused(now):
+            return Done(None)  # not started: stays where it is
+        claim = self.spool.claim(id)
+        if claim is None:
+            return Done("quarantined" if self._quarantined(id) else None)
+        with claim:  # leaving without settling releases the message untouched
+            try:
+                return self._deliver(claim, now)
+            except _NotNow:
+                claim.release()
+                return Done(None)
+            except Exception as exc:  # the one catch-all: log, defer, keep going
+                return self._after_error(claim, now, exc)
+
+    def _deliver(self, claim: Claim, now: float) -> Done:
+        env = claim.envelope
+        result: SendResult | None = None
+        error: BaseException | None = None
+        try:
+            result = self._send(claim, now)
+        except _RelayTrouble as trouble:  # the relay is paused already
+            return self._untouched(claim, trouble.error)
+        except (DeliveryError, OSError) as exc:
+            if getattr(exc, "about_relay", False):
+                self._pause(now, exc)
+                return self._untouched(claim, exc)
+            error = exc
+            carried = getattr(exc, "result", None)
+            result = carried if isinstance(carried, SendResult) else None
+        back = self.relay.answered(now)
+        if back:
+            log.info("relay %s is back after %d failed probe(s)", self.where, back)
+        verdict = classify(env.recipients, result, error)
+        reply = result.reply if result is not None and error is None else None
+        return self._settle(claim, now, verdict, reply, error)
+
+    def _send(self, claim: Claim, now: float) -> SendResult:
+        conn = self.pool.take()
+        if conn is None:
+            # One connection attempt at a time: a dead relay sees one probe.
+            with self._connect_lock:
+                if self._stopping() or self.relay.paused(now):
+                    raise _NotNow()
+                try:
+                    conn = connect(self.mailer)
+                except Exception as exc:  # whatever it is, it is not the message's fault
+                    self._pause(now, exc)  # before the next sender may try
+                    raise _RelayTrouble(exc) from exc
+                self.pool.add(conn)
+        if self.rate is not None:
+            wait = self.rate.reserve()
+            if wait > 0 and (self._sleep(wait) or self._stopping()):
+                self._give_back(conn, now)
+                raise _NotNow()
+        try:
+            result = conn.send(claim.envelope, claim.data)
+        except (DeliveryError, OSError):
+            self._give_back(conn, now)  # closed unless the mailer kept it usable
+            raise
+        except BaseException:
+            self.pool.discard(conn)  # a bug: the session is in an unknown state
+            raise
+        self._give_back(conn, now)
+        return result
+
+    def _give_back(self, conn: Connection, now: float) -> None:
+        self.pool.give_back(conn, keep=self.relay.parallelism(now))
+
+    # -- relay trouble ---------------------------------------------------------------
+
+    def _pause(self, now: float, exc: BaseException) -> None:
+        """Record relay-level trouble: one error per outage, a warning per failed probe."""
+        code = getattr(exc, "code", None)
+        # A 421 while other connections are open means "too many connections".
+        crowded = code == 421 and self.pool.count_alive() > 0
+        pause = self.relay.trouble(now, crowded=crowded)
+        if pause is None:
+            return  # already paused for this step
+        if pause.failures == 1:
+            log.error(
+                "relay %s unavailable: %s; deliveries paused for %s, then one "
+                "message probes it (no message is failed for this)%s",
+                self.where,
+                one_line(str(exc)),
+                human(pause.delay),
+                "; fewer connections for a while" if pause.lowered else "",
+            )
+        else:
+            log.warning(
+                "relay %s still unavailable (probe %d): %s; next probe in %s",
+                self.where,
+                pause.failures,
+                one_line(str(exc)),
+                human(pause.delay),
+            )
+
+    def _untouched(self, claim: Claim, exc: BaseException) -> Done:
+        claim.release()
+        log.info(
+            "mail %s <%s> from %s: not sent to %s, relay unavailable (%s); "
+            "back in the queue untouched",
+            claim.id,
+            claim.message_id or "",
+            claim.envelope.sender,
+            ", ".join(claim.envelope.recipients),
+            one_line(str(exc)),
+        )
+        return Done(None)
+
+    # -- settling ----------------------------------------------------------------------
+
+    def _settle(
+        self,
+        claim: Claim,
+        now: float,
+        verdict: Verdict,
+        reply: Reply | None,
+        error: BaseException | None,
+    ) -> Done:
+        attempt = claim.attempts + 1
+        retry_at: float | None = None
+        if verdict.deferred:
+            retry_at = self.retry.retry_at(now, attempt, claim.queued_at)
+            if retry_at is None:
+                verdict = verdict.expired(self.retry.give_up_after)
+        outcome = claim.settle(
+            sent=verdict.sent, failed=verdict.failed, deferred=verdict.deferred, retry_at=retry_at
+        )
+        # Settled: from here on nothing may fail the message.
+        told = report(
+            claim.id,
+            claim.message_id,
+            claim.envelope.sender,
+            verdict,
+            reply=reply,
+            error=error,
+            retry_at=retry_at,
+            attempt=attempt,
+        )
+        log.log(told.level, "%s", told.line)
+        return Done({"removed": "sent"}.get(outcome, outcome), told.events)
+
+    def _after_error(self, claim: Claim, now: float, exc: Exception) -> Done:
+        """A bug or an unusual fault while handling ``claim``: defer it like a 4xx."""
+        attempt = claim.attempts + 1
+        retry_at = self.retry.retry_at(now, attempt, claim.queued_at)
+        head = (
+            f"mail {claim.id} <{claim.message_id or ''}> from {claim.envelope.sender}: "
+            f"unexpected error while sending to {', '.join(claim.envelope.recipients)}"
+        )
+        reason = f"internal error: {type(exc).__name__}: {exc}"
+        try:
+            if retry_at is None:  # as old as a message may get: give up like for a 4xx
+                verdict = Verdict(deferred={r: (None, reason) for r in claim.envelope.recipients})
+                verdict = verdict.expired(self.retry.give_up_after)
+                claim.settle(failed=verdict.failed)
+                log.exception("%s; failed (expired)", head)
+                return Done("failed")
+            claim.defer(retry_at, reason)
+        except Exception:
+            until = now + self.retry.delay(attempt)
+            log.exception("%s; cannot defer it either, leaving it until %s", head, when(until))
+            with self._skip_lock:
+                self._skip[claim.id] = until
+            return Done(None)
+        log.exception("%s; deferred until %s (attempt %d)", head, when(retry_at), attempt)
+        return Done("deferred")
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _quarantined(self, id: str) -> bool:
+        """Did the failed claim move ``id`` to quarantine (a stat, not a read)?"""
+        try:
+            return self.spool.state(id) == "quarantined"
+        except (ValueError, OSError):  # SpoolError is an OSError: count it as not
+            return False
+
+    def skipped(self, id: str, now: float) -> bool:
+        """True for a message that could not be deferred, until its retry time."""
+        with self._skip_lock:
+            until = self._skip.get(id)
+            if until is None:
+                return False
+            if now < until:
+                return True
+            del self._skip[id]
+            return False
+
+    def next_unskip(self, now: float) -> float | None:
+        """The earliest time a skipped message is due again, if any (forgets past ones)."""
+        with self._skip_lock:
+            self._skip = {id: t for id, t in self._skip.items() if t > now}
+            return min(self._skip.values(), default=None)

@@ -197,15 +197,17 @@ def test_show_never_follows_a_planted_symlink(
     assert spool.claim(id) is None  # set aside, as the processor would
     assert spool.state(id) == "quarantined"
 
-    code, out, _ = run(capsys, "show", id, "--body", "--queue", str(queue))
-    assert code == 0
+    code, out, err = run(capsys, "show", id, "--body", "--queue", str(queue))
+    assert code == 1  # the envelope is shown, the body cannot be
     assert "quarantined" in out
+    assert "cannot be read" in err
+    assert "secret" not in err
     assert "secret" not in out
 
     code, out, _ = run(capsys, "show", id, "--body", "--json", "--queue", str(queue))
-    assert code == 0
     assert json.loads(out)["message"] is None
     assert "secret" not in out
+    assert code == 1
 
 
 def test_show_unknown_id(queue: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -505,11 +505,6 @@ def test_send_later_waits_for_its_time(spool: Spool, relay: Relay) -> None:
     assert len(relay.messages) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the spool keeps no trace of not_before after the first attempt, and "
-    "queued_at is the commit time: give_up_after counts from the commit",
-)
 def test_send_later_than_the_give_up_time_is_not_expired_at_its_first_failure(
     spool: Spool, smtp_relay: RelayFactory
 ) -> None:

@@ -44,6 +44,8 @@ class Claim:
         data: the message as it goes on the wire (CRLF line endings).
         attempts: delivery attempts so far.
         queued_at: when the message entered the spool.
+        not_before: the time it was scheduled for, if later than that.
+        due_since: the later of the two; ``give_up_after`` counts from it.
         legacy: read from a zope.sendmail / repoze.sendmail file.
         recipients: every recipient with its state.
         source: the area it was claimed from (new, deferred or cur).
@@ -78,6 +80,23 @@ class Claim:
     def queued_at(self) -> float:
         """When the message entered the spool (a ``time.time()`` value)."""
         return self._record.queued_at
+
+    @property
+    def not_before(self) -> float | None:
+        """The time it was scheduled for, when later than ``queued_at``."""
+        return self._record.not_before
+
+    @property
+    def due_since(self) -> float:
+        """Since when it has been due (the later of ``queued_at`` and
+        ``not_before``): ``give_up_after`` counts from here."""
+        return self._record.due_since
+
+    @property
+    def held(self) -> bool:
+        """True while this claim holds the message in this process: not yet
+        settled, deferred, released or quarantined."""
+        return self._done is None and self._pid == os.getpid()
 
     @property
     def legacy(self) -> bool:

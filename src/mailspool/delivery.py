@@ -328,8 +328,14 @@ class DirectMailDelivery(_Delivery):
             result = self.mailer.send(env.sender, env.recipients, prepared.data)
         except Exception as exc:  # the commit boundary: never raise out of it
             log.error("mail %s to %s was not sent: %s", mid, ", ".join(env.recipients), exc)
-            refused = getattr(exc, "result", None)
-            reasons = _reasons(refused) if refused is not None else {}
+            # RecipientsRefused, and any error at or after DATA, carry each
+            # recipient's reply; the error itself answers for those without
+            # one (the session was lost after RCPT).
+            carried = getattr(exc, "result", None)
+            reasons = _reasons(carried) if carried is not None else {}
+            if carried is not None:
+                why = (getattr(exc, "code", None), getattr(exc, "text", None) or str(exc))
+                reasons = {a: reasons.get(a, why) for a in env.recipients}
             if not isinstance(exc, (DeliveryError, RecipientsRefused)):
                 log.debug("unexpected error sending %s", mid, exc_info=True)
             return [

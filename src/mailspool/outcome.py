@@ -76,11 +76,15 @@ def classify(
     Args:
         pending: the recipients this attempt was for.
         result: what the mailer returned, or the ``.result`` an error
-            carried (the refusals at RCPT when none was accepted).
-        exc: the error, if any.  It applies to every recipient without a
-            reply of its own: a failed DATA fails or defers all the
-            recipients accepted at RCPT, as :func:`~mailspool.errors.is_transient`
-            decides.
+            carried: the refusals at RCPT when none was accepted; for an
+            error at or after DATA, that refusal's reply for each recipient
+            accepted at RCPT and the RCPT refusals with their own replies
+            (:func:`~mailspool.result.with_result`), so a 554 to the data
+            never fails a recipient greylisted at RCPT.
+        exc: the error, if any.  It applies only to the recipients without
+            a reply of their own (the session was lost, or a mailer raised
+            without a ``.result``): failed or deferred as
+            :func:`~mailspool.errors.is_transient` decides.
 
     Returns:
         The :class:`Verdict`: 2xx -> sent, 5xx -> failed, anything else

@@ -23,6 +23,12 @@ sleeps in the kernel.  Signal handlers only set a flag and write one byte
 to a socket: the loop stops starting messages and returns once those in
 flight are settled.
 
+When the spool is full as an outcome is written, the message is not
+released (its accepted recipients would get it again): the claim is kept
+and the same outcome written at the start of each pass until the spool
+takes it, and nothing new is sent meanwhile (:mod:`mailspool.sender` has
+the details; a stop tries once more and says what may be sent again).
+
 What the processor catches broadly, and why: the sender catches per message
 (a bug there defers one message, the next is taken); here a sender thread
 guards against anything the sender let through, a pass survives a spool that
@@ -78,6 +84,12 @@ class _Pass:
             if outcome in self.counts:
                 self.counts[outcome] += 1
             self.cond.notify_all()
+
+    def count(self, outcome: str | None) -> None:
+        """Count an outcome settled outside the sender threads."""
+        with self.cond:
+            if outcome in self.counts:
+                self.counts[outcome] += 1
 
 
 @implementer(IMailQueueProcessor)
@@ -181,27 +193,47 @@ class QueueProcessor:
             now: the time of the pass (a ``time.time()`` value), for tests
                 that drive retries and expiry; default the processor's clock.
 
+        Outcomes that the spool could not take before (it was full) are
+        written first; while some still cannot be, nothing new is sent.
+
         Returns:
             The counts of this pass.  Never raises for a message's sake:
             errors are logged and the message deferred.
         """
         with self._pass_lock:
             now = self._clock() if now is None else now
-            if self.relay.paused(now):
-                return Summary(relay_paused=True)
-            self._start_threads()
             p = _Pass(now)
-            try:
-                self._dispatch(p)
-            except Exception:  # the spool could not be listed (e.g. it was removed)
-                log.exception("spool %s: cannot list what is due", self.spool.path)
-            finally:
-                with p.cond:
-                    p.cond.wait_for(lambda: p.in_flight == 0)
+            self._write_waiting(p)
+            if not self.relay.paused(now) and not self._sender.waiting():
+                self._start_threads()
+                try:
+                    self._dispatch(p)
+                except Exception:  # the spool could not be listed (e.g. it was removed)
+                    log.exception("spool %s: cannot list what is due", self.spool.path)
+                finally:
+                    with p.cond:
+                        p.cond.wait_for(lambda: p.in_flight == 0)
             c = p.counts
             return Summary(
                 c["sent"], c["deferred"], c["failed"], c["quarantined"], self.relay.paused(now)
             )
+
+    def _write_waiting(self, p: _Pass | None, *, stopping: bool = False) -> None:
+        """Write the outcomes the spool could not take (see :mod:`mailspool.sender`)."""
+        try:
+            if stopping:
+                written = self._sender.last_chance()
+            elif self._sender.waiting():
+                written = self._sender.write_waiting()
+            else:
+                return
+        except Exception:  # e.g. the spool is gone: the next pass tries again
+            log.exception("spool %s: cannot write the outcomes waiting", self.spool.path)
+            return
+        for done in written:
+            events.notify(done.events)  # never raises
+            if p is not None:
+                p.count(done.outcome)
 
     def _dispatch(self, p: _Pass) -> None:
         ids = self.spool.due(p.now)
@@ -212,6 +244,8 @@ class QueueProcessor:
                 with p.cond:
                     while True:
                         if self._stopping() or self.relay.paused(p.now):
+                            return
+                        if self._sender.waiting():  # the spool is full: send nothing new
                             return
                         if p.in_flight < self.relay.parallelism(p.now):
                             break
@@ -273,7 +307,8 @@ class QueueProcessor:
                 self._threads.append(t)
 
     def _stop_threads(self, timeout: float | None = None) -> bool:
-        """End the sender threads between passes and close the connections.
+        """End the sender threads between passes and close the connections;
+        try once more to write the outcomes the spool could not take.
 
         Returns False when a pass did not end within ``timeout``.
         """
@@ -289,6 +324,7 @@ class QueueProcessor:
                 for t in threads:
                     t.join()
             self.pool.close_all()
+            self._write_waiting(None, stopping=True)
         finally:
             self._pass_lock.release()
         return True
@@ -334,7 +370,12 @@ class QueueProcessor:
         """Stop: nothing new is started, messages in flight are settled.
 
         Also closes the connections after :meth:`process_once` or
-        :meth:`drain` (or use the processor as a context manager).
+        :meth:`drain` (or use the processor as a context manager).  An
+        outcome that the spool could not take (it is full) is tried once
+        more; if it still cannot be written, the message stays claimed by
+        this process (a later processor of the same spool in it, or the
+        exit, tries again) and an error names the recipients that would
+        get it a second time if the process ended first.
 
         Args:
             timeout: seconds to wait for the messages in flight (``None``: as
@@ -357,7 +398,8 @@ class QueueProcessor:
         """Run in the foreground until SIGTERM or SIGINT (or :meth:`stop`).
 
         On a signal nothing new is started; messages in flight are settled,
-        then this returns.  Handlers are installed only in the main thread,
+        then this returns (an outcome the full spool could not take is
+        tried once more, as :meth:`stop` does).  Handlers are installed only in the main thread,
         and the previous ones restored on return.
         """
         self._stop_flag = False

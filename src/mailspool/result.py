@@ -6,7 +6,10 @@ These small immutable values live apart from the SMTP code so that the other
 mailers, the processor and an application's tests need not import it.
 
 :func:`all_refused` builds the one error raised when no recipient was
-accepted, so that every mailer raises it the same way.
+accepted, so that every mailer raises it the same way; :func:`with_result`
+gives an error raised after ``RCPT`` (``DATA`` refused, the session lost
+during the data) the outcome of each recipient, so that the refusal is
+applied to the recipients it answered for and to no other.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from types import MappingProxyType
 
 from mailspool.errors import DeliveryError, RecipientsRefused, enhanced_code, error_for_reply
 
-__all__ = ["MessageInput", "Reply", "SendResult", "all_refused"]
+__all__ = ["MessageInput", "Reply", "SendResult", "all_refused", "with_result"]
 
 #: What ``send()`` accepts as a message.
 MessageInput = bytes | str | Message
@@ -61,6 +64,10 @@ class SendResult:
             ``RCPT``, 4xx and 5xx alike.  A 552 there is recorded as 452
             (RFC 5321 4.5.3.1.10: too many recipients, try the rest later).
         reply: the reply after the final dot; ``None`` when no data was sent.
+            In the ``.result`` of an error raised at or after ``DATA``
+            (:func:`with_result`): the reply that refused the message
+            (``DATA`` or the final dot), ``None`` when the session failed
+            without one.
     """
 
     accepted: tuple[str, ...]
@@ -99,3 +106,44 @@ def all_refused(recipients: Sequence[str], refused: Mapping[str, Reply]) -> Deli
         code=single.code if single else None,
         recipient=recipients[0] if n == 1 and recipients else None,
     )
+
+
+def with_result(
+    error: DeliveryError,
+    recipients: Sequence[str],
+    accepted: Sequence[str],
+    refused: Mapping[str, Reply],
+) -> DeliveryError:
+    """Give an error raised at or after ``DATA`` the outcome of each recipient.
+
+    Only the recipients accepted at ``RCPT`` were in the transaction that
+    ``DATA`` began, so a refusal there (or after the final dot) answers for
+    them alone; a recipient refused at ``RCPT`` (greylisted with a 450, say)
+    keeps its own reply and must not be failed by a 554 given to the others.
+
+    Args:
+        error: the classified error; it gets a ``result`` attribute (a
+            :class:`SendResult`; the same one ``RecipientsRefused`` has).
+        recipients: the envelope recipients, in order.
+        accepted: the recipients accepted at ``RCPT``.
+        refused: recipient -> :class:`Reply` of each refusal at ``RCPT``.
+
+    Returns:
+        ``error``, whose ``result`` has ``accepted=()``; in ``refused`` every
+        recipient accepted at ``RCPT`` with the error's reply (none when the
+        error carries no reply code, e.g. the connection was lost: the error
+        itself then applies to them), and every ``RCPT`` refusal with its
+        own reply, in envelope order; ``reply`` the error's reply or ``None``.
+    """
+    reply = Reply(error.code, error.text) if error.code is not None else None
+    taken = set(accepted)
+    outcome: dict[str, Reply] = {}
+    for rcpt in recipients:
+        if rcpt in refused:
+            outcome[rcpt] = refused[rcpt]
+        elif rcpt in taken and reply is not None:
+            outcome[rcpt] = reply
+    # DeliveryError declares no ``result``; RecipientsRefused's has the same
+    # meaning, and the callers read it with getattr().
+    error.result = SendResult((), MappingProxyType(outcome), reply)  # type: ignore[attr-defined]
+    return error

@@ -29,18 +29,34 @@ message deferred, and the next one taken).
 Every attempt is told in one log line (logger ``mailspool.processor``) naming
 the spool id, the Message-Id, the sender, each recipient's outcome and the
 relay's reply; relay pauses are told once per outage.
+
+An outcome the spool cannot take (the disk is full as it is written:
+``settle()`` fails and changes nothing) is not dropped: releasing the
+message would send it again to the recipients the relay has just accepted.
+The claim is kept, its lock held and its file left in ``cur/``, and the very
+same outcome is written again at the start of each pass until the spool
+takes it; meanwhile no new message is sent (its outcome could not be
+written either).  One error is logged when it begins, one line when the
+outcome is written.  These waiting outcomes belong to the process, like
+the locks they hold: a processor that stops tries once more and leaves the
+rest to the next processor of the same spool in this process, and to a
+last try at exit.  Only the end of the process before the spool has room
+can then send the message again (and a stop says so, naming the
+recipients).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mailspool.connections import Connection, ConnectionPool, connect, relay_name
-from mailspool.errors import DeliveryError
+from mailspool.errors import DeliveryError, SpoolError
 from mailspool.events import MailEvent
 from mailspool.mailer import Reply, SendResult
 from mailspool.outcome import Verdict, classify, human, one_line, report, when
@@ -59,11 +75,176 @@ class Done:
 
     ``outcome`` is ``"sent"``, ``"deferred"``, ``"failed"``,
     ``"quarantined"``, or None when nothing was attempted (taken by someone
-    else, relay paused, stopping) and the message stays where it was.
+    else, relay paused, stopping) and the message stays where it was, or
+    when its outcome is waiting to be written (the spool is full).
     """
 
     outcome: str | None
     events: tuple[MailEvent, ...] = ()
+
+
+@dataclass
+class _Unwritten:
+    """An attempt's outcome that the spool could not take yet, with the
+    claim it keeps held (file in ``cur/``, lock taken) until it does."""
+
+    claim: Claim
+    verdict: Verdict
+    retry_at: float | None
+    reply: Reply | None
+    error: BaseException | None
+    attempt: int
+    why: str  # the write error, for the log
+    failures: int = 1  # times writing it failed
+    busy: bool = False  # being written now
+    warned: bool = False  # a stop said that it may be sent again
+
+
+class _Waiting:
+    """The outcomes waiting to be written, per spool, for the whole process.
+
+    Process-wide because the locks their claims hold are the process's: a
+    processor that stops hands them to the next one on the same spool (and
+    to the try at exit) rather than dropping a lock, which would have the
+    message sent again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._spools: dict[str, dict[str, _Unwritten]] = {}
+
+    def add(self, key: str, u: _Unwritten) -> None:
+        with self._lock:
+            self._spools.setdefault(key, {})[u.claim.id] = u
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            return len(self._spools.get(key, ()))
+
+    def take(self, key: str | None = None) -> list[tuple[str, _Unwritten]]:
+        """Mark the idle ones (of ``key``, or of every spool) busy; return them."""
+        with self._lock:
+            keys = list(self._spools) if key is None else [key]
+            taken = []
+            for k in keys:
+                for u in self._spools.get(k, {}).values():
+                    if not u.busy:
+                        u.busy = True
+                        taken.append((k, u))
+            return taken
+
+    def put_back(self, u: _Unwritten) -> None:
+        with self._lock:
+            u.busy = False
+
+    def drop(self, key: str, u: _Unwritten) -> None:
+        with self._lock:
+            waiting = self._spools.get(key, {})
+            if waiting.get(u.claim.id) is u:
+                del waiting[u.claim.id]
+            if not waiting:
+                self._spools.pop(key, None)
+
+    def holds(self, key: str, claim: Claim) -> bool:
+        with self._lock:
+            u = self._spools.get(key, {}).get(claim.id)
+            return u is not None and u.claim is claim
+
+    def forget(self) -> None:
+        """In a child made by fork(): the claims are the parent's."""
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._spools = {}
+
+
+_WAITING = _Waiting()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WAITING.forget)
+
+
+def _outcome(verdict: Verdict) -> str:
+    if verdict.deferred:
+        return "deferred"
+    return "failed" if verdict.failed else "removed"
+
+
+def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
+    """Write ``u``'s outcome to the spool; None when the spool cannot take it.
+
+    ``first``: this is the attempt's own settle (logged once and kept on
+    failure); otherwise a retry of one that waits (silent on failure).
+    """
+    claim, v = u.claim, u.verdict
+    told = report(
+        claim.id,
+        claim.message_id,
+        claim.envelope.sender,
+        v,
+        reply=u.reply,
+        error=u.error,
+        retry_at=u.retry_at,
+        attempt=u.attempt,
+    )
+    try:
+        outcome = claim.settle(
+            sent=v.sent, failed=v.failed, deferred=v.deferred, retry_at=u.retry_at
+        )
+    except OSError as exc:  # SpoolError is an OSError
+        if not claim.held:
+            # The new state was renamed into place; only syncing its
+            # directory failed.  It is the message now: tell it as settled.
+            log.error("mail %s: outcome written, but not synced to disk: %s", claim.id, exc)
+            outcome = _outcome(v)
+        elif first:
+            u.why = one_line(exc.strerror or str(exc))
+            _WAITING.add(key, u)
+            accepted = ", ".join(v.sent)
+            log.error(
+                "%s; but the spool cannot record this outcome (%s): the message stays "
+                "claimed by this process and the same outcome is written as soon as the "
+                "spool takes it; no new message is sent until then%s",
+                told.line,
+                u.why,
+                f"; if the process ends before, {accepted} will get it again" if accepted else "",
+            )
+            return None
+        else:
+            u.failures += 1
+            u.why = one_line(exc.strerror or str(exc))
+            _WAITING.put_back(u)
+            return None
+    if first:
+        log.log(told.level, "%s", told.line)
+    else:
+        _WAITING.drop(key, u)
+        log.log(
+            told.level,
+            "%s (written to the spool now, after %d failed write(s))",
+            told.line,
+            u.failures,
+        )
+    return Done({"removed": "sent"}.get(outcome, outcome), told.events)
+
+
+def _write_before_exit() -> None:
+    """At interpreter exit, the last try for the outcomes still waiting."""
+    for key, u in _WAITING.take():
+        try:
+            if _write(key, u, first=False) is not None:
+                continue
+        except Exception:  # nothing may stop the exit
+            log.exception("mail %s: cannot write its outcome", u.claim.id)
+        if u.verdict.sent:
+            log.critical(
+                "mail %s <%s>: exiting with the outcome of its delivery unwritten (%s): "
+                "%s will get it again",
+                u.claim.id,
+                u.claim.message_id or "",
+                u.why,
+                ", ".join(u.verdict.sent),
+            )
+
+
+atexit.register(_write_before_exit)
 
 
 class _RelayTrouble(Exception):
@@ -118,6 +299,7 @@ class Sender:
         self._connect_lock = threading.Lock()
         self._skip: dict[str, float] = {}  # messages that could not even be deferred
         self._skip_lock = threading.Lock()
+        self._key = os.path.realpath(spool.path)  # whose waiting outcomes are ours
 
     # -- the per-message boundary -------------------------------------------------
 
@@ -135,19 +317,38 @@ class Sender:
             SpoolError: the spool itself failed while claiming (e.g. too
                 many open files); the message is untouched.
         """
-        if self._stopping() or self.relay.paused(now):
+        if self._stopping() or self.relay.paused(now) or self.waiting():
             return Done(None)  # not started: stays where it is
         claim = self.spool.claim(id)
         if claim is None:
             return Done("quarantined" if self._quarantined(id) else None)
-        with claim:  # leaving without settling releases the message untouched
-            try:
-                return self._deliver(claim, now)
-            except _NotNow:
-                claim.release()
-                return Done(None)
-            except Exception as exc:  # the one catch-all: log, defer, keep going
-                return self._after_error(claim, now, exc)
+        try:
+            done = self._handle(claim, now)
+        except BaseException:
+            self._let_go(claim, failing=True)
+            raise
+        self._let_go(claim, failing=False)
+        return done
+
+    def _handle(self, claim: Claim, now: float) -> Done:
+        try:
+            return self._deliver(claim, now)
+        except _NotNow:
+            claim.release()
+            return Done(None)
+        except Exception as exc:  # the one catch-all: log, defer, keep going
+            return self._after_error(claim, now, exc)
+
+    def _let_go(self, claim: Claim, *, failing: bool) -> None:
+        """Release a claim left unsettled, unless its outcome waits to be written."""
+        if not claim.held or _WAITING.holds(self._key, claim):
+            return
+        try:
+            claim.release()  # untouched, back to ready
+        except SpoolError:
+            if not failing:
+                raise
+            log.exception("spool %s: cannot release %s", self.spool.path, claim.id)
 
     def _deliver(self, claim: Claim, now: float) -> Done:
         env = claim.envelope
@@ -257,30 +458,84 @@ class Sender:
         attempt = claim.attempts + 1
         retry_at: float | None = None
         if verdict.deferred:
-            retry_at = self.retry.retry_at(now, attempt, claim.queued_at)
+            # give_up_after counts from when the message became due: the
+            # commit, or the later time it was scheduled for.
+            retry_at = self.retry.retry_at(now, attempt, claim.due_since)
             if retry_at is None:
                 verdict = verdict.expired(self.retry.give_up_after)
-        outcome = claim.settle(
-            sent=verdict.sent, failed=verdict.failed, deferred=verdict.deferred, retry_at=retry_at
-        )
-        # Settled: from here on nothing may fail the message.
-        told = report(
-            claim.id,
-            claim.message_id,
-            claim.envelope.sender,
-            verdict,
-            reply=reply,
-            error=error,
-            retry_at=retry_at,
-            attempt=attempt,
-        )
-        log.log(told.level, "%s", told.line)
-        return Done({"removed": "sent"}.get(outcome, outcome), told.events)
+        u = _Unwritten(claim, verdict, retry_at, reply, error, attempt, why="")
+        # None: the spool cannot take the outcome yet; the claim stays held.
+        return _write(self._key, u, first=True) or Done(None)
+
+    # -- outcomes waiting to be written ------------------------------------------------
+
+    def waiting(self) -> int:
+        """How many outcomes for this spool wait to be written (the spool is full)."""
+        return _WAITING.count(self._key)
+
+    def write_waiting(self) -> list[Done]:
+        """Try again to write the outcomes the spool could not take.
+
+        Returns:
+            What became of those now written (their events not dispatched).
+        """
+        done: list[Done] = []
+        for key, u in _WAITING.take(self._key):
+            try:
+                d = _write(key, u, first=False)
+            except Exception:  # a bug, not a full disk: give the message back
+                log.exception("mail %s: cannot write its outcome; released", u.claim.id)
+                _WAITING.drop(key, u)
+                self._let_go(u.claim, failing=True)
+                continue
+            if d is not None:
+                done.append(d)
+        return done
+
+    def last_chance(self) -> list[Done]:
+        """Before the processor stops: write what waits, once more.
+
+        A message whose outcome still cannot be written is released when
+        the relay accepted none of its recipients (nothing is sent twice);
+        otherwise it stays claimed, for a later processor of this spool in
+        this process or the try at exit, and an error names the recipients
+        that get it again if the process ends first.
+
+        Returns:
+            What became of those now written (their events not dispatched).
+        """
+        done = self.write_waiting()
+        for key, u in _WAITING.take(self._key):
+            claim = u.claim
+            if not u.verdict.sent:
+                _WAITING.drop(key, u)
+                self._let_go(claim, failing=True)
+                log.warning(
+                    "mail %s <%s>: its outcome could not be written (%s); back in the "
+                    "queue as it was (no recipient had accepted it)",
+                    claim.id,
+                    claim.message_id or "",
+                    u.why,
+                )
+                continue
+            if not u.warned:
+                u.warned = True
+                log.error(
+                    "mail %s <%s>: stopping with the outcome of its delivery unwritten (%s): "
+                    "the message stays claimed until this process ends; if the spool cannot "
+                    "take the outcome by then, %s will get it a second time",
+                    claim.id,
+                    claim.message_id or "",
+                    u.why,
+                    ", ".join(u.verdict.sent),
+                )
+            _WAITING.put_back(u)
+        return done
 
     def _after_error(self, claim: Claim, now: float, exc: Exception) -> Done:
         """A bug or an unusual fault while handling ``claim``: defer it like a 4xx."""
         attempt = claim.attempts + 1
-        retry_at = self.retry.retry_at(now, attempt, claim.queued_at)
+        retry_at = self.retry.retry_at(now, attempt, claim.due_since)
         head = (
             f"mail {claim.id} <{claim.message_id or ''}> from {claim.envelope.sender}: "
             f"unexpected error while sending to {', '.join(claim.envelope.recipients)}"

@@ -14,7 +14,10 @@ Theory of operation
   each block of data, the long one (10 minutes by default, as RFC 5321
   4.5.3.2 asks) for the reply after the final dot, because giving up early
   there is what causes duplicate deliveries;
-* failures are classified where they happen (:mod:`mailspool.errors`).
+* failures are classified where they happen (:mod:`mailspool.errors`), and
+  one that comes at or after ``DATA`` carries the outcome per recipient
+  (``.result``): it answers only for the recipients accepted at ``RCPT``,
+  never for those refused there, which keep their own replies.
 
 After a refused transaction it sends ``RSET`` and stays usable; after
 anything that leaves the session in an unknown state (a timeout, a lost
@@ -45,7 +48,7 @@ from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply
 from mailspool.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
 from mailspool.handshake import Credentials, network_error, open_session, reply_text
 from mailspool.message import Envelope
-from mailspool.result import Reply, SendResult, all_refused
+from mailspool.result import Reply, SendResult, all_refused, with_result
 
 if TYPE_CHECKING:
     from mailspool.mailer import SMTPMailer
@@ -256,6 +259,11 @@ class SMTPConnection:
                 when the failure left the session in an unknown state.  If
                 reconnecting fails, the error of the new connection
                 (``RelayUnavailable``, ``TLSFailure``...), about the relay.
+                A failure at or after ``DATA`` (``DATA`` or the message
+                refused, the session lost on the way) carries a ``.result``
+                (:func:`~mailspool.result.with_result`): the refusal's reply
+                for every recipient accepted at ``RCPT`` (none for a lost
+                session), and each ``RCPT`` refusal with its own reply.
         """
         smtp = self._smtp
         if smtp is None or smtp.sock is None:
@@ -350,6 +358,32 @@ class SMTPConnection:
             self._reset(code)
             raise all_refused(envelope.recipients, refused)
 
+        try:
+            reply = self._data(smtp, sock, data)
+        except DeliveryError as exc:
+            # Only the recipients accepted at RCPT were in this transaction:
+            # the error answers for them, the RCPT refusals keep their own.
+            with_result(exc, envelope.recipients, accepted, refused)
+            raise
+        self.transactions += 1
+        result = SendResult(tuple(accepted), MappingProxyType(refused), reply)
+        log.debug(
+            "relay %s took the message for %d of %d recipient(s): %s",
+            self._where,
+            len(accepted),
+            len(envelope.recipients),
+            result.reply,
+        )
+        return result
+
+    def _data(self, smtp: smtplib.SMTP, sock: socket.socket, data: bytes) -> Reply:
+        """``DATA``, the message, the final dot; return the relay's 2xx reply.
+
+        Raises:
+            DeliveryError: ``DATA`` or the message refused, or the session
+                failed on the way (classified; the connection is closed when
+                its state is unknown).
+        """
         code, text = self._command(smtp, "DATA", "", "DATA")
         if code != 354:
             self._reset(code)
@@ -370,7 +404,7 @@ class SMTPConnection:
         except OSError as exc:
             raise self._translate(exc, "the reply after the final dot", maybe_sent=True) from exc
         if smtp.sock is not None:
-            sock.settimeout(timeout)
+            sock.settimeout(self._mailer.timeout)
         text = reply_text(raw)
         if code < 100:
             self._drop()
@@ -382,16 +416,7 @@ class SMTPConnection:
             self._drop()
         if not 200 <= code < 300:
             raise error_for_reply(code, text, phase="data")
-        self.transactions += 1
-        result = SendResult(tuple(accepted), MappingProxyType(refused), Reply(code, text))
-        log.debug(
-            "relay %s took the message for %d of %d recipient(s): %s",
-            self._where,
-            len(accepted),
-            len(envelope.recipients),
-            result.reply,
-        )
-        return result
+        return Reply(code, text)
 
     def _reset(self, code: int) -> None:
         """After a refused step: RSET, or close when the session cannot go on."""

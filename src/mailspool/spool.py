@@ -139,7 +139,9 @@ class Spool(SpoolAdmin):
         Args:
             prepared: the validated message (see :func:`mailspool.message.prepare`).
             not_before: a ``time.time()`` value; a later time makes
-                publish() put the message in ``deferred/`` until then.
+                publish() put the message in ``deferred/`` until then, and
+                is kept in the file (``X-Mailspool-Not-Before``): the
+                message's give-up time counts from it.
 
         Returns:
             The :class:`Staged` message to give to publish() or discard().
@@ -152,8 +154,17 @@ class Spool(SpoolAdmin):
         now = time.time()
         env = prepared.envelope
         data = prepared.data
-        head = encode_head(env.sender, env.recipients, prepared.message_id, now, data)
         later = not_before is not None and not_before > now
+        # A message scheduled for later keeps its time: give_up_after counts
+        # from it, not from the commit (Record.due_since).
+        head = encode_head(
+            env.sender,
+            env.recipients,
+            prepared.message_id,
+            now,
+            data,
+            not_before if later else None,
+        )
         tmp = self._dirs["tmp"] + name
         try:
             self._write(tmp, head, data, not_before if later else None, False)

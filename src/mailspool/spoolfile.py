@@ -71,7 +71,12 @@ class RecipientStatus:
 
 @dataclass(frozen=True)
 class Record:
-    """The envelope part of a spool file."""
+    """The envelope part of a spool file.
+
+    ``queued_at`` is when the message was committed; ``not_before`` the
+    time it was scheduled for when that was later (``send(...,
+    not_before=...)``), else None.
+    """
 
     sender: str
     recipients: tuple[RecipientStatus, ...]
@@ -80,11 +85,22 @@ class Record:
     message_id: str | None = None
     last_error: str | None = None
     legacy: bool = False
+    not_before: float | None = None
 
     @property
     def pending(self) -> tuple[str, ...]:
         """The recipients still to be sent to."""
         return tuple(r.address for r in self.recipients if r.status == PENDING)
+
+    @property
+    def due_since(self) -> float:
+        """Since when the message has been due: the later of ``queued_at`` and
+        ``not_before``.  ``give_up_after`` counts from here, so a message
+        scheduled further ahead than that does not expire before its time.
+        """
+        if self.not_before is None:
+            return self.queued_at
+        return max(self.queued_at, self.not_before)
 
 
 # --- tokens ------------------------------------------------------------------
@@ -147,6 +163,8 @@ def _envelope_text(record: Record) -> str:
     if record.message_id is not None:
         lines.append(f"X-Mailspool-Message-Id: {quote_value(record.message_id)}\r\n")
     lines.append(f"X-Mailspool-Queued: {record.queued_at:.6f}\r\n")
+    if record.not_before is not None:
+        lines.append(f"X-Mailspool-Not-Before: {record.not_before:.6f}\r\n")
     lines.append(f"X-Mailspool-Attempts: {record.attempts}\r\n")
     lines.append(f"X-Mailspool-From: {quote_value(record.sender)}\r\n")
     for r in record.recipients:
@@ -173,16 +191,23 @@ def encode_file(record: Record, data: bytes) -> tuple[bytes, bytes]:
 
 
 def encode_head(
-    sender: str, recipients: Iterable[str], message_id: str, queued_at: float, data: bytes
+    sender: str,
+    recipients: Iterable[str],
+    message_id: str,
+    queued_at: float,
+    data: bytes,
+    not_before: float | None = None,
 ) -> bytes:
     """The head of a new message's file (all recipients pending, no attempt).
 
     The same bytes as ``encode_file(Record(...), data)[0]`` without building
     the record: the enqueue path calls it once per message.
     """
+    later = "" if not_before is None else f"X-Mailspool-Not-Before: {not_before:.6f}\r\n"
     lines = [
         f"X-Mailspool-Message-Id: {quote_value(message_id)}\r\n"
         f"X-Mailspool-Queued: {queued_at:.6f}\r\n"
+        f"{later}"
         f"X-Mailspool-Attempts: 0\r\n"
         f"X-Mailspool-From: {quote_value(sender)}\r\n"
     ]
@@ -234,6 +259,7 @@ def _parse_envelope(block: bytes) -> Record:
         raise ValueError("envelope does not end with CRLF")
     sender: str | None = None
     queued: float | None = None
+    not_before: float | None = None
     attempts: int | None = None
     message_id: str | None = None
     last_error: str | None = None
@@ -250,6 +276,10 @@ def _parse_envelope(block: bytes) -> Record:
             if _FLOAT.match(value) is None:
                 raise ValueError(f"bad queued time {value[:20]!r}")
             queued = float(value)
+        elif key == "X-Mailspool-Not-Before":
+            if _FLOAT.match(value) is None:
+                raise ValueError(f"bad not-before time {value[:20]!r}")
+            not_before = float(value)
         elif key == "X-Mailspool-Attempts":
             if _INT.match(value) is None:
                 raise ValueError(f"bad attempts {value[:20]!r}")
@@ -261,7 +291,9 @@ def _parse_envelope(block: bytes) -> Record:
         # Other X-Mailspool-* lines are from a later minor revision: ignored.
     if sender is None or queued is None or attempts is None or not recipients:
         raise ValueError("envelope incomplete (From, Queued, Attempts and To are required)")
-    return Record(sender, tuple(recipients), queued, attempts, message_id, last_error)
+    return Record(
+        sender, tuple(recipients), queued, attempts, message_id, last_error, not_before=not_before
+    )
 
 
 def decode_file(raw: bytes, *, verify: bool = True, mtime: float = 0.0) -> tuple[Record, bytes]:

@@ -110,8 +110,12 @@ class DeliveryError(MailspoolError):
         enhanced: the enhanced status code (``"5.1.1"``) or ``None``.
         text: the reply text, or a description of what went wrong.
         recipient: the recipient this error is about, or ``None``.
+        result: for a failure during a mail transaction, every recipient's
+            reply (a :class:`mailspool.result.SendResult`), else ``None``.
     """
 
+    #: Set on failures during a mail transaction: each recipient's reply.
+    result: object | None = None
     #: True when the error says nothing about this message: the relay is
     #: down, refuses us, or our configuration (TLS, AUTH) is wrong.
     about_relay: bool = False

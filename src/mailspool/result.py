@@ -145,5 +145,5 @@ def with_result(
             outcome[rcpt] = reply
     # DeliveryError declares no ``result``; RecipientsRefused's has the same
     # meaning, and the callers read it with getattr().
-    error.result = SendResult((), MappingProxyType(outcome), reply)  # type: ignore[attr-defined]
+    error.result = SendResult((), MappingProxyType(outcome), reply)
     return error

@@ -327,11 +327,11 @@ def test_an_outcome_the_spool_cannot_take_is_written_later_and_nothing_new_goes_
 
     monkeypatch.setattr(Spool, "_write", write_unless_full)
     with processor(spool, relay) as p:
-        assert p.process_once(t0) == Summary()  # sent, but its outcome waits
+        assert p.process_once(t0) == Summary(unwritten=1)  # sent, but its outcome waits
         id = next(e.id for e in spool.entries() if e.message_id == first)
         assert spool.state(id) == "in_flight"
         assert id not in list(spool.due(t0 + 1000))  # still held: no one else takes it
-        assert p.process_once(t0 + 20) == Summary()  # second is due, but nothing new goes
+        assert p.process_once(t0 + 20) == Summary(unwritten=1)  # nothing new goes
         assert [message_id(m.content) for m in relay.messages] == [first]
         told = [e for e in fired if isinstance(e, (MailSent, MailDeferred))]
         assert told == []  # told once the outcome is written
@@ -402,7 +402,7 @@ def test_a_stop_gives_back_an_unwritten_outcome_when_no_recipient_accepted_it(
         relay = smtp_relay(FillDiskAtRcpt(disk))
         commit(spool, ["a@example.org"])
         with processor(spool, relay) as p:
-            assert p.process_once() == Summary()
+            assert p.process_once() == Summary(unwritten=1)
             id = only_id(spool)
             assert spool.state(id) == "in_flight"
         # Nothing was accepted: releasing it sends nothing twice.
@@ -474,3 +474,14 @@ def test_a_message_sent_later_expires_give_up_after_after_its_time_not_before(
         assert p.process_once(later + QUICK.give_up_after + 1) == Summary(failed=1)
     [r] = spool.get(id).recipients
     assert r.status == "failed" and (r.text or "").startswith("expired")
+
+
+def test_unwritten_outcomes_make_the_command_report_failure() -> None:
+    from mailspool.cli_common import EXIT_FAILED, EXIT_OK, summary_code, summary_line
+    from mailspool.processor import Summary
+
+    assert summary_code(Summary(sent=3)) == EXIT_OK
+    waiting = Summary(sent=3) + Summary(unwritten=2)
+    assert waiting.unwritten == 2 and waiting.sent == 3
+    assert summary_code(waiting) == EXIT_FAILED
+    assert "2 outcome(s) could not be written" in summary_line(waiting)

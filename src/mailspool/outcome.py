@@ -190,7 +190,10 @@ class Summary:
     pending and some failed (the message is in the failed area);
     ``quarantined``: unreadable files moved aside.  ``relay_paused``: the
     relay was unavailable at the end; nothing was failed for it.
-    ``a + b`` adds the counts and keeps ``b.relay_paused`` (the later state).
+    ``unwritten``: outcomes the spool could not record yet (it is full), kept
+    claimed and written again on the next pass.
+    ``a + b`` adds the counts and keeps ``b``'s ``relay_paused`` and
+    ``unwritten`` (the later state).
     """
 
     sent: int = 0
@@ -198,6 +201,7 @@ class Summary:
     failed: int = 0
     quarantined: int = 0
     relay_paused: bool = False
+    unwritten: int = 0
 
     @property
     def total(self) -> int:
@@ -211,6 +215,7 @@ class Summary:
             self.failed + other.failed,
             self.quarantined + other.quarantined,
             other.relay_paused,
+            other.unwritten,
         )
 
 

@@ -215,7 +215,12 @@ class QueueProcessor:
                         p.cond.wait_for(lambda: p.in_flight == 0)
             c = p.counts
             return Summary(
-                c["sent"], c["deferred"], c["failed"], c["quarantined"], self.relay.paused(now)
+                c["sent"],
+                c["deferred"],
+                c["failed"],
+                c["quarantined"],
+                self.relay.paused(now),
+                self._sender.waiting(),
             )
 
     def _write_waiting(self, p: _Pass | None, *, stopping: bool = False) -> None:

@@ -485,3 +485,54 @@ def test_unwritten_outcomes_make_the_command_report_failure() -> None:
     assert waiting.unwritten == 2 and waiting.sent == 3
     assert summary_code(waiting) == EXIT_FAILED
     assert "2 outcome(s) could not be written" in summary_line(waiting)
+
+
+CLAIM_AND_HOLD = """
+import sys, time
+from mailspool.spool import Spool
+spool = Spool(sys.argv[1])
+claim = spool.claim(sys.argv[2])
+assert claim is not None
+print("claimed", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_running_processor_takes_over_a_dead_processors_claim_within_seconds(
+    tmp_path: Path, relay: Relay
+) -> None:
+    import subprocess
+    import sys
+    import time
+
+    spool = Spool(tmp_path / "spool")
+    mid = commit(spool, ["jane@example.org"])
+    (id,) = list(spool.due())
+    child = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_HOLD, spool.path, id],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "claimed"
+        mailer = SMTPMailer(**relay.mailer_kwargs())
+        # The look every ``interval`` is far away: only the check for abandoned
+        # claims can bring the message in time.
+        p = QueueProcessor(spool, mailer, connections=1, interval=300, watch=True)
+        p.start()
+        try:
+            assert spool.state(id) == "in_flight"
+            child.kill()
+            child.wait(10)
+            deadline = time.monotonic() + 20
+            while not relay.messages and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            p.stop(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert [message_id(m.content) for m in relay.messages] == [mid]
+    assert spool.state(id) is None

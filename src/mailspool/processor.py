@@ -67,6 +67,9 @@ __all__ = ["QueueProcessor", "RetryPolicy", "Summary"]
 log = logging.getLogger(__name__)
 
 _SENDER = "mailspool-sender-"  # the names of the sender threads
+#: Seconds between looks for claims abandoned by a dead processor, while
+#: another processor holds claims in ``cur/``.
+ABANDONED_CHECK = 1.0
 
 
 class _Pass:
@@ -460,6 +463,14 @@ class QueueProcessor:
                 log.info("stopped on %s; messages in flight were settled", name)
                 self._signal = None
 
+    def _claims_elsewhere(self) -> bool:
+        """True when ``cur/`` holds messages, claimed by another processor."""
+        try:
+            with os.scandir(os.path.join(self.spool.path, "cur")) as it:
+                return any(not e.name.startswith(".") for e in it)
+        except OSError:
+            return False
+
     def _timeout(self, now: float) -> float:
         """How long the loop may sleep: until something could be due."""
         # inotify brings new mail at once; the look every ``interval`` also
@@ -472,6 +483,10 @@ class QueueProcessor:
             next_due = None
         if next_due is not None and next_due > now:
             candidates.append(next_due - now)
+        if self._claims_elsewhere():
+            # A processor that dies leaves no event behind: look again soon,
+            # so its messages are taken up within a second, not an interval.
+            candidates.append(ABANDONED_CHECK)
         if self.relay.paused(now):
             candidates.append(self.relay.paused_until - now)
         unskip = self._sender.next_unskip(now)

@@ -168,10 +168,21 @@ class SpoolDir:
             while not os.path.isdir(p) and os.path.dirname(p) != p:
                 p = os.path.dirname(p)
                 made.append(p)  # its new entry must be synced too
-            try:
-                os.makedirs(parent, exist_ok=True)
-            except OSError as exc:
-                raise SpoolError(exc.errno, f"cannot create {parent}: {errname(exc)}") from exc
+            # Missing parents are private too (0700 whatever the umask):
+            # whoever can write in one could swap in a spool of their own.
+            missing = []
+            q = parent
+            while not os.path.isdir(q) and os.path.dirname(q) != q:
+                missing.append(q)
+                q = os.path.dirname(q)
+            for d in reversed(missing):
+                try:
+                    os.mkdir(d, 0o700)
+                    os.chmod(d, 0o700)
+                except FileExistsError:
+                    continue
+                except OSError as exc:
+                    raise SpoolError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
             if self._mkdir(root):
                 made.append(parent)
         for area in _AREAS:

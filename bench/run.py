@@ -1,0 +1,306 @@
+"""mailspool's benchmarks, side by side with zope.sendmail and repoze.sendmail.
+
+One command::
+
+    python -m pip install -e '.[bench]' && python bench/run.py
+
+runs every scenario several times, alternating the systems, prints a table of
+medians with min-max and the ratio mailspool/peer, checks the targets of
+issue 6, and writes the same as JSON and as a PNG plot into bench/results/.
+Options: ``--quick`` (a smoke run), ``--scenario NAME`` (repeatable),
+``--messages N``, ``--runs N``.  See docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+import harness  # noqa: E402
+from harness import Options, Results, machine_info, write_json  # noqa: E402
+from relays import SmtpSink  # noqa: E402
+from scenarios import Env, drain, enqueue, pickup, scale  # noqa: E402
+from systems import MAILSPOOL, ZOPE  # noqa: E402
+
+SCENARIOS: dict[str, tuple[str, Callable[[Env], None]]] = {
+    "drain-fast": ("drain, fast relay (+ raw smtplib limit)", drain.run_fast),
+    "drain-slow": ("drain, slow relay (20 ms before the final 250)", drain.run_slow),
+    "drain-tls": ("drain, STARTTLS relay", drain.run_tls),
+    "enqueue": ("enqueue, 1 and 100 per transaction (+ fsync floor)", enqueue.run),
+    "pickup": ("pickup latency and idle CPU", pickup.run),
+    "scale": ("scale: 100,000 queued", scale.run),
+}
+
+
+def parse_args(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(
+        prog="bench/run.py",
+        description="Benchmark mailspool against zope.sendmail and repoze.sendmail.",
+    )
+    p.add_argument("--quick", action="store_true", help="fewer messages and runs (smoke run)")
+    p.add_argument(
+        "--scenario",
+        action="append",
+        choices=sorted(SCENARIOS),
+        help="run only this scenario (repeatable; default: all)",
+    )
+    p.add_argument("--messages", type=int, help="messages per trial (default 2,000)")
+    p.add_argument("--runs", type=int, help="runs per system (default: per scenario)")
+    p.add_argument("--scale-messages", type=int, help="queue size for scale (default 100,000)")
+    p.add_argument("--tmpdir", help="where the spools go (default: the system's temp dir)")
+    p.add_argument(
+        "--install-sink",
+        action="store_true",
+        help="apt-get install postfix (for smtp-sink) when smtp-sink is missing",
+    )
+    p.add_argument(
+        "--out", default=os.path.join(HERE, "results"), help="directory for JSON and PNG"
+    )
+    a = p.parse_args(argv)
+    return Options(
+        quick=a.quick,
+        scenarios=tuple(a.scenario or SCENARIOS),
+        messages=a.messages,
+        runs=a.runs,
+        scale_messages=a.scale_messages,
+        tmpdir=a.tmpdir,
+        install_sink=a.install_sink,
+        out=a.out,
+    )
+
+
+def find_sink(install: bool) -> str | None:
+    path = SmtpSink.find()
+    if path or not install:
+        return path
+    if shutil.which("apt-get") and os.geteuid() == 0:
+        print("installing postfix for smtp-sink (the MTA is not started) ...")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update"], check=False, env=env)
+        subprocess.run(["apt-get", "install", "-y", "postfix"], check=False, env=env)
+    return SmtpSink.find()
+
+
+def _median(results: Results, scenario: str, metric: str, system: str) -> float | None:
+    s = results.find(scenario, metric, system)
+    return s.median if s is not None else None
+
+
+def targets(results: Results) -> list[dict[str, Any]]:
+    """Issue 6's targets, each with the measured value and whether it is met."""
+    out: list[dict[str, Any]] = []
+
+    def ratio(
+        name: str,
+        scenario: str,
+        metric: str,
+        a: str,
+        b: str,
+        minimum: float,
+    ) -> None:
+        ma, mb = _median(results, scenario, metric, a), _median(results, scenario, metric, b)
+        if ma is None or mb is None:
+            out.append({"target": name, "value": None, "met": None})
+            return
+        r = ma / mb
+        out.append({"target": name, "value": f"{r:.2f}x", "met": r >= minimum})
+
+    def bound(name: str, scenario: str, metric: str, system: str, limit: float, unit: str) -> None:
+        m = _median(results, scenario, metric, system)
+        if m is None:
+            out.append({"target": name, "value": None, "met": None})
+            return
+        out.append({"target": name, "value": f"{m:.3g} {unit}", "met": m < limit})
+
+    fast, slow, tls = "drain, fast relay", "drain, slow relay", "drain, STARTTLS relay"
+    ratio("drain fast: >= 3x zope.sendmail", fast, "throughput", MAILSPOOL, ZOPE, 3)
+    ratio(
+        "drain fast: >= 80% of raw smtplib",
+        fast,
+        "throughput",
+        MAILSPOOL,
+        drain.RAW,
+        0.8,
+    )
+    ratio(
+        "drain slow: >= 10x zope.sendmail (default connections=4)",
+        slow,
+        "throughput",
+        MAILSPOOL,
+        ZOPE,
+        10,
+    )
+    ratio(
+        "drain slow: >= 10x zope.sendmail (connections=16)",
+        slow,
+        "throughput",
+        "mailspool (connections=16)",
+        ZOPE,
+        10,
+    )
+    ratio("drain STARTTLS: >= 5x zope.sendmail", tls, "throughput", MAILSPOOL, ZOPE, 5)
+    ratio(
+        "enqueue 1/tx: >= 0.8x fsync floor",
+        "enqueue",
+        "1 message per transaction",
+        MAILSPOOL,
+        enqueue.FLOOR,
+        0.8,
+    )
+    a = _median(results, "enqueue", "100 messages per transaction", MAILSPOOL)
+    b = _median(results, "enqueue", "1 message per transaction", MAILSPOOL)
+    out.append(
+        {
+            "target": "enqueue 100/tx: clearly faster per message than 1/tx (>= 1.5x)",
+            "value": f"{a / b:.2f}x" if a and b else None,
+            "met": (a / b >= 1.5) if a and b else None,
+        }
+    )
+    bound("pickup: median <= 20 ms", "pickup", "latency commit -> relay", MAILSPOOL, 20.0001, "ms")
+    idle = next((s for s in results.series if s.metric.startswith("idle CPU")), None)
+    if idle is not None:
+        bound("pickup: idle CPU < 1%", "pickup", idle.metric, MAILSPOOL, 1.0, "%")
+    scale_name = next((s.scenario for s in results.series if s.scenario.startswith("scale")), None)
+    if scale_name:
+        bound(
+            "scale: `mailspool status` < 1 s",
+            scale_name,
+            "`mailspool status` wall time",
+            MAILSPOOL,
+            1.0,
+            "s",
+        )
+        metrics = [
+            s.metric
+            for s in results.series
+            if s.scenario == scale_name and s.metric.startswith("drain")
+        ]
+        if len(metrics) == 2:
+            small = _median(results, scale_name, metrics[0], MAILSPOOL)
+            big = _median(results, scale_name, metrics[1], MAILSPOOL)
+            out.append(
+                {
+                    "target": f"scale: {metrics[1]} not below the {metrics[0]} "
+                    "(>= 0.95x, for noise)",
+                    "value": f"{big / small:.2f}x" if big and small else None,
+                    "met": (big / small >= 0.95) if big and small else None,
+                }
+            )
+        big_n = results.scenario_info.get(scale_name, {}).get("messages", 0)
+        rss = next(
+            (
+                s
+                for s in results.series
+                if s.scenario == scale_name
+                and s.metric == "processor peak RSS"
+                and s.system == f"{MAILSPOOL} (drain of {big_n:,})"
+            ),
+            None,
+        )
+        if rss is not None:
+            m = rss.median
+            out.append(
+                {
+                    "target": "scale: processor peak RSS < 100 MB",
+                    "value": f"{m:.1f} MB" if m is not None else None,
+                    "met": (m < 100) if m is not None else None,
+                }
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    sink = find_sink(opts.install_sink)
+    tmp = tempfile.mkdtemp(prefix="mailspool-bench-", dir=opts.tmpdir)
+    info = machine_info(tmp)
+    results = Results()
+    env = Env(opts=opts, results=results, tmp=tmp, sink_path=sink)
+    print(f"mailspool benchmarks — {info['date']}")
+    print(f"  machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}")
+    print(f"  spools:  {info['spool_filesystem']}")
+    print(f"  load:    {' '.join(f'{x:.2f}' for x in info['load_at_start'])}")
+    print("  versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    if sink:
+        print(f"  fast relay: {sink}")
+    else:
+        print(
+            "  fast relay: smtp-sink NOT FOUND -> falling back to an aiosmtpd sink "
+            "(slower; install Debian's postfix package or pass --install-sink)"
+        )
+    started = time.monotonic()
+    try:
+        for key in opts.scenarios:
+            title, fn = SCENARIOS[key]
+            print(f"\n== {key}: {title}")
+            t0 = time.monotonic()
+            try:
+                fn(env)
+            except Exception as exc:  # a broken scenario must not hide the others
+                import traceback
+
+                traceback.print_exc()
+                results.notes.append(f"{key}: scenario failed: {exc!r}")
+            print(f"   ({time.monotonic() - t0:.0f} s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    info["load_at_end"] = os.getloadavg()
+    loads = sorted(harness.LOAD_SAMPLES) or [0.0]
+    info["load_during_trials"] = {
+        "min": loads[0],
+        "median": loads[len(loads) // 2],
+        "max": loads[-1],
+        "trials": len(harness.LOAD_SAMPLES),
+    }
+    info["duration_s"] = round(time.monotonic() - started, 1)
+
+    print("\n" + results.table())
+    checks = targets(results)
+    print("\nTargets (issue 6):")
+    for t in checks:
+        mark = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        print(
+            f"  [{mark}] {t['target']}: {t['value'] if t['value'] is not None else 'not measured'}"
+        )
+    for note in results.notes:
+        print(f"\nNote: {note}")
+    ld = info["load_during_trials"]
+    print(
+        f"\n1-minute load average at the start of each trial: median {ld['median']:.2f} "
+        f"(min {ld['min']:.2f}, max {ld['max']:.2f}) on {info['cores']} cores; "
+        f"{info['duration_s']:.0f} s in all"
+    )
+
+    os.makedirs(opts.out, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    data = results.to_json(
+        {
+            "machine": info,
+            "options": vars(opts) | {"scenarios": list(opts.scenarios)},
+            "targets": checks,
+        }
+    )
+    data["markdown"] = results.markdown()
+    for name in (f"bench-{stamp}.json", "latest.json"):
+        write_json(os.path.join(opts.out, name), data)
+    png = os.path.join(opts.out, "latest.png")
+    results.plot(png, f"mailspool vs zope.sendmail vs repoze.sendmail — {info['date']}")
+    shutil.copyfile(png, os.path.join(opts.out, f"bench-{stamp}.png"))
+    print(f"\nwrote {opts.out}/latest.json and latest.png (and bench-{stamp}.*)")
+    errors = any(s.errors for s in results.series)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -682,3 +682,24 @@ def test_a_stale_cur_file_from_a_crashed_settle_is_dropped(sp: Spool) -> None:
     (root(sp) / "cur" / mid).write_bytes(old)
     assert sp.sweep() >= 1
     assert names(root(sp), "cur") == [] and sp.get(mid).recipients[0].status == "sent"
+
+
+def test_oldest_agrees_with_the_entries_and_reads_odd_names(tmp_path: Path) -> None:
+    sp = Spool(tmp_path / "spool")
+    assert sp.oldest() is None
+    fill_spool(sp, 5)
+    waiting = [e.queued_at for e in sp.entries() if e.queued_at is not None]
+    assert sp.oldest() == min(waiting)
+    # A file whose name does not start with a time (copied in by hand, in
+    # zope.sendmail's format) is read to learn its age: here, the oldest.
+    legacy = tmp_path / "spool" / "new" / "hand-copied.message"
+    legacy.write_bytes(b"X-Zope-From: a@example.org\r\nX-Zope-To: b@example.org\r\n\r\nold\r\n")
+    os.utime(legacy, (1_000_000_000, 1_000_000_000))
+    assert sp.oldest() == 1_000_000_000
+    # Failed and quarantined messages are not waiting: not counted.
+    for e in list(sp.entries("ready")):
+        if e.id != "hand-copied.message":
+            sp.hold(e.id)
+    assert sp.oldest(("held",)) == min(waiting)
+    sp.delete("hand-copied.message")
+    assert sp.oldest() == min(waiting)  # the held ones still wait

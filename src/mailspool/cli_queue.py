@@ -131,13 +131,7 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
     with reading(spool):
         counts = spool.counts()
         next_retry = spool.next_due()
-    oldest: float | None = None
-    for state in ("ready", "in_flight", "deferred", "held"):
-        if not counts.get(state):
-            continue
-        for entry in _entries(spool, state):
-            if entry.queued_at is not None and (oldest is None or entry.queued_at < oldest):
-                oldest = entry.queued_at
+        oldest = spool.oldest()
     if as_json:
         out: dict[str, Any] = {"queue": spool.path}
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})

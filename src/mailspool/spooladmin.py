@@ -40,6 +40,24 @@ from mailspool.spoolfile import (
 
 __all__ = ["SpoolAdmin", "SpoolEntry"]
 
+
+def _name_time(name: str) -> tuple[int, int] | None:
+    """(seconds, microseconds) from a Maildir name ``SECONDS.M<us>...``.
+
+    Names without the ``M<us>`` part (zope.sendmail's) give 0 microseconds;
+    names not starting with a time give None.
+    """
+    head, _, rest = name.partition(".")
+    if not head.isdigit():
+        return None
+    us = 0
+    if rest[:1] == "M":
+        digits = rest[1:8]
+        n = len(digits) - len(digits.lstrip("0123456789"))
+        us = int(digits[:n]) if n else 0
+    return int(head), us
+
+
 _HEAD_READ = 16384  # bytes read to list a message; more when the envelope is longer
 
 
@@ -132,6 +150,36 @@ class SpoolAdmin(SpoolDir):
                             continue
                     out[state] += 1
         return out
+
+    def oldest(
+        self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
+    ) -> float | None:
+        """When the oldest message still waiting was queued, or None.
+
+        Read from the file names, which begin with the time they were made
+        (Maildir's rule, which zope.sendmail and repoze.sendmail follow too):
+        one directory listing per state and a single file read, so a queue
+        of 100,000 is answered in a fraction of a second.  A name that does
+        not start with a time is read to learn it.
+        """
+        best: tuple[tuple[int, int], str, str] | None = None
+        unnamed: list[tuple[str, str]] = []
+        for state in states:
+            area = AREAS[state]
+            for name in self._names(area):
+                key = _name_time(name)
+                if key is None:
+                    unnamed.append((area, name))
+                elif best is None or key < best[0]:
+                    best = (key, area, name)
+        times: list[float] = []
+        for area, name in unnamed + ([(best[1], best[2])] if best is not None else []):
+            entry = self._entry(area, name, full=False)
+            if entry is not None and entry.queued_at is not None:
+                times.append(entry.queued_at)
+        if best is not None and not times:
+            times.append(best[0][0] + best[0][1] / 1e6)
+        return min(times) if times else None
 
     def entries(self, state: str | None = None) -> Iterator[SpoolEntry]:
         """Stream one :class:`SpoolEntry` per message (all states, or one).

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import email.errors
 import email.utils
+import functools
 import ipaddress
 import os
 import quopri
@@ -180,6 +181,20 @@ def parse_mailbox(value: str) -> str:
             ``a@b@c``, a local part over 64 octets, a domain over 255 octets
             or with a bad label), or for a value that is not a ``str``.
     """
+    if type(value) is str:
+        # Applications send from the same few addresses over and over: a
+        # validated address is remembered (the function is pure; refusals are
+        # not cached and raise every time).
+        return _parse_mailbox_cached(value)
+    return _parse_mailbox(value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_mailbox_cached(value: str) -> str:
+    return _parse_mailbox(value)
+
+
+def _parse_mailbox(value: str) -> str:
     if not isinstance(value, str):
         raise InvalidAddress(value, f"expected str, got {type(value).__name__}")
     _check_characters(value)

@@ -431,6 +431,25 @@ def test_the_final_reply_has_its_own_longer_timeout(smtp_relay: Any, mailer_for:
     assert mailer.send(FROM, ["a@example.org"], MSG).accepted == ("a@example.org",)
 
 
+def test_every_message_on_a_reused_connection_gets_both_timeouts(
+    smtp_relay: Any, mailer_for: Any
+) -> None:
+    # The socket's timeout is set only when it changes: the next message on
+    # the same connection still waits the long one for its final reply, and
+    # its commands the short one.
+    stall = Stall(0.6, at="data")
+    relay = smtp_relay(stall)
+    mailer = mailer_for(relay, timeout=0.2, data_timeout=5)
+    envelope = make_envelope(FROM, ["a@example.org"])
+    with mailer.connect() as conn:
+        for _ in range(2):
+            assert conn.send(envelope, to_wire(MSG)).accepted == ("a@example.org",)
+        stall.at = "rcpt"
+        with pytest.raises(SMTPTimeout, match="RCPT"):
+            conn.send(envelope, to_wire(MSG))
+    assert relay.connections == 1 and len(relay.messages) == 2
+
+
 # --- one connection, many messages -----------------------------------------------
 
 

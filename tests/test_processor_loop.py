@@ -6,6 +6,7 @@ they prove that the pickup is not waiting for a poll, without timing it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,11 +15,22 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import transaction
 
-from _relays import RCPT, SENDER, SlowData, body, enqueue, message_id, start_child, wait_for
+from _relays import (
+    RCPT,
+    SENDER,
+    SlowData,
+    Switchable,
+    body,
+    enqueue,
+    message_id,
+    start_child,
+    wait_for,
+)
 from conftest import Relay, RelayFactory
 from mailspool.delivery import QueuedMailDelivery
 from mailspool.mailer import SMTPMailer
@@ -144,6 +156,78 @@ def test_stop_finishes_what_is_in_flight(spool: Spool, smtp_relay: RelayFactory)
     with pytest.raises(RuntimeError):
         p.start()
         p.start()
+    p.stop()
+
+
+class HeldData:
+    """Holds every message's final reply until ``release`` is set; counts those held."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.held = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.held += 1
+        while not self.release.is_set():
+            await asyncio.sleep(0.01)
+        return "250 2.0.0 OK"
+
+
+def test_ids_queued_ahead_are_not_claimed_and_not_started_after_a_stop(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    handler = HeldData()
+    relay = smtp_relay(handler)
+    enqueue(spool, 30)
+    p = QueueProcessor(spool, SMTPMailer(**relay.mailer_kwargs()), connections=2, watch=False)
+    stopper = threading.Thread(target=p.stop)
+    try:
+        p.start()
+        assert wait_for(lambda: handler.held == 2)
+        # A few ids wait ahead of the two sender threads; only two are claimed.
+        assert spool.counts()["in_flight"] == 2
+        assert p._jobs.qsize() <= 4  # bounded, whatever the size of the queue
+        stopper.start()
+        assert wait_for(p._stopping)
+    finally:
+        handler.release.set()
+    stopper.join(10)
+    assert not stopper.is_alive()
+    assert len(relay.messages) == 2  # the two under way were settled...
+    counts = spool.counts()
+    assert counts["ready"] == 28 and counts["in_flight"] == 0  # ...nothing new was started
+
+
+class HeldAfterOutage(Switchable, HeldData):
+    """Down (421 at EHLO) until switched on, then holds the final replies."""
+
+    def __init__(self) -> None:
+        Switchable.__init__(self)
+        HeldData.__init__(self)
+
+
+def test_a_probe_is_one_message_although_ids_are_queued_ahead(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    handler = HeldAfterOutage()
+    relay = smtp_relay(handler)
+    enqueue(spool, 30)
+    p = QueueProcessor(spool, SMTPMailer(**relay.mailer_kwargs()), connections=4, watch=False)
+    t0 = time.time()
+    assert p.process_once(t0).relay_paused  # down: paused, then one message probes
+    handler.down = False
+    probe = threading.Thread(target=p.process_once, args=(t0 + p.retry.relay_first_delay,))
+    try:
+        probe.start()
+        # The dispatcher has queued ids ahead (8 for 4 threads): one started,
+        # three threads waiting for a free slot, four in the queue.
+        assert wait_for(lambda: handler.held == 1 and p._jobs.qsize() == 4)
+        assert spool.counts()["in_flight"] == 1 and handler.held == 1
+    finally:
+        handler.release.set()
+    probe.join(30)
+    assert not probe.is_alive()
+    assert len(relay.messages) == 30 and sum(spool.counts().values()) == 0
     p.stop()
 
 

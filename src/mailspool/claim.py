@@ -19,13 +19,27 @@ from dataclasses import replace
 from types import TracebackType
 
 from mailspool.errors import SpoolError
-from mailspool.lifecycle import OUTCOME_ACTION, next_area, settle_record
+from mailspool.lifecycle import OUTCOME_ACTION, all_sent, next_area, settle_record
 from mailspool.locks import close_held
 from mailspool.message import Envelope
 from mailspool.spooldir import SpoolDir, log, new_name, unlink_quietly
 from mailspool.spoolfile import RecipientStatus, Record, encode_file
 
 __all__ = ["Claim"]
+
+#: This process's id, kept current by a fork hook: a claim checks that it
+#: belongs to this process several times per message, and ``os.getpid()``
+#: is a system call each time.
+_this_process = os.getpid()
+
+
+def _after_fork_in_child() -> None:
+    global _this_process
+    _this_process = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class Claim:
@@ -58,7 +72,7 @@ class Claim:
     ) -> None:
         self._spool = spool
         self._fd = fd
-        self._pid = os.getpid()
+        self._pid = _this_process
         self._record = record
         self._done: str | None = None
         self.id = id
@@ -96,7 +110,7 @@ class Claim:
     def held(self) -> bool:
         """True while this claim holds the message in this process: not yet
         settled, deferred, released or quarantined."""
-        return self._done is None and self._pid == os.getpid()
+        return self._done is None and self._pid == _this_process
 
     @property
     def legacy(self) -> bool:
@@ -120,7 +134,7 @@ class Claim:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._done is None and self._pid == os.getpid():
+        if self._done is None and self._pid == _this_process:
             try:
                 self.release()
             except SpoolError:
@@ -129,13 +143,13 @@ class Claim:
                 log.exception("spool %s: cannot release %s", self._spool.path, self.id)
 
     def __del__(self) -> None:
-        if getattr(self, "_done", "x") is None and self._fd >= 0 and self._pid == os.getpid():
+        if getattr(self, "_done", "x") is None and self._fd >= 0 and self._pid == _this_process:
             close_held(self._fd)  # the lock dies with it: due again at once
 
     def _start(self, action: str) -> str | None:
         if self._done is not None:
             raise SpoolError(f"cannot {action} {self.id}: already {self._done}")
-        if self._pid != os.getpid():
+        if self._pid != _this_process:
             raise SpoolError(f"cannot {action} {self.id}: claimed by process {self._pid}")
         return next_area(action, "cur")
 
@@ -174,7 +188,12 @@ class Claim:
         """
         if self._done is not None:
             raise SpoolError(f"cannot settle {self.id}: already {self._done}")
-        record, outcome = settle_record(self._record, sent, failed, deferred)
+        sent = tuple(sent)  # read twice below
+        if not failed and not deferred and all_sent(self._record, sent):
+            # Every recipient accepted: no record to build, the file just goes.
+            record, outcome = self._record, "removed"
+        else:
+            record, outcome = settle_record(self._record, sent, failed, deferred)
         action = OUTCOME_ACTION[outcome]
         if outcome == "removed":
             self._start(action)

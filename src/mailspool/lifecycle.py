@@ -25,6 +25,7 @@ __all__ = [
     "NEWER_THAN_CUR",
     "OUTCOME_ACTION",
     "STATES",
+    "all_sent",
     "next_area",
     "settle_record",
 ]
@@ -103,6 +104,30 @@ def next_area(action: str, area: str) -> str | None:
     return target
 
 
+def all_sent(record: Record, sent: Iterable[str]) -> bool:
+    """Whether ``sent`` leaves nothing pending and nothing failed.
+
+    The common case of a settle: :func:`settle_record` would return
+    ``"removed"``, and the file goes to the trash without a new record
+    being built.
+
+    Args:
+        record: the message's record before the attempt.
+        sent: recipients the relay accepted (and no other outcome given).
+
+    Returns:
+        True when ``sent`` names exactly the pending recipients and no
+        recipient failed before.
+    """
+    pending = set()
+    for r in record.recipients:
+        if r.status == PENDING:
+            pending.add(r.address)
+        elif r.status == FAILED:
+            return False
+    return pending == set(sent)
+
+
 def settle_record(
     record: Record,
     sent: Iterable[str] = (),
@@ -160,5 +185,7 @@ def settle_record(
     last_error = record.last_error
     if why is not None:
         last_error = why[1] if why[0] is None else f"{why[0]} {why[1]}"
-    new = replace(record, recipients=tuple(out), attempts=record.attempts + 1)
-    return replace(new, last_error=last_error), outcome
+    new = replace(
+        record, recipients=tuple(out), attempts=record.attempts + 1, last_error=last_error
+    )
+    return new, outcome

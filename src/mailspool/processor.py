@@ -7,7 +7,9 @@ says are due (``Spool.due``: directory entries, never the whole queue) and
 hands them, one by one, to a fixed set of sender threads; never more are
 in flight than the relay currently allows (:class:`~mailspool.policy.RelayState`:
 one while probing a relay that failed, fewer after a 421 "too many
-connections"), so memory stays flat whatever the size of the queue.  Each
+connections"), so memory stays flat whatever the size of the queue.  A few
+ids are queued ahead of the threads, which start one only when a slot is
+free: the dispatcher is then woken once per few messages, not per message.  Each
 thread hands its message to the :class:`~mailspool.sender.Sender`, which
 claims, sends over a pooled connection (:mod:`mailspool.connections`) and
 settles it per recipient, then dispatches the events, outside any
@@ -73,20 +75,79 @@ ABANDONED_CHECK = 1.0
 
 
 class _Pass:
-    """The bookkeeping of one pass: what is in flight, what was done."""
+    """The bookkeeping of one pass: what is queued, what is in flight, what was done.
 
-    def __init__(self, now: float) -> None:
+    The dispatcher keeps a few ids queued ahead of the sender threads, and
+    is woken only when that surplus runs low, not after every message: each
+    wake-up is a hand-off of the interpreter lock.  A queued id is not in
+    flight: a sender thread starts it only when :meth:`start` finds a free
+    slot, so never more are in flight than the relay allows.
+    """
+
+    def __init__(self, now: float, ahead: int) -> None:
         self.now = now
         self.cond = threading.Condition()
+        self.queued = 0  # handed to the sender threads, not yet started
         self.in_flight = 0
+        #: The dispatcher queues up to ``high`` ids, then sleeps until no
+        #: more than ``low`` are left.
+        self.high = max(2, 2 * ahead)
+        self.low = self.high // 2
+        self.dispatcher_waits = False
+        self.starters_wait = 0  # sender threads waiting for a free slot
         self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined"), 0)
+
+    def queue(self, blocked: Callable[[float], bool]) -> bool:
+        """Wait until another id may be queued; False when none may be (``blocked``)."""
+        with self.cond:
+            while True:
+                if blocked(self.now):
+                    return False
+                if self.queued < self.high:
+                    self.queued += 1
+                    return True
+                self.dispatcher_waits = True
+                try:
+                    self.cond.wait()
+                finally:
+                    self.dispatcher_waits = False
+
+    def start(self, allowed: Callable[[float], int], blocked: Callable[[float], bool]) -> bool:
+        """Wait for a free slot, then count a queued id as in flight.
+
+        Returns:
+            False (at once) when ``blocked``: the id must not be started.
+            Either way :meth:`done` is to be called for it.
+        """
+        with self.cond:
+            try:
+                while True:
+                    if blocked(self.now):
+                        return False
+                    if self.in_flight < allowed(self.now):
+                        return True
+                    self.starters_wait += 1
+                    try:
+                        self.cond.wait()
+                    finally:
+                        self.starters_wait -= 1
+            finally:
+                self.queued -= 1
+                self.in_flight += 1
+                if self.dispatcher_waits and self.queued <= self.low:
+                    self.cond.notify_all()
 
     def done(self, outcome: str | None) -> None:
         with self.cond:
             self.in_flight -= 1
             if outcome in self.counts:
                 self.counts[outcome] += 1
-            self.cond.notify_all()
+            if self.starters_wait or (self.in_flight == 0 and self.queued == 0):
+                self.cond.notify_all()
+
+    def settled(self) -> bool:
+        """True when nothing is queued or in flight (call with ``cond`` held)."""
+        return self.in_flight == 0 and self.queued == 0
 
     def count(self, outcome: str | None) -> None:
         """Count an outcome settled outside the sender threads."""
@@ -205,7 +266,7 @@ class QueueProcessor:
         """
         with self._pass_lock:
             now = self._clock() if now is None else now
-            p = _Pass(now)
+            p = _Pass(now, self.connections)
             self._write_waiting(p)
             if not self.relay.paused(now) and not self._sender.waiting():
                 self._start_threads()
@@ -215,7 +276,7 @@ class QueueProcessor:
                     log.exception("spool %s: cannot list what is due", self.spool.path)
                 finally:
                     with p.cond:
-                        p.cond.wait_for(lambda: p.in_flight == 0)
+                        p.cond.wait_for(p.settled)
             c = p.counts
             return Summary(
                 c["sent"],
@@ -249,21 +310,17 @@ class QueueProcessor:
             for id in ids:
                 if self._sender.skipped(id, p.now):
                     continue
-                with p.cond:
-                    while True:
-                        if self._stopping() or self.relay.paused(p.now):
-                            return
-                        if self._sender.waiting():  # the spool is full: send nothing new
-                            return
-                        if p.in_flight < self.relay.parallelism(p.now):
-                            break
-                        p.cond.wait()
-                    p.in_flight += 1
+                if not p.queue(self._blocked):
+                    return
                 self._jobs.put((id, p))
         finally:
             close = getattr(ids, "close", None)
             if close is not None:
                 close()
+
+    def _blocked(self, now: float) -> bool:
+        """True when nothing new may be started: stopping, relay paused, spool full."""
+        return self._stopping() or self.relay.paused(now) or bool(self._sender.waiting())
 
     def drain(self, *, progress: Callable[[Summary], None] | None = None) -> Summary:
         """Deliver everything that is due now, pass after pass, then return.
@@ -298,8 +355,9 @@ class QueueProcessor:
             id, p = job
             done = Done(None)
             try:
-                done = self._sender.handle(id, p.now)
-                events.notify(done.events)  # outside any transaction; never raises
+                if p.start(self.relay.parallelism, self._blocked):
+                    done = self._sender.handle(id, p.now)
+                    events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
             finally:

@@ -63,6 +63,16 @@ log = logging.getLogger(__name__)
 _BLOCK = 256 * 1024
 
 
+def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
+    """Set the socket's timeout, unless it already is that.
+
+    Each ``settimeout()`` is a system call that lets go of the interpreter
+    lock; a message would otherwise make three of them.
+    """
+    if sock.gettimeout() != timeout:
+        sock.settimeout(timeout)
+
+
 def _readable(sock: socket.socket) -> bool:
     """True when the peer sent something (or closed) while we expected silence."""
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -324,8 +334,7 @@ class SMTPConnection:
     ) -> SendResult:
         sock = smtp.sock
         assert sock is not None
-        timeout = self._mailer.timeout
-        sock.settimeout(timeout)
+        _set_timeout(sock, self._mailer.timeout)
         smtp.command_encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         self._reused = True
 
@@ -399,12 +408,12 @@ class SMTPConnection:
         try:
             # The long wait: a relay may take minutes to queue the message
             # (RFC 5321 4.5.3.2.6), and giving up early duplicates it.
-            sock.settimeout(self._mailer.data_timeout)
+            _set_timeout(sock, self._mailer.data_timeout)
             code, raw = smtp.getreply()
         except OSError as exc:
             raise self._translate(exc, "the reply after the final dot", maybe_sent=True) from exc
         if smtp.sock is not None:
-            sock.settimeout(self._mailer.timeout)
+            _set_timeout(sock, self._mailer.timeout)
         text = reply_text(raw)
         if code < 100:
             self._drop()

@@ -104,7 +104,7 @@ class Runner:
         path: the spool directory (fresh, under a temporary directory).
         port: the relay's port on 127.0.0.1.
         tls_ca: the CA file when the relay requires STARTTLS, else None.
-        connections: mailspool's parallel SMTP connections.
+        connections: mailspool's parallel SMTP connections (None: its default).
         interval: the processors' polling interval (seconds).
         wake: mailspool only: pass ``on_commit=processor.wake`` to the
             delivery (False: the processor finds new mail by itself, as a
@@ -118,7 +118,7 @@ class Runner:
         port: int,
         *,
         tls_ca: str | None = None,
-        connections: int = 4,
+        connections: int | None = None,
         interval: float = POLL_INTERVAL,
         wake: bool = True,
     ) -> None:
@@ -204,7 +204,8 @@ class Runner:
         if self.system == MAILSPOOL:
             from mailspool.processor import QueueProcessor
 
-            processor = QueueProcessor(self.path, self.mailer(), connections=self.connections)
+            kw = {} if self.connections is None else {"connections": self.connections}
+            processor = QueueProcessor(self.path, self.mailer(), **kw)
             summary = processor.drain()
             return {"summary": repr(summary)}
         if self.system == ZOPE:
@@ -227,12 +228,8 @@ class Runner:
         if self.system == MAILSPOOL:
             from mailspool.processor import QueueProcessor
 
-            self._processor = QueueProcessor(
-                self.path,
-                self.mailer(),
-                connections=self.connections,
-                interval=self.interval,
-            )
+            kw = {} if self.connections is None else {"connections": self.connections}
+            self._processor = QueueProcessor(self.path, self.mailer(), interval=self.interval, **kw)
             if self.wake:
                 self._on_commit = self._processor.wake
                 self._delivery = None  # rebuilt with on_commit

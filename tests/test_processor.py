@@ -25,6 +25,7 @@ from _relays import (
     MidDataDropper,
     RcptOnce,
     RefuseSome,
+    SlowData,
     Switchable,
     TooManyConnections,
     enqueue,
@@ -551,3 +552,29 @@ def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay)
     assert received.rcpt_tos == ["a@example.org", "b@example.org"]
     assert message_id(received.content) == "legacy.1@example.org"
     assert b"X-Zope-" not in received.content
+
+
+def test_a_slow_relay_gets_more_connections_up_to_the_limit(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    relay = smtp_relay(SlowData(0.05))
+    ids = enqueue(spool, 40)
+    with processor(spool, relay, connections=10) as p:
+        assert p.drain() == Summary(sent=40)
+        grown = len(p._threads)
+    # Started with 4; the relay's 50 ms per message made it add connections,
+    # never more than allowed.
+    assert 4 < grown <= 10
+    assert 4 < relay.connections <= 10
+    assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
+
+
+def test_connections_below_the_initial_number_are_never_exceeded(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    relay = smtp_relay(SlowData(0.05))
+    enqueue(spool, 12)
+    with processor(spool, relay, connections=2) as p:
+        assert p.drain() == Summary(sent=12)
+        assert len(p._threads) == 2
+    assert relay.connections <= 2

@@ -308,3 +308,19 @@ def test_waiter_sees_new_mail_through_inotify(tmp_path: Path) -> None:
 
 def test_inotify_refuses_a_missing_directory(tmp_path: Path) -> None:
     assert Inotify.open({str(tmp_path / "missing"): 0x100}) is None
+
+
+def test_relay_state_grows_but_a_421_throttle_still_halves_it() -> None:
+    state = RelayState(RetryPolicy(), 4)
+    assert state.parallelism(0.0) == 4
+    state.grow(6)
+    assert state.parallelism(0.0) == 6
+    state.grow(5)  # never shrinks by growing
+    assert state.parallelism(0.0) == 6
+    assert state.trouble(10.0, crowded=True) is not None
+    after_pause = 10.0 + RetryPolicy().relay_delay(1)
+    assert state.answered(after_pause) == 1
+    assert state.parallelism(after_pause) == 3  # halved for a while...
+    state.grow(8)  # ...and growing meanwhile does not lift the throttle
+    assert state.parallelism(after_pause + 1) == 3
+    assert state.parallelism(10.0 + THROTTLE_PERIOD) == 8  # then the new maximum

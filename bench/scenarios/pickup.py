@@ -78,7 +78,7 @@ def run(env: Env) -> None:
         "runs": runs,
         "idle_seconds": idle,
         "relay": "aiosmtpd, answers at once",
-        "mailspool": "QueueProcessor(connections=4, interval=3.0).start(), "
+        "mailspool": "QueueProcessor(interval=3.0).start() (default connections), "
         "QueuedMailDelivery(on_commit=processor.wake)",
         NO_WAKE: "the same without on_commit: the processor notices the new file "
         "by itself (inotify on Linux, else every interval), as a separate "

@@ -87,7 +87,7 @@ class Settings:
     connect_timeout: float = 60.0
     timeout: float = 300.0
     data_timeout: float = 600.0
-    connections: int = 4
+    connections: int = 16
     interval: float = 3.0
     rate_limit: float | None = None
     first_delay: float = 300.0

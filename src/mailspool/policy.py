@@ -187,6 +187,14 @@ class RelayState:
                 self._limit = self._max
             return self._limit
 
+    def grow(self, connections: int) -> None:
+        """Allow ``connections`` in flight from now on (more were opened)."""
+        with self._lock:
+            if connections > self._max:
+                if self._limit == self._max:
+                    self._limit = connections
+                self._max = connections
+
     def trouble(self, now: float, *, crowded: bool = False) -> Pause | None:
         """Record a relay-level failure.
 

@@ -69,6 +69,14 @@ __all__ = ["QueueProcessor", "RetryPolicy", "Summary"]
 log = logging.getLogger(__name__)
 
 _SENDER = "mailspool-sender-"  # the names of the sender threads
+#: Sender threads (and connections) a processor starts with; more are added,
+#: up to ``connections``, while the relay is slow to answer.
+INITIAL_CONNECTIONS = 4
+#: When a message takes longer than this (seconds of wall time, averaged),
+#: the relay's latency is the limit, not this process: another connection
+#: helps.  On a fast local relay a message takes about a millisecond, and
+#: more threads would only contend for the interpreter lock.
+SLOW_REPLY = 0.005
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
 ABANDONED_CHECK = 1.0
@@ -166,7 +174,10 @@ class QueueProcessor:
             ``connect()`` returning a connection with ``send(envelope, data)``,
             ``alive`` and ``close()``; a mailer with only ``send_envelope`` or
             ``send`` works too (no connection reuse then).
-        connections: sender threads, and at most this many connections.
+        connections: at most this many sender threads and connections
+            (default 16).  A processor starts with 4 (or fewer, if this is
+            lower) and adds one at a time, up to this number, while the
+            relay takes more than 5 ms a message and mail waits.
         interval: seconds between looks at the spool (new mail is seen at
             once through :meth:`wake` or inotify; this is the safety net).
         retry: the :class:`RetryPolicy` (default: Postfix-like).
@@ -185,7 +196,7 @@ class QueueProcessor:
         spool: str | os.PathLike[str] | Spool,
         mailer: Any,
         *,
-        connections: int = 4,
+        connections: int = 16,
         interval: float = 3.0,
         retry: RetryPolicy | None = None,
         rate_limit: float | None = None,
@@ -206,7 +217,8 @@ class QueueProcessor:
         self.rate_limit = rate_limit
         self.watch = watch
         #: The relay as this processor sees it: pause, probes, parallelism.
-        self.relay = RelayState(self.retry, connections)
+        self.relay = RelayState(self.retry, min(INITIAL_CONNECTIONS, connections))
+        self._latency = 0.0  # average wall time per message, seconds
         self.pool = ConnectionPool()
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
@@ -356,7 +368,9 @@ class QueueProcessor:
             done = Done(None)
             try:
                 if p.start(self.relay.parallelism, self._blocked):
+                    started = time.monotonic()
                     done = self._sender.handle(id, p.now)
+                    self._observe(time.monotonic() - started, p)
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
@@ -367,10 +381,41 @@ class QueueProcessor:
         with self._threads_lock:
             if self._threads:
                 return
-            for n in range(self.connections):
-                t = threading.Thread(target=self._work, name=f"{_SENDER}{n}", daemon=True)
-                t.start()
-                self._threads.append(t)
+            for _ in range(min(INITIAL_CONNECTIONS, self.connections)):
+                self._new_thread()
+
+    def _new_thread(self) -> None:
+        t = threading.Thread(target=self._work, name=f"{_SENDER}{len(self._threads)}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _observe(self, seconds: float, p: _Pass) -> None:
+        """Add a connection while the relay is slow and messages wait for one.
+
+        Like Postfix's destination concurrency, parallelism grows with the
+        relay's latency: a slow relay (a remote one, or one that scans mail)
+        gets up to ``connections`` at once, a fast local one stays at a few,
+        where more threads would only take turns at the interpreter lock.
+        """
+        self._latency += (seconds - self._latency) * 0.2
+        if (
+            self._latency <= SLOW_REPLY
+            or p.queued == 0
+            or len(self._threads) >= self.connections
+            or self._stopping()
+        ):
+            return
+        # Never wait for the lock: _stop_threads holds it while joining us.
+        if not self._threads_lock.acquire(blocking=False):
+            return
+        try:
+            n = len(self._threads)
+            if n == 0 or n >= self.connections or self.relay.parallelism(p.now) < n:
+                return  # stopped, full, or lowered after a 421: do not grow now
+            self._new_thread()
+            self.relay.grow(n + 1)
+        finally:
+            self._threads_lock.release()
 
     def _stop_threads(self, timeout: float | None = None) -> bool:
         """End the sender threads between passes and close the connections;

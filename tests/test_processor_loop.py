@@ -219,9 +219,9 @@ def test_a_probe_is_one_message_although_ids_are_queued_ahead(
     probe = threading.Thread(target=p.process_once, args=(t0 + p.retry.relay_first_delay,))
     try:
         probe.start()
-        # The dispatcher has queued ids ahead (8 for 4 threads): one started,
-        # three threads waiting for a free slot, four in the queue.
-        assert wait_for(lambda: handler.held == 1 and p._jobs.qsize() == 4)
+        # The dispatcher has queued ids ahead of the threads; only one started.
+        assert wait_for(lambda: handler.held == 1 and p._jobs.qsize() >= 1)
+        time.sleep(0.3)  # time for a wrong implementation to start more
         assert spool.counts()["in_flight"] == 1 and handler.held == 1
     finally:
         handler.release.set()

@@ -127,42 +127,9 @@ class Answers:
         return self.data
 
 
-class GreylistOneThenRefuseData:
-    """450 at RCPT for ``grey`` (the first time), 554 for the data of the others."""
-
-    def __init__(self, grey: str) -> None:
-        self.grey = grey
-        self.seen = False
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
-        if address == self.grey and not self.seen:
-            self.seen = True
-            return "450 4.2.0 greylisted"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        return "554 5.6.0 content refused"
-
-
-def test_data_refusal_fails_only_the_recipients_it_answered_for(
-    tmp_path: Path, smtp_relay: RelayFactory
-) -> None:
-    # The body of tests/torture/test_findings.py's test for finding 1.
-    relay = smtp_relay(GreylistOneThenRefuseData("later@example.org"))
-    spool = Spool(tmp_path / "spool")
-    commit(spool, ["now@example.org", "later@example.org"])
-    with processor(spool, relay) as p:
-        p.process_once()
-    (entry,) = list(spool.entries())
-    status = {r.address: (r.status, r.code) for r in entry.recipients}
-    assert status["now@example.org"] == ("failed", 554)
-    # The 554 answered for the recipients accepted at RCPT only; the one
-    # greylisted there was never part of that transaction.
-    assert status["later@example.org"] == ("pending", 450)
-    assert entry.state == "deferred"
+# The end-to-end case (a recipient greylisted at RCPT, then a 554 for the data)
+# is in tests/torture/test_findings.py
+# (test_data_refusal_fails_only_the_recipients_it_answered_for).
 
 
 def test_a_refused_data_command_carries_every_recipients_own_reply(
@@ -282,25 +249,8 @@ class FillDiskThenAccept:
         return "250 2.0.0 OK"
 
 
-def test_outcome_written_to_a_full_spool_does_not_resend_accepted_recipients(
-    tmp_path: Path, smtp_relay: RelayFactory
-) -> None:
-    # The body of tests/torture/test_findings.py's test for finding 3.
-    with tmpfs(tmp_path / "disk", size="1m") as disk:
-        spool = Spool(disk / "spool")
-        handler = FillDiskThenAccept(disk)
-        relay = smtp_relay(handler)
-        commit(spool, ["now@example.org", "later@example.org"])
-        with processor(spool, relay) as p:
-            p.process_once()  # now: 250; later: 450; the deferral cannot be written
-        with contextlib.suppress(FileNotFoundError):
-            (disk / "filler").unlink()
-        with processor(spool, relay) as p:
-            p.process_once(now=2e9)  # far later: everything due
-        got = received(relay)
-        assert got["later@example.org"] == 1
-        assert len({message_id(m.content) for m in relay.messages}) == 1
-        assert got["now@example.org"] == 1  # accepted once: never sent again
+# The end-to-end case on a real full tmpfs is in tests/torture/test_findings.py
+# (test_outcome_written_to_a_full_spool_does_not_resend_accepted_recipients).
 
 
 def test_an_outcome_the_spool_cannot_take_is_written_later_and_nothing_new_goes_meanwhile(

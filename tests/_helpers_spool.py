@@ -8,11 +8,9 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
+from _fs import fill, tmpfs
 from mailspool.message import Prepared, prepare
 from mailspool.spool import Spool
 
@@ -59,34 +57,12 @@ def wait_for(predicate: object, timeout: float = 10.0) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def small_fs(path: Path, size: str = "64k") -> Iterator[Path]:
+def small_fs(path: Path, size: str = "64k") -> contextlib.AbstractContextManager[Path]:
     """A tmpfs of ``size`` mounted on ``path``; skips the test where that is impossible."""
-    if not hasattr(os, "geteuid") or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    path.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+    return tmpfs(path, size=size)
 
 
 def fill_disk(path: Path) -> Path:
     """Write ``path/filler`` until the file system is full; return its path."""
-    filler = path / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        block = b"\0" * 4096
-        with contextlib.suppress(OSError):
-            while os.write(fd, block):
-                pass
-    finally:
-        os.close(fd)
-    return filler
+    fill(path)
+    return path / "filler"

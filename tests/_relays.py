@@ -19,8 +19,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+from _fs import fill
 from mailspool.mailer import Reply, SendResult
 from mailspool.message import Envelope, prepare
 from mailspool.spool import RecipientStatus, Record, Spool, encode_file
@@ -361,3 +363,29 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return predicate()
         time.sleep(0.01)
     return True
+
+
+class FillDiskThenAccept:
+    """Accepts ``now`` at once and ``later`` from the second time on; fills
+    ``disk`` before its first 250 after the data (the spool runs full just
+    as the relay takes the message)."""
+
+    def __init__(self, disk: Path) -> None:
+        self.disk = disk
+        self.rcpts = 0
+        self.filled = False
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        self.rcpts += 1
+        if address.startswith("later@") and self.rcpts <= 2:
+            return "450 4.2.0 greylisted"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if not self.filled:
+            self.filled = True
+            fill(self.disk)
+        return "250 2.0.0 OK"

@@ -33,7 +33,7 @@ import transaction
 import zope.event
 
 from _fs import fill, tmpfs
-from _relays import enqueue, message_id, only_id
+from _relays import FillDiskThenAccept, enqueue, message_id, only_id
 from conftest import Relay, RelayFactory
 from mailspool import DirectMailDelivery, QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool import sender as sender_module
@@ -221,36 +221,6 @@ def test_direct_delivery_reports_each_recipients_own_reason_after_a_data_refusal
 
 
 # --- 2. an outcome the full spool cannot take is kept, never sent again -----------------
-
-
-class FillDiskThenAccept:
-    """Accepts ``now`` at once and ``later`` from the second time on; fills
-    ``disk`` before its first 250 after the data (the spool runs full just
-    as the relay takes the message)."""
-
-    def __init__(self, disk: Path) -> None:
-        self.disk = disk
-        self.rcpts = 0
-        self.filled = False
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
-        self.rcpts += 1
-        if address.startswith("later@") and self.rcpts <= 2:
-            return "450 4.2.0 greylisted"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if not self.filled:
-            self.filled = True
-            fill(self.disk)
-        return "250 2.0.0 OK"
-
-
-# The end-to-end case on a real full tmpfs is in tests/torture/test_findings.py
-# (test_outcome_written_to_a_full_spool_does_not_resend_accepted_recipients).
 
 
 def test_an_outcome_the_spool_cannot_take_is_written_later_and_nothing_new_goes_meanwhile(

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import transaction
 
-from _fs import fill, tmpfs
-from _relays import message_id
+from _fs import tmpfs
+from _relays import FillDiskThenAccept, message_id
 from conftest import Relay, RelayFactory
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.errors import SpoolError
@@ -104,32 +104,6 @@ def test_failed_directory_fsync_is_not_a_successful_commit(
     with pytest.raises(SpoolError, match="EIO"):
         tm.commit()
     assert any(r.levelno == logging.CRITICAL for r in caplog.records)
-
-
-class FillDiskThenAccept:
-    """Accepts ``now`` at once and ``later`` from the second time on; fills
-    ``disk`` before its first 250 after the data (the spool runs full just
-    as the relay takes the message)."""
-
-    def __init__(self, disk: Path) -> None:
-        self.disk = disk
-        self.rcpts = 0
-        self.filled = False
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
-        self.rcpts += 1
-        if address.startswith("later@") and self.rcpts <= 2:
-            return "450 4.2.0 greylisted"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        if not self.filled:
-            self.filled = True
-            fill(self.disk)
-        return "250 2.0.0 OK"
 
 
 def test_outcome_written_to_a_full_spool_does_not_resend_accepted_recipients(

@@ -50,6 +50,8 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
+from mailspool.mailer import SMTPMailer
+
 RELAY_USER = "mailer"
 RELAY_PASSWORD = "s3cret-Pa55word"
 
@@ -352,6 +354,21 @@ def relay(smtp_relay: RelayFactory) -> Relay:
 def ca_file(smtp_ca: tuple[trustme.CA, str]) -> str:
     """The PEM file of the CA that signs the test relays' certificates."""
     return smtp_ca[1]
+
+
+@pytest.fixture
+def mailer_for() -> Iterator[Callable[..., SMTPMailer]]:
+    """Make an SMTPMailer for a relay; its connection is closed afterwards."""
+    made: list[SMTPMailer] = []
+
+    def make(relay: Any, **overrides: Any) -> SMTPMailer:
+        mailer = SMTPMailer(**relay.mailer_kwargs(**overrides))
+        made.append(mailer)
+        return mailer
+
+    yield make
+    for mailer in made:
+        mailer.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -65,6 +65,24 @@ def send(queue: Path, *to: str, subject: str = "hello", env: dict[str, str] | No
     assert proc.returncode == 0, proc.stderr
 
 
+def interrupt_once_arrived(
+    argv: list[str], env: dict[str, str], slow: SlowData, sig: int = signal.SIGINT
+) -> tuple[int, str, str]:
+    """Run the script, send ``sig`` once a message reached the relay; (code, out, err)."""
+    proc = subprocess.Popen(
+        [SCRIPT, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert slow.arrived.wait(15), "nothing reached the relay"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err
+
+
 def status(queue: Path) -> dict[str, Any]:
     proc = mailspool("status", "--json", "--queue", str(queue), env=clean_env())
     assert proc.returncode == 0, proc.stderr
@@ -338,22 +356,10 @@ def test_ctrl_c_during_drain_finishes_the_message_in_flight(
     queue = tmp_path / "spool"
     for n in range(3):
         send(queue, f"user{n}@example.org")
-    proc = subprocess.Popen(
-        [SCRIPT, "drain", "--connections", "1"],
-        env=relay_env(relay, queue),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    code, out, err = interrupt_once_arrived(
+        ["drain", "--connections", "1"], relay_env(relay, queue), slow
     )
-    try:
-        assert slow.arrived.wait(15), "nothing reached the relay"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    assert code == 130, err
     assert out == f"stopped {queue}: 1 sent, 0 deferred, 0 failed, 0 quarantined\n"
     assert err.endswith("mailspool: interrupted; the messages in flight were finished\n")
     assert len(relay.messages) == 1
@@ -369,22 +375,8 @@ def test_ctrl_c_during_run_once_finishes_the_message_in_flight(
     relay = smtp_relay(slow)
     queue = tmp_path / "spool"
     send(queue, "jane@example.org")
-    proc = subprocess.Popen(
-        [SCRIPT, "run", "--once"],
-        env=relay_env(relay, queue),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert slow.arrived.wait(15), "nothing reached the relay"
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    code, out, err = interrupt_once_arrived(["run", "--once"], relay_env(relay, queue), slow)
+    assert code == 130, err
     assert out == "stopped: 1 sent, 0 deferred, 0 failed, 0 quarantined\n"
     assert err.endswith("mailspool: interrupted; the messages in flight were finished\n")
     assert "Traceback" not in err

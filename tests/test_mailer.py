@@ -6,7 +6,6 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from typing import Any
 
@@ -34,21 +33,6 @@ from mailspool.message import make_envelope, to_wire
 
 MSG = b"From: a@example.org\r\nSubject: test\r\n\r\nHello.\r\n"
 FROM = "sender@example.org"
-
-
-@pytest.fixture
-def mailer_for() -> Iterator[Callable[..., SMTPMailer]]:
-    """Make an SMTPMailer for a relay; its connection is closed afterwards."""
-    made: list[SMTPMailer] = []
-
-    def make(relay: Any, **overrides: Any) -> SMTPMailer:
-        mailer = SMTPMailer(**relay.mailer_kwargs(**overrides))
-        made.append(mailer)
-        return mailer
-
-    yield make
-    for mailer in made:
-        mailer.close()
 
 
 def _accept_rcpt(envelope: Any, address: str, options: list[str]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import ssl
 import traceback
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -15,20 +14,6 @@ from mailspool.errors import AuthenticationError, RelayUnavailable, TLSFailure
 
 MSG = b"Subject: tls\r\n\r\nHello.\r\n"
 FROM = "sender@example.org"
-
-
-@pytest.fixture
-def mailer_for() -> Iterator[Callable[..., SMTPMailer]]:
-    made: list[SMTPMailer] = []
-
-    def make(relay: Any, **overrides: Any) -> SMTPMailer:
-        mailer = SMTPMailer(**relay.mailer_kwargs(**overrides))
-        made.append(mailer)
-        return mailer
-
-    yield make
-    for mailer in made:
-        mailer.close()
 
 
 def _all_text(exc: BaseException) -> str:

@@ -201,13 +201,7 @@ class Results:
             first = True
             for s in group:
                 label = f"{metric} ({s.unit}, {s.better} is better)"
-                if s.errors:
-                    med, rng = "ERROR", s.errors[0].splitlines()[0][:70]
-                elif not s.values:
-                    med, rng = "—", "not run"
-                else:
-                    med = fmt(statistics.median(s.values))
-                    rng = f"{fmt(min(s.values))}-{fmt(max(s.values))}"
+                med, rng = _median_and_range(s, "ERROR", 70)
                 r = self.ratio(primary, s)
                 rows.append(
                     (
@@ -237,13 +231,7 @@ class Results:
             primary = self.primary_of(group)
             for i, s in enumerate(group):
                 where = f"{scenario} | {metric} ({s.unit})" if i == 0 else " | "
-                if s.errors:
-                    med, rng = "**error**", s.errors[0].splitlines()[0][:80]
-                elif not s.values:
-                    med, rng = "—", "not run"
-                else:
-                    med = fmt(statistics.median(s.values))
-                    rng = f"{fmt(min(s.values))}-{fmt(max(s.values))}"
+                med, rng = _median_and_range(s, "**error**", 80)
                 r = self.ratio(primary, s)
                 out.append(
                     f"| {where} | {s.system} | {med} | {rng} | {len(s.values)} | {_ratio(r)} |"
@@ -386,3 +374,12 @@ def _ratio(r: float | None) -> str:
     if r is None:
         return ""
     return f"{r:.2f}x" if r >= 0.1 else f"{r:.2g}x"
+
+
+def _median_and_range(s: Any, error_label: str, width: int) -> tuple[str, str]:
+    """The median and min-max cells of a series (or its error, or "not run")."""
+    if s.errors:
+        return error_label, s.errors[0].splitlines()[0][:width]
+    if not s.values:
+        return "—", "not run"
+    return fmt(statistics.median(s.values)), f"{fmt(min(s.values))}-{fmt(max(s.values))}"

@@ -173,3 +173,24 @@ def test_forgotten_commit_is_warned_about_at_exit(tmp_path: Any) -> None:
     assert "never ended" in proc.stderr
     assert "commit() was not called" in proc.stderr
     assert list((tmp_path / "spool" / "new").iterdir()) == []
+
+
+def test_a_mailer_with_only_send_is_used_through_send(tm: Any, events: list[Any]) -> None:
+    class SendOnly:
+        """The classic IMailer: send(fromaddr, toaddrs, message) and nothing else."""
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, tuple[str, ...], bytes]] = []
+
+        def send(self, fromaddr: str, toaddrs: Any, message: bytes) -> None:
+            self.calls.append((fromaddr, tuple(toaddrs), message))
+
+    mailer = SendOnly()
+    d = DirectMailDelivery(mailer, transaction_manager=tm)
+    tm.begin()
+    mid = d.send("a@example.org", ["b@example.org"], MSG)
+    tm.commit()
+    [(fromaddr, toaddrs, data)] = mailer.calls
+    assert (fromaddr, toaddrs) == ("a@example.org", ("b@example.org",))
+    assert f"<{mid}>".encode() in data
+    assert [type(e) for e in events] == [MailSent]

@@ -325,7 +325,13 @@ class DirectMailDelivery(_Delivery):
         env = prepared.envelope
         mid = prepared.message_id
         try:
-            result = self.mailer.send(env.sender, env.recipients, prepared.data)
+            # The mailer's send() would validate the envelope and normalise the
+            # data again; this delivery's send() did both: take the fast path.
+            send_envelope = getattr(self.mailer, "send_envelope", None)
+            if send_envelope is not None:
+                result = send_envelope(env, prepared.data)
+            else:
+                result = self.mailer.send(env.sender, env.recipients, prepared.data)
         except Exception as exc:  # the commit boundary: never raise out of it
             log.error("mail %s to %s was not sent: %s", mid, ", ".join(env.recipients), exc)
             # RecipientsRefused, and any error at or after DATA, carry each

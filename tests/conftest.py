@@ -22,6 +22,10 @@ Options of the factory (all keyword-only but ``handler``):
 * ``auth``: offer AUTH PLAIN/LOGIN, accepting ``relay.username`` /
   ``relay.password``; ``auth_require_tls`` (default True) as in aiosmtpd.
 * ``smtputf8``: offer SMTPUTF8; ``size``: the SIZE limit (``None``: none).
+* ``pipelining``: offer PIPELINING (default True, as Postfix, Exim and
+  Sendmail do; aiosmtpd reads pipelined commands in order either way).
+  ``relay.pipelined`` lists the commands that arrived with more input
+  already waiting behind them, i.e. sent without waiting for their reply.
 * ``ehlo_strip``: EHLO keywords to leave out (``"STARTTLS"``, ``"AUTH"``,
   ``"8BITMIME"``...), as a man in the middle or an old relay would.
 * ``greeting``: the greeting line to send instead of 220 (e.g. a 554).
@@ -85,6 +89,8 @@ class Relay:
     connections: int = 0
     #: every command verb received, in order ("EHLO", "STARTTLS", "AUTH", "MAIL"...)
     commands: list[str] = field(default_factory=list)
+    #: the commands that arrived with more input already waiting behind them
+    pipelined: list[str] = field(default_factory=list)
     #: (mechanism, login) of every AUTH attempt that reached the authenticator
     auth_attempts: list[tuple[str, str]] = field(default_factory=list)
     #: how many of the next transactions are cut in the middle of their data
@@ -125,10 +131,11 @@ class _Handler:
     hooks are listed here too and reached through ``__getattr__``.
     """
 
-    def __init__(self, relay: Relay, inner: Any, strip: Sequence[str]) -> None:
+    def __init__(self, relay: Relay, inner: Any, strip: Sequence[str], pipelining: bool) -> None:
         self._relay = relay
         self._inner = inner
         self._strip = {k.upper() for k in strip}
+        self._pipelining = pipelining
 
     def __dir__(self) -> list[str]:
         return sorted(set(super().__dir__()) | set(dir(self._inner)))
@@ -143,6 +150,8 @@ class _Handler:
         hook = getattr(self._inner, "handle_EHLO", None)
         if hook is not None:
             responses = await hook(server, session, envelope, hostname, responses)
+        if self._pipelining:
+            responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return [r for r in responses if r[4:].split(" ")[0].upper() not in self._strip]
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
@@ -188,6 +197,8 @@ class _RelaySMTP(SMTP):
     ) -> Callable[[Any], Any]:
         async def record(arg: Any) -> None:
             self._relay.commands.append(name)
+            if self._reader is not None and len(self._reader._buffer):  # type: ignore[attr-defined]
+                self._relay.pipelined.append(name)
             if reply is None:
                 await method(arg)
             else:
@@ -268,6 +279,7 @@ def smtp_relay(smtp_ca: tuple[trustme.CA, str]) -> Iterator[RelayFactory]:
         auth_require_tls: bool = True,
         smtputf8: bool = True,
         size: int | None = 2**25,
+        pipelining: bool = True,
         ehlo_strip: Sequence[str] = (),
         greeting: str | None = None,
         replies: Mapping[str, str] | None = None,
@@ -311,7 +323,7 @@ def smtp_relay(smtp_ca: tuple[trustme.CA, str]) -> Iterator[RelayFactory]:
                 return AuthResult(success=ok, handled=False)
 
             kwargs["authenticator"] = authenticator
-        wrapped = _Handler(relay, handler, ehlo_strip)
+        wrapped = _Handler(relay, handler, ehlo_strip, pipelining)
         for attempt in range(5):
             port = _free_port()
             controller = _Controller(
@@ -336,6 +348,7 @@ def smtp_relay(smtp_ca: tuple[trustme.CA, str]) -> Iterator[RelayFactory]:
         # The controller's start-up probe is not a client's connection.
         relay.connections = 0
         relay.commands.clear()
+        relay.pipelined.clear()
         started.append(relay)
         return relay
 

@@ -159,11 +159,12 @@ def test_mixed_recipient_replies_are_reported_exactly(smtp_relay: Any, mailer_fo
         (["552 5.5.3 too many recipients", "550 5.1.1 no such user"], True),
     ],
 )
+@pytest.mark.parametrize("pipelining", [True, False])
 def test_all_refused_raises_with_the_result(
-    smtp_relay: Any, mailer_for: Any, replies: list[str], transient: bool
+    smtp_relay: Any, mailer_for: Any, replies: list[str], transient: bool, pipelining: bool
 ) -> None:
     rcpts = ["x@example.org", "y@example.org"]
-    relay = smtp_relay(PerRecipient(dict(zip(rcpts, replies, strict=True))))
+    relay = smtp_relay(PerRecipient(dict(zip(rcpts, replies, strict=True))), pipelining=pipelining)
     mailer = mailer_for(relay)
     with pytest.raises(RecipientsRefused) as info:
         mailer.send(FROM, rcpts, MSG)
@@ -173,15 +174,21 @@ def test_all_refused_raises_with_the_result(
     assert set(error.result.refused) == set(rcpts)
     assert error.result.reply is None
     assert "x@example.org" in str(error) and "y@example.org" in str(error)
-    # No DATA; the transaction was reset and the connection is still good.
-    assert "DATA" not in relay.commands
-    assert relay.commands[-1] == "RSET"
+    # No message data; the transaction was reset and the connection is still
+    # good.  Pipelined, DATA went out with the RCPTs, and the relay refused it.
+    if pipelining:
+        assert relay.commands == ["EHLO", "MAIL", "RCPT", "RCPT", "DATA", "RSET"]
+        assert relay.pipelined == ["MAIL", "RCPT", "RCPT"]
+    else:
+        assert relay.commands == ["EHLO", "MAIL", "RCPT", "RCPT", "RSET"]
+        assert relay.pipelined == []
     mailer.send(FROM, ["fine@example.org"], MSG)
     assert relay.connections == 1
 
 
+@pytest.mark.parametrize("pipelining", [True, False])
 def test_sender_refused_is_permanent_and_the_connection_survives(
-    smtp_relay: Any, mailer_for: Any
+    smtp_relay: Any, mailer_for: Any, pipelining: bool
 ) -> None:
     class RefuseSender:
         async def handle_MAIL(
@@ -191,13 +198,16 @@ def test_sender_refused_is_permanent_and_the_connection_survives(
                 return "550 5.7.1 sender rejected"
             return _accept_mail(envelope, address, options)
 
-    relay = smtp_relay(RefuseSender())
+    relay = smtp_relay(RefuseSender(), pipelining=pipelining)
     mailer = mailer_for(relay)
     with pytest.raises(PermanentError) as info:
         mailer.send("spammer@example.org", ["a@example.org"], MSG)
     assert info.value.code == 550 and info.value.enhanced == "5.7.1"
     assert not info.value.about_relay
-    assert "RCPT" not in relay.commands and relay.commands[-1] == "RSET"
+    if pipelining:  # RCPT and DATA were on their way; the relay refused both
+        assert relay.commands == ["EHLO", "MAIL", "RCPT", "DATA", "RSET"]
+    else:
+        assert relay.commands == ["EHLO", "MAIL", "RSET"]
     mailer.send(FROM, ["a@example.org"], MSG)
     assert relay.connections == 1 and len(relay.messages) == 1
 
@@ -255,13 +265,20 @@ def test_nobody_listening_means_relay_unavailable(mailer_for: Any) -> None:
     assert info.value.about_relay and info.value.code is None
 
 
-def test_421_at_rcpt_closes_and_next_send_reconnects(smtp_relay: Any, mailer_for: Any) -> None:
-    relay = smtp_relay(PerRecipient({"b@example.org": "421 4.3.2 shutting down"}))
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_421_at_rcpt_closes_and_next_send_reconnects(
+    smtp_relay: Any, mailer_for: Any, pipelining: bool
+) -> None:
+    relay = smtp_relay(
+        PerRecipient({"b@example.org": "421 4.3.2 shutting down"}), pipelining=pipelining
+    )
     mailer = mailer_for(relay)
     with pytest.raises(RelayUnavailable) as info:
         mailer.send(FROM, ["a@example.org", "b@example.org"], MSG)
     assert info.value.code == 421 and info.value.about_relay
-    assert "DATA" not in relay.commands and relay.messages == []
+    # Pipelined, DATA was already sent (and may have had its 354), but the
+    # message data never follows a 421: the connection was closed instead.
+    assert ("DATA" in relay.commands) is pipelining and relay.messages == []
     mailer.send(FROM, ["a@example.org"], MSG)
     assert relay.connections == 2
 

@@ -101,6 +101,9 @@ class SMTPMailer:
         local_hostname: the name sent with EHLO; default this host's FQDN.
         reuse_connections: keep each thread's connection open for its next
             message (default); ``False`` closes it after every ``send``.
+        pipelining: send ``MAIL``, ``RCPT`` and ``DATA`` in one write when
+            the relay offers PIPELINING (RFC 2920; default); ``False`` waits
+            for each reply, for a relay that offers it but gets it wrong.
 
     Raises:
         ValueError: for an unknown ``tls`` mode, a password without a user
@@ -128,6 +131,7 @@ class SMTPMailer:
         data_timeout: float = 600.0,
         local_hostname: str | None = None,
         reuse_connections: bool = True,
+        pipelining: bool = True,
     ) -> None:
         if tls not in _TLS_MODES:
             raise ValueError(f"tls must be one of {', '.join(_TLS_MODES)}; got {tls!r}")
@@ -179,6 +183,7 @@ class SMTPMailer:
         self.data_timeout = float(data_timeout)
         self.local_hostname = local_hostname
         self.reuse_connections = reuse_connections
+        self.pipelining = pipelining
         self.ssl_context = ssl_context if ssl_context is not None else self._make_context()
         if tls != "none" and not verify_certificates:
             log.warning(

@@ -19,6 +19,13 @@ Theory of operation
   (``.result``): it answers only for the recipients accepted at ``RCPT``,
   never for those refused there, which keep their own replies.
 
+When the relay offers PIPELINING (RFC 2920), ``MAIL``, the ``RCPT``
+commands and ``DATA`` go out in one write and their replies are read in
+order: two round trips a message instead of three plus one per recipient.
+The message data still waits for ``DATA``'s 354, so a refusal anywhere
+before it transmits nothing of the message, and the stale-session retry
+below holds unchanged.  ``SMTPMailer(pipelining=False)`` turns it off.
+
 After a refused transaction it sends ``RSET`` and stays usable; after
 anything that leaves the session in an unknown state (a timeout, a lost
 connection, a 421, a garbled reply) the session is closed and never used
@@ -302,16 +309,13 @@ class SMTPConnection:
             self._drop()
             raise
 
-    def _command(
-        self, smtp: smtplib.SMTP, cmd: str, args: str, phase: str, *, stale_ok: bool = False
-    ) -> tuple[int, str]:
-        """Send one command and read its reply; network failures are classified.
+    def _reply(self, smtp: smtplib.SMTP, phase: str, *, stale_ok: bool = False) -> tuple[int, str]:
+        """Read one reply; network failures are classified.
 
         With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
         """
         error: DeliveryError
         try:
-            smtp.putcmd(cmd, args)
             code, raw = smtp.getreply()
         except OSError as exc:
             error = self._translate(exc, phase)
@@ -323,6 +327,66 @@ class SMTPConnection:
             error = ConnectionFailed(f"{self._where} sent a malformed reply to {phase}: {raw!r}")
             raise _Stale(error) if stale_ok else error
         return code, reply_text(raw)
+
+    def _command(
+        self, smtp: smtplib.SMTP, cmd: str, args: str, phase: str, *, stale_ok: bool = False
+    ) -> tuple[int, str]:
+        """Send one command and read its reply (see :meth:`_reply`)."""
+        try:
+            smtp.putcmd(cmd, args)
+        except OSError as exc:
+            error = self._translate(exc, phase)
+            if stale_ok:
+                raise _Stale(error) from exc
+            raise error from exc
+        return self._reply(smtp, phase, stale_ok=stale_ok)
+
+    def _pipeline(
+        self, smtp: smtplib.SMTP, envelope: Envelope, mail: str, stale_ok: bool
+    ) -> tuple[int, str]:
+        """Write ``MAIL``, every ``RCPT`` and ``DATA`` at once (RFC 2920); return MAIL's reply.
+
+        The replies to ``RCPT`` and ``DATA`` are left to be read in order.
+        A failure to write is a failure at ``MAIL``: the relay cannot have
+        accepted a transaction whose first reply nobody read.
+        """
+        lines = [f"MAIL {mail}\r\n"]
+        lines.extend(f"RCPT TO:<{rcpt}>\r\n" for rcpt in envelope.recipients)
+        lines.append("DATA\r\n")
+        group = "".join(lines)
+        if group.count("\n") != len(lines) or group.count("\r") != len(lines):
+            # Validated envelopes never get here; a line break would be injection.
+            raise ValueError("an SMTP command may not contain CR or LF")
+        try:
+            smtp.send(group.encode(smtp.command_encoding))
+        except OSError as exc:
+            error = self._translate(exc, "MAIL FROM")
+            if stale_ok:
+                raise _Stale(error) from exc
+            raise error from exc
+        return self._reply(smtp, "MAIL FROM", stale_ok=stale_ok)
+
+    def _drain_pipeline(self, smtp: smtplib.SMTP, left: int) -> None:
+        """Read the ``left`` replies still due after a refused ``MAIL`` or all ``RCPT``.
+
+        The last is DATA's.  A relay that took ``DATA`` (354) with nothing
+        to deliver to gets an empty message: the lone final dot RFC 2920
+        3.1 asks for, which it must refuse or deliver to no one.
+        """
+        code = 0
+        try:
+            for _ in range(left):
+                code, _text = self._reply(smtp, "a pipelined command")
+                if code == 421:
+                    self._drop()
+                    return
+            if code == 354:
+                smtp.send(b".\r\n")
+                self._reply(smtp, "the empty message")
+        except OSError:
+            self._drop()
+        except DeliveryError:
+            pass  # the session was closed; the refusal that led here is what counts
 
     def _transaction(
         self,
@@ -337,24 +401,34 @@ class SMTPConnection:
         _set_timeout(sock, self._mailer.timeout)
         smtp.command_encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         self._reused = True
+        pipelined = self._mailer.pipelining and "pipelining" in self.features
 
-        # MAIL: a failure here means nothing of the message was transmitted.
-        params = "".join(f" {option}" for option in options)
-        code, text = self._command(
-            smtp, "MAIL", f"FROM:<{envelope.sender}>{params}", "MAIL FROM", stale_ok=stale_ok
-        )
+        # MAIL: a failure here means nothing of the message was transmitted
+        # (pipelined or not, the data only follows DATA's 354).
+        mail = f"FROM:<{envelope.sender}>{''.join(f' {option}' for option in options)}"
+        if pipelined:
+            code, text = self._pipeline(smtp, envelope, mail, stale_ok)
+        else:
+            code, text = self._command(smtp, "MAIL", mail, "MAIL FROM", stale_ok=stale_ok)
         if not 200 <= code < 300:
             error = error_for_reply(code, text, phase="mail")
-            if code == 421 and stale_ok:
+            if code == 421:
                 self._drop()
-                raise _Stale(error)
+                if stale_ok:
+                    raise _Stale(error)
+                raise error
+            if pipelined:
+                self._drain_pipeline(smtp, len(envelope.recipients) + 1)
             self._reset(code)
             raise error
 
         accepted: list[str] = []
         refused: dict[str, Reply] = {}
         for rcpt in envelope.recipients:
-            code, text = self._command(smtp, "RCPT", f"TO:<{rcpt}>", "RCPT TO")
+            if pipelined:
+                code, text = self._reply(smtp, "RCPT TO")
+            else:
+                code, text = self._command(smtp, "RCPT", f"TO:<{rcpt}>", "RCPT TO")
             if 200 <= code < 300:
                 accepted.append(rcpt)
             elif code == 421:
@@ -364,11 +438,13 @@ class SMTPConnection:
                 # RFC 5321 4.5.3.1.10: 552 at RCPT means "too many", i.e. 452.
                 refused[rcpt] = Reply(452 if code == 552 else code, text)
         if not accepted:
+            if pipelined:
+                self._drain_pipeline(smtp, 1)
             self._reset(code)
             raise all_refused(envelope.recipients, refused)
 
         try:
-            reply = self._data(smtp, sock, data)
+            reply = self._data(smtp, sock, data, pipelined=pipelined)
         except DeliveryError as exc:
             # Only the recipients accepted at RCPT were in this transaction:
             # the error answers for them, the RCPT refusals keep their own.
@@ -385,15 +461,20 @@ class SMTPConnection:
         )
         return result
 
-    def _data(self, smtp: smtplib.SMTP, sock: socket.socket, data: bytes) -> Reply:
-        """``DATA``, the message, the final dot; return the relay's 2xx reply.
+    def _data(
+        self, smtp: smtplib.SMTP, sock: socket.socket, data: bytes, *, pipelined: bool
+    ) -> Reply:
+        """``DATA`` (or its pipelined reply), the message, the final dot; return the 2xx reply.
 
         Raises:
             DeliveryError: ``DATA`` or the message refused, or the session
                 failed on the way (classified; the connection is closed when
                 its state is unknown).
         """
-        code, text = self._command(smtp, "DATA", "", "DATA")
+        if pipelined:
+            code, text = self._reply(smtp, "DATA")
+        else:
+            code, text = self._command(smtp, "DATA", "", "DATA")
         if code != 354:
             self._reset(code)
             raise error_for_reply(code, text, phase="data")

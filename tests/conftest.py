@@ -150,7 +150,7 @@ class _Handler:
         hook = getattr(self._inner, "handle_EHLO", None)
         if hook is not None:
             responses = await hook(server, session, envelope, hostname, responses)
-        if self._pipelining:
+        if self._pipelining and responses[0].startswith("250"):
             responses = [*responses[:-1], "250-PIPELINING", responses[-1]]
         return [r for r in responses if r[4:].split(" ")[0].upper() not in self._strip]
 

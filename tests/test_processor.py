@@ -332,7 +332,9 @@ def test_421_too_many_connections_lowers_the_parallelism(
     spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "mailspool")
-    handler = TooManyConnections(limit=2)
+    # Each message is held a while, so the processor (which starts with one
+    # connection) adds connections, up to its four.
+    handler = TooManyConnections(limit=2, hold=0.3)
     relay = smtp_relay(handler)
     ids = enqueue(spool, 12)
     p = processor(spool, relay, connections=4)
@@ -353,7 +355,7 @@ def test_421_too_many_connections_lowers_the_parallelism(
     assert handler.refused == 1 and handler.most == 2
     assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
     assert p.relay.parallelism(t0 + 10) == 2
-    assert p.relay.parallelism(t0 + THROTTLE_PERIOD) == 4  # for a while only
+    assert p.relay.parallelism(t0 + THROTTLE_PERIOD) > 2  # for a while only
     p.stop()
 
 

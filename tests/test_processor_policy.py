@@ -310,6 +310,21 @@ def test_inotify_refuses_a_missing_directory(tmp_path: Path) -> None:
     assert Inotify.open({str(tmp_path / "missing"): 0x100}) is None
 
 
+def test_a_421_lowers_the_parallelism_to_the_connections_the_relay_took() -> None:
+    state = RelayState(RetryPolicy(), 1)
+    state.grow(3)
+    assert state.trouble(10.0, crowded=True, others=2) is not None
+    after_pause = 10.0 + RetryPolicy().relay_delay(1)
+    state.answered(after_pause)
+    assert state.parallelism(after_pause) == 2  # the two the relay had accepted
+    assert state.parallelism(10.0 + THROTTLE_PERIOD) == 3
+    # Never below one, and always below what it was.
+    assert state.trouble(10.0 + THROTTLE_PERIOD, crowded=True, others=5) is not None
+    later = 10.0 + THROTTLE_PERIOD + RetryPolicy().relay_delay(1)
+    state.answered(later)
+    assert state.parallelism(later) == 2
+
+
 def test_relay_state_grows_but_a_421_throttle_still_halves_it() -> None:
     state = RelayState(RetryPolicy(), 4)
     assert state.parallelism(0.0) == 4

@@ -126,7 +126,7 @@ class Pause:
         delay: seconds until the next probe.
         failures: relay-level failures in a row, this one included (1: the
             outage begins; more: a probe failed).
-        lowered: the parallelism was halved (a 421 while other connections
+        lowered: the parallelism was lowered (a 421 while other connections
             were open).
     """
 
@@ -147,8 +147,9 @@ class RelayState:
       (the probe); each failed probe doubles the pause;
     * a message the relay worked on (:meth:`answered`) ends the outage, but
       only after the pause: one under way when it began proves nothing;
-    * a 421 while other connections were open halves the parallelism for
-      :data:`THROTTLE_PERIOD`.
+    * a 421 while other connections were open lowers the parallelism for
+      :data:`THROTTLE_PERIOD`: to the number of those others (what the
+      relay did accept) when known, else to half.
 
     Args:
         policy: gives the length of each pause.
@@ -195,13 +196,18 @@ class RelayState:
                     self._limit = connections
                 self._max = connections
 
-    def trouble(self, now: float, *, crowded: bool = False) -> Pause | None:
+    def trouble(
+        self, now: float, *, crowded: bool = False, others: int | None = None
+    ) -> Pause | None:
         """Record a relay-level failure.
 
         Args:
             now: when it happened.
             crowded: a 421 while other connections were open ("too many
-                connections"): also halve the parallelism for a while.
+                connections"): also lower the parallelism for a while.
+            others: how many other connections were open then; the
+                parallelism is lowered to that (at least 1, and always
+                below what it was).  ``None``: halve it.
 
         Returns:
             The :class:`Pause` it begins, or None when the relay was already
@@ -211,7 +217,8 @@ class RelayState:
             if now < self._paused_until:
                 return None
             if crowded:
-                self._limit = max(1, self._limit // 2)
+                lowered = self._limit // 2 if others is None else min(others, self._limit - 1)
+                self._limit = max(1, lowered)
                 self._throttled_until = now + THROTTLE_PERIOD
             self._failures += 1
             delay = self._policy.relay_delay(self._failures)

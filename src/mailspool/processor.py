@@ -71,12 +71,15 @@ log = logging.getLogger(__name__)
 _SENDER = "mailspool-sender-"  # the names of the sender threads
 #: Sender threads (and connections) a processor starts with; more are added,
 #: up to ``connections``, while the relay is slow to answer.
-INITIAL_CONNECTIONS = 4
-#: When a message takes longer than this (seconds of wall time, averaged),
-#: the relay's latency is the limit, not this process: another connection
-#: helps.  On a fast local relay a message takes about a millisecond, and
-#: more threads would only contend for the interpreter lock.
-SLOW_REPLY = 0.005
+INITIAL_CONNECTIONS = 1
+#: Another connection is added while a message's wall time (averaged) is
+#: more than this many times the CPU time the threads already running spend
+#: on one, between them: the threads then mostly wait for the relay, and
+#: one more keeps the interpreter busy.  On a fast local relay wall and CPU
+#: time are about equal and one connection is fastest, since more threads
+#: only take turns at the interpreter lock; a relay 20 ms away gets all of
+#: ``connections``.
+WAIT_RATIO = 2.0
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
 ABANDONED_CHECK = 1.0
@@ -175,9 +178,9 @@ class QueueProcessor:
             ``alive`` and ``close()``; a mailer with only ``send_envelope`` or
             ``send`` works too (no connection reuse then).
         connections: at most this many sender threads and connections
-            (default 16).  A processor starts with 4 (or fewer, if this is
-            lower) and adds one at a time, up to this number, while the
-            relay takes more than 5 ms a message and mail waits.
+            (default 16).  A processor starts with one and adds one at a
+            time, up to this number, while mail waits and its threads spend
+            most of each message waiting for the relay (:data:`WAIT_RATIO`).
         interval: seconds between looks at the spool (new mail is seen at
             once through :meth:`wake` or inotify; this is the safety net).
         retry: the :class:`RetryPolicy` (default: Postfix-like).
@@ -219,6 +222,7 @@ class QueueProcessor:
         #: The relay as this processor sees it: pause, probes, parallelism.
         self.relay = RelayState(self.retry, min(INITIAL_CONNECTIONS, connections))
         self._latency = 0.0  # average wall time per message, seconds
+        self._cpu = 0.0  # average CPU time of the sender thread per message, seconds
         self.pool = ConnectionPool()
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
@@ -368,9 +372,10 @@ class QueueProcessor:
             done = Done(None)
             try:
                 if p.start(self.relay.parallelism, self._blocked):
-                    started = time.monotonic()
+                    started, cpu = time.monotonic(), time.thread_time()
                     done = self._sender.handle(id, p.now)
-                    self._observe(time.monotonic() - started, p)
+                    if done.outcome is not None:
+                        self._observe(time.monotonic() - started, time.thread_time() - cpu, p)
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
@@ -389,17 +394,24 @@ class QueueProcessor:
         t.start()
         self._threads.append(t)
 
-    def _observe(self, seconds: float, p: _Pass) -> None:
+    def _observe(self, seconds: float, cpu: float, p: _Pass) -> None:
         """Add a connection while the relay is slow and messages wait for one.
 
         Like Postfix's destination concurrency, parallelism grows with the
         relay's latency: a slow relay (a remote one, or one that scans mail)
-        gets up to ``connections`` at once, a fast local one stays at a few,
+        gets up to ``connections`` at once, a fast local one stays at one,
         where more threads would only take turns at the interpreter lock.
+        With ``n`` threads busy, each message's wall time is at least ``n``
+        times its CPU time; well above that, the threads wait for the relay
+        (see :data:`WAIT_RATIO`).
         """
-        self._latency += (seconds - self._latency) * 0.2
+        if self._latency == 0.0:
+            self._latency, self._cpu = seconds, cpu
+        else:
+            self._latency += (seconds - self._latency) * 0.2
+            self._cpu += (cpu - self._cpu) * 0.2
         if (
-            self._latency <= SLOW_REPLY
+            self._latency <= WAIT_RATIO * len(self._threads) * self._cpu
             or p.queued == 0
             or len(self._threads) >= self.connections
             or self._stopping()

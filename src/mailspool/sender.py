@@ -410,8 +410,8 @@ class Sender:
         """Record relay-level trouble: one error per outage, a warning per failed probe."""
         code = getattr(exc, "code", None)
         # A 421 while other connections are open means "too many connections".
-        crowded = code == 421 and self.pool.count_alive() > 0
-        pause = self.relay.trouble(now, crowded=crowded)
+        others = self.pool.count_alive() if code == 421 else 0
+        pause = self.relay.trouble(now, crowded=others > 0, others=others)
         if pause is None:
             return  # already paused for this step
         if pause.failures == 1:

@@ -276,9 +276,12 @@ def test_421_at_rcpt_closes_and_next_send_reconnects(
     with pytest.raises(RelayUnavailable) as info:
         mailer.send(FROM, ["a@example.org", "b@example.org"], MSG)
     assert info.value.code == 421 and info.value.about_relay
-    # Pipelined, DATA was already sent (and may have had its 354), but the
-    # message data never follows a 421: the connection was closed instead.
-    assert ("DATA" in relay.commands) is pipelining and relay.messages == []
+    # Pipelined, DATA was already on its way (the relay may have answered it
+    # before it saw the connection close), but the message data never
+    # follows a 421: the connection was closed instead.
+    if not pipelining:
+        assert "DATA" not in relay.commands
+    assert relay.messages == []
     mailer.send(FROM, ["a@example.org"], MSG)
     assert relay.connections == 2
 

@@ -38,7 +38,7 @@ from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.mailer import SMTPMailer
 from mailspool.policy import THROTTLE_PERIOD
-from mailspool.processor import QueueProcessor, RetryPolicy, Summary
+from mailspool.processor import RECENT, QueueProcessor, RetryPolicy, Summary
 from mailspool.spool import Claim, Spool
 
 QUICK = RetryPolicy(
@@ -333,25 +333,27 @@ def test_421_too_many_connections_lowers_the_parallelism(
 ) -> None:
     caplog.set_level(logging.INFO, "mailspool")
     # Each message is held a while, so the processor (which starts with one
-    # connection) adds connections, up to its four.
-    handler = TooManyConnections(limit=2, hold=0.3)
+    # connection) adds connections, one per RECENT slow messages, up to four.
+    handler = TooManyConnections(limit=2, hold=0.05)
     relay = smtp_relay(handler)
-    ids = enqueue(spool, 12)
+    n = 4 * RECENT
+    ids = enqueue(spool, n)
     p = processor(spool, relay, connections=4)
     t0 = time.time()
     # Two connections are busy when the third is refused.  Those two finish
     # their messages (and may slip in one more each before the pause is
     # recorded); the refused one goes back untouched.
     first = p.process_once(t0)
-    assert first.relay_paused and first.total == first.sent and 2 <= first.sent <= 6
+    assert first.relay_paused and first.total == first.sent
+    assert 2 * RECENT <= first.sent <= 2 * RECENT + 4
     assert handler.refused == 1
-    assert spool.counts()["ready"] == 12 - first.sent
+    assert spool.counts()["ready"] == n - first.sent
     assert {e.attempts for e in spool.entries()} == {0}
     [error] = errors_about(caplog, relay.port)
     assert "421" in error and "fewer connections" in error
     # After the pause: one probe, then at most two at a time, on at most two
     # connections, although the processor has four sender threads.
-    assert p.process_once(t0 + 10) == Summary(sent=12 - first.sent)
+    assert p.process_once(t0 + 10) == Summary(sent=n - first.sent)
     assert handler.refused == 1 and handler.most == 2
     assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
     assert p.relay.parallelism(t0 + 10) == 2
@@ -560,14 +562,14 @@ def test_a_slow_relay_gets_more_connections_up_to_the_limit(
     spool: Spool, smtp_relay: RelayFactory
 ) -> None:
     relay = smtp_relay(SlowData(0.05))
-    ids = enqueue(spool, 40)
+    ids = enqueue(spool, 12 * RECENT)
     with processor(spool, relay, connections=10) as p:
-        assert p.drain() == Summary(sent=40)
+        assert p.drain() == Summary(sent=12 * RECENT)
         grown = len(p._threads)
-    # Started with 4; the relay's 50 ms per message made it add connections,
-    # never more than allowed.
-    assert 4 < grown <= 10
-    assert 4 < relay.connections <= 10
+    # Started with 1; the relay's 50 ms per message made it add one
+    # connection every RECENT messages, never more than allowed.
+    assert 6 < grown <= 10
+    assert 6 < relay.connections <= 10
     assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
 
 

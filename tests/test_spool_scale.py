@@ -84,3 +84,17 @@ def test_claim_and_settle_empty_a_queue_of_3000(tmp_path: Path) -> None:
     assert n == 3000
     assert list(sp.due()) == []
     assert sp.counts()["ready"] == 0
+
+
+@pytest.mark.slow
+def test_due_lists_each_message_once_beginning_at_a_random_place(big: Spool) -> None:
+    # Several processors on one spool get the same directory order; each
+    # listing begins its batches at a random place so that they do not walk
+    # the queue in step (each would lose every other claim to the next).
+    first = list(big.due())
+    second = list(big.due())
+    assert len(first) == len(set(first)) == N
+    assert set(first) == set(second)
+    assert first[: spool_mod.ROTATE_BATCH] != second[: spool_mod.ROTATE_BATCH]
+    # Each batch is the listing's batch, rotated: the same names in a ring.
+    assert set(first[: spool_mod.ROTATE_BATCH]) == set(second[: spool_mod.ROTATE_BATCH])

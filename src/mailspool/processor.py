@@ -43,6 +43,7 @@ exception ever stops the processor.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import queue
@@ -80,6 +81,15 @@ INITIAL_CONNECTIONS = 1
 #: only take turns at the interpreter lock; a relay 20 ms away gets all of
 #: ``connections``.
 WAIT_RATIO = 2.0
+#: ... and while a message takes at least this long (seconds of wall time).
+#: Wall time also grows when the process waits for a CPU (other processes,
+#: other processors on the same spool), and more threads do not help then;
+#: a relay worth more connections takes milliseconds.
+SLOW_MESSAGE = 0.001
+#: The times are the medians of this many messages, all sent since the last
+#: connection was added: one message that waited for a CPU, or that opened
+#: the connection, decides nothing.
+RECENT = 5
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
 ABANDONED_CHECK = 1.0
@@ -221,8 +231,8 @@ class QueueProcessor:
         self.watch = watch
         #: The relay as this processor sees it: pause, probes, parallelism.
         self.relay = RelayState(self.retry, min(INITIAL_CONNECTIONS, connections))
-        self._latency = 0.0  # average wall time per message, seconds
-        self._cpu = 0.0  # average CPU time of the sender thread per message, seconds
+        # Wall and CPU time of the sender thread for the last messages, seconds.
+        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT)
         self.pool = ConnectionPool()
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
@@ -403,15 +413,17 @@ class QueueProcessor:
         where more threads would only take turns at the interpreter lock.
         With ``n`` threads busy, each message's wall time is at least ``n``
         times its CPU time; well above that, the threads wait for the relay
-        (see :data:`WAIT_RATIO`).
+        (see :data:`WAIT_RATIO` and :data:`SLOW_MESSAGE`).
         """
-        if self._latency == 0.0:
-            self._latency, self._cpu = seconds, cpu
-        else:
-            self._latency += (seconds - self._latency) * 0.2
-            self._cpu += (cpu - self._cpu) * 0.2
+        recent = self._recent
+        recent.append((seconds, cpu))
+        if len(recent) < RECENT:
+            return
+        samples = list(recent)
+        wall = sorted(w for w, _ in samples)[RECENT // 2]
+        busy = sorted(c for _, c in samples)[RECENT // 2]
         if (
-            self._latency <= WAIT_RATIO * len(self._threads) * self._cpu
+            wall <= max(SLOW_MESSAGE, WAIT_RATIO * len(self._threads) * busy)
             or p.queued == 0
             or len(self._threads) >= self.connections
             or self._stopping()
@@ -426,6 +438,7 @@ class QueueProcessor:
                 return  # stopped, full, or lowered after a 421: do not grow now
             self._new_thread()
             self.relay.grow(n + 1)
+            recent.clear()  # judge the new number of connections afresh
         finally:
             self._threads_lock.release()
 

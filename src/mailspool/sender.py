@@ -561,11 +561,12 @@ class Sender:
     # -- helpers -----------------------------------------------------------------------
 
     def _quarantined(self, id: str) -> bool:
-        """Did the failed claim move ``id`` to quarantine (a stat, not a read)?"""
-        try:
-            return self.spool.state(id) == "quarantined"
-        except (ValueError, OSError):  # SpoolError is an OSError: count it as not
-            return False
+        """Did this thread's failed claim just move ``id`` to quarantine?
+
+        No system call: a claim lost to another processor on the same
+        spool is common when several drain it, and must stay cheap.
+        """
+        return self.spool.quarantined_last(id)
 
     def skipped(self, id: str, now: float) -> bool:
         """True for a message that could not be deferred, until its retry time."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
 import stat
 import time
 from collections.abc import Iterator, Sequence
@@ -89,6 +90,25 @@ __all__ = [
     "settle_record",
     "unquote_value",
 ]
+
+#: ``due()`` hands out ``new/`` in batches of this many names, each begun at
+#: a random place (see :func:`_rotated`).
+ROTATE_BATCH = 1024
+
+
+def _rotated(names: list[str]) -> list[str]:
+    """``names`` begun at a random place, wrapping around.
+
+    Directory listings come in the same order in every process, so several
+    processors draining one spool would otherwise walk it in step, each
+    losing every other claim to the next; begun at different places, they
+    work on different messages until they meet.
+    """
+    if len(names) < 2:
+        return names
+    start = random.randrange(len(names))
+    return names[start:] + names[:start]
+
 
 #: Files in ``tmp/`` unchanged for this long (seconds) are removed: sweep(),
 #: and due() at most once an hour.
@@ -231,12 +251,16 @@ class Spool(SpoolAdmin):
             except FileNotFoundError:
                 continue
             with it:
+                batch: list[str] = []
                 for e in it:
                     name = e.name
                     if name[0] == ".":
                         continue
                     if area == "new":
-                        yield name
+                        batch.append(name)
+                        if len(batch) == ROTATE_BATCH:
+                            yield from _rotated(batch)
+                            batch = []
                     elif area == "cur":
                         if lock_free(d + name):
                             yield name
@@ -247,6 +271,7 @@ class Spool(SpoolAdmin):
                             continue
                         if mtime <= now:
                             yield name
+                yield from _rotated(batch)
 
     def next_due(self) -> float | None:
         """The earliest time a deferred message is due, or None."""

@@ -35,6 +35,7 @@ import random
 import re
 import socket
 import stat
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -161,6 +162,7 @@ class SpoolDir:
         self.path = os.fspath(path)
         root = os.path.abspath(self.path)  # immune to a later chdir()
         self._dirs = {a: os.path.join(root, a) + os.sep for a in _AREAS}
+        self._last_quarantined = threading.local()  # per thread: the id it set aside last
         made: list[str] = []
         if create and not os.path.isdir(root):
             parent = os.path.dirname(root)
@@ -346,6 +348,14 @@ class SpoolDir:
         """
         return trash.purge(self._dirs["trash"])
 
+    def quarantined_last(self, id: str) -> bool:
+        """Whether the last message this thread set aside in quarantine was ``id``.
+
+        Tells why a claim by this thread came back empty without a system
+        call: set aside, or (otherwise) taken or finished by someone else.
+        """
+        return getattr(self._last_quarantined, "id", None) == id
+
     def _quarantine(self, area: str, id: str, reason: str) -> bool:
         """Move ``area/id`` to quarantine/ with its reason; log once.
 
@@ -365,6 +375,7 @@ class SpoolDir:
         except OSError as exc:
             raise self._error(f"quarantine {area}/{id}", exc) from exc
         log.warning("spool %s: %s/%s quarantined: %s", self.path, area, id, reason)
+        self._last_quarantined.id = id
         # Written aside and renamed into place: a file planted under the
         # reason's name (a FIFO, a hard link to a message) is replaced, never
         # opened or truncated.

@@ -187,8 +187,10 @@ def test_unserialisable_message_is_refused_as_invalid() -> None:
         (b"A: 1\r\nB: 2\n\rx\r\r\ny", b"A: 1\r\nB: 2\r\n\r\nx\r\n\r\ny\r\n"),
         (b"A: 1\n\n\n\n", b"A: 1\r\n\r\n\r\n\r\n"),
         (b"A: 1\r\n\r\nno final newline", b"A: 1\r\n\r\nno final newline\r\n"),
+        # As many CRs as LFs, but not in pairs: still bare line breaks.
+        (b"A: 1\n\rB: 2\n\r\n\rx\n\r", b"A: 1\r\n\r\nB: 2\r\n\r\n\r\nx\r\n\r\n"),
     ],
-    ids=["bare-LF", "bare-CR", "mixed", "blank-lines", "no-final-newline"],
+    ids=["bare-LF", "bare-CR", "mixed", "blank-lines", "no-final-newline", "LF-CR-balanced"],
 )
 def test_line_endings_become_crlf(given: bytes, expected: bytes) -> None:
     assert to_wire(given) == expected

@@ -269,18 +269,35 @@ def make_envelope(fromaddr: str, toaddrs: Iterable[str] | str) -> Envelope:
 
 def _crlf(data: bytes) -> bytes:
     """``data`` with every line break as CRLF, ending with one."""
+    return _crlf_lines(data)[0]
+
+
+def _crlf_lines(data: bytes) -> tuple[bytes, list[bytes]]:
+    """:func:`_crlf` of ``data``, and its lines without their line breaks.
+
+    ``bytes.splitlines`` breaks lines where the conversion does (CRLF, bare
+    LF, bare CR), so its lines are those of the result: :func:`_bad_line`
+    measures them without splitting the message again.
+    """
+    lines = data.splitlines()
+    # Every break is CRLF when there are as many LFs as CRs as breaks:
+    # cheaper than counting the two-byte CRLF.
+    breaks = len(lines) - (0 if data.endswith((b"\n", b"\r")) or not data else 1)
     n = data.count(b"\n")
-    if n != data.count(b"\r\n") or n != data.count(b"\r"):
+    if n != breaks or n != data.count(b"\r"):
         # Faster than a regular expression: CRLF and bare CR to LF, then
         # every LF to CRLF.
         data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
-    return data
+    return data, lines
 
 
-def _bad_line(data: bytes) -> str | None:
-    """What is wrong with a line of CRLF ``data`` that SMTP cannot carry."""
+def _bad_line(data: bytes, lines: list[bytes] | None = None) -> str | None:
+    """What is wrong with a line of CRLF ``data`` that SMTP cannot carry.
+
+    ``lines``, when given, are the lines of ``data`` (see :func:`_crlf_lines`).
+    """
     pos = data.find(b"\0")
     if pos >= 0:
         number = data.count(b"\n", 0, pos) + 1
@@ -288,8 +305,9 @@ def _bad_line(data: bytes) -> str | None:
     if len(data) <= MAX_LINE:
         return None
     # Splitting is several times faster than any regular expression here.
-    lines = data.split(b"\r\n")
-    if max(map(len, lines)) <= MAX_LINE:
+    if lines is None:
+        lines = data.splitlines()
+    if max(map(len, lines), default=0) <= MAX_LINE:
         return None
     number, line = next((i, x) for i, x in enumerate(lines, 1) if len(x) > MAX_LINE)
     return (
@@ -385,8 +403,8 @@ def to_wire(message: bytes | str | Message) -> bytes:
                 data = _generate(fixed)
                 problem = _bad_line(data)
     else:
-        data = _crlf(_encoded(message))
-        problem = _bad_line(data)
+        data, lines = _crlf_lines(_encoded(message))
+        problem = _bad_line(data, lines)
     if data.isspace():
         raise InvalidMessage("message is empty")
     if problem is not None:

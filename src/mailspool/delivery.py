@@ -10,7 +10,8 @@ per delivery and transaction, holding every message sent in it.
 The two-phase commit of the ``transaction`` package then drives it:
 
 * ``tpc_vote`` does whatever can fail.  The queued delivery writes each
-  message to ``tmp/`` in the spool and fsyncs it (a full disk, a read-only
+  message to ``tmp/`` in the spool and fsyncs it (several at once when the
+  transaction holds many, see :meth:`mailspool.spool.Spool.stage_many`; a full disk, a read-only
   spool or a permission error aborts the transaction here, leaving nothing
   visible); the direct delivery opens and checks its connection to the relay.
 * ``tpc_finish`` "should never fail".  The queued delivery renames the files
@@ -238,10 +239,9 @@ class QueuedMailDelivery(_Delivery):
         return self._join(prepared, _timestamp(not_before))
 
     def _vote(self, dm: _MailDataManager) -> None:
-        for prepared, not_before in dm.messages:
-            # On failure stage() removes its own file and raises SpoolError;
-            # tpc_abort then removes the ones staged before it.
-            dm.staged.append(self.spool.stage(prepared, not_before=not_before))
+        # On failure stage_many() removes every file of the batch and
+        # raises SpoolError; tpc_abort then has nothing left to remove.
+        dm.staged = self.spool.stage_many(dm.messages)
 
     def _finish(self, dm: _MailDataManager) -> None:
         staged, dm.staged = dm.staged, []

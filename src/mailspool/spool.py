@@ -170,6 +170,17 @@ class Spool(SpoolAdmin):
             SpoolError: the write, fsync or close failed (ENOSPC, EROFS,
                 EACCES...); nothing is left behind.
         """
+        staged, (tmp, head, data, mtime) = self._staging(prepared, not_before)
+        try:
+            self._write(tmp, head, data, mtime, False)
+        except OSError as exc:
+            raise self._error(f"write {tmp}", exc) from exc
+        return staged
+
+    def _staging(
+        self, prepared: Prepared, not_before: float | None
+    ) -> tuple[Staged, tuple[str, bytes, bytes, float | None]]:
+        """The :class:`Staged` for a message, and its file: path, head, data, mtime."""
         name = new_name()
         now = time.time()
         env = prepared.envelope
@@ -177,20 +188,35 @@ class Spool(SpoolAdmin):
         later = not_before is not None and not_before > now
         # A message scheduled for later keeps its time: give_up_after counts
         # from it, not from the commit (Record.due_since).
-        head = encode_head(
-            env.sender,
-            env.recipients,
-            prepared.message_id,
-            now,
-            data,
-            not_before if later else None,
-        )
+        when = not_before if later else None
+        head = encode_head(env.sender, env.recipients, prepared.message_id, now, data, when)
         tmp = self._dirs["tmp"] + name
-        try:
-            self._write(tmp, head, data, not_before if later else None, False)
-        except OSError as exc:
-            raise self._error(f"write {tmp}", exc) from exc
-        return Staged(name, prepared.message_id, "deferred" if later else "new", tmp, not_before)
+        staged = Staged(name, prepared.message_id, "deferred" if later else "new", tmp, not_before)
+        return staged, (tmp, head, data, when)
+
+    def stage_many(self, batch: Sequence[tuple[Prepared, float | None]]) -> list[Staged]:
+        """:meth:`stage` for several messages (prepared, not_before) at once.
+
+        The files are fsynced concurrently, which costs less per message
+        than one stage() after another.
+
+        Raises:
+            SpoolError: as stage(), for the first message that failed;
+                none of the batch is left behind.
+        """
+        if len(batch) < 2:
+            return [self.stage(p, not_before=nb) for p, nb in batch]
+        staged: list[Staged] = []
+        files: list[tuple[str, bytes, bytes, float | None]] = []
+        for prepared, not_before in batch:
+            one, file = self._staging(prepared, not_before)
+            staged.append(one)
+            files.append(file)
+        failure = self._write_many(files)
+        if failure is not None:
+            i, exc = failure
+            raise self._error(f"write {files[i][0]}", exc) from exc
+        return staged
 
     def publish(self, staged: Sequence[Staged]) -> None:
         """Make staged messages visible: rename into their area, fsync it once.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 from types import MappingProxyType
 
@@ -22,7 +23,7 @@ from mailspool.mailer import Reply, SendResult, SMTPMailer
 from mailspool.message import make_envelope
 from mailspool.outcome import Verdict, classify, human, one_line, report, when
 from mailspool.policy import THROTTLE_PERIOD, RateLimiter, RelayState, RetryPolicy, backoff
-from mailspool.processor import Summary
+from mailspool.processor import Summary, _ThreadClock
 from mailspool.testing import InMemoryMailer
 from mailspool.wakeup import Inotify, Waiter, spool_watches
 
@@ -339,3 +340,17 @@ def test_relay_state_grows_but_a_421_throttle_still_halves_it() -> None:
     state.grow(8)  # ...and growing meanwhile does not lift the throttle
     assert state.parallelism(after_pause + 1) == 3
     assert state.parallelism(10.0 + THROTTLE_PERIOD) == 8  # then the new maximum
+
+
+def test_thread_clock_counts_this_threads_cpu_and_not_its_sleep() -> None:
+    with _ThreadClock() as clock:
+        cpu0, delay0 = clock.read()
+        t0 = time.monotonic()
+        time.sleep(0.05)  # not CPU time
+        deadline = time.monotonic() + 0.05
+        while time.monotonic() < deadline:  # CPU time
+            pass
+        wall = time.monotonic() - t0
+        cpu1, delay1 = clock.read()
+    assert 0.04 <= cpu1 - cpu0 <= wall - 0.04
+    assert 0 <= delay1 - delay0 <= wall

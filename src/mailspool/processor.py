@@ -81,11 +81,9 @@ INITIAL_CONNECTIONS = 1
 #: only take turns at the interpreter lock; a relay 20 ms away gets all of
 #: ``connections``.
 WAIT_RATIO = 2.0
-#: ... and while a message takes at least this long (seconds of wall time).
-#: Wall time also grows when the process waits for a CPU (other processes,
-#: other processors on the same spool), and more threads do not help then;
-#: a relay worth more connections takes milliseconds.
-SLOW_MESSAGE = 0.001
+#: Wall time does not count the time the thread waited for a CPU (other
+#: processes, another processor on the same spool: more threads do not help
+#: then), where the system tells it (:class:`_ThreadClock`, Linux).
 #: The times are the medians of this many messages, all sent since the last
 #: connection was added: one message that waited for a CPU, or that opened
 #: the connection, decides nothing.
@@ -93,6 +91,40 @@ RECENT = 5
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
 ABANDONED_CHECK = 1.0
+
+
+class _ThreadClock:
+    """The calling thread's CPU time and time spent waiting for a CPU, in seconds.
+
+    On Linux both come from ``/proc/thread-self/schedstat`` in one read;
+    elsewhere the CPU time comes from :func:`time.thread_time` and the wait
+    counts as zero.  Make it in the thread that reads it; close it there.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._fd = -1
+
+    def read(self) -> tuple[float, float]:
+        """(CPU time, time runnable but waiting for a CPU) so far."""
+        if self._fd >= 0:
+            try:
+                fields = os.pread(self._fd, 64, 0).split()
+                return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+            except (OSError, ValueError, IndexError):
+                os.close(self._fd)
+                self._fd = -1
+        return time.thread_time(), 0.0
+
+    def __enter__(self) -> _ThreadClock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class _Pass:
@@ -374,6 +406,10 @@ class QueueProcessor:
     # -- sender threads --------------------------------------------------------------
 
     def _work(self) -> None:
+        with _ThreadClock() as clock:
+            self._work_with(clock)
+
+    def _work_with(self, clock: _ThreadClock) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
@@ -382,10 +418,12 @@ class QueueProcessor:
             done = Done(None)
             try:
                 if p.start(self.relay.parallelism, self._blocked):
-                    started, cpu = time.monotonic(), time.thread_time()
+                    started, (cpu, delay) = time.monotonic(), clock.read()
                     done = self._sender.handle(id, p.now)
                     if done.outcome is not None:
-                        self._observe(time.monotonic() - started, time.thread_time() - cpu, p)
+                        wall = time.monotonic() - started
+                        cpu_after, delay_after = clock.read()
+                        self._observe(wall - (delay_after - delay), cpu_after - cpu, p)
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
@@ -413,7 +451,7 @@ class QueueProcessor:
         where more threads would only take turns at the interpreter lock.
         With ``n`` threads busy, each message's wall time is at least ``n``
         times its CPU time; well above that, the threads wait for the relay
-        (see :data:`WAIT_RATIO` and :data:`SLOW_MESSAGE`).
+        (see :data:`WAIT_RATIO`).
         """
         recent = self._recent
         recent.append((seconds, cpu))
@@ -423,7 +461,7 @@ class QueueProcessor:
         wall = sorted(w for w, _ in samples)[RECENT // 2]
         busy = sorted(c for _, c in samples)[RECENT // 2]
         if (
-            wall <= max(SLOW_MESSAGE, WAIT_RATIO * len(self._threads) * busy)
+            wall <= WAIT_RATIO * len(self._threads) * busy
             or p.queued == 0
             or len(self._threads) >= self.connections
             or self._stopping()

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from _relays import enqueue
+from _relays import SlowData, enqueue
 from conftest import RELAY_PASSWORD, Relay, RelayFactory
 from mailspool.errors import ConnectionFailed, RelayUnavailable
 from mailspool.mailer import SMTPConnection, SMTPMailer
@@ -268,3 +268,19 @@ def test_the_processor_sends_through_a_connection_closed_at_mail(
     assert len(relay.messages) == 3
     # Each session takes one message, then the relay answers its next MAIL with 421.
     assert relay.connections == 3
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_a_connection_counts_the_time_it_waited_for_replies(
+    smtp_relay: RelayFactory, pipelining: bool
+) -> None:
+    # The processor adds connections by this count: the relay's 80 ms before
+    # its answer to the data is waiting; the work on this side is not.
+    relay = smtp_relay(SlowData(0.08), pipelining=pipelining)
+    mailer = SMTPMailer(**relay.mailer_kwargs(pipelining=pipelining))
+    with mailer.connect() as conn:
+        assert conn.waited == 0.0
+        t0 = time.monotonic()
+        conn.send(make_envelope("a@example.org", ["b@example.org"]), b"Subject: x\r\n\r\nx\r\n")
+        wall = time.monotonic() - t0
+    assert 0.08 <= conn.waited <= wall

@@ -577,8 +577,8 @@ def test_connections_below_the_initial_number_are_never_exceeded(
     spool: Spool, smtp_relay: RelayFactory
 ) -> None:
     relay = smtp_relay(SlowData(0.05))
-    enqueue(spool, 12)
+    enqueue(spool, 3 * RECENT)
     with processor(spool, relay, connections=2) as p:
-        assert p.drain() == Summary(sent=12)
+        assert p.drain() == Summary(sent=3 * RECENT)
         assert len(p._threads) == 2
     assert relay.connections <= 2

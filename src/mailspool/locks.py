@@ -41,7 +41,13 @@ RFLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTT
 LOCK = fcntl.LOCK_EX | fcntl.LOCK_NB
 
 _held: set[int] = set()
-_held_lock = threading.Lock()
+# Guards _held and _busy; held by fork() (see _before_fork).
+_held_lock = threading.Condition(threading.Lock())
+# How many opens and closes of held descriptors are under way.  Their system
+# calls run outside the lock, so that threads do not queue behind one
+# another's; fork() waits until none is, so that no descriptor is ever
+# open in a child without being registered.
+_busy = 0
 
 
 def close_quietly(fd: int) -> None:
@@ -65,10 +71,26 @@ def open_held(path: str, flags: int = RFLAGS, mode: int = 0o600) -> int:
     Raises:
         OSError: from ``open(2)``.
     """
-    with _held_lock:  # no fork between the open and the registration
+    global _busy
+    with _held_lock:
+        _busy += 1  # no fork between the open and the registration
+    fd = -1
+    try:
         fd = os.open(path, flags, mode)
-        _held.add(fd)
+    finally:
+        with _held_lock:
+            if fd >= 0:
+                _held.add(fd)
+            _done()
     return fd
+
+
+def _done() -> None:
+    """End an open or close under way (call with ``_held_lock`` held)."""
+    global _busy
+    _busy -= 1
+    if not _busy:
+        _held_lock.notify_all()  # a fork() may be waiting
 
 
 def close_held(fd: int) -> None:
@@ -76,10 +98,17 @@ def close_held(fd: int) -> None:
 
     A number that is not (or no longer) registered is left alone.
     """
+    global _busy
     with _held_lock:
-        if fd in _held:
-            _held.discard(fd)
-            close_quietly(fd)
+        if fd not in _held:
+            return
+        _held.discard(fd)
+        _busy += 1  # no fork between the unregistration and the close
+    try:
+        close_quietly(fd)
+    finally:
+        with _held_lock:
+            _done()
 
 
 def lock_file(path: str) -> int | None:
@@ -129,7 +158,12 @@ def lock_free(path: str) -> bool:
 
 
 def _before_fork() -> None:
+    # Held across the fork: no open or close of a held descriptor starts,
+    # and none is left half done (opened but not registered, unregistered
+    # but not closed).
     _held_lock.acquire()
+    while _busy:
+        _held_lock.wait()
 
 
 def _after_fork_in_parent() -> None:

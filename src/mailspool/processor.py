@@ -73,21 +73,20 @@ _SENDER = "mailspool-sender-"  # the names of the sender threads
 #: Sender threads (and connections) a processor starts with; more are added,
 #: up to ``connections``, while the relay is slow to answer.
 INITIAL_CONNECTIONS = 1
-#: Another connection is added while a message's wall time (averaged) is
-#: more than this many times the CPU time the threads already running spend
-#: on one, between them: the threads then mostly wait for the relay, and
-#: one more keeps the interpreter busy.  On a fast local relay wall and CPU
-#: time are about equal and one connection is fastest, since more threads
-#: only take turns at the interpreter lock; a relay 20 ms away gets all of
-#: ``connections``.
+#: With ``n`` connections, another is added while a message waits for the
+#: relay's replies more than ``WAIT_RATIO * n - 1`` times the CPU time it
+#: takes.  By Little's law about ``1 + wait / cpu`` threads keep one
+#: interpreter busy; the factor leaves room for what each thread costs in
+#: turns at the interpreter lock.  A fast local relay (a reply in tens of
+#: microseconds) keeps one connection, one that spends as much CPU on a
+#: message as the processor gets two or three, one 20 ms away all of
+#: ``connections``.  Only the wait for the relay counts: not the disk, not
+#: a CPU busy with other processes (more threads help with neither).
 WAIT_RATIO = 2.0
-#: Wall time does not count the time the thread waited for a CPU (other
-#: processes, another processor on the same spool: more threads do not help
-#: then), where the system tells it (:class:`_ThreadClock`, Linux).
 #: The times are the medians of this many messages, all sent since the last
 #: connection was added: one message that waited for a CPU, or that opened
 #: the connection, decides nothing.
-RECENT = 5
+RECENT = 16
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
 ABANDONED_CHECK = 1.0
@@ -420,10 +419,14 @@ class QueueProcessor:
                 if p.start(self.relay.parallelism, self._blocked):
                     started, (cpu, delay) = time.monotonic(), clock.read()
                     done = self._sender.handle(id, p.now)
+                    waited = self._sender.relay_wait()
                     if done.outcome is not None:
                         wall = time.monotonic() - started
                         cpu_after, delay_after = clock.read()
-                        self._observe(wall - (delay_after - delay), cpu_after - cpu, p)
+                        cpu = cpu_after - cpu
+                        if waited is None:  # not told: whatever was neither CPU nor waiting for it
+                            waited = wall - (delay_after - delay) - cpu
+                        self._observe(waited, cpu, p)
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
@@ -442,26 +445,25 @@ class QueueProcessor:
         t.start()
         self._threads.append(t)
 
-    def _observe(self, seconds: float, cpu: float, p: _Pass) -> None:
+    def _observe(self, waited: float, cpu: float, p: _Pass) -> None:
         """Add a connection while the relay is slow and messages wait for one.
 
         Like Postfix's destination concurrency, parallelism grows with the
         relay's latency: a slow relay (a remote one, or one that scans mail)
         gets up to ``connections`` at once, a fast local one stays at one,
         where more threads would only take turns at the interpreter lock.
-        With ``n`` threads busy, each message's wall time is at least ``n``
-        times its CPU time; well above that, the threads wait for the relay
-        (see :data:`WAIT_RATIO`).
+        ``waited`` is the time the message waited for the relay's replies
+        (see :data:`WAIT_RATIO`), ``cpu`` the CPU time its thread spent.
         """
         recent = self._recent
-        recent.append((seconds, cpu))
+        recent.append((waited, cpu))
         if len(recent) < RECENT:
             return
         samples = list(recent)
-        wall = sorted(w for w, _ in samples)[RECENT // 2]
+        wait = sorted(w for w, _ in samples)[RECENT // 2]
         busy = sorted(c for _, c in samples)[RECENT // 2]
         if (
-            wall <= WAIT_RATIO * len(self._threads) * busy
+            wait <= (WAIT_RATIO * len(self._threads) - 1) * busy
             or p.queued == 0
             or len(self._threads) >= self.connections
             or self._stopping()

@@ -300,8 +300,19 @@ class Sender:
         self._skip: dict[str, float] = {}  # messages that could not even be deferred
         self._skip_lock = threading.Lock()
         self._key = os.path.realpath(spool.path)  # whose waiting outcomes are ours
+        self._local = threading.local()
 
     # -- the per-message boundary -------------------------------------------------
+
+    def relay_wait(self) -> float | None:
+        """Seconds the calling thread's last message waited for the relay's replies.
+
+        None when its connection does not tell (a mailer without
+        ``connect()``) or the message was not sent.  Read and forgotten.
+        """
+        wait: float | None = getattr(self._local, "relay_wait", None)
+        self._local.relay_wait = None
+        return wait
 
     def handle(self, id: str, now: float) -> Done:
         """Claim, send and settle the message ``id``; never raises for its sake.
@@ -390,8 +401,11 @@ class Sender:
             if wait > 0 and (self._sleep(wait) or self._stopping()):
                 self._give_back(conn, now)
                 raise _NotNow()
+        waited = getattr(conn, "waited", None)
         try:
             result = conn.send(claim.envelope, claim.data)
+            if waited is not None:
+                self._local.relay_wait = getattr(conn, "waited", waited) - waited
         except (DeliveryError, OSError):
             self._give_back(conn, now)  # closed unless the mailer kept it usable
             raise

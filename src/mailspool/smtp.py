@@ -48,6 +48,7 @@ import select
 import smtplib
 import socket
 import ssl
+import time
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING
 
@@ -127,6 +128,8 @@ class SMTPConnection:
         transactions: how many messages this connection delivered.
         reconnects: how many times :meth:`send` replaced a session the relay
             had closed while it was idle.
+        waited: seconds spent waiting for the relay's replies to
+            transactions, in all (what the processor grows connections by).
     """
 
     def __init__(self, mailer: SMTPMailer, credentials: Credentials | None = None) -> None:
@@ -136,6 +139,7 @@ class SMTPConnection:
         self.port = mailer.port
         self.transactions = 0
         self.reconnects = 0
+        self.waited = 0.0
         self.features: dict[str, str] = {}
         self.max_size: int | None = None
         self._smtp: smtplib.SMTP | None = None
@@ -315,6 +319,7 @@ class SMTPConnection:
         With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
         """
         error: DeliveryError
+        started = time.monotonic()
         try:
             code, raw = smtp.getreply()
         except OSError as exc:
@@ -326,6 +331,7 @@ class SMTPConnection:
             self._drop()
             error = ConnectionFailed(f"{self._where} sent a malformed reply to {phase}: {raw!r}")
             raise _Stale(error) if stale_ok else error
+        self.waited += time.monotonic() - started
         return code, reply_text(raw)
 
     def _command(
@@ -490,7 +496,9 @@ class SMTPConnection:
             # The long wait: a relay may take minutes to queue the message
             # (RFC 5321 4.5.3.2.6), and giving up early duplicates it.
             _set_timeout(sock, self._mailer.data_timeout)
+            started = time.monotonic()
             code, raw = smtp.getreply()
+            self.waited += time.monotonic() - started
         except OSError as exc:
             raise self._translate(exc, "the reply after the final dot", maybe_sent=True) from exc
         if smtp.sock is not None:

@@ -262,7 +262,7 @@ class QueueProcessor:
         self.watch = watch
         #: The relay as this processor sees it: pause, probes, parallelism.
         self.relay = RelayState(self.retry, min(INITIAL_CONNECTIONS, connections))
-        # Wall and CPU time of the sender thread for the last messages, seconds.
+        # (wait for the relay, CPU time) of the last messages, seconds.
         self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT)
         self.pool = ConnectionPool()
         self._clock = clock

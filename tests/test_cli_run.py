@@ -7,19 +7,18 @@ matters.  The relay comes from the ``smtp_relay`` fixture in conftest.py.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from _relays import SlowData
 from conftest import Relay, RelayFactory
 from mailspool.cli import main
 from mailspool.spool import Spool
@@ -73,7 +72,7 @@ def interrupt_once_arrived(
         [SCRIPT, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        assert slow.arrived.wait(15), "nothing reached the relay"
+        assert slow.started.wait(15), "nothing reached the relay"
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=20)
     finally:
@@ -105,19 +104,6 @@ class Answers:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 2.1.5 OK"
-
-
-class SlowData:
-    """Holds the reply after the final dot for ``delay`` seconds; flags when DATA arrived."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.arrived = threading.Event()
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.arrived.set()
-        await asyncio.sleep(self.delay)
-        return "250 2.0.0 OK"
 
 
 def test_installed_script_and_module() -> None:
@@ -274,7 +260,7 @@ def test_sigterm_during_run_finishes_the_message_in_flight(
         text=True,
     )
     try:
-        assert slow.arrived.wait(15), "the message never reached the relay"
+        assert slow.started.wait(15), "the message never reached the relay"
         # What `ps` shows of the running daemon: never the password.
         with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
             cmdline = f.read()

@@ -111,10 +111,13 @@ class _ThreadClock:
         if self._fd >= 0:
             try:
                 fields = os.pread(self._fd, 64, 0).split()
-                return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+                cpu = int(fields[0])
+                if cpu > 0:  # a kernel that does not account it says 0: not usable
+                    return cpu / 1e9, int(fields[1]) / 1e9
             except (OSError, ValueError, IndexError):
-                os.close(self._fd)
-                self._fd = -1
+                pass
+            os.close(self._fd)
+            self._fd = -1
         return time.thread_time(), 0.0
 
     def __enter__(self) -> _ThreadClock:

@@ -134,6 +134,24 @@ def test_send_drain_relay_received(relay: Relay, tmp_path: Path) -> None:
     assert counts["total"] == 0 and counts["oldest_age"] is None
 
 
+def test_drain_pipelines_unless_told_not_to(relay: Relay, tmp_path: Path) -> None:
+    queue = tmp_path / "spool"
+    send(queue, "jane@example.org", "bob@example.org")
+    proc = mailspool("drain", env=relay_env(relay, queue))
+    assert proc.returncode == 0, proc.stderr
+    assert relay.pipelined == ["MAIL", "RCPT", "RCPT"]
+
+    relay.pipelined.clear()
+    send(queue, "jane@example.org", "bob@example.org")
+    proc = mailspool("drain", "--no-pipelining", env=relay_env(relay, queue))
+    assert proc.returncode == 0, proc.stderr
+    send(queue, "jane@example.org")
+    proc = mailspool("drain", env=relay_env(relay, queue, MAILSPOOL_PIPELINING="false"))
+    assert proc.returncode == 0, proc.stderr
+    assert relay.pipelined == []
+    assert len(relay.messages) == 3
+
+
 def test_failed_message_then_retry(smtp_relay: RelayFactory, tmp_path: Path) -> None:
     handler = Answers({"gone@example.org": "550 5.1.1 no such user"})
     relay = smtp_relay(handler)

@@ -144,6 +144,14 @@ relay_options = _options(
         default=None,
         help="Allow AUTH without TLS (exposes the password). [env MAILSPOOL_ALLOW_PLAINTEXT_AUTH]",
     ),
+    click.option(
+        "--no-pipelining",
+        "pipelining",
+        flag_value="false",
+        default=None,
+        help="Wait for each reply even when the relay offers PIPELINING (for a relay "
+        "that gets it wrong). [env MAILSPOOL_PIPELINING]",
+    ),
     click.option("--local-hostname", metavar="NAME", help=_env_help("local_hostname")),
     click.option("--connect-timeout", metavar="DURATION", help=_env_help("connect_timeout")),
     click.option("--timeout", metavar="DURATION", help=_env_help("timeout")),

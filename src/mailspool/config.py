@@ -83,6 +83,7 @@ class Settings:
     ca_file: str | None = None
     verify_certificates: bool = True
     allow_plaintext_auth: bool = False
+    pipelining: bool = True
     local_hostname: str | None = None
     connect_timeout: float = 60.0
     timeout: float = 300.0
@@ -188,6 +189,7 @@ class Settings:
             "ca_file": self.ca_file,
             "verify_certificates": self.verify_certificates,
             "allow_plaintext_auth": self.allow_plaintext_auth,
+            "pipelining": self.pipelining,
             "local_hostname": self.local_hostname,
             "connect_timeout": self.connect_timeout,
             "timeout": self.timeout,

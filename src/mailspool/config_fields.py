@@ -197,6 +197,8 @@ FIELDS: tuple[Field, ...] = (
     Field("allow_plaintext_auth", "relay", "MAILSPOOL_ALLOW_PLAINTEXT_AUTH",
           "--allow-plaintext-auth", bool, _to_bool,
           help="allow AUTH on a connection without TLS"),
+    Field("pipelining", "relay", "MAILSPOOL_PIPELINING", "--no-pipelining", bool, _to_bool,
+          help="send MAIL, RCPT and DATA at once when the relay offers PIPELINING"),
     Field("local_hostname", "relay", "MAILSPOOL_LOCAL_HOSTNAME", "--local-hostname",
           str, _to_str, True, help="the name sent with EHLO (default: this host's)"),
     Field("connect_timeout", "relay", "MAILSPOOL_CONNECT_TIMEOUT", "--connect-timeout",

@@ -33,6 +33,24 @@ RCPT = "jane@example.org"
 _MSGID = re.compile(rb"^Message-I[dD]:\s*<([^>]+)>", re.MULTILINE | re.IGNORECASE)
 
 
+class PerRecipient:
+    """Answers RCPT from a table: address -> reply (default 250); ``replies``
+    can change during a test."""
+
+    def __init__(self, replies: dict[str, str]) -> None:
+        self.replies = replies
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        reply = self.replies.get(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 2.1.5 OK"
+
+
 def message_id(content: bytes) -> str:
     """The Message-Id (without brackets) of a message as the relay received it."""
     m = _MSGID.search(content)

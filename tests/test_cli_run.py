@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from _relays import SlowData
+from _relays import PerRecipient, SlowData
 from conftest import Relay, RelayFactory
 from mailspool.cli import main
 from mailspool.spool import Spool
@@ -89,23 +89,6 @@ def status(queue: Path) -> dict[str, Any]:
     return result
 
 
-class Answers:
-    """A relay handler answering RCPT per address; ``replies`` can change in a test."""
-
-    def __init__(self, replies: dict[str, str]) -> None:
-        self.replies = replies
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
-        reply = self.replies.get(address)
-        if reply is not None:
-            return reply
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(options)
-        return "250 2.1.5 OK"
-
-
 def test_installed_script_and_module() -> None:
     assert os.access(SCRIPT, os.X_OK)
     proc = subprocess.run(
@@ -153,7 +136,7 @@ def test_drain_pipelines_unless_told_not_to(relay: Relay, tmp_path: Path) -> Non
 
 
 def test_failed_message_then_retry(smtp_relay: RelayFactory, tmp_path: Path) -> None:
-    handler = Answers({"gone@example.org": "550 5.1.1 no such user"})
+    handler = PerRecipient({"gone@example.org": "550 5.1.1 no such user"})
     relay = smtp_relay(handler)
     queue = tmp_path / "spool"
     send(queue, "gone@example.org")
@@ -182,7 +165,7 @@ def test_failed_message_then_retry(smtp_relay: RelayFactory, tmp_path: Path) -> 
 def test_deferred_message_makes_drain_exit_1(
     smtp_relay: RelayFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    relay = smtp_relay(Answers({"full@example.org": "452 4.2.2 mailbox full"}))
+    relay = smtp_relay(PerRecipient({"full@example.org": "452 4.2.2 mailbox full"}))
     queue = tmp_path / "spool"
     send(queue, "full@example.org", "ok@example.org")
     argv = ["--queue", str(queue), "--host", relay.host, "--port", str(relay.port)]

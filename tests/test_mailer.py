@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
+from _relays import PerRecipient
 from mailspool import SMTPMailer
 from mailspool.errors import (
     AuthenticationError,
@@ -45,19 +46,6 @@ def _accept_mail(envelope: Any, address: str, options: list[str]) -> str:
     envelope.mail_from = address
     envelope.mail_options.extend(options)
     return "250 2.1.0 OK"
-
-
-class PerRecipient:
-    """Answers RCPT from a table: address -> reply (default 250)."""
-
-    def __init__(self, replies: dict[str, str]) -> None:
-        self.replies = replies
-
-    async def handle_RCPT(
-        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-    ) -> str:
-        reply = self.replies.get(address)
-        return reply if reply is not None else _accept_rcpt(envelope, address, options)
 
 
 class AtData:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from _relays import PerRecipient
 from mailspool.errors import PermanentError, RecipientsRefused, TransientError
 from mailspool.message import Envelope
 
@@ -18,21 +19,21 @@ MSG = b"From: a@example.org\r\nSubject: pipelined\r\n\r\nHello.\r\n"
 FROM = "sender@example.org"
 
 
-class Refuse:
+class Refuse(PerRecipient):
     """Refuses the listed recipients at RCPT; ``keep`` still adds them to the
     envelope, as a broken relay that then answers DATA with 354 would."""
 
     def __init__(self, replies: dict[str, str], *, keep: bool = False) -> None:
-        self.replies = replies
+        super().__init__(replies)
         self.keep = keep
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        reply = self.replies.get(address)
-        if reply is None or self.keep:
+        reply = await super().handle_RCPT(server, session, envelope, address, options)
+        if self.keep and address in self.replies:
             envelope.rcpt_tos.append(address)
-        return reply or "250 2.1.5 OK"
+        return reply
 
 
 def test_mail_rcpt_and_data_go_out_together(smtp_relay: Any, mailer_for: Any) -> None:

@@ -10,10 +10,11 @@ per delivery and transaction, holding every message sent in it.
 The two-phase commit of the ``transaction`` package then drives it:
 
 * ``tpc_vote`` does whatever can fail.  The queued delivery writes each
-  message to ``tmp/`` in the spool and fsyncs it (several at once when the
-  transaction holds many, see :meth:`mailspool.spool.Spool.stage_many`; a full disk, a read-only
-  spool or a permission error aborts the transaction here, leaving nothing
-  visible); the direct delivery opens and checks its connection to the relay.
+  message to ``tmp/`` in the spool and fsyncs it, several at once when the
+  transaction holds many (:meth:`mailspool.spool.Spool.stage_many`).  A
+  full disk, a read-only spool or a permission error aborts the transaction
+  here, leaving nothing visible.  The direct delivery opens and checks its
+  connection to the relay.
 * ``tpc_finish`` "should never fail".  The queued delivery renames the files
   into ``new/`` and fsyncs the directory once for the batch: only now is the
   mail visible, and durable.  The one exception to "never fail": if that

@@ -318,15 +318,11 @@ class SMTPConnection:
 
         With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
         """
-        error: DeliveryError
         started = time.monotonic()
         try:
             code, raw = smtp.getreply()
         except OSError as exc:
-            error = self._translate(exc, phase)
-            if stale_ok:
-                raise _Stale(error) from exc
-            raise error from exc
+            raise self._failed(exc, phase, stale_ok) from exc
         if code < 100:
             self._drop()
             error = ConnectionFailed(f"{self._where} sent a malformed reply to {phase}: {raw!r}")
@@ -341,10 +337,7 @@ class SMTPConnection:
         try:
             smtp.putcmd(cmd, args)
         except OSError as exc:
-            error = self._translate(exc, phase)
-            if stale_ok:
-                raise _Stale(error) from exc
-            raise error from exc
+            raise self._failed(exc, phase, stale_ok) from exc
         return self._reply(smtp, phase, stale_ok=stale_ok)
 
     def _pipeline(
@@ -366,10 +359,7 @@ class SMTPConnection:
         try:
             smtp.send(group.encode(smtp.command_encoding))
         except OSError as exc:
-            error = self._translate(exc, "MAIL FROM")
-            if stale_ok:
-                raise _Stale(error) from exc
-            raise error from exc
+            raise self._failed(exc, "MAIL FROM", stale_ok) from exc
         return self._reply(smtp, "MAIL FROM", stale_ok=stale_ok)
 
     def _drain_pipeline(self, smtp: smtplib.SMTP, left: int) -> None:
@@ -530,6 +520,11 @@ class SMTPConnection:
             rset = -1
         if rset != 250:
             self._drop()
+
+    def _failed(self, exc: OSError, phase: str, stale_ok: bool) -> Exception:
+        """:meth:`_translate`, wrapped in :class:`_Stale` when ``stale_ok`` (safe to retry)."""
+        error = self._translate(exc, phase)
+        return _Stale(error) if stale_ok else error
 
     def _translate(self, exc: OSError, phase: str, *, maybe_sent: bool = False) -> DeliveryError:
         """Turn a network-level failure into a classified error; close the connection."""

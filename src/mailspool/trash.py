@@ -101,23 +101,27 @@ class _Reaper(threading.Thread):
 
 _reapers: dict[tuple[int, str], _Reaper] = {}
 _lock = threading.Lock()
+# getpid() is a system call; reap_soon() runs once per finished message.
+_pid = os.getpid()
 
 
 def reap_soon(trash: str) -> None:
     """Have ``trash`` emptied soon by this process's reaper thread for it.
 
-    Cheap (no system call once the thread runs); starts the thread when
-    there is none.
+    Cheap (no system call while the thread is awake already); starts the
+    thread when there is none.
 
     Args:
         trash: the path of a spool's ``trash/``.
     """
-    key = (os.getpid(), trash)
+    key = (_pid, trash)
     with _lock:
         reaper = _reapers.get(key)
         if reaper is None:
             reaper = _reapers[key] = _Reaper(key)
             reaper.start()
+        elif reaper.wake.is_set():
+            return  # woken already, not yet running its pass
         reaper.wake.set()
 
 
@@ -146,7 +150,8 @@ def stop_reapers(timeout: float | None = None) -> bool:
 
 
 def _after_fork_in_child() -> None:
-    global _lock
+    global _lock, _pid
+    _pid = os.getpid()
     _lock = threading.Lock()  # another thread may have held it at the fork
     _reapers.clear()  # their threads do not exist in the child
 

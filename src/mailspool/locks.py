@@ -41,13 +41,18 @@ RFLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTT
 LOCK = fcntl.LOCK_EX | fcntl.LOCK_NB
 
 _held: set[int] = set()
-# Guards _held and _busy; held by fork() (see _before_fork).
-_held_lock = threading.Condition(threading.Lock())
+# Guards _held, _busy and _fork_waits; held by fork() (see _before_fork).
+# The hot paths take the plain lock; only a waiting fork() uses the
+# condition, and is notified only when it waits.
+_held_lock = threading.Lock()
+_idle = threading.Condition(_held_lock)
 # How many opens and closes of held descriptors are under way.  Their system
 # calls run outside the lock, so that threads do not queue behind one
 # another's; fork() waits until none is, so that no descriptor is ever
 # open in a child without being registered.
 _busy = 0
+# Whether a fork() waits for _busy to fall to zero.
+_fork_waits = False
 
 
 def close_quietly(fd: int) -> None:
@@ -89,8 +94,8 @@ def _done() -> None:
     """End an open or close under way (call with ``_held_lock`` held)."""
     global _busy
     _busy -= 1
-    if not _busy:
-        _held_lock.notify_all()  # a fork() may be waiting
+    if not _busy and _fork_waits:
+        _idle.notify_all()
 
 
 def close_held(fd: int) -> None:
@@ -161,9 +166,12 @@ def _before_fork() -> None:
     # Held across the fork: no open or close of a held descriptor starts,
     # and none is left half done (opened but not registered, unregistered
     # but not closed).
+    global _fork_waits
     _held_lock.acquire()
     while _busy:
-        _held_lock.wait()
+        _fork_waits = True
+        _idle.wait()
+    _fork_waits = False
 
 
 def _after_fork_in_parent() -> None:

@@ -43,7 +43,6 @@ exception ever stops the processor.
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import queue
@@ -84,8 +83,8 @@ INITIAL_CONNECTIONS = 1
 #: a CPU busy with other processes (more threads help with neither).
 WAIT_RATIO = 2.0
 #: The times are the medians of this many messages, all sent since the last
-#: connection was added: one message that waited for a CPU, or that opened
-#: the connection, decides nothing.
+#: look (one every this many messages): one message that waited for a CPU,
+#: or that opened the connection, decides nothing.
 RECENT = 16
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
@@ -265,8 +264,8 @@ class QueueProcessor:
         self.watch = watch
         #: The relay as this processor sees it: pause, probes, parallelism.
         self.relay = RelayState(self.retry, min(INITIAL_CONNECTIONS, connections))
-        # (wait for the relay, CPU time) of the last messages, seconds.
-        self._recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=RECENT)
+        # (wait for the relay, CPU time) of the messages since the last look, seconds.
+        self._recent: list[tuple[float, float]] = []
         self.pool = ConnectionPool()
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
@@ -462,9 +461,13 @@ class QueueProcessor:
         recent.append((waited, cpu))
         if len(recent) < RECENT:
             return
-        samples = list(recent)
-        wait = sorted(w for w, _ in samples)[RECENT // 2]
-        busy = sorted(c for _, c in samples)[RECENT // 2]
+        # One look per RECENT messages: sorting after every message would
+        # cost the fast relay, which never needs another connection, the most.
+        self._recent = []
+        waits = sorted(w for w, _ in recent)
+        cpus = sorted(c for _, c in recent)
+        wait = waits[RECENT // 2]
+        busy = cpus[RECENT // 2]
         if (
             wait <= (WAIT_RATIO * len(self._threads) - 1) * busy
             or p.queued == 0
@@ -481,7 +484,6 @@ class QueueProcessor:
                 return  # stopped, full, or lowered after a 421: do not grow now
             self._new_thread()
             self.relay.grow(n + 1)
-            recent.clear()  # judge the new number of connections afresh
         finally:
             self._threads_lock.release()
 

@@ -50,7 +50,7 @@ import socket
 import ssl
 import time
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply
 from mailspool.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
@@ -81,19 +81,35 @@ def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
         sock.settimeout(timeout)
 
 
-def _readable(sock: socket.socket) -> bool:
-    """True when the peer sent something (or closed) while we expected silence."""
-    if isinstance(sock, ssl.SSLSocket) and sock.pending():
-        return True
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLPRI)
-            return bool(poller.poll(0))
-        ready, _, _ = select.select([sock], [], [], 0)
-        return bool(ready)
-    except (OSError, ValueError):
-        return True
+#: send() does not look at the socket again when :attr:`SMTPConnection.alive`
+#: found it quiet less than this many seconds ago (the pool looks when it
+#: hands the connection out); a relay that closed in between is still
+#: caught at ``MAIL``, as a stale session.
+_QUIET_FOR = 0.005
+
+
+class _Poller:
+    """Whether a socket is readable, with one ``poll`` object per socket."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._poll: Any = None
+
+    def readable(self, sock: socket.socket) -> bool:
+        """True when the peer sent something (or closed) while we expected silence."""
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            if not hasattr(select, "poll"):
+                ready, _, _ = select.select([sock], [], [], 0)
+                return bool(ready)
+            if sock is not self._sock:
+                self._poll = select.poll()
+                self._poll.register(sock, select.POLLIN | select.POLLPRI)
+                self._sock = sock
+            return bool(self._poll.poll(0))
+        except (OSError, ValueError):
+            return True
 
 
 class _Stale(Exception):
@@ -144,6 +160,8 @@ class SMTPConnection:
         self.max_size: int | None = None
         self._smtp: smtplib.SMTP | None = None
         self._reused = False  # this session has carried a transaction (MAIL was sent)
+        self._poller = _Poller()
+        self._quiet_at = -_QUIET_FOR  # time.monotonic() when alive last found it quiet
         self._open()
 
     @property
@@ -197,7 +215,10 @@ class SMTPConnection:
         smtp = self._smtp
         if smtp is None or smtp.sock is None:
             return False
-        return not _readable(smtp.sock)
+        if self._poller.readable(smtp.sock):
+            return False
+        self._quiet_at = time.monotonic()
+        return True
 
     def _drop(self) -> None:
         smtp, self._smtp = self._smtp, None
@@ -291,7 +312,11 @@ class SMTPConnection:
             raise ConnectionFailed(f"the connection to {self._where} is closed")
         data = wire_bytes(data)
         stale_ok = retry_stale and self._reused
-        if stale_ok and _readable(smtp.sock):
+        if (
+            stale_ok
+            and time.monotonic() - self._quiet_at >= _QUIET_FOR
+            and self._poller.readable(smtp.sock)
+        ):
             # Closed (or a 421 said) while idle: no need to try MAIL first.
             self._reopen("seen before MAIL")
             stale_ok = False

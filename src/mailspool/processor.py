@@ -265,7 +265,9 @@ class QueueProcessor:
         #: The relay as this processor sees it: pause, probes, parallelism.
         self.relay = RelayState(self.retry, min(INITIAL_CONNECTIONS, connections))
         # (wait for the relay, CPU time) of the messages since the last look, seconds.
-        self._recent: list[tuple[float, float]] = []
+        self._recent: list[tuple[float, float | None]] = []
+        # The CPU time per message a sender thread measured last, seconds.
+        self._busy = 0.0
         self.pool = ConnectionPool()
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
@@ -411,6 +413,13 @@ class QueueProcessor:
             self._work_with(clock)
 
     def _work_with(self, clock: _ThreadClock) -> None:
+        # While the connections tell how long each message waited for the
+        # relay, this thread reads its CPU clock once per RECENT messages and
+        # reports their mean; otherwise it reads it around every message and
+        # counts as waiting whatever was neither CPU nor waiting for a CPU.
+        told = False
+        sent = 0  # messages since ``mark``
+        mark = 0.0  # this thread's CPU time when the first of them began
         while True:
             job = self._jobs.get()
             if job is None:
@@ -419,16 +428,26 @@ class QueueProcessor:
             done = Done(None)
             try:
                 if p.start(self.relay.parallelism, self._blocked):
-                    started, (cpu, delay) = time.monotonic(), clock.read()
+                    if not told:
+                        started, (cpu, delay) = time.monotonic(), clock.read()
                     done = self._sender.handle(id, p.now)
                     waited = self._sender.relay_wait()
                     if done.outcome is not None:
-                        wall = time.monotonic() - started
-                        cpu_after, delay_after = clock.read()
-                        cpu = cpu_after - cpu
-                        if waited is None:  # not told: whatever was neither CPU nor waiting for it
-                            waited = wall - (delay_after - delay) - cpu
-                        self._observe(waited, cpu, p)
+                        if not told and waited is not None:
+                            told, mark = True, cpu  # from this message on
+                        if not told:
+                            wall = time.monotonic() - started
+                            cpu_after, delay_after = clock.read()
+                            cpu = cpu_after - cpu
+                            self._observe(wall - (delay_after - delay) - cpu, cpu, p)
+                        else:
+                            sent += 1
+                            if sent >= RECENT:
+                                now = clock.read()[0]
+                                self._busy = (now - mark) / sent
+                                sent, mark = 0, now
+                            if waited is not None:  # None: not sent, nothing to learn
+                                self._observe(waited, None, p)
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
@@ -447,15 +466,11 @@ class QueueProcessor:
         t.start()
         self._threads.append(t)
 
-    def _observe(self, waited: float, cpu: float, p: _Pass) -> None:
-        """Add a connection while the relay is slow and messages wait for one.
+    def _observe(self, waited: float, cpu: float | None, p: _Pass) -> None:
+        """:meth:`_judge` every RECENT messages by the medians of ``waited`` and ``cpu``.
 
-        Like Postfix's destination concurrency, parallelism grows with the
-        relay's latency: a slow relay (a remote one, or one that scans mail)
-        gets up to ``connections`` at once, a fast local one stays at one,
-        where more threads would only take turns at the interpreter lock.
-        ``waited`` is the time the message waited for the relay's replies
-        (see :data:`WAIT_RATIO`), ``cpu`` the CPU time its thread spent.
+        ``cpu`` None: the thread did not read its clock for this message;
+        the latest mean a thread reported (``_busy``) stands for it.
         """
         recent = self._recent
         recent.append((waited, cpu))
@@ -465,9 +480,19 @@ class QueueProcessor:
         # cost the fast relay, which never needs another connection, the most.
         self._recent = []
         waits = sorted(w for w, _ in recent)
-        cpus = sorted(c for _, c in recent)
-        wait = waits[RECENT // 2]
-        busy = cpus[RECENT // 2]
+        cpus = sorted(self._busy if c is None else c for _, c in recent)
+        self._judge(waits[RECENT // 2], cpus[RECENT // 2], p)
+
+    def _judge(self, wait: float, busy: float, p: _Pass) -> None:
+        """Add a connection while the relay is slow and messages wait for one.
+
+        Like Postfix's destination concurrency, parallelism grows with the
+        relay's latency: a slow relay (a remote one, or one that scans mail)
+        gets up to ``connections`` at once, a fast local one stays at one,
+        where more threads would only take turns at the interpreter lock.
+        ``wait`` is how long a message waited for the relay's replies (see
+        :data:`WAIT_RATIO`), ``busy`` the CPU time its thread spent on it.
+        """
         if (
             wait <= (WAIT_RATIO * len(self._threads) - 1) * busy
             or p.queued == 0

@@ -425,11 +425,11 @@ class Buggy:
         conn = self.mailer.connect()
         original = conn.send
 
-        def send(envelope: Any, data: bytes) -> Any:
+        def send(envelope: Any, data: bytes, **kw: Any) -> Any:
             if self.bugs > 0:
                 self.bugs -= 1
                 raise RuntimeError("a bug in the mailer")
-            return original(envelope, data)
+            return original(envelope, data, **kw)
 
         conn.send = send  # type: ignore[method-assign]
         return conn

@@ -420,17 +420,44 @@ class QueueProcessor:
         told = False
         sent = 0  # messages since ``mark``
         mark = 0.0  # this thread's CPU time when the first of them began
-        while True:
-            job = self._jobs.get()
+        # The job taken by peek(): the sender claims its message ahead, and
+        # this thread handles it next.
+        held: tuple[str, _Pass] | None = None
+        stop = False
+
+        def peek() -> str | None:
+            nonlocal held, stop
+            if held is not None or stop:
+                return None
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return None
             if job is None:
+                stop = True
+                return None
+            held = job
+            return job[0] if job[1] is p else None
+
+        while True:
+            if held is not None:
+                job, held = held, None
+            elif stop:
+                job = None
+            else:
+                job = self._jobs.get()
+            if job is None:
+                self._sender.let_go_ahead()
                 return
             id, p = job
             done = Done(None)
             try:
-                if p.start(self.relay.parallelism, self._blocked):
+                if not p.start(self.relay.parallelism, self._blocked):
+                    self._sender.let_go_ahead()
+                else:
                     if not told:
                         started, (cpu, delay) = time.monotonic(), clock.read()
-                    done = self._sender.handle(id, p.now)
+                    done = self._sender.handle(id, p.now, peek)
                     waited = self._sender.relay_wait()
                     if done.outcome is not None:
                         if not told and waited is not None:

@@ -84,6 +84,22 @@ class Done:
 
 
 @dataclass
+class _Ahead:
+    """The next message of a sender thread, claimed while the last one was sent.
+
+    ``conn`` holds its ``MAIL``, ``RCPT`` and ``DATA``, sent after the last
+    message's final dot (see :meth:`~mailspool.smtp.SMTPConnection.send`),
+    or is None when they were not sent.  ``claim`` None: the claim failed,
+    and ``done`` is what became of the message.
+    """
+
+    id: str
+    claim: Claim | None
+    conn: Connection | None = None
+    done: Done = Done(None)
+
+
+@dataclass
 class _Unwritten:
     """An attempt's outcome that the spool could not take yet, with the
     claim it keeps held (file in ``cur/``, lock taken) until it does."""
@@ -314,12 +330,17 @@ class Sender:
         self._local.relay_wait = None
         return wait
 
-    def handle(self, id: str, now: float) -> Done:
+    def handle(self, id: str, now: float, peek: Callable[[], str | None] | None = None) -> Done:
         """Claim, send and settle the message ``id``; never raises for its sake.
 
         Args:
             id: the spool id.
             now: the time of the pass (the processor's clock).
+            peek: gives the id this thread handles next, if one is there
+                already (None: none).  That message is claimed before
+                this one is sent, so that a connection that pipelines can
+                send its commands with this message's final dot.  The
+                next call must then be for that id, or :meth:`let_go_ahead`.
 
         Returns:
             What became of it (see :class:`Done`).
@@ -328,22 +349,75 @@ class Sender:
             SpoolError: the spool itself failed while claiming (e.g. too
                 many open files); the message is untouched.
         """
+        ahead: _Ahead | None = getattr(self._local, "ahead", None)
+        if ahead is not None and ahead.id != id:
+            self.let_go_ahead()
+            ahead = None
+        self._local.ahead = None
         if self._stopping() or self.relay.paused(now) or self.waiting():
+            if ahead is not None:
+                self._local.ahead = ahead
+                self.let_go_ahead()
             return Done(None)  # not started: stays where it is
-        claim = self.spool.claim(id)
-        if claim is None:
-            return Done("quarantined" if self._quarantined(id) else None)
+        if ahead is None:
+            claim = self.spool.claim(id)
+            if claim is None:
+                return Done("quarantined" if self._quarantined(id) else None)
+        elif ahead.claim is None:
+            return ahead.done
+        else:
+            claim = ahead.claim
         try:
-            done = self._handle(claim, now)
+            done = self._handle(claim, now, ahead.conn if ahead is not None else None, peek)
         except BaseException:
             self._let_go(claim, failing=True)
             raise
         self._let_go(claim, failing=False)
         return done
 
-    def _handle(self, claim: Claim, now: float) -> Done:
+    def let_go_ahead(self) -> None:
+        """Give back the message claimed ahead by this thread, if any, untouched.
+
+        Its connection is closed: the relay waits for that message's data.
+        """
+        ahead: _Ahead | None = getattr(self._local, "ahead", None)
+        self._local.ahead = None
+        if ahead is None:
+            return
+        if ahead.conn is not None:
+            self.pool.discard(ahead.conn)
+        if ahead.claim is not None:
+            self._let_go(ahead.claim, failing=True)
+
+    def _claim_ahead(self, conn: Connection, peek: Callable[[], str | None] | None) -> Any:
+        """Claim the message this thread sends next; its (envelope, data), or None."""
+        if peek is None or not getattr(conn, "sends_ahead", False):
+            return None
+        id = peek()
+        if id is None:
+            return None
         try:
-            return self._deliver(claim, now)
+            claim = self.spool.claim(id)
+        except Exception:  # e.g. too many open files: that one waits for the next pass
+            log.exception("mail %s: cannot claim it", id)
+            self._local.ahead = _Ahead(id, None)
+            return None
+        if claim is None:
+            lost = Done("quarantined" if self._quarantined(id) else None)
+            self._local.ahead = _Ahead(id, None, done=lost)
+            return None
+        self._local.ahead = _Ahead(id, claim)
+        return claim.envelope, claim.data
+
+    def _handle(
+        self,
+        claim: Claim,
+        now: float,
+        conn: Connection | None = None,
+        peek: Callable[[], str | None] | None = None,
+    ) -> Done:
+        try:
+            return self._deliver(claim, now, conn, peek)
         except _NotNow:
             claim.release()
             return Done(None)
@@ -361,12 +435,18 @@ class Sender:
                 raise
             log.exception("spool %s: cannot release %s", self.spool.path, claim.id)
 
-    def _deliver(self, claim: Claim, now: float) -> Done:
+    def _deliver(
+        self,
+        claim: Claim,
+        now: float,
+        conn: Connection | None = None,
+        peek: Callable[[], str | None] | None = None,
+    ) -> Done:
         env = claim.envelope
         result: SendResult | None = None
         error: BaseException | None = None
         try:
-            result = self._send(claim, now)
+            result = self._send(claim, now, conn, peek)
         except _RelayTrouble as trouble:  # the relay is paused already
             return self._untouched(claim, trouble.error)
         except (DeliveryError, OSError) as exc:
@@ -383,8 +463,15 @@ class Sender:
         reply = result.reply if result is not None and error is None else None
         return self._settle(claim, now, verdict, reply, error)
 
-    def _send(self, claim: Claim, now: float) -> SendResult:
-        conn = self.pool.take()
+    def _send(
+        self,
+        claim: Claim,
+        now: float,
+        conn: Connection | None = None,
+        peek: Callable[[], str | None] | None = None,
+    ) -> SendResult:
+        if conn is None:
+            conn = self.pool.take()
         if conn is None:
             # One connection attempt at a time: a dead relay sees one probe.
             with self._connect_lock:
@@ -401,9 +488,14 @@ class Sender:
             if wait > 0 and (self._sleep(wait) or self._stopping()):
                 self._give_back(conn, now)
                 raise _NotNow()
+        then = self._claim_ahead(conn, peek)
         waited = getattr(conn, "waited", None)
         try:
-            result = conn.send(claim.envelope, claim.data)
+            if then is None:
+                result = conn.send(claim.envelope, claim.data)
+            else:
+                send: Any = conn.send  # one that sends_ahead takes ``then``
+                result = send(claim.envelope, claim.data, then=then)
             if waited is not None:
                 self._local.relay_wait = getattr(conn, "waited", waited) - waited
         except (DeliveryError, OSError):
@@ -416,6 +508,10 @@ class Sender:
         return result
 
     def _give_back(self, conn: Connection, now: float) -> None:
+        ahead: _Ahead | None = getattr(self._local, "ahead", None)
+        if ahead is not None and ahead.claim is not None and getattr(conn, "pending", False):
+            ahead.conn = conn  # it waits for the message claimed ahead
+            return
         self.pool.give_back(conn, keep=self.relay.parallelism(now))
 
     # -- relay trouble ---------------------------------------------------------------

@@ -50,7 +50,7 @@ import socket
 import ssl
 import time
 from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply
 from mailspool.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
@@ -112,6 +112,32 @@ class _Poller:
             return True
 
 
+def _mail_args(envelope: Envelope, options: list[str]) -> str:
+    """What follows ``MAIL`` for ``envelope`` with these parameters."""
+    return f"FROM:<{envelope.sender}>{''.join(f' {option}' for option in options)}"
+
+
+def _group(envelope: Envelope, mail: str) -> str:
+    """``MAIL`` (with its arguments ``mail``), every ``RCPT`` and ``DATA``, as one text."""
+    lines = [f"MAIL {mail}\r\n"]
+    lines.extend(f"RCPT TO:<{rcpt}>\r\n" for rcpt in envelope.recipients)
+    lines.append("DATA\r\n")
+    group = "".join(lines)
+    if group.count("\n") != len(lines) or group.count("\r") != len(lines):
+        # Validated envelopes never get here; a line break would be injection.
+        raise ValueError("an SMTP command may not contain CR or LF")
+    return group
+
+
+class _Ahead(NamedTuple):
+    """A message whose commands went out ahead: as given to send(), and as checked."""
+
+    envelope: Envelope
+    data: bytes  # the object given as ``then``
+    wire: bytes  # wire_bytes(data)
+    options: list[str]  # its MAIL parameters
+
+
 class _Stale(Exception):
     """The relay dropped a reused session before the transaction began.
 
@@ -161,6 +187,9 @@ class SMTPConnection:
         self._smtp: smtplib.SMTP | None = None
         self._reused = False  # this session has carried a transaction (MAIL was sent)
         self._poller = _Poller()
+        # The next message, whose MAIL, RCPT and DATA went out after the
+        # last message's final dot (see send()'s ``then``); replies unread.
+        self._ahead: _Ahead | None = None
         self._quiet_at = -_QUIET_FOR  # time.monotonic() when alive last found it quiet
         self._open()
 
@@ -187,6 +216,7 @@ class SMTPConnection:
         smtp = open_session(self._mailer, self._credentials)
         self._smtp = smtp
         self._reused = False
+        self._ahead = None
         self.features = dict(smtp.esmtp_features)
         self.max_size = size_limit(self.features)
         log.debug(
@@ -209,18 +239,30 @@ class SMTPConnection:
         """True when the connection can take the next message.
 
         False after :meth:`close`, after any failure that left the session
-        in an unknown state, and when the relay has closed the connection
-        (or said anything) since its last reply.
+        in an unknown state, when the relay has closed the connection (or
+        said anything) since its last reply, and while the commands of a
+        message sent ahead (see :meth:`send`) wait for it.
         """
         smtp = self._smtp
-        if smtp is None or smtp.sock is None:
+        if smtp is None or smtp.sock is None or self._ahead is not None:
             return False
         if self._poller.readable(smtp.sock):
             return False
         self._quiet_at = time.monotonic()
         return True
 
+    @property
+    def sends_ahead(self) -> bool:
+        """True when :meth:`send` can send the next message's commands ahead (``then``)."""
+        return self._mailer.pipelining and "pipelining" in self.features
+
+    @property
+    def pending(self) -> bool:
+        """True while the commands of a message sent ahead wait for its :meth:`send`."""
+        return self._ahead is not None
+
     def _drop(self) -> None:
+        self._ahead = None
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
@@ -231,6 +273,8 @@ class SMTPConnection:
         if smtp is None:
             return
         try:
+            # With a message sent ahead the relay takes what follows its 354
+            # as message data: only closing ends that transaction.
             if smtp.sock is not None and self.alive:
                 smtp.sock.settimeout(min(self._mailer.timeout, 5.0))
                 smtp.docmd("QUIT")
@@ -242,7 +286,8 @@ class SMTPConnection:
     def noop(self) -> bool:
         """Send NOOP; True when the relay answered 250 (else the connection is closed)."""
         smtp = self._smtp
-        if smtp is None:
+        if smtp is None or self._ahead is not None:
+            self._drop()
             return False
         try:
             code, _ = smtp.docmd("NOOP")
@@ -277,7 +322,14 @@ class SMTPConnection:
         """
         return mail_parameters(envelope, data, self.features, self.max_size, self._where)
 
-    def send(self, envelope: Envelope, data: bytes, *, retry_stale: bool = True) -> SendResult:
+    def send(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        retry_stale: bool = True,
+        then: tuple[Envelope, bytes] | None = None,
+    ) -> SendResult:
         """Send one message over this connection.
 
         Args:
@@ -289,6 +341,16 @@ class SMTPConnection:
                 socket shows it, or ``MAIL`` gets no reply or a 421), open a
                 new session and send once more.  Never after ``MAIL`` was
                 accepted: nothing is sent twice.  ``False`` raises instead.
+            then: the next message (envelope, data) to send on this
+                connection.  With PIPELINING its ``MAIL``, ``RCPT`` and
+                ``DATA`` go out in the same write as this message's final
+                dot (RFC 2920 3.1), saving a write, a read and a round trip
+                per message.  The next call must then be ``send()`` for
+                that message, with the same two objects; anything else
+                closes the connection first (after a 354 the relay would
+                take any command as message data).  The relay gets nothing
+                of the next message's data before that call, so a failure
+                in between never delivers it.
 
         Returns:
             The :class:`~mailspool.result.SendResult`; at least one recipient
@@ -307,13 +369,24 @@ class SMTPConnection:
                 for every recipient accepted at ``RCPT`` (none for a lost
                 session), and each ``RCPT`` refusal with its own reply.
         """
+        ahead, self._ahead = self._ahead, None
+        written = ahead is not None and ahead.envelope is envelope and ahead.data is data
+        if ahead is not None and not written:
+            log.debug("relay %s: a message sent ahead was not sent; reconnecting", self._where)
+            self._drop()
+            self._open()
         smtp = self._smtp
         if smtp is None or smtp.sock is None:
             raise ConnectionFailed(f"the connection to {self._where} is closed")
-        data = wire_bytes(data)
+        options: list[str] | None = None
+        if ahead is not None and written:
+            data, options = ahead.wire, ahead.options
+        else:
+            data = wire_bytes(data)
         stale_ok = retry_stale and self._reused
         if (
             stale_ok
+            and not written  # its replies are there to read
             and time.monotonic() - self._quiet_at >= _QUIET_FOR
             and self._poller.readable(smtp.sock)
         ):
@@ -321,17 +394,29 @@ class SMTPConnection:
             self._reopen("seen before MAIL")
             stale_ok = False
         try:
-            return self._send(envelope, data, stale_ok=stale_ok)
+            return self._send(
+                envelope, data, stale_ok=stale_ok, written=written, then=then, options=options
+            )
         except _Stale as stale:
             self._reopen(str(stale.error))
-            return self._send(envelope, data, stale_ok=False)
+            return self._send(envelope, data, stale_ok=False, then=then)
 
-    def _send(self, envelope: Envelope, data: bytes, *, stale_ok: bool) -> SendResult:
+    def _send(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        *,
+        stale_ok: bool,
+        written: bool = False,
+        then: tuple[Envelope, bytes] | None = None,
+        options: list[str] | None = None,
+    ) -> SendResult:
         smtp = self._smtp
         assert smtp is not None
-        options = self.check(envelope, data)
+        if options is None:
+            options = self.check(envelope, data)
         try:
-            return self._transaction(smtp, envelope, data, options, stale_ok)
+            return self._transaction(smtp, envelope, data, options, stale_ok, written, then)
         except (DeliveryError, _Stale):
             raise
         except BaseException:
@@ -374,18 +459,29 @@ class SMTPConnection:
         A failure to write is a failure at ``MAIL``: the relay cannot have
         accepted a transaction whose first reply nobody read.
         """
-        lines = [f"MAIL {mail}\r\n"]
-        lines.extend(f"RCPT TO:<{rcpt}>\r\n" for rcpt in envelope.recipients)
-        lines.append("DATA\r\n")
-        group = "".join(lines)
-        if group.count("\n") != len(lines) or group.count("\r") != len(lines):
-            # Validated envelopes never get here; a line break would be injection.
-            raise ValueError("an SMTP command may not contain CR or LF")
         try:
-            smtp.send(group.encode(smtp.command_encoding))
+            smtp.send(_group(envelope, mail).encode(smtp.command_encoding))
         except OSError as exc:
             raise self._failed(exc, "MAIL FROM", stale_ok) from exc
         return self._reply(smtp, "MAIL FROM", stale_ok=stale_ok)
+
+    def _group_ahead(self, then: tuple[Envelope, bytes] | None) -> tuple[bytes, _Ahead | None]:
+        """The pipelined commands of the message ``then``, and what they are for.
+
+        None are sent ahead for a message this relay would refuse before
+        ``MAIL`` (:meth:`check`): its own send() raises that error.
+        """
+        if then is None:
+            return b"", None
+        envelope, data = then
+        wire = wire_bytes(data)
+        try:
+            options = self.check(envelope, wire)
+        except DeliveryError:
+            return b"", None
+        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        group = _group(envelope, _mail_args(envelope, options)).encode(encoding)
+        return group, _Ahead(envelope, data, wire, options)
 
     def _drain_pipeline(self, smtp: smtplib.SMTP, left: int) -> None:
         """Read the ``left`` replies still due after a refused ``MAIL`` or all ``RCPT``.
@@ -416,7 +512,10 @@ class SMTPConnection:
         data: bytes,
         options: list[str],
         stale_ok: bool,
+        written: bool = False,
+        then: tuple[Envelope, bytes] | None = None,
     ) -> SendResult:
+        """One transaction; ``written``: its commands went out ahead (see send())."""
         sock = smtp.sock
         assert sock is not None
         _set_timeout(sock, self._mailer.timeout)
@@ -426,10 +525,12 @@ class SMTPConnection:
 
         # MAIL: a failure here means nothing of the message was transmitted
         # (pipelined or not, the data only follows DATA's 354).
-        mail = f"FROM:<{envelope.sender}>{''.join(f' {option}' for option in options)}"
-        if pipelined:
-            code, text = self._pipeline(smtp, envelope, mail, stale_ok)
+        if written:  # with the last message's final dot
+            code, text = self._reply(smtp, "MAIL FROM", stale_ok=stale_ok)
+        elif pipelined:
+            code, text = self._pipeline(smtp, envelope, _mail_args(envelope, options), stale_ok)
         else:
+            mail = _mail_args(envelope, options)
             code, text = self._command(smtp, "MAIL", mail, "MAIL FROM", stale_ok=stale_ok)
         if not 200 <= code < 300:
             error = error_for_reply(code, text, phase="mail")
@@ -438,7 +539,7 @@ class SMTPConnection:
                 if stale_ok:
                     raise _Stale(error)
                 raise error
-            if pipelined:
+            if pipelined or written:
                 self._drain_pipeline(smtp, len(envelope.recipients) + 1)
             self._reset(code)
             raise error
@@ -446,7 +547,7 @@ class SMTPConnection:
         accepted: list[str] = []
         refused: dict[str, Reply] = {}
         for rcpt in envelope.recipients:
-            if pipelined:
+            if pipelined or written:
                 code, text = self._reply(smtp, "RCPT TO")
             else:
                 code, text = self._command(smtp, "RCPT", f"TO:<{rcpt}>", "RCPT TO")
@@ -459,13 +560,13 @@ class SMTPConnection:
                 # RFC 5321 4.5.3.1.10: 552 at RCPT means "too many", i.e. 452.
                 refused[rcpt] = Reply(452 if code == 552 else code, text)
         if not accepted:
-            if pipelined:
+            if pipelined or written:
                 self._drain_pipeline(smtp, 1)
             self._reset(code)
             raise all_refused(envelope.recipients, refused)
 
         try:
-            reply = self._data(smtp, sock, data, pipelined=pipelined)
+            reply = self._data(smtp, sock, data, pipelined=pipelined or written, then=then)
         except DeliveryError as exc:
             # Only the recipients accepted at RCPT were in this transaction:
             # the error answers for them, the RCPT refusals keep their own.
@@ -483,9 +584,19 @@ class SMTPConnection:
         return result
 
     def _data(
-        self, smtp: smtplib.SMTP, sock: socket.socket, data: bytes, *, pipelined: bool
+        self,
+        smtp: smtplib.SMTP,
+        sock: socket.socket,
+        data: bytes,
+        *,
+        pipelined: bool,
+        then: tuple[Envelope, bytes] | None = None,
     ) -> Reply:
         """``DATA`` (or its pipelined reply), the message, the final dot; return the 2xx reply.
+
+        With ``pipelined`` and ``then``, the next message's commands follow
+        the final dot in the same write; once the reply to the dot is read
+        and the session goes on, they wait for ``then``'s send().
 
         Raises:
             DeliveryError: ``DATA`` or the message refused, or the session
@@ -500,10 +611,17 @@ class SMTPConnection:
             self._reset(code)
             raise error_for_reply(code, text, phase="data")
 
-        payload = memoryview(dot_stuff(data))
+        ahead, sent_ahead = self._group_ahead(then) if pipelined else (b"", None)
+        stuffed = dot_stuff(data)
+        joined = bool(ahead) and len(stuffed) <= _BLOCK
+        if joined:
+            stuffed += ahead  # one write; after a larger message, one more
+        payload = memoryview(stuffed)
         try:
             for start in range(0, len(payload), _BLOCK):
                 smtp.send(payload[start : start + _BLOCK])
+            if ahead and not joined:
+                smtp.send(ahead)
         except OSError as exc:
             # The final dot was not (completely) sent: nothing was delivered.
             raise self._translate(exc, "the message data") from exc
@@ -527,6 +645,8 @@ class SMTPConnection:
             )
         if code == 421:
             self._drop()
+        elif ahead:
+            self._ahead = sent_ahead  # also after a refusal: the session goes on
         if not 200 <= code < 300:
             raise error_for_reply(code, text, phase="data")
         return Reply(code, text)

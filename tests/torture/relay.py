@@ -174,6 +174,8 @@ class _Session(socketserver.StreamRequestHandler):
             elif verb == "MAIL":
                 # The client settled its previous message before this MAIL:
                 # the judge's proof that a kill came too late to explain a copy.
+                # (True because this relay does not offer PIPELINING: with
+                # it, a client may send MAIL with the previous final dot.)
                 srv.record({"e": "mail", "sess": self.session}, sync=False)
                 plan = srv.choose(TRANSACTION_FAULTS)
                 if plan is not None:

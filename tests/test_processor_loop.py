@@ -173,7 +173,7 @@ class HeldData:
         return "250 2.0.0 OK"
 
 
-def test_ids_queued_ahead_are_not_claimed_and_not_started_after_a_stop(
+def test_ids_queued_ahead_are_not_started_after_a_stop(
     spool: Spool, smtp_relay: RelayFactory
 ) -> None:
     handler = HeldData()

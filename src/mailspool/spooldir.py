@@ -396,8 +396,11 @@ class SpoolDir:
             locked descriptor of a stale copy (close it after the rename);
             None when someone holds it: do not claim now.
         """
+        path = self._dirs["cur"] + id
+        if not os.access(path, os.F_OK, follow_symlinks=False):
+            return -1  # the usual case, told without the cost of an exception
         try:
-            fd = lock_file(self._dirs["cur"] + id)
+            fd = lock_file(path)
         except BlockingIOError:
             return None
         except FileNotFoundError:

@@ -111,6 +111,9 @@ _SAFE_CHARS = (
 _SAFE_BYTES = frozenset(_SAFE_CHARS.encode("ascii"))
 _UNSAFE = re.compile(r"[^!#$&'*+\-./0-9:=?@A-Z\[\]^_`a-z{|}~]")
 _QUOTED = re.compile(r"(?:[!#$&'*+\-./0-9:=?@A-Z\[\]^_`a-z{|}~]|%[0-9A-F]{2})+\Z")
+# The same without escapes: a plain run of safe characters, several times
+# faster to check than the alternation above (most tokens have no "%").
+_PLAIN = re.compile(r"[!#$&'*+\-./0-9:=?@A-Z\[\]^_`a-z{|}~]+")
 _BYTE_TABLE = [chr(b) if b in _SAFE_BYTES else f"%{b:02X}" for b in range(256)]
 
 
@@ -141,10 +144,12 @@ def unquote_value(token: str) -> str:
     """
     if token == "-":
         return ""
+    if "%" not in token:
+        if _PLAIN.fullmatch(token) is None:
+            raise ValueError(f"bad token {token[:40]!r}")
+        return token
     if _QUOTED.match(token) is None:
         raise ValueError(f"bad token {token[:40]!r}")
-    if "%" not in token:
-        return token
     return unquote_to_bytes(token).decode("utf-8", "surrogatepass")
 
 

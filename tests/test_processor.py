@@ -38,7 +38,7 @@ from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.mailer import SMTPMailer
 from mailspool.policy import THROTTLE_PERIOD
-from mailspool.processor import RECENT, QueueProcessor, RetryPolicy, Summary
+from mailspool.processor import LOST_RUN, RECENT, QueueProcessor, RetryPolicy, Summary
 from mailspool.spool import Claim, Spool
 
 QUICK = RetryPolicy(
@@ -582,3 +582,39 @@ def test_connections_below_the_initial_number_are_never_exceeded(
         assert p.drain() == Summary(sent=3 * RECENT)
         assert len(p._threads) == 2
     assert relay.connections <= 2
+
+
+def test_claims_lost_to_another_processor_make_the_pass_list_again(
+    spool: Spool, relay: Relay
+) -> None:
+    # Another processor on the same spool takes 280 of 300 messages just
+    # after this one has listed them.  Rather than try each of those names
+    # in turn, the pass lists the spool again after LOST_RUN lost claims.
+    enqueue(spool, 300)
+    rival = Spool(spool.path)
+    p = processor(spool, relay, connections=1)
+    real_claim = p.spool.claim
+    tried: list[str] = []
+    lost: list[str] = []
+
+    def claim(id: str) -> Claim | None:
+        if not tried:
+            for other in sorted(os.listdir(os.path.join(spool.path, "new")))[:280]:
+                with rival.claim(other) as c:
+                    assert c is not None
+                    c.settle(sent=c.envelope.recipients)
+        tried.append(id)
+        c = real_claim(id)
+        if c is None:
+            lost.append(id)
+        return c
+
+    p.spool.claim = claim  # type: ignore[method-assign]
+    with p:
+        assert p.drain() == Summary(sent=20)
+    assert len(relay.messages) == 20
+    assert sum(spool.counts().values()) == 0
+    # A few claims lost before the pass noticed (and the ids queued ahead of
+    # the sender meanwhile), not one per name the rival took.
+    assert LOST_RUN <= len(lost) <= LOST_RUN + 8
+    assert len(tried) == 20 + len(lost)

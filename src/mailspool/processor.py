@@ -86,6 +86,10 @@ WAIT_RATIO = 2.0
 #: look (one every this many messages): one message that waited for a CPU,
 #: or that opened the connection, decides nothing.
 RECENT = 16
+#: After this many claims in a row lost to another processor, a pass lists
+#: the spool again instead of following that processor through names it
+#: has taken already.
+LOST_RUN = 4
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
 ABANDONED_CHECK = 1.0
@@ -366,18 +370,31 @@ class QueueProcessor:
                 p.count(done.outcome)
 
     def _dispatch(self, p: _Pass) -> None:
+        # Another processor on the spool may be working through the same
+        # names: after LOST_RUN claims in a row lost to it, list the spool
+        # again (what it took is gone from the listing) at another place.
+        while self._dispatch_listing(p):
+            pass
+
+    def _dispatch_listing(self, p: _Pass) -> bool:
+        """Queue the ids of one listing; True to list again (claims were being lost)."""
+        sender = self._sender
+        sender.lost_run = 0
         ids = self.spool.due(p.now)
         try:
             for id in ids:
-                if self._sender.skipped(id, p.now):
+                if sender.skipped(id, p.now):
                     continue
+                if sender.lost_run >= LOST_RUN:
+                    return True
                 if not p.queue(self._blocked):
-                    return
+                    return False
                 self._jobs.put((id, p))
         finally:
             close = getattr(ids, "close", None)
             if close is not None:
                 close()
+        return False
 
     def _blocked(self, now: float) -> bool:
         """True when nothing new may be started: stopping, relay paused, spool full."""

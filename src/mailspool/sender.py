@@ -317,6 +317,10 @@ class Sender:
         self._skip_lock = threading.Lock()
         self._key = os.path.realpath(spool.path)  # whose waiting outcomes are ours
         self._local = threading.local()
+        #: Claims lost in a row (taken by another processor, or gone); reset
+        #: by each claim made.  Read by the dispatcher, written by every
+        #: sender thread: a hint, not a count.
+        self.lost_run = 0
 
     # -- the per-message boundary -------------------------------------------------
 
@@ -362,7 +366,8 @@ class Sender:
         if ahead is None:
             claim = self.spool.claim(id)
             if claim is None:
-                return Done("quarantined" if self._quarantined(id) else None)
+                return self._lost(id)
+            self.lost_run = 0
         elif ahead.claim is None:
             return ahead.done
         else:
@@ -403,9 +408,9 @@ class Sender:
             self._local.ahead = _Ahead(id, None)
             return None
         if claim is None:
-            lost = Done("quarantined" if self._quarantined(id) else None)
-            self._local.ahead = _Ahead(id, None, done=lost)
+            self._local.ahead = _Ahead(id, None, done=self._lost(id))
             return None
+        self.lost_run = 0
         self._local.ahead = _Ahead(id, claim)
         return claim.envelope, claim.data
 
@@ -669,6 +674,13 @@ class Sender:
         return Done("deferred")
 
     # -- helpers -----------------------------------------------------------------------
+
+    def _lost(self, id: str) -> Done:
+        """What became of ``id`` when claiming it failed: quarantined, or taken."""
+        if self._quarantined(id):
+            return Done("quarantined")
+        self.lost_run += 1
+        return Done(None)
 
     def _quarantined(self, id: str) -> bool:
         """Did this thread's failed claim just move ``id`` to quarantine?

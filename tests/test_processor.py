@@ -614,7 +614,8 @@ def test_claims_lost_to_another_processor_make_the_pass_list_again(
         assert p.drain() == Summary(sent=20)
     assert len(relay.messages) == 20
     assert sum(spool.counts().values()) == 0
-    # A few claims lost before the pass noticed (and the ids queued ahead of
-    # the sender meanwhile), not one per name the rival took.
-    assert LOST_RUN <= len(lost) <= LOST_RUN + 8
+    # Some claims lost before the pass noticed (LOST_RUN in a row; a claim
+    # made in between starts the count again) and the ids queued ahead of
+    # the sender meanwhile: not one per name the rival took (280).
+    assert LOST_RUN <= len(lost) <= 40
     assert len(tried) == 20 + len(lost)

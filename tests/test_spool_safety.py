@@ -366,8 +366,10 @@ def test_a_forked_child_neither_keeps_nor_uses_its_parents_claim(tmp_path: Path)
 
 FORK_REAPER = r"""
 import json, os, sys, time
+from mailspool import trash
 from mailspool.message import prepare
 from mailspool.spool import Spool
+trash.SLOW_UNLINK = 0.0  # every unlink counts as slow: files go through the reaper
 sp = Spool(json.loads(sys.argv[1]), create=False)
 trash_dir = os.path.join(sp.path, "trash")
 def batch(n, tag):
@@ -495,3 +497,44 @@ def test_reaper_stops_cleanly_and_starts_again(sp: Spool) -> None:
     stop.set()
     assert trash.purge(str(root(sp) / "trash"), stop) == 0
     assert os.listdir(root(sp) / "trash") == ["x"]
+
+
+def test_cheap_unlinks_remove_finished_files_at_once(
+    sp: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(trash, "SLOW_UNLINK", 10.0)  # every unlink counts as cheap
+    ids = fill_spool(sp, 3)
+    for id in ids:
+        c = sp.claim(id)
+        assert c is not None and c.settle(sent=c.envelope.recipients) == "removed"
+        assert names(root(sp), "trash") == []  # not even for a moment
+    assert names(root(sp), "cur") == [] and sp.counts()["ready"] == 0
+    trash_dir = str(root(sp) / "trash") + os.sep
+    assert trash.unlink_at_once(trash_dir)
+    assert not any(key[1] == trash_dir for key in trash._reapers)  # no reaper needed
+
+
+def test_slow_unlinks_go_through_trash_until_a_reaper_finds_them_cheap(
+    sp: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trash_dir = str(root(sp) / "trash") + os.sep
+    monkeypatch.setattr(trash, "SLOW_UNLINK", 0.0)  # every unlink counts as slow
+    ids = fill_spool(sp, 20)
+    first = ids[: trash.SLOW_IN_ROW]
+    for id in first:
+        assert trash.unlink_at_once(trash_dir)  # one slow unlink may be a fluke
+        c = sp.claim(id)
+        assert c is not None and c.settle(sent=c.envelope.recipients) == "removed"
+        assert names(root(sp), "trash") == []  # unlinked at once, and timed
+    assert not trash.unlink_at_once(trash_dir)  # SLOW_IN_ROW slow ones: slow
+    monkeypatch.setattr(trash, "reap_soon", lambda path: None)  # keep them to look at
+    rest = ids[len(first) :]
+    for id in rest:
+        c = sp.claim(id)
+        assert c is not None and c.settle(sent=c.envelope.recipients) == "removed"
+    assert len(names(root(sp), "trash")) == len(rest)  # renamed, to be unlinked later
+    assert sp.counts()["ready"] == 0
+    # A pass of the reaper whose unlinks were all cheap brings them back.
+    monkeypatch.setattr(trash, "SLOW_UNLINK", 10.0)
+    assert sp.purge() == len(rest)
+    assert trash.unlink_at_once(trash_dir)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
 
+from mailspool import trash
 from mailspool.errors import SpoolError
 from mailspool.lifecycle import OUTCOME_ACTION, all_sent, next_area, settle_record
 from mailspool.locks import close_held
@@ -198,13 +199,16 @@ class Claim:
         if outcome == "removed":
             self._start(action)
             path = self._spool._dirs["cur"] + self.id
+            started = time.monotonic()
             try:
                 # Not fsynced: a crash before the directory reaches the disk
                 # is the one window in which a message is sent twice.
-                self._spool._trash(path)
+                unlinked = self._spool._trash(path)
             except OSError as exc:
                 raise self._spool._error(f"remove {path}", exc) from exc
-            self._finish(outcome)
+            self._finish(outcome)  # the last close: an unlinked file's blocks go now
+            if unlinked:
+                trash.unlinked(self._spool._dirs["trash"], time.monotonic() - started)
         elif outcome == "deferred":
             self._rewrite(action, record, time.time() if retry_at is None else retry_at)
         else:

@@ -425,15 +425,33 @@ class SpoolDir:
 
     # -- trash and quarantine -------------------------------------------------------
 
-    def _trash(self, path: str) -> None:
-        """Take a finished file out of the spool now; it is unlinked later.
+    def _trash(self, path: str) -> bool:
+        """Take a finished file out of the spool now.
+
+        It is unlinked at once where unlinks are cheap, otherwise renamed
+        into ``trash/`` and unlinked later by the reaper (:mod:`mailspool.trash`).
 
         Call it only for a file whose lock you hold (or that is not a
         message any more).
 
+        Returns:
+            True when it was unlinked at once.  Its blocks are freed when
+            the last descriptor of it is closed: time that close too and
+            tell :func:`mailspool.trash.unlinked`.
+
         Raises:
             OSError: the file could be neither moved nor removed.
         """
+        where = self._dirs["trash"]
+        if trash.unlink_at_once(where):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return False  # gone already
+            except OSError:
+                pass  # e.g. EBUSY: try the rename
+            else:
+                return True
         try:
             if self._trash_fd < 0:
                 raise FileNotFoundError(errno.ENOENT, "no trash/")
@@ -441,8 +459,9 @@ class SpoolDir:
         except OSError:
             with contextlib.suppress(FileNotFoundError):  # gone already
                 os.unlink(path)  # no usable trash/: the slow way
-            return
-        trash.reap_soon(self._dirs["trash"])
+            return False
+        trash.reap_soon(where)
+        return False
 
     def purge(self) -> int:
         """Unlink everything in ``trash/`` now (the reaper does it anyway).

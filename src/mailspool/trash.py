@@ -3,9 +3,15 @@
 Removing a file frees its blocks, and on some file systems that waits for
 the disk: on ext4 mounted with online ``discard`` an unlink of a freshly
 fsynced file takes about a millisecond, serialised in the kernel, against a
-few microseconds for a rename.  So the spool renames a finished file into
-``trash/`` (not a state: nothing there is ever listed or sent) and a
-reaper thread, one per spool and process, unlinks it shortly after.
+few microseconds for a rename.  Where that is so, the spool renames a
+finished file into ``trash/`` (not a state: nothing there is ever listed or
+sent) and a reaper thread, one per spool and process, unlinks it shortly
+after.  Where unlinks are cheap (most file systems) the file is unlinked at
+once: a reaper would only take turns with the sender threads at the
+interpreter lock, one turn per file.  Which way is chosen per spool and
+process by timing the unlinks (:func:`unlink_at_once`, :data:`SLOW_UNLINK`):
+an unlink slower than that sends the files through ``trash/``, a reaper's
+pass whose unlinks were all cheap brings them back.
 
 What keeps this safe:
 
@@ -30,15 +36,55 @@ What keeps this safe:
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import threading
 import time
 
-__all__ = ["IDLE_EXIT", "purge", "reap_soon", "stop_reapers"]
+__all__ = ["IDLE_EXIT", "SLOW_UNLINK", "purge", "reap_soon", "stop_reapers", "unlink_at_once"]
 
 #: Seconds without work after which a reaper thread ends.
 IDLE_EXIT = 10.0
+#: Unlinks slower than this (seconds), SLOW_IN_ROW times in a row, make
+#: finished files go through ``trash/`` and the reaper.  A rename costs a
+#: few microseconds, and each file the reaper removes costs the sender
+#: threads a turn or two at the interpreter lock; an unlink with online
+#: ``discard`` costs 0.6-1.5 ms, without it 5-40 us (and a timing may
+#: include a wait for the interpreter lock: hence several in a row).
+SLOW_UNLINK = 200e-6
+SLOW_IN_ROW = 3
+#: A reaper's pass brings the unlinks at once back after this many files,
+#: all removed faster than SLOW_UNLINK.
+_FAST_PASS = 16
+
+# trash/ paths whose unlinks were found slow, in this process, and how many
+# slow ones in a row were seen for the others.
+_slow: set[str] = set()
+_slow_in_row: dict[str, int] = {}
+
+
+def unlink_at_once(trash: str) -> bool:
+    """Whether a finished file of the spool whose ``trash/`` is ``trash`` is
+    better unlinked at once than renamed into ``trash/``.
+
+    No system call: the answer comes from the unlinks timed so far (see
+    :func:`unlinked`); at first it is yes.
+    """
+    return trash not in _slow
+
+
+def unlinked(trash: str, seconds: float) -> None:
+    """Tell how long unlinking one finished file of that spool took
+    (with the close that freed its blocks)."""
+    if seconds <= SLOW_UNLINK:
+        _slow_in_row.pop(trash, None)
+        return
+    n = _slow_in_row.get(trash, 0) + 1
+    if n < SLOW_IN_ROW:
+        _slow_in_row[trash] = n
+        return
+    _slow_in_row.pop(trash, None)
+    _slow.add(trash)
+
 
 _DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -59,18 +105,26 @@ def purge(trash: str, stop: threading.Event | None = None) -> int:
     except OSError:
         return 0  # gone, not a directory, or a symlink: not ours to clean
     done = 0
+    slowest = 0.0
+    unlink, clock = os.unlink, time.monotonic
     try:
         with os.scandir(fd) as it:
             for e in it:
                 if stop is not None and stop.is_set():
                     break
-                with contextlib.suppress(OSError):  # gone already, a directory...
-                    os.unlink(e.name, dir_fd=fd)
-                    done += 1
+                started = clock()
+                try:
+                    unlink(e.name, dir_fd=fd)
+                except OSError:  # gone already, a directory...
+                    continue
+                slowest = max(slowest, clock() - started)
+                done += 1
     except OSError:
         pass  # the listing failed: the next pass tries again
     finally:
         os.close(fd)
+    if done >= _FAST_PASS and slowest <= SLOW_UNLINK:
+        _slow.discard(trash)  # cheap again: finished files are unlinked at once
     return done
 
 

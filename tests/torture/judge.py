@@ -25,8 +25,10 @@ The rules (docs/guarantees.md states them as promises):
   dropped or stalled it after taking the message), or the sending processor
   was SIGKILLed between the relay's 250 and the moment its outcome was on
   disk.  That moment is unknown, so the window is: within ``window``
-  seconds of the 250 and before the process began another message on that
-  connection (a worker settles a message before it sends the next one); or,
+  seconds of the 250 and before the process began the message after the
+  next on that connection (a worker settles a message before it sends the
+  next one's data; with PIPELINING the next one's MAIL may come with the
+  final dot, the one after it only once the message is settled); or,
   when the process logged that the spool was full as it wrote that
   message's outcome, any time until it logged the outcome written;
 * a message taken whole: the relay checks each body against its checksum.
@@ -149,9 +151,10 @@ def _incarnation(mid: str) -> str:
     return mid.partition("@")[0].partition("n")[0]
 
 
-def _after(times: Sequence[float] | None, t: float) -> float | None:
-    """The first of ``times`` after ``t``."""
-    return min((x for x in times or () if x > t), default=None)
+def _after(times: Sequence[float] | None, t: float, nth: int = 1) -> float | None:
+    """The ``nth`` of ``times`` after ``t`` (None if there are fewer)."""
+    later = sorted(x for x in times or () if x > t)
+    return later[nth - 1] if len(later) >= nth else None
 
 
 def _cause(
@@ -163,7 +166,8 @@ def _cause(
 ) -> str:
     """Why the copy ``accept`` was followed by another ("" when nothing explains it).
 
-    ``next_mail`` is when the same connection began its next transaction.
+    ``next_mail`` is when the same connection began the transaction after
+    the next (the next one's MAIL may have come with this one's final dot).
     """
     t = float(accept["t"])
     by = accept.get("by")
@@ -307,7 +311,7 @@ def judge(
             continue
         ordered = sorted(events, key=lambda e: float(e["t"]))
         causes = tuple(
-            _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"]))
+            _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"], 2))
             for e in ordered[:-1]
         )
         v.duplicates.append(Duplicate(r, mids[r], len(ordered), causes))

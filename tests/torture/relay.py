@@ -6,15 +6,17 @@ greeting, at MAIL, at RCPT, while the data arrives, after the final dot but
 before the reply, after the 250; a reply that never comes), and aiosmtpd
 offers no hook at several of them.  This one speaks just enough ESMTP for
 :class:`mailspool.SMTPMailer` (EHLO, MAIL, RCPT, DATA with dot-unstuffing,
-RSET, NOOP, QUIT) with the standard library, one thread per connection.
+RSET, NOOP, QUIT; it offers PIPELINING, which reading one line at a time
+handles as it comes) with the standard library, one thread per connection.
 
 The journal is the judge of the run.  Every message the relay takes is
 written there (and fsynced) *before* the reply that could tell the client
 so, with the recipients, the Message-Id, the EHLO name of the sending
 process, the connection and the fault injected, if any; so is every
 permanent refusal of a recipient.  A line is also written for every fault
-injected and for every MAIL command (the client is done with its previous
-message by then).
+injected and for every MAIL command (the client is done with the message
+before the previous one by then: with PIPELINING it may send the next
+MAIL with a message's final dot).
 
 Faults are chosen at random (seeded) per connection, per transaction and
 per recipient; recipients whose local part contains ``.bounce`` are always
@@ -160,7 +162,7 @@ class _Session(socketserver.StreamRequestHandler):
                 self.name = arg.strip() or "?"
                 sender, rcpts = None, []
                 if verb == "EHLO":
-                    self.wfile.write(b"250-torture.test\r\n250-8BITMIME\r\n")
+                    self.wfile.write(b"250-torture.test\r\n250-8BITMIME\r\n250-PIPELINING\r\n")
                     self.reply("250 ENHANCEDSTATUSCODES")
                 else:
                     self.reply("250 torture.test")
@@ -172,10 +174,10 @@ class _Session(socketserver.StreamRequestHandler):
                 self.reply("221 2.0.0 bye")
                 return
             elif verb == "MAIL":
-                # The client settled its previous message before this MAIL:
-                # the judge's proof that a kill came too late to explain a copy.
-                # (True because this relay does not offer PIPELINING: with
-                # it, a client may send MAIL with the previous final dot.)
+                # With PIPELINING a client may send MAIL with the previous
+                # message's final dot, before it has settled that message;
+                # the MAIL after that one comes only once it has: the
+                # judge's proof that a kill came too late to explain a copy.
                 srv.record({"e": "mail", "sess": self.session}, sync=False)
                 plan = srv.choose(TRANSACTION_FAULTS)
                 if plan is not None:

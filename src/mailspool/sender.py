@@ -59,6 +59,7 @@ from mailspool.connections import Connection, ConnectionPool, connect, relay_nam
 from mailspool.errors import DeliveryError, SpoolError
 from mailspool.events import MailEvent
 from mailspool.mailer import Reply, SendResult
+from mailspool.message import Envelope
 from mailspool.outcome import Verdict, classify, human, one_line, report, when
 from mailspool.policy import RateLimiter, RelayState, RetryPolicy
 from mailspool.spool import Claim, Spool
@@ -394,7 +395,9 @@ class Sender:
         if ahead.claim is not None:
             self._let_go(ahead.claim, failing=True)
 
-    def _claim_ahead(self, conn: Connection, peek: Callable[[], str | None] | None) -> Any:
+    def _claim_ahead(
+        self, conn: Connection, peek: Callable[[], str | None] | None
+    ) -> tuple[Envelope, bytes] | None:
         """Claim the message this thread sends next; its (envelope, data), or None."""
         if peek is None or not getattr(conn, "sends_ahead", False):
             return None
@@ -403,7 +406,7 @@ class Sender:
             return None
         try:
             claim = self.spool.claim(id)
-        except Exception:  # e.g. too many open files: that one waits for the next pass
+        except (SpoolError, ValueError):  # e.g. too many open files: it waits for the next pass
             log.exception("mail %s: cannot claim it", id)
             self._local.ahead = _Ahead(id, None)
             return None

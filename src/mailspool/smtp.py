@@ -525,7 +525,8 @@ class SMTPConnection:
         _set_timeout(sock, self._mailer.timeout)
         smtp.command_encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         self._reused = True
-        pipelined = self._mailer.pipelining and "pipelining" in self.features
+        # Commands sent ahead mean a session that pipelines: replies come in order.
+        pipelined = written or self.sends_ahead
 
         # MAIL: a failure here means nothing of the message was transmitted
         # (pipelined or not, the data only follows DATA's 354).
@@ -543,7 +544,7 @@ class SMTPConnection:
                 if stale_ok:
                     raise _Stale(error)
                 raise error
-            if pipelined or written:
+            if pipelined:
                 self._drain_pipeline(smtp, len(envelope.recipients) + 1)
             self._reset(code)
             raise error
@@ -551,7 +552,7 @@ class SMTPConnection:
         accepted: list[str] = []
         refused: dict[str, Reply] = {}
         for rcpt in envelope.recipients:
-            if pipelined or written:
+            if pipelined:
                 code, text = self._reply(smtp, "RCPT TO")
             else:
                 code, text = self._command(smtp, "RCPT", f"TO:<{rcpt}>", "RCPT TO")
@@ -564,13 +565,13 @@ class SMTPConnection:
                 # RFC 5321 4.5.3.1.10: 552 at RCPT means "too many", i.e. 452.
                 refused[rcpt] = Reply(452 if code == 552 else code, text)
         if not accepted:
-            if pipelined or written:
+            if pipelined:
                 self._drain_pipeline(smtp, 1)
             self._reset(code)
             raise all_refused(envelope.recipients, refused)
 
         try:
-            reply = self._data(smtp, sock, data, pipelined=pipelined or written, then=then)
+            reply = self._data(smtp, sock, data, pipelined=pipelined, then=then)
         except DeliveryError as exc:
             # Only the recipients accepted at RCPT were in this transaction:
             # the error answers for them, the RCPT refusals keep their own.

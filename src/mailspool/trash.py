@@ -56,9 +56,8 @@ SLOW_IN_ROW = 3
 #: all removed faster than SLOW_UNLINK.
 _FAST_PASS = 16
 
-# trash/ paths whose unlinks were found slow, in this process, and how many
-# slow ones in a row were seen for the others.
-_slow: set[str] = set()
+# trash/ path -> slow unlinks in a row seen in this process; SLOW_IN_ROW or
+# more: slow, until a reaper's pass finds them cheap again.
 _slow_in_row: dict[str, int] = {}
 
 
@@ -69,21 +68,19 @@ def unlink_at_once(trash: str) -> bool:
     No system call: the answer comes from the unlinks timed so far (see
     :func:`unlinked`); at first it is yes.
     """
-    return trash not in _slow
+    return _slow_in_row.get(trash, 0) < SLOW_IN_ROW
 
 
 def unlinked(trash: str, seconds: float) -> None:
     """Tell how long unlinking one finished file of that spool took
     (with the close that freed its blocks)."""
+    n = _slow_in_row.get(trash, 0)
+    if n >= SLOW_IN_ROW:
+        return  # slow already: only a reaper's pass says otherwise
     if seconds <= SLOW_UNLINK:
         _slow_in_row.pop(trash, None)
-        return
-    n = _slow_in_row.get(trash, 0) + 1
-    if n < SLOW_IN_ROW:
-        _slow_in_row[trash] = n
-        return
-    _slow_in_row.pop(trash, None)
-    _slow.add(trash)
+    else:
+        _slow_in_row[trash] = n + 1
 
 
 _DIRFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -124,7 +121,7 @@ def purge(trash: str, stop: threading.Event | None = None) -> int:
     finally:
         os.close(fd)
     if done >= _FAST_PASS and slowest <= SLOW_UNLINK:
-        _slow.discard(trash)  # cheap again: finished files are unlinked at once
+        _slow_in_row.pop(trash, None)  # cheap again: finished files are unlinked at once
     return done
 
 

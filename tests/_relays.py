@@ -113,6 +113,27 @@ def _accept(envelope: Any, address: str) -> str:
     return "250 2.1.5 OK"
 
 
+def accept_mail(envelope: Any, address: str, options: list[str]) -> str:
+    """What aiosmtpd does with an accepted ``MAIL``, for a ``handle_MAIL`` hook."""
+    envelope.mail_from = address
+    envelope.mail_options.extend(options)
+    return "250 2.1.0 OK"
+
+
+class RefuseSender:
+    """Refuses ``MAIL`` from the given senders with 550 5.7.1, accepts the others."""
+
+    def __init__(self, bad: Iterable[str]) -> None:
+        self.bad_senders = set(bad)
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if address in self.bad_senders:
+            return "550 5.7.1 sender rejected"
+        return accept_mail(envelope, address, options)
+
+
 class Greylist:
     """Every recipient is refused with 450 the first time it is seen, then accepted."""
 

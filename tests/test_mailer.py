@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from zope.interface.verify import verifyObject
 
-from _relays import PerRecipient
+from _relays import PerRecipient, RefuseSender, accept_mail
 from mailspool import SMTPMailer
 from mailspool.errors import (
     AuthenticationError,
@@ -40,12 +40,6 @@ def _accept_rcpt(envelope: Any, address: str, options: list[str]) -> str:
     envelope.rcpt_tos.append(address)
     envelope.rcpt_options.extend(options)
     return "250 2.1.5 OK"
-
-
-def _accept_mail(envelope: Any, address: str, options: list[str]) -> str:
-    envelope.mail_from = address
-    envelope.mail_options.extend(options)
-    return "250 2.1.0 OK"
 
 
 class AtData:
@@ -178,15 +172,7 @@ def test_all_refused_raises_with_the_result(
 def test_sender_refused_is_permanent_and_the_connection_survives(
     smtp_relay: Any, mailer_for: Any, pipelining: bool
 ) -> None:
-    class RefuseSender:
-        async def handle_MAIL(
-            self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-        ) -> str:
-            if address == "spammer@example.org":
-                return "550 5.7.1 sender rejected"
-            return _accept_mail(envelope, address, options)
-
-    relay = smtp_relay(RefuseSender(), pipelining=pipelining)
+    relay = smtp_relay(RefuseSender({"spammer@example.org"}), pipelining=pipelining)
     mailer = mailer_for(relay)
     with pytest.raises(PermanentError) as info:
         mailer.send("spammer@example.org", ["a@example.org"], MSG)
@@ -493,7 +479,7 @@ class CloseAtSecondMail:
             if self.how == "drop":
                 await asyncio.sleep(5)
             return "421 4.4.2 idle for too long"
-        return _accept_mail(envelope, address, options)
+        return accept_mail(envelope, address, options)
 
 
 @pytest.mark.parametrize("how", ["421", "drop"])

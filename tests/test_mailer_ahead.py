@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from _relays import enqueue, message_id
+from _relays import RefuseSender, RefuseSome, enqueue, message_id
 from mailspool import QueueProcessor, SMTPMailer
 from mailspool.errors import ConnectionFailed, PermanentError, RecipientsRefused
 from mailspool.message import Envelope, make_envelope
@@ -101,24 +101,12 @@ def test_a_refused_message_leaves_the_next_one_going(smtp_relay: Any) -> None:
 
 
 def test_the_next_message_refused_at_mail_or_rcpt(smtp_relay: Any) -> None:
-    class RefuseSome:
-        async def handle_MAIL(
-            self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-        ) -> str:
-            if address == "spammer@example.org":
-                return "550 5.7.1 sender rejected"
-            envelope.mail_from = address
-            return "250 2.1.0 OK"
+    class Refuse(RefuseSender, RefuseSome):
+        def __init__(self) -> None:
+            RefuseSender.__init__(self, {"spammer@example.org"})
+            RefuseSome.__init__(self, {"nobody@example.org"})
 
-        async def handle_RCPT(
-            self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
-        ) -> str:
-            if address == "nobody@example.org":
-                return "550 5.1.1 no such user"
-            envelope.rcpt_tos.append(address)
-            return "250 2.1.5 OK"
-
-    relay = smtp_relay(RefuseSome())
+    relay = smtp_relay(Refuse())
     spam, nobody, fine = env(sender="spammer@example.org"), env("nobody@example.org"), env()
     with SMTPMailer(**relay.mailer_kwargs()).connect() as conn:
         conn.send(env(), msg(0), then=(spam, d1 := msg(1)))

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from _relays import SlowData, enqueue
+from _relays import SlowData, accept_mail, enqueue
 from conftest import RELAY_PASSWORD, Relay, RelayFactory
 from mailspool.errors import ConnectionFailed, RelayUnavailable
 from mailspool.mailer import SMTPConnection, SMTPMailer
@@ -57,12 +57,6 @@ def wait_until_closed(conn: SMTPConnection, limit: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def _accept_mail(envelope: Any, address: str, options: list[str]) -> str:
-    envelope.mail_from = address
-    envelope.mail_options.extend(options)
-    return "250 2.1.0 OK"
-
-
 class CloseAtMail:
     """Answers ``MAIL`` number ``nth`` of each session (or every one after the
     first overall, with ``every_later``) with a 421, or a bare drop, and closes."""
@@ -84,7 +78,7 @@ class CloseAtMail:
             if self.how == "drop":
                 await asyncio.sleep(5)  # cancelled when the connection is gone
             return "421 4.4.2 idle for too long"
-        return _accept_mail(envelope, address, options)
+        return accept_mail(envelope, address, options)
 
 
 # --- the relay closed the idle connection -------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from mailspool.errors import MessageTooLarge, PermanentError, SMTPUTF8Required
 from mailspool.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
-from mailspool.message import make_envelope, to_wire
+from mailspool.message import WireData, make_envelope, to_wire
 
 ASCII = make_envelope("a@example.org", ["b@example.org"])
 WIDE = make_envelope("a@example.org", ["zoë@example.org"])
@@ -77,4 +77,8 @@ def test_dot_stuffing_round_trips(lines: list[bytes]) -> None:
 def test_wire_bytes_passes_crlf_data_as_is_and_normalises_the_rest() -> None:
     ready = to_wire(b"Subject: x\n\nbody\n")
     assert wire_bytes(ready) is ready
+    # What the spool hands back from its own format is wire data by that
+    # format (and checksummed): taken as it is, not counted again.
+    trusted = WireData(b"Subject: x\n\nnot counted")
+    assert wire_bytes(trusted) is trusted
     assert wire_bytes(b"Subject: x\n\nbare\rcr") == b"Subject: x\r\n\r\nbare\r\ncr\r\n"

@@ -558,6 +558,27 @@ def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay)
     assert b"X-Zope-" not in received.content
 
 
+def test_a_legacy_message_with_bare_lf_and_no_final_newline_goes_out_whole(
+    spool: Spool, relay: Relay
+) -> None:
+    # Only mailspool's own format keeps the message in wire form; an old
+    # queue's file is normalised when sent: CRLF, ending with one, so the
+    # final dot stands on a line of its own.
+    legacy = (
+        b"X-Zope-From: app@example.org\n"
+        b"X-Zope-To: a@example.org\n"
+        b"Message-Id: <legacy.2@example.org>\n"
+        b"Subject: old\n\nfirst\n.dot line\nlast line without newline"
+    )
+    Path(spool.path, "new", "1700000000.12346.oldhost").write_bytes(legacy)
+    with processor(spool, relay) as p:
+        assert p.drain() == Summary(sent=1)
+    [received] = relay.messages
+    assert received.content.endswith(b"\r\nlast line without newline\r\n")
+    assert b"\r\n.dot line\r\n" in received.content
+    assert b"\n" not in received.content.replace(b"\r\n", b"")
+
+
 def test_a_slow_relay_gets_more_connections_up_to_the_limit(
     spool: Spool, smtp_relay: RelayFactory
 ) -> None:

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailspool.errors import InvalidAddress
-from mailspool.message import make_envelope, parse_mailbox, prepare
+from mailspool.message import WireData, make_envelope, parse_mailbox, prepare
 from mailspool.spool import (
     RecipientStatus,
     Record,
@@ -67,6 +67,12 @@ def test_envelope_round_trips_through_the_file_format(sender: str, rcpts: list[s
     back, msg = decode_file(head + data)
     assert (back.sender, back.pending) == (sender, tuple(rcpts))
     assert msg == data
+    assert type(msg) is WireData  # the format keeps it in wire form
+
+
+def test_only_the_own_format_marks_the_message_as_wire_data() -> None:
+    _, legacy = decode_file(b"X-Zope-From: a@example.org\nX-Zope-To: b@example.org\n\nbody")
+    assert legacy == b"\r\nbody" and type(legacy) is bytes  # normalised again when sent
 
 
 @given(

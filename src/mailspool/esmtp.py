@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping
 
 from mailspool.errors import MessageTooLarge, PermanentError, SMTPUTF8Required
-from mailspool.message import Envelope, to_wire
+from mailspool.message import Envelope, WireData, to_wire
 
 __all__ = ["dot_stuff", "mail_parameters", "size_limit", "wire_bytes"]
 
@@ -32,8 +32,11 @@ def wire_bytes(data: bytes) -> bytes:
     """``data`` as CRLF-only bytes ending in CRLF (returned as is when already so).
 
     Bytes that :func:`mailspool.message.to_wire` produced pass unchanged
-    (three counts, no copy); anything else goes through ``to_wire``.
+    (three counts, no copy; none for :class:`~mailspool.message.WireData`);
+    anything else goes through ``to_wire``.
     """
+    if type(data) is WireData:
+        return data
     crlf = data.count(b"\r\n")
     if data.count(b"\n") != crlf or data.count(b"\r") != crlf or not data.endswith(b"\r\n"):
         return to_wire(data)

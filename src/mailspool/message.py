@@ -43,6 +43,7 @@ __all__ = [
     "MAX_LINE",
     "Envelope",
     "Prepared",
+    "WireData",
     "make_envelope",
     "make_msgid",
     "needs_8bit",
@@ -366,6 +367,20 @@ def _encoded(message: bytes | str) -> bytes:
     raise InvalidMessage(
         f"message must be bytes, str or email.message.Message, not {type(message).__name__}"
     )
+
+
+class WireData(bytes):
+    """Message bytes already in wire form, as :func:`to_wire` returns them.
+
+    What the spool hands back for sending is marked so
+    (:func:`mailspool.spoolfile.decode_file`): its format keeps the message
+    exactly as it goes on the wire, and the file's checksum was verified.
+    The SMTP client then skips its own check of the line endings
+    (:func:`mailspool.esmtp.wire_bytes`).  Nothing else differs from
+    ``bytes``.
+    """
+
+    __slots__ = ()
 
 
 def to_wire(message: bytes | str | Message) -> bytes:

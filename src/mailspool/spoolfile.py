@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from mailspool.legacy import decode_legacy
+from mailspool.message import WireData
 
 __all__ = [
     "FAILED",
@@ -314,7 +315,9 @@ def decode_file(raw: bytes, *, verify: bool = True, mtime: float = 0.0) -> tuple
         mtime: the file's mtime, the queued time of a legacy file.
 
     Returns:
-        (the record, the message as it goes on the wire).
+        (the record, the message as it goes on the wire; marked as
+        :class:`~mailspool.message.WireData` when the file is in
+        mailspool's own format, which keeps it that way).
 
     Raises:
         ValueError: the file is truncated, damaged or not a spool file; the
@@ -327,7 +330,7 @@ def decode_file(raw: bytes, *, verify: bool = True, mtime: float = 0.0) -> tuple
         old = decode_legacy(raw)
         recipients = tuple(RecipientStatus(a) for a in old.recipients)
         record = Record(old.sender, recipients, mtime, message_id=old.message_id, legacy=True)
-        return record, old.data
+        return record, old.data  # checked again when sent
     if int(m.group(1)) != FORMAT_VERSION:
         raise ValueError(f"unsupported format version {int(m.group(1))}")
     start = m.end()
@@ -342,4 +345,4 @@ def decode_file(raw: bytes, *, verify: bool = True, mtime: float = 0.0) -> tuple
     elif len(raw) < start + elen:
         raise ValueError("truncated inside the envelope")
     record = _parse_envelope(raw[start : start + elen])
-    return record, raw[start + elen :]
+    return record, WireData(memoryview(raw)[start + elen :])

@@ -198,6 +198,27 @@ def test_report_gives_one_line_and_the_events() -> None:
     assert isinstance(deferred, MailDeferred) and deferred.retry_at == 0.0
     only_sent = report("ID2", None, "app@example.org", Verdict((A,)))
     assert only_sent.level == logging.INFO and "<>" in only_sent.line
+    # Logged as the report itself: the line is made only by a logger that
+    # keeps the level, once, and it is the same line.
+    assert str(only_sent) == only_sent.line
+    reply = _CountedReply(250, "2.0.0 queued")
+    lazy = report("ID3", None, "app@example.org", Verdict((A,)), reply=reply)
+    quiet = logging.getLogger("mailspool.test.quiet")
+    quiet.setLevel(logging.WARNING)
+    quiet.info("%s", lazy)
+    assert reply.shown == 0
+    assert lazy.line.endswith("sent to a@example.org (250 2.0.0 queued)") and str(lazy) == lazy.line
+    assert reply.shown == 1
+
+
+class _CountedReply(Reply):
+    """A reply that counts how often it was written out."""
+
+    shown = 0
+
+    def __str__(self) -> str:
+        object.__setattr__(self, "shown", self.shown + 1)
+        return super().__str__()
 
 
 def test_summaries_add_up() -> None:

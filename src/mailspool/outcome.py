@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -115,13 +115,29 @@ def classify(
     return Verdict(tuple(sent), MappingProxyType(failed), MappingProxyType(deferred))
 
 
-@dataclass(frozen=True)
 class Report:
-    """How an attempt is told: one log line at one level, and the events."""
+    """How an attempt is told: one log line at one level, and the events.
 
-    level: int
-    line: str
-    events: tuple[MailEvent, ...]
+    The line is written out when first read (``str()`` of the report gives
+    it too), so a logger that drops its level never pays for it.
+    """
+
+    __slots__ = ("_line", "_make", "events", "level")
+
+    def __init__(self, level: int, line: Callable[[], str], events: tuple[MailEvent, ...]) -> None:
+        self.level = level
+        self.events = events
+        self._make = line
+        self._line: str | None = None
+
+    @property
+    def line(self) -> str:
+        if self._line is None:
+            self._line = self._make()
+        return self._line
+
+    def __str__(self) -> str:
+        return self.line
 
 
 def report(
@@ -152,11 +168,9 @@ def report(
         INFO when all were sent; ``MailSent``, ``MailFailed`` and
         ``MailDeferred`` events for the recipients each concerns.
     """
-    parts: list[str] = []
+    parts: list[str] = []  # after the part for the sent ones
     events: list[MailEvent] = []
     if verdict.sent:
-        shown = f" ({one_line(str(reply))})" if reply is not None else ""
-        parts.append(f"sent to {', '.join(verdict.sent)}{shown}")
         events.append(MailSent(message_id, sender, verdict.sent))
     if verdict.failed:
         text = "; ".join(f"{a}: {_reason(r)}" for a, r in verdict.failed.items())
@@ -177,7 +191,14 @@ def report(
     level = (
         logging.ERROR if verdict.failed else logging.WARNING if verdict.deferred else logging.INFO
     )
-    line = f"mail {id} <{message_id or ''}> from {sender}: {'; '.join(parts)}"
+
+    def line() -> str:
+        told = parts
+        if verdict.sent:
+            shown = f" ({one_line(str(reply))})" if reply is not None else ""
+            told = [f"sent to {', '.join(verdict.sent)}{shown}", *parts]
+        return f"mail {id} <{message_id or ''}> from {sender}: {'; '.join(told)}"
+
     return Report(level, line, tuple(events))
 
 

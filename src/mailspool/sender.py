@@ -135,8 +135,8 @@ class _Waiting:
             self._spools.setdefault(key, {})[u.claim.id] = u
 
     def count(self, key: str) -> int:
-        with self._lock:
-            return len(self._spools.get(key, ()))
+        # One read of a dict's size: no lock needed (asked twice per message).
+        return len(self._spools.get(key, ()))
 
     def take(self, key: str | None = None) -> list[tuple[str, _Unwritten]]:
         """Mark the idle ones (of ``key``, or of every spool) busy; return them."""
@@ -230,7 +230,7 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
             _WAITING.put_back(u)
             return None
     if first:
-        log.log(told.level, "%s", told.line)
+        log.log(told.level, "%s", told)  # the line is made only if it is logged
     else:
         _WAITING.drop(key, u)
         log.log(

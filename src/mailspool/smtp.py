@@ -183,6 +183,7 @@ class SMTPConnection:
         self._credentials = credentials
         self.host = mailer.host
         self.port = mailer.port
+        self._where = f"{self.host}:{self.port}"  # for log lines and error texts
         self.transactions = 0
         self.reconnects = 0
         self.waited = 0.0
@@ -196,10 +197,6 @@ class SMTPConnection:
         self._ahead: _Ahead | None = None
         self._quiet_at = -_QUIET_FOR  # time.monotonic() when alive last found it quiet
         self._open()
-
-    @property
-    def _where(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def __repr__(self) -> str:
         state = "open" if self._smtp is not None else "closed"
@@ -579,13 +576,14 @@ class SMTPConnection:
             raise
         self.transactions += 1
         result = SendResult(tuple(accepted), MappingProxyType(refused), reply)
-        log.debug(
-            "relay %s took the message for %d of %d recipient(s): %s",
-            self._where,
-            len(accepted),
-            len(envelope.recipients),
-            result.reply,
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "relay %s took the message for %d of %d recipient(s): %s",
+                self._where,
+                len(accepted),
+                len(envelope.recipients),
+                result.reply,
+            )
         return result
 
     def _data(

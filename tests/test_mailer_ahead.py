@@ -83,6 +83,23 @@ def test_the_next_commands_go_with_the_final_dot(smtp_relay: Any) -> None:
     assert relay.connections == 1
 
 
+def test_a_message_of_several_blocks_has_the_next_commands_after_its_dot(
+    smtp_relay: Any,
+) -> None:
+    # Over 256 KiB the data goes out in blocks and the commands in a write of
+    # their own; the relay sees the same stream as for a small message.
+    handler = Behind()
+    relay = smtp_relay(handler)
+    big = msg(0) + (b"." + b"x" * 97 + b"\r\n") * 3000  # 300 KB, every line stuffed
+    with SMTPMailer(**relay.mailer_kwargs()).connect() as conn:
+        conn.send(env(), big, then=(env("c@example.org"), msg(1)))
+        conn.send(env("c@example.org"), msg(1))
+    assert handler.behind[0] == (
+        f"MAIL FROM:<{FROM}> SIZE={len(msg(1))}\r\nRCPT TO:<c@example.org>\r\nDATA\r\n".encode()
+    )
+    assert relay.messages[0].content == big and subjects(relay) == ["n=0", "n=1"]
+
+
 def test_a_refused_message_leaves_the_next_one_going(smtp_relay: Any) -> None:
     handler = Behind({0: "554 5.6.0 content rejected"})
     relay = smtp_relay(handler)

@@ -72,6 +72,10 @@ def test_dot_stuffing_round_trips(lines: list[bytes]) -> None:
     stuffed = dot_stuff(data)
     assert b"\r\n.\r\n" not in stuffed[:-3] and not stuffed.startswith(b".\r\n")
     assert _unstuff(stuffed) == data
+    assert (
+        dot_stuff(data, b"MAIL FROM:<a@example.org>\r\n")
+        == stuffed + b"MAIL FROM:<a@example.org>\r\n"
+    )
 
 
 def test_wire_bytes_passes_crlf_data_as_is_and_normalises_the_rest() -> None:

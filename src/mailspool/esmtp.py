@@ -43,11 +43,15 @@ def wire_bytes(data: bytes) -> bytes:
     return data
 
 
-def dot_stuff(data: bytes) -> bytes:
-    """Double each dot that starts a line (RFC 5321 4.5.2) and add the final ``.CRLF``."""
+def dot_stuff(data: bytes, then: bytes = b"") -> bytes:
+    """Double each dot that starts a line (RFC 5321 4.5.2) and add the final ``.CRLF``.
+
+    ``then`` (what is written after the final dot, if anything) is appended
+    in the same copy.
+    """
     if data.startswith(b".") or b"\n." in data:
         data = _DOT_AT_LINE_START.sub(b"..", data)
-    return data + b".\r\n"
+    return b"".join((data, b".\r\n", then))
 
 
 def size_limit(features: Mapping[str, str]) -> int | None:

@@ -135,7 +135,7 @@ def run(env: Env) -> None:
                 relay.reset()
                 with _Watch(relay) as watch:
                     out = run_child(drain_only_trial, 3600, path=path, port=relay.port)
-                check_relay(relay, n, timeout=30)
+                    check_relay(relay, n, timeout=30)  # until the relay has counted all
             except TrialError as exc:
                 series.errors.append(str(exc))
                 rss_series.errors.append(str(exc))

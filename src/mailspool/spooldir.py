@@ -328,10 +328,11 @@ class SpoolDir:
     ) -> tuple[int, OSError] | None:
         """:meth:`_write` for several new files (path, head, data, mtime).
 
-        All are written first, then fsynced by a few threads at once (the
-        file system commits them together, in fewer journal commits), then
-        closed with each close checked.  Threads live only for this call:
-        nothing is left to break across a fork.
+        All are written first, then fsynced by a few threads at once (a
+        journaling file system commits them together, and a disk works on
+        several writes at once), then closed with each close checked.
+        Threads live only for this call: nothing is left to break across a
+        fork.
 
         Returns:
             None when every file is durable; else the index in ``files`` of

@@ -541,6 +541,15 @@ def test_rate_limit_holds_the_next_message_until_its_slot(spool: Spool, relay: R
     assert {e.attempts for e in spool.entries()} == {0}
 
 
+def drain_one_legacy(spool: Spool, relay: Relay, legacy: bytes) -> Any:
+    """Put one zope.sendmail file in ``new/``, drain it, return what the relay got."""
+    Path(spool.path, "new", "1700000000.12345.oldhost").write_bytes(legacy)
+    with processor(spool, relay) as p:
+        assert p.drain() == Summary(sent=1)
+    [received] = relay.messages
+    return received
+
+
 def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay) -> None:
     legacy = (
         b"X-Zope-From: app@example.org\r\n"
@@ -548,10 +557,7 @@ def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay)
         b"Message-Id: <legacy.1@example.org>\r\n"
         b"Subject: from the old queue\r\n\r\nhello\r\n"
     )
-    Path(spool.path, "new", "1700000000.12345.oldhost").write_bytes(legacy)
-    with processor(spool, relay) as p:
-        assert p.drain() == Summary(sent=1)
-    [received] = relay.messages
+    received = drain_one_legacy(spool, relay, legacy)
     assert received.mail_from == "app@example.org"
     assert received.rcpt_tos == ["a@example.org", "b@example.org"]
     assert message_id(received.content) == "legacy.1@example.org"
@@ -570,10 +576,7 @@ def test_a_legacy_message_with_bare_lf_and_no_final_newline_goes_out_whole(
         b"Message-Id: <legacy.2@example.org>\n"
         b"Subject: old\n\nfirst\n.dot line\nlast line without newline"
     )
-    Path(spool.path, "new", "1700000000.12346.oldhost").write_bytes(legacy)
-    with processor(spool, relay) as p:
-        assert p.drain() == Summary(sent=1)
-    [received] = relay.messages
+    received = drain_one_legacy(spool, relay, legacy)
     assert received.content.endswith(b"\r\nlast line without newline\r\n")
     assert b"\r\n.dot line\r\n" in received.content
     assert b"\n" not in received.content.replace(b"\r\n", b"")

@@ -107,13 +107,17 @@ def targets(results: Results) -> list[dict[str, Any]]:
         metric: str,
         a: str,
         b: str,
-        minimum: float,
+        minimum: float | None,
     ) -> None:
+        """``a``/``b`` against ``minimum``; with None, a figure shown for comparison."""
         ma, mb = _median(results, scenario, metric, a), _median(results, scenario, metric, b)
         if ma is None or mb is None:
             out.append({"target": name, "value": None, "met": None})
             return
         r = ma / mb
+        if minimum is None:
+            out.append({"target": name, "value": f"{r:.2f}x", "met": None, "info": True})
+            return
         out.append({"target": name, "value": f"{r:.2f}x", "met": r >= minimum})
 
     def bound(name: str, scenario: str, metric: str, system: str, limit: float, unit: str) -> None:
@@ -142,12 +146,12 @@ def targets(results: Results) -> list[dict[str, Any]]:
         10,
     )
     ratio(
-        "drain slow: >= 10x zope.sendmail (fixed connections=4, for comparison)",
+        "drain slow, connections=4, ratio to zope.sendmail (a comparison, not a target)",
         slow,
         "throughput",
         "mailspool (connections=4)",
         ZOPE,
-        10,
+        None,
     )
     ratio("drain STARTTLS: >= 5x zope.sendmail", tls, "throughput", MAILSPOOL, ZOPE, 5)
     ratio(
@@ -269,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = targets(results)
     print("\nTargets (issue 6):")
     for t in checks:
-        mark = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        mark = (
+            "info  "
+            if t.get("info")
+            else {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        )
         print(
             f"  [{mark}] {t['target']}: {t['value'] if t['value'] is not None else 'not measured'}"
         )

@@ -271,13 +271,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n" + results.table())
     checks = targets(results)
-    print("\nTargets (issue 6):")
+    if opts.quick:
+        # Too few messages for a verdict: a slow relay's drain of 200 ends
+        # before the processor has grown its connections, for one.
+        print("\nTargets (issue 6), not judged in a --quick run (too few messages):")
+    else:
+        print("\nTargets (issue 6):")
     for t in checks:
-        mark = (
-            "info  "
-            if t.get("info")
-            else {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
-        )
+        if t.get("info"):
+            mark = "info  "
+        elif opts.quick:
+            mark = "quick "
+        else:
+            mark = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
         print(
             f"  [{mark}] {t['target']}: {t['value'] if t['value'] is not None else 'not measured'}"
         )

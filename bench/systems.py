@@ -84,7 +84,7 @@ def make_messages(
 def pending(system: str, path: str) -> int:
     """Messages still in the queue at ``path`` (ready, claimed or deferred)."""
     if system == MAILSPOOL:
-        from mailspool.spool import Spool
+        from mailspool.maildir.spool import Spool
 
         c = Spool(path, create=False).counts()
         return sum(c[k] for k in ("ready", "in_flight", "deferred", "failed", "held"))
@@ -202,7 +202,7 @@ class Runner:
     def drain(self) -> dict[str, Any]:
         """Deliver everything in the queue once; returns system-specific details."""
         if self.system == MAILSPOOL:
-            from mailspool.processor import QueueProcessor
+            from mailspool.processor.loop import QueueProcessor
 
             kw = {} if self.connections is None else {"connections": self.connections}
             processor = QueueProcessor(self.path, self.mailer(), **kw)
@@ -226,7 +226,7 @@ class Runner:
     def start(self) -> None:
         """Start a background processor that picks up newly committed mail."""
         if self.system == MAILSPOOL:
-            from mailspool.processor import QueueProcessor
+            from mailspool.processor.loop import QueueProcessor
 
             kw = {} if self.connections is None else {"connections": self.connections}
             self._processor = QueueProcessor(self.path, self.mailer(), interval=self.interval, **kw)

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from _fs import fill, tmpfs
+from mailspool.maildir.spool import Spool
 from mailspool.message import Prepared, prepare
-from mailspool.spool import Spool
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from _fs import fill
-from mailspool.mailer import Reply, SendResult
+from mailspool.maildir.spool import RecipientStatus, Record, Spool, encode_file
 from mailspool.message import Envelope, prepare
-from mailspool.spool import RecipientStatus, Record, Spool, encode_file
+from mailspool.smtp.mailer import Reply, SendResult
 
 SENDER = "app@example.org"
 RCPT = "jane@example.org"
@@ -366,8 +366,8 @@ class CountingSink:
 
 CHILD = """
 import logging, sys
-from mailspool.mailer import SMTPMailer
-from mailspool.processor import QueueProcessor
+from mailspool.smtp.mailer import SMTPMailer
+from mailspool.processor.loop import QueueProcessor
 logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                     format="%(process)d %(levelname)s %(message)s")
 spool, port, connections, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

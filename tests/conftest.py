@@ -54,7 +54,7 @@ import trustme
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword
 
-from mailspool.mailer import SMTPMailer
+from mailspool.smtp.mailer import SMTPMailer
 
 RELAY_USER = "mailer"
 RELAY_PASSWORD = "s3cret-Pa55word"

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from mailspool.cli import main
-from mailspool.cli_common import make_processor
-from mailspool.config import FIELDS, Settings, load_settings, resolve_settings
-from mailspool.processor import RetryPolicy
-from mailspool.spool import Spool
+from mailspool.cli.common import make_processor
+from mailspool.cli.main import main
+from mailspool.cli.settings import FIELDS, Settings, load_settings, resolve_settings
+from mailspool.maildir.spool import Spool
+from mailspool.processor.loop import RetryPolicy
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "cli.md"
 
@@ -163,7 +163,7 @@ def test_retry_and_relay_pause_settings_reach_the_processor(tmp_path: Path) -> N
     ],
 )
 def test_bad_retry_settings(flags: dict[str, object], setting: str) -> None:
-    from mailspool.config import ConfigError
+    from mailspool.cli.settings import ConfigError
 
     with pytest.raises(ConfigError) as info:
         load_settings(flags, {})

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mailspool.devserver import DevServer
-from mailspool.mailer import SMTPMailer
+from mailspool.smtp.mailer import SMTPMailer
 
 SCRIPT = str(Path(sys.executable).parent / "mailspool")
 
@@ -99,7 +99,7 @@ def test_devserver_command_prints_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 
 def test_devserver_port_in_use_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
-    from mailspool.cli import main
+    from mailspool.cli.main import main
 
     with DevServer(port=0) as sink:
         code = main(["devserver", "--port", str(sink.port)])

@@ -20,8 +20,8 @@ import pytest
 
 from _relays import PerRecipient, SlowData
 from conftest import Relay, RelayFactory
-from mailspool.cli import main
-from mailspool.spool import Spool
+from mailspool.cli.main import main
+from mailspool.maildir.spool import Spool
 
 SCRIPT = str(Path(sys.executable).parent / "mailspool")
 

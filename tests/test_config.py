@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mailspool.config import FIELDS, ConfigError, Settings, load_settings, parse_duration
+from mailspool.cli.settings import FIELDS, ConfigError, Settings, load_settings, parse_duration
 
 
 def write(path: Path, text: str, mode: int = 0o600) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import threading
 import time
 from email.message import EmailMessage
@@ -29,8 +31,8 @@ from mailspool.errors import (
     TransientError,
 )
 from mailspool.interfaces import IMailer, ISMTPMailer
-from mailspool.mailer import Reply, SendResult
 from mailspool.message import make_envelope, to_wire
+from mailspool.smtp.mailer import Reply, SendResult
 
 MSG = b"From: a@example.org\r\nSubject: test\r\n\r\nHello.\r\n"
 FROM = "sender@example.org"
@@ -715,18 +717,32 @@ def test_large_message_goes_through_in_blocks(relay: Any, mailer_for: Any) -> No
 # --- the module layout, the defaults ---------------------------------------------------
 
 
-def test_the_mailer_module_still_exports_every_name() -> None:
+def test_the_root_exports_each_public_name_from_its_room() -> None:
     import mailspool
-    import mailspool.result
-    import mailspool.sendmail
-    import mailspool.smtp
-    from mailspool.mailer import SendmailMailer, SMTPConnection
-    from mailspool.mailer import SMTPMailer as Mailer
+    import mailspool.smtp.result
+    import mailspool.smtp.sendmail
+    from mailspool.smtp.mailer import SMTPMailer as Mailer
 
     assert Mailer is SMTPMailer is mailspool.SMTPMailer
-    assert SMTPConnection is mailspool.smtp.SMTPConnection
-    assert SendmailMailer is mailspool.sendmail.SendmailMailer is mailspool.SendmailMailer
-    assert (Reply, SendResult) == (mailspool.result.Reply, mailspool.result.SendResult)
+    assert mailspool.SendmailMailer is mailspool.smtp.sendmail.SendmailMailer
+    assert (Reply, SendResult) == (mailspool.Reply, mailspool.SendResult)
+    assert (Reply, SendResult) == (mailspool.smtp.result.Reply, mailspool.smtp.result.SendResult)
+    for name in mailspool.__all__:
+        assert getattr(mailspool, name).__name__ == name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        mailspool.Nope  # noqa: B018
+
+
+def test_importing_the_package_loads_none_of_its_modules() -> None:
+    # A fresh interpreter: `import mailspool` must not pull in the spool, the
+    # processor or the mailers, nor install exit or fork hooks with them.
+    code = (
+        "import sys, mailspool; print(sorted(m for m in sys.modules if m.startswith('mailspool')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "['mailspool']"
 
 
 def test_timeouts_default_to_rfc_5321_like_values() -> None:

@@ -17,9 +17,9 @@ import pytest
 from _relays import RefuseSender, RefuseSome, enqueue, message_id
 from mailspool import QueueProcessor, SMTPMailer
 from mailspool.errors import ConnectionFailed, PermanentError, RecipientsRefused
+from mailspool.maildir.spool import Spool
 from mailspool.message import Envelope, make_envelope
-from mailspool.processor import Summary
-from mailspool.spool import Spool
+from mailspool.processor.loop import Summary
 
 FROM = "sender@example.org"
 

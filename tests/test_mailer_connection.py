@@ -21,10 +21,10 @@ import pytest
 from _relays import SlowData, accept_mail, enqueue
 from conftest import RELAY_PASSWORD, Relay, RelayFactory
 from mailspool.errors import ConnectionFailed, RelayUnavailable
-from mailspool.mailer import SMTPConnection, SMTPMailer
+from mailspool.maildir.spool import Spool
 from mailspool.message import make_envelope, to_wire
-from mailspool.processor import QueueProcessor
-from mailspool.spool import Spool
+from mailspool.processor.loop import QueueProcessor
+from mailspool.smtp.mailer import SMTPConnection, SMTPMailer
 
 FROM = "sender@example.org"
 DATA = to_wire(b"Subject: reuse\r\n\r\nHello.\r\n")

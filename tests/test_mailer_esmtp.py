@@ -1,4 +1,4 @@
-"""The pure rules of mailspool.esmtp: MAIL parameters, SIZE, dot-stuffing, wire bytes."""
+"""The pure rules of mailspool.smtp.esmtp: MAIL parameters, SIZE, dot-stuffing, wire bytes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mailspool.errors import MessageTooLarge, PermanentError, SMTPUTF8Required
-from mailspool.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
 from mailspool.message import WireData, make_envelope, to_wire
+from mailspool.smtp.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
 
 ASCII = make_envelope("a@example.org", ["b@example.org"])
 WIDE = make_envelope("a@example.org", ["zoë@example.org"])

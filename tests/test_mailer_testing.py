@@ -15,8 +15,8 @@ from mailspool.errors import (
     TransientError,
 )
 from mailspool.interfaces import IMailer
-from mailspool.mailer import Reply
 from mailspool.message import make_envelope
+from mailspool.smtp.mailer import Reply
 from mailspool.testing import InMemoryMailer, Outbox, SentMessage
 
 MSG = "Message-Id: <abc.123@example.org>\nSubject: Welcome\n\nHello,\nworld.\n"

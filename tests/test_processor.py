@@ -36,10 +36,10 @@ from _relays import (
 from conftest import RELAY_PASSWORD, Relay, RelayFactory
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.interfaces import IMailQueueProcessor
-from mailspool.mailer import SMTPMailer
-from mailspool.policy import THROTTLE_PERIOD
-from mailspool.processor import LOST_RUN, RECENT, QueueProcessor, RetryPolicy, Summary
-from mailspool.spool import Claim, Spool
+from mailspool.maildir.spool import Claim, Spool
+from mailspool.processor.loop import LOST_RUN, RECENT, QueueProcessor, RetryPolicy, Summary
+from mailspool.processor.policy import THROTTLE_PERIOD
+from mailspool.smtp.mailer import SMTPMailer
 
 QUICK = RetryPolicy(
     first_delay=60, factor=2, max_delay=240, give_up_after=3600, relay_first_delay=10,

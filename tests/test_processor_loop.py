@@ -33,10 +33,10 @@ from _relays import (
 )
 from conftest import Relay, RelayFactory
 from mailspool.delivery import QueuedMailDelivery
-from mailspool.mailer import SMTPMailer
-from mailspool.processor import QueueProcessor
-from mailspool.spool import Spool
-from mailspool.wakeup import Inotify
+from mailspool.maildir.spool import Spool
+from mailspool.processor.loop import QueueProcessor
+from mailspool.processor.wakeup import Inotify
+from mailspool.smtp.mailer import SMTPMailer
 
 
 def _has_inotify() -> bool:

@@ -16,16 +16,22 @@ from types import MappingProxyType
 import pytest
 
 from conftest import Relay
-from mailspool.connections import ConnectionPool, MailerConnection, relay_name
 from mailspool.errors import PermanentError, RecipientsRefused, TransientError, error_for_reply
 from mailspool.events import MailDeferred, MailFailed, MailSent
-from mailspool.mailer import Reply, SendResult, SMTPMailer
 from mailspool.message import make_envelope
-from mailspool.outcome import Verdict, classify, human, one_line, report, when
-from mailspool.policy import THROTTLE_PERIOD, RateLimiter, RelayState, RetryPolicy, backoff
-from mailspool.processor import Summary, _ThreadClock
+from mailspool.processor.loop import Summary, _ThreadClock
+from mailspool.processor.outcome import Verdict, classify, human, one_line, report, when
+from mailspool.processor.policy import (
+    THROTTLE_PERIOD,
+    RateLimiter,
+    RelayState,
+    RetryPolicy,
+    backoff,
+)
+from mailspool.processor.pool import ConnectionPool, MailerConnection, relay_name
+from mailspool.processor.wakeup import Inotify, Waiter, spool_watches
+from mailspool.smtp.mailer import Reply, SendResult, SMTPMailer
 from mailspool.testing import InMemoryMailer
-from mailspool.wakeup import Inotify, Waiter, spool_watches
 
 QUICK = RetryPolicy(
     first_delay=60, factor=2, max_delay=240, give_up_after=3600, relay_first_delay=10,

@@ -16,8 +16,8 @@ import pytest
 
 from _relays import CountingSink, enqueue, fill_fast, message_id, start_child, wait_for
 from conftest import Relay
-from mailspool.processor import QueueProcessor, Summary
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
+from mailspool.processor.loop import QueueProcessor, Summary
 
 
 @pytest.fixture

@@ -36,14 +36,14 @@ from _fs import fill, tmpfs
 from _relays import FillDiskThenAccept, enqueue, message_id, only_id
 from conftest import Relay, RelayFactory
 from mailspool import DirectMailDelivery, QueuedMailDelivery, QueueProcessor, SMTPMailer
-from mailspool import sender as sender_module
 from mailspool.errors import ConnectionFailed, PermanentError
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailQueued, MailSent
+from mailspool.maildir.fileformat import encode_head
+from mailspool.maildir.spool import RecipientStatus, Record, Spool, decode_file, encode_file
 from mailspool.message import make_envelope
-from mailspool.processor import RetryPolicy, Summary
-from mailspool.result import Reply
-from mailspool.spool import RecipientStatus, Record, Spool, decode_file, encode_file
-from mailspool.spoolfile import encode_head
+from mailspool.processor import sender as sender_module
+from mailspool.processor.loop import RetryPolicy, Summary
+from mailspool.smtp.result import Reply
 
 QUICK = RetryPolicy(
     first_delay=60, max_delay=60, give_up_after=3600, relay_first_delay=10, relay_max_delay=10
@@ -397,8 +397,8 @@ def test_a_message_sent_later_expires_give_up_after_after_its_time_not_before(
 
 
 def test_unwritten_outcomes_make_the_command_report_failure() -> None:
-    from mailspool.cli_common import EXIT_FAILED, EXIT_OK, summary_code, summary_line
-    from mailspool.processor import Summary
+    from mailspool.cli.common import EXIT_FAILED, EXIT_OK, summary_code, summary_line
+    from mailspool.processor.loop import Summary
 
     assert summary_code(Summary(sent=3)) == EXIT_OK
     waiting = Summary(sent=3) + Summary(unwritten=2)
@@ -409,7 +409,7 @@ def test_unwritten_outcomes_make_the_command_report_failure() -> None:
 
 CLAIM_AND_HOLD = """
 import sys, time
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 spool = Spool(sys.argv[1])
 claim = spool.claim(sys.argv[2])
 assert claim is not None

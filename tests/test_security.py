@@ -29,8 +29,8 @@ from _relays import message_id, wait_for
 from conftest import RELAY_PASSWORD, RELAY_USER, Relay, RelayFactory
 from mailspool import DirectMailDelivery, QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.errors import AuthenticationError, InvalidAddress, InvalidMessage
-from mailspool.processor import RetryPolicy
-from mailspool.spool import RecipientStatus, Record, Spool, encode_file
+from mailspool.maildir.spool import RecipientStatus, Record, Spool, encode_file
+from mailspool.processor.loop import RetryPolicy
 
 SENDER = "app@example.org"
 BODY = b"Subject: security\r\nFrom: app@example.org\r\n\r\nnothing secret here\r\n"

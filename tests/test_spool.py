@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from _helpers_spool import fill_spool, message, names, run_child, small_fs, wait_for
-from mailspool import spool as spool_mod
-from mailspool import spooldir, spoolfile
 from mailspool.errors import SpoolError
-from mailspool.spool import (
+from mailspool.maildir import directory as spooldir
+from mailspool.maildir import fileformat as spoolfile
+from mailspool.maildir import spool as spool_mod
+from mailspool.maildir.spool import (
     LIFECYCLE,
     STATES,
     RecipientStatus,
@@ -280,7 +281,7 @@ def test_permission_denied_fails_with_eacces(tmp_path: Path) -> None:
         # Root ignores permissions: stage as "nobody" in a child process.
         code = (
             "import os, sys, json\n"
-            "from mailspool.spool import Spool\n"
+            "from mailspool.maildir.spool import Spool\n"
             "from mailspool.message import prepare\n"
             "sp = Spool(json.loads(sys.argv[1]), create=False)\n"
             "os.setgid(65534); os.setuid(65534)\n"

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from _helpers_spool import fill_spool, names, run_child, wait_for
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 
 # A processor in a child process: claims whatever is due, records each id
 # it claimed, marks it sent; stops when nothing is left.
 WORKER = r"""
 import json, os, sys, time
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 sp = Spool(json.loads(sys.argv[1]), create=False)
 go, out = json.loads(sys.argv[2]), json.loads(sys.argv[3])
 print("ready", flush=True)
@@ -42,7 +42,7 @@ with open(out, "w") as f:
 # Claims one message, says so, then waits to be killed.
 HOLDER = r"""
 import json, sys, time
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 sp = Spool(json.loads(sys.argv[1]), create=False)
 c = sp.claim(json.loads(sys.argv[2]))
 print("claimed" if c is not None else "none", flush=True)
@@ -52,7 +52,7 @@ time.sleep(60)
 # Enqueues messages of varied sizes forever (until killed).
 WRITER = r"""
 import json, sys
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 from mailspool.message import prepare
 sp = Spool(json.loads(sys.argv[1]))
 i = 0
@@ -143,7 +143,7 @@ def test_writer_killed_at_random_points_leaves_only_whole_messages(tmp_path: Pat
 # dies by SIGKILL at one step of the rewrite.
 SETTLER = r"""
 import json, os, signal, sys
-import mailspool.spool as m
+import mailspool.maildir.spool as m
 sp = m.Spool(json.loads(sys.argv[1]), create=False)
 step = json.loads(sys.argv[2])
 c = sp.claim(json.loads(sys.argv[3]))

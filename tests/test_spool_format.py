@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailspool.errors import InvalidAddress
-from mailspool.message import WireData, make_envelope, parse_mailbox, prepare
-from mailspool.spool import (
+from mailspool.maildir.fileformat import encode_head, head_size
+from mailspool.maildir.spool import (
     RecipientStatus,
     Record,
     Spool,
@@ -18,7 +18,7 @@ from mailspool.spool import (
     quote_value,
     unquote_value,
 )
-from mailspool.spoolfile import encode_head, head_size
+from mailspool.message import WireData, make_envelope, parse_mailbox, prepare
 
 _ATEXT = st.sampled_from([*"aZ09!#$%&'*+/=?^_`{|}~-", "é", "ß", "日", "🙂"])
 _DOT_ATOM = st.lists(st.text(_ATEXT, min_size=1, max_size=6), min_size=1, max_size=3).map(".".join)

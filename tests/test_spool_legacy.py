@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from _helpers_spool import names
-from mailspool.spool import Spool, decode_file
+from mailspool.maildir.spool import Spool, decode_file
 
 
 def zope_queue(tmp_path: Path) -> Path:

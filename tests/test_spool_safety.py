@@ -25,11 +25,11 @@ from _helpers_spool import (
     small_fs,
     wait_for,
 )
-from mailspool import spool as spool_mod
-from mailspool import trash
 from mailspool.errors import SpoolError
-from mailspool.lifecycle import CLAIM_ORDER, LIFECYCLE, NEWER_THAN_CUR, STATES
-from mailspool.spool import Spool
+from mailspool.maildir import spool as spool_mod
+from mailspool.maildir import trash
+from mailspool.maildir.lifecycle import CLAIM_ORDER, LIFECYCLE, NEWER_THAN_CUR, STATES
+from mailspool.maildir.spool import Spool
 
 THREE = ("a@example.org", "b@example.org", "c@example.org")
 
@@ -318,7 +318,7 @@ def test_due_removes_old_tmp_orphans_itself_at_most_hourly(
 FORK_HOLDER = r"""
 import json, os, sys, time
 from mailspool.errors import SpoolError
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 sp = Spool(json.loads(sys.argv[1]), create=False)
 c = sp.claim(json.loads(sys.argv[2]))
 r, w = os.pipe()
@@ -366,9 +366,9 @@ def test_a_forked_child_neither_keeps_nor_uses_its_parents_claim(tmp_path: Path)
 
 FORK_REAPER = r"""
 import json, os, sys, time
-from mailspool import trash
+from mailspool.maildir import trash
 from mailspool.message import prepare
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 trash.SLOW_UNLINK = 0.0  # every unlink counts as slow: files go through the reaper
 sp = Spool(json.loads(sys.argv[1]), create=False)
 trash_dir = os.path.join(sp.path, "trash")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from _helpers_spool import fill_spool, message
-from mailspool import spool as spool_mod
-from mailspool.spool import Spool
+from mailspool.maildir import spool as spool_mod
+from mailspool.maildir.spool import Spool
 
 N = 100_000
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from _relays import enqueue
-from mailspool.lifecycle import all_sent, settle_record
-from mailspool.spool import Spool
-from mailspool.spoolfile import FAILED, SENT, RecipientStatus, Record
+from mailspool.maildir.fileformat import FAILED, SENT, RecipientStatus, Record
+from mailspool.maildir.lifecycle import all_sent, settle_record
+from mailspool.maildir.spool import Spool
 
 A, B, C = "a@example.org", "b@example.org", "c@example.org"
 

@@ -60,7 +60,7 @@ def _rss_kb() -> int:
 
 def drain_only_trial(path: str, port: int, connections: int | None = None) -> dict[str, Any]:
     from mailspool import SMTPMailer
-    from mailspool.processor import QueueProcessor
+    from mailspool.processor.loop import QueueProcessor
 
     kw = {} if connections is None else {"connections": connections}
     processor = QueueProcessor(path, SMTPMailer("127.0.0.1", port, tls="none"), **kw)

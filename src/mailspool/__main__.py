@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from mailspool.cli import main
+from mailspool.cli.main import main
 
 __all__: list[str] = []
 

@@ -46,8 +46,8 @@ from zope.interface import implementer
 from mailspool.errors import DeliveryError, RecipientsRefused
 from mailspool.events import MailEvent, MailFailed, MailQueued, MailSent, notify_after_commit
 from mailspool.interfaces import IDirectMailDelivery, IMailer, IQueuedMailDelivery
+from mailspool.maildir.spool import Spool, Staged
 from mailspool.message import Prepared, prepare
-from mailspool.spool import Spool, Staged
 
 __all__ = ["DirectMailDelivery", "QueuedMailDelivery"]
 

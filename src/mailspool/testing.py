@@ -35,7 +35,7 @@ from zope.interface import implementer
 from mailspool.errors import TransientError
 from mailspool.interfaces import IMailer
 from mailspool.message import Envelope, make_envelope, to_wire
-from mailspool.result import MessageInput, Reply, SendResult, all_refused
+from mailspool.smtp.result import MessageInput, Reply, SendResult, all_refused
 
 __all__ = ["InMemoryConnection", "InMemoryMailer", "Outbox", "SentMessage"]
 

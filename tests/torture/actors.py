@@ -33,7 +33,7 @@ from typing import Any
 import transaction
 
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
-from mailspool.processor import RetryPolicy
+from mailspool.processor.loop import RetryPolicy
 
 from .relay import body_sum
 

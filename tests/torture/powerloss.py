@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 
 from .judge import read_events
 from .relay import check_message

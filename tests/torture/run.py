@@ -52,7 +52,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 
 from .actors import cli_processor_argv
 from .judge import Kill, Unwritten, Verdict, judge, read_events

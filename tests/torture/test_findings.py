@@ -24,8 +24,8 @@ from _relays import FillDiskThenAccept, message_id
 from conftest import Relay, RelayFactory
 from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.errors import SpoolError
-from mailspool.processor import RetryPolicy
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
+from mailspool.processor.loop import RetryPolicy
 
 QUICK = RetryPolicy(first_delay=60, max_delay=60, relay_first_delay=10, relay_max_delay=10)
 SENDER = "app@example.org"

@@ -14,13 +14,13 @@ sending) are built on.  The rules it keeps:
   fails (ELOOP) and a FIFO opens without blocking; callers check that
   what they opened is a regular file.
 * A message belongs to whoever holds the ``flock`` on its file
-  (:mod:`mailspool.locks`).  A name is moved or removed only by the holder
+  (:mod:`mailspool.maildir.locks`).  A name is moved or removed only by the holder
   of the lock on the file it names, and a claim that renames a file onto
   ``cur/ID`` first locks a stale file there: so no two processes ever move
   the same name at once, and a stale copy is never confused with a live
   claim.
 * Finished files go to ``trash/`` through a descriptor of it opened with
-  ``O_NOFOLLOW``, so they never land anywhere else (:mod:`mailspool.trash`).
+  ``O_NOFOLLOW``, so they never land anywhere else (:mod:`mailspool.maildir.trash`).
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 
-from mailspool import trash
 from mailspool.errors import SpoolError
-from mailspool.lifecycle import NEWER_THAN_CUR
-from mailspool.locks import (
+from mailspool.maildir import trash
+from mailspool.maildir.lifecycle import NEWER_THAN_CUR
+from mailspool.maildir.locks import (
     LOCK,
     close_held,
     close_quietly,
@@ -65,7 +65,7 @@ __all__ = [
 ]
 
 # One logger for the whole spool, whichever module of it speaks: operators
-# filter on "mailspool.spool" (docs/operations.md).
+# filter on "mailspool.maildir.spool" (docs/operations.md).
 log = logging.getLogger("mailspool.spool")
 
 WFLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -430,7 +430,7 @@ class SpoolDir:
         """Take a finished file out of the spool now.
 
         It is unlinked at once where unlinks are cheap, otherwise renamed
-        into ``trash/`` and unlinked later by the reaper (:mod:`mailspool.trash`).
+        into ``trash/`` and unlinked later by the reaper (:mod:`mailspool.maildir.trash`).
 
         Call it only for a file whose lock you hold (or that is not a
         message any more).

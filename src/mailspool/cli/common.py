@@ -1,10 +1,10 @@
 """What every verb of the ``mailspool`` command shares.
 
-The verbs live in modules of their own (:mod:`mailspool.cli_queue`,
-:mod:`mailspool.cli_delivery`, :mod:`mailspool.cli_dev`,
-:mod:`mailspool.cli_config`) and :mod:`mailspool.cli` assembles them; this
+The verbs live in modules of their own (:mod:`mailspool.cli.queue_verbs`,
+:mod:`mailspool.cli.delivery_verbs`, :mod:`mailspool.cli.dev_verbs`,
+:mod:`mailspool.cli.config_verb`) and :mod:`mailspool.cli.main` assembles them; this
 module is what they have in common, so that none of them needs to import
-:mod:`mailspool.cli`: the exit codes, :class:`CommandError` (how a verb
+:mod:`mailspool.cli.main`: the exit codes, :class:`CommandError` (how a verb
 stops with one line and a code), the option groups built from the settings
 table, loading the settings, opening the spool, building the processor, the
 signal handling of the delivering verbs, and small formatting helpers.
@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 
-from mailspool.config import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
+from mailspool.cli.settings import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
 from mailspool.errors import SpoolError
 
 if TYPE_CHECKING:
-    from mailspool.processor import QueueProcessor, Summary
-    from mailspool.spool import Spool
+    from mailspool.maildir.spool import Spool
+    from mailspool.processor.loop import QueueProcessor, Summary
 
 __all__ = [
     "EXIT_FAILED",
@@ -283,7 +283,7 @@ def open_spool(settings: Settings, *, create: bool = False) -> Spool:
         CommandError: no queue given (exit code 2); not found, not a
             directory, unreadable or not creatable (exit code 3).
     """
-    from mailspool.spool import Spool
+    from mailspool.maildir.spool import Spool
 
     path = settings.queue
     if not path:
@@ -337,8 +337,8 @@ def make_processor(settings: Settings, *, create: bool = False) -> QueueProcesso
         CommandError: the mailer or the processor refuses a setting (exit
             code 2), or the spool cannot be opened (see :func:`open_spool`).
     """
-    from mailspool.mailer import SMTPMailer
-    from mailspool.processor import QueueProcessor, RetryPolicy
+    from mailspool.processor.loop import QueueProcessor, RetryPolicy
+    from mailspool.smtp.mailer import SMTPMailer
 
     try:
         mailer = SMTPMailer(**settings.mailer_options())

@@ -21,7 +21,7 @@ from zope.interface import implementer
 from mailspool.errors import PermanentError, RelayUnavailable, SMTPTimeout, TransientError
 from mailspool.interfaces import ISendmailMailer
 from mailspool.message import Envelope, make_envelope, to_wire
-from mailspool.result import MessageInput, SendResult
+from mailspool.smtp.result import MessageInput, SendResult
 
 __all__ = ["SendmailMailer"]
 

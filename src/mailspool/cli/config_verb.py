@@ -18,14 +18,14 @@ from typing import Any
 
 import click
 
-from mailspool.cli_common import (
+from mailspool.cli.common import (
     EXIT_OK,
     common_options,
     processor_options,
     relay_options,
     resolve,
 )
-from mailspool.config import FIELDS, LoadedSettings
+from mailspool.cli.settings import FIELDS, LoadedSettings
 
 __all__ = ["COMMANDS", "describe"]
 
@@ -132,5 +132,5 @@ def config(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
     return EXIT_OK
 
 
-#: The verbs of this module, for :mod:`mailspool.cli` to register.
+#: The verbs of this module, for :mod:`mailspool.cli.main` to register.
 COMMANDS: tuple[click.Command, ...] = (config,)

@@ -2,8 +2,8 @@
 
 Why a table: every setting of the ``mailspool`` command is declared once in
 :data:`FIELDS` -- its TOML table and key, its environment variable, its flag,
-its converter -- so that :mod:`mailspool.config` (which merges the sources),
-the command's options (:mod:`mailspool.cli_common`) and the documentation
+its converter -- so that :mod:`mailspool.cli.settings` (which merges the sources),
+the command's options (:mod:`mailspool.cli.common`) and the documentation
 cannot drift apart.  The converters are plain functions: a raw value (a
 string from a flag or the environment, any TOML value) in, the setting's
 type out, or :class:`ConfigError`.

@@ -7,14 +7,14 @@ of its own:
 =========================  ===================================================
 :class:`SMTPMailer`        here: settings, TLS context, one reused connection
                            per thread, ``send``/``vote``/``abort``
-:class:`SMTPConnection`    :mod:`mailspool.smtp`: one session, many
+:class:`SMTPConnection`    :mod:`mailspool.smtp.session`: one session, many
                            messages, per-recipient outcomes
-(opening a session)        :mod:`mailspool.handshake`: greeting, EHLO,
+(opening a session)        :mod:`mailspool.smtp.handshake`: greeting, EHLO,
                            STARTTLS, AUTH
-(extension rules)          :mod:`mailspool.esmtp`: SMTPUTF8, 8BITMIME, SIZE,
+(extension rules)          :mod:`mailspool.smtp.esmtp`: SMTPUTF8, 8BITMIME, SIZE,
                            dot-stuffing (pure functions)
-:class:`SendmailMailer`    :mod:`mailspool.sendmail`
-:class:`Reply`,            :mod:`mailspool.result`
+:class:`SendmailMailer`    :mod:`mailspool.smtp.sendmail`
+:class:`Reply`,            :mod:`mailspool.smtp.result`
 :class:`SendResult`
 =========================  ===================================================
 
@@ -44,12 +44,12 @@ from typing import Literal
 
 from zope.interface import implementer
 
-from mailspool.handshake import Credentials
 from mailspool.interfaces import ISMTPMailer
 from mailspool.message import Envelope, make_envelope, to_wire
-from mailspool.result import MessageInput, Reply, SendResult
-from mailspool.sendmail import SendmailMailer
-from mailspool.smtp import SMTPConnection
+from mailspool.smtp.handshake import Credentials
+from mailspool.smtp.result import MessageInput, Reply, SendResult
+from mailspool.smtp.sendmail import SendmailMailer
+from mailspool.smtp.session import SMTPConnection
 
 __all__ = [
     "MessageInput",
@@ -61,7 +61,7 @@ __all__ = [
     "TLSMode",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailspool.mailer")
 
 #: How TLS is used: required STARTTLS, implicit TLS (SMTPS), or none at all.
 TLSMode = Literal["starttls", "implicit", "none"]

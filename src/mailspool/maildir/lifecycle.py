@@ -16,7 +16,7 @@ from dataclasses import replace
 from types import MappingProxyType
 
 from mailspool.errors import SpoolError
-from mailspool.spoolfile import FAILED, PENDING, SENT, RecipientStatus, Record
+from mailspool.maildir.fileformat import FAILED, PENDING, SENT, RecipientStatus, Record
 
 __all__ = [
     "AREAS",

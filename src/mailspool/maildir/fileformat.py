@@ -11,7 +11,7 @@ non-ASCII round-trip exactly and every envelope line splits on a space.
 Everything here is a pure function of its arguments, so the format has its
 own tests, independent of any disk.  Files written by zope.sendmail and
 repoze.sendmail are recognised by :func:`decode_file` too (see
-:mod:`mailspool.legacy`).  docs/spool.md describes the format byte by byte.
+:mod:`mailspool.maildir.legacy`).  docs/spool.md describes the format byte by byte.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-from mailspool.legacy import decode_legacy
+from mailspool.maildir.legacy import decode_legacy
 from mailspool.message import WireData
 
 __all__ = [

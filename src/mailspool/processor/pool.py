@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from mailspool.mailer import SendResult
 from mailspool.message import Envelope
+from mailspool.smtp.mailer import SendResult
 
 __all__ = ["IDLE_TIMEOUT", "Connection", "ConnectionPool", "MailerConnection", "relay_name"]
 

@@ -18,13 +18,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
 
-from mailspool import trash
 from mailspool.errors import SpoolError
-from mailspool.lifecycle import OUTCOME_ACTION, all_sent, next_area, settle_record
-from mailspool.locks import close_held
+from mailspool.maildir import trash
+from mailspool.maildir.directory import SpoolDir, log, new_name, unlink_quietly
+from mailspool.maildir.fileformat import RecipientStatus, Record, encode_file
+from mailspool.maildir.lifecycle import OUTCOME_ACTION, all_sent, next_area, settle_record
+from mailspool.maildir.locks import close_held
 from mailspool.message import Envelope
-from mailspool.spooldir import SpoolDir, log, new_name, unlink_quietly
-from mailspool.spoolfile import RecipientStatus, Record, encode_file
 
 __all__ = ["Claim"]
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from mailspool.cli_common import (
+from mailspool.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     STATE_NAMES,
@@ -32,7 +32,7 @@ from mailspool.devserver import DEFAULT_PORT, DevServer
 from mailspool.errors import MailspoolError
 
 if TYPE_CHECKING:
-    from mailspool.processor import Summary
+    from mailspool.processor.loop import Summary
 
 __all__ = ["COMMANDS"]
 
@@ -90,8 +90,8 @@ def _walk_through(base: str) -> bool:
     import transaction
 
     from mailspool.delivery import QueuedMailDelivery
-    from mailspool.mailer import SMTPMailer
-    from mailspool.processor import QueueProcessor
+    from mailspool.processor.loop import QueueProcessor
+    from mailspool.smtp.mailer import SMTPMailer
 
     spool_dir = os.path.join(base, "spool")
     maildir = os.path.join(base, "relay-maildir")
@@ -193,5 +193,5 @@ def demo(ctx: click.Context, /, directory: str | None, keep: bool, verbose: int)
     return EXIT_OK if ok else EXIT_FAILED
 
 
-#: The verbs of this module, for :mod:`mailspool.cli` to register.
+#: The verbs of this module, for :mod:`mailspool.cli.main` to register.
 COMMANDS: tuple[click.Command, ...] = (devserver, demo)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mailspool.cli_common import (
+from mailspool.cli.common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_USAGE,
@@ -57,11 +57,11 @@ from mailspool.errors import InvalidAddress, InvalidMessage
 from mailspool.message import prepare
 
 if TYPE_CHECKING:
-    from mailspool.processor import QueueProcessor, Summary
+    from mailspool.processor.loop import QueueProcessor, Summary
 
 __all__ = ["COMMANDS"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailspool.cli_delivery")
 
 
 @contextlib.contextmanager
@@ -317,5 +317,5 @@ def send(
     return EXIT_OK
 
 
-#: The verbs of this module, for :mod:`mailspool.cli` to register.
+#: The verbs of this module, for :mod:`mailspool.cli.main` to register.
 COMMANDS: tuple[click.Command, ...] = (run, drain, send)

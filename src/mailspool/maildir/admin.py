@@ -17,9 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
 from mailspool.errors import SpoolError
-from mailspool.lifecycle import AREAS, STATES, next_area
-from mailspool.locks import RFLAGS, close_held, lock_file
-from mailspool.spooldir import (
+from mailspool.maildir.directory import (
     LOCATE_ORDER,
     SpoolDir,
     check_id,
@@ -28,7 +26,7 @@ from mailspool.spooldir import (
     read_all,
     unlink_quietly,
 )
-from mailspool.spoolfile import (
+from mailspool.maildir.fileformat import (
     FAILED,
     PENDING,
     RecipientStatus,
@@ -37,6 +35,8 @@ from mailspool.spoolfile import (
     encode_file,
     head_size,
 )
+from mailspool.maildir.lifecycle import AREAS, STATES, next_area
+from mailspool.maildir.locks import RFLAGS, close_held, lock_file
 
 __all__ = ["SpoolAdmin", "SpoolEntry"]
 

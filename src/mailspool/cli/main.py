@@ -6,15 +6,15 @@ failure into one line on stderr and an exit code.  The verbs live in
 modules of their own and are registered here; none of them imports this
 module:
 
-- :mod:`mailspool.cli_delivery` -- ``run``, ``drain``, ``send``;
-- :mod:`mailspool.cli_queue` -- ``status``, ``list``, ``show``, ``retry``,
+- :mod:`mailspool.cli.delivery_verbs` -- ``run``, ``drain``, ``send``;
+- :mod:`mailspool.cli.queue_verbs` -- ``status``, ``list``, ``show``, ``retry``,
   ``delete``, ``hold``, ``release``;
-- :mod:`mailspool.cli_config` -- ``config``;
-- :mod:`mailspool.cli_dev` -- ``devserver``, ``demo``;
-- :mod:`mailspool.cli_common` -- what they share (options, settings, exit
+- :mod:`mailspool.cli.config_verb` -- ``config``;
+- :mod:`mailspool.cli.dev_verbs` -- ``devserver``, ``demo``;
+- :mod:`mailspool.cli.common` -- what they share (options, settings, exit
   codes).
 
-Settings come from :mod:`mailspool.config` (flags > environment > TOML
+Settings come from :mod:`mailspool.cli.settings` (flags > environment > TOML
 file > defaults) and are checked before anything is touched.
 
 :func:`main` never lets a traceback out: every failure is one line on
@@ -43,8 +43,11 @@ from collections.abc import Sequence
 
 import click
 
-from mailspool import cli_config, cli_delivery, cli_dev, cli_queue
-from mailspool.cli_common import (
+from mailspool.cli import config_verb as cli_config
+from mailspool.cli import delivery_verbs as cli_delivery
+from mailspool.cli import dev_verbs as cli_dev
+from mailspool.cli import queue_verbs as cli_queue
+from mailspool.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
     EXIT_NO_QUEUE,
@@ -53,7 +56,7 @@ from mailspool.cli_common import (
     CommandError,
     common_options,
 )
-from mailspool.config import ConfigError
+from mailspool.cli.settings import ConfigError
 
 __all__ = [
     "EXIT_FAILED",
@@ -66,7 +69,7 @@ __all__ = [
     "main",
 ]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailspool.cli")
 
 
 @click.group(

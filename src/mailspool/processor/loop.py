@@ -11,7 +11,7 @@ connections"), so memory stays flat whatever the size of the queue.  A few
 ids are queued ahead of the threads, which start one only when a slot is
 free: the dispatcher is then woken once per few messages, not per message.  Each
 thread hands its message to the :class:`~mailspool.sender.Sender`, which
-claims, sends over a pooled connection (:mod:`mailspool.connections`) and
+claims, sends over a pooled connection (:mod:`mailspool.processor.pool`) and
 settles it per recipient, then dispatches the events, outside any
 transaction of the application.
 
@@ -28,7 +28,7 @@ flight are settled.
 When the spool is full as an outcome is written, the message is not
 released (its accepted recipients would get it again): the claim is kept
 and the same outcome written at the start of each pass until the spool
-takes it, and nothing new is sent meanwhile (:mod:`mailspool.sender` has
+takes it, and nothing new is sent meanwhile (:mod:`mailspool.processor.sender` has
 the details; a stop tries once more and says what may be sent again).
 
 What the processor catches broadly, and why: the sender catches per message
@@ -37,8 +37,8 @@ guards against anything the sender let through, a pass survives a spool that
 cannot be listed, and the loop survives anything at all, so that no
 exception ever stops the processor.
 
-:class:`RetryPolicy` (from :mod:`mailspool.policy`) and :class:`Summary`
-(from :mod:`mailspool.outcome`) are re-exported here, where users import them.
+:class:`RetryPolicy` (from :mod:`mailspool.processor.policy`) and :class:`Summary`
+(from :mod:`mailspool.processor.outcome`) are re-exported here, where users import them.
 """
 
 from __future__ import annotations
@@ -56,17 +56,17 @@ from typing import Any
 from zope.interface import implementer
 
 from mailspool import events
-from mailspool.connections import ConnectionPool
 from mailspool.interfaces import IMailQueueProcessor
-from mailspool.outcome import Summary
-from mailspool.policy import RateLimiter, RelayState, RetryPolicy
-from mailspool.sender import Done, Sender
-from mailspool.spool import Spool
-from mailspool.wakeup import Waiter, spool_watches
+from mailspool.maildir.spool import Spool
+from mailspool.processor.outcome import Summary
+from mailspool.processor.policy import RateLimiter, RelayState, RetryPolicy
+from mailspool.processor.pool import ConnectionPool
+from mailspool.processor.sender import Done, Sender
+from mailspool.processor.wakeup import Waiter, spool_watches
 
 __all__ = ["QueueProcessor", "RetryPolicy", "Summary"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailspool.processor")
 
 _SENDER = "mailspool-sender-"  # the names of the sender threads
 #: Sender threads (and connections) a processor starts with; more are added,
@@ -353,7 +353,7 @@ class QueueProcessor:
             )
 
     def _write_waiting(self, p: _Pass | None, *, stopping: bool = False) -> None:
-        """Write the outcomes the spool could not take (see :mod:`mailspool.sender`)."""
+        """Write the outcomes the spool could not take (see :mod:`mailspool.processor.sender`)."""
         try:
             if stopping:
                 written = self._sender.last_chance()

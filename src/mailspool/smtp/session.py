@@ -53,17 +53,17 @@ from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply
-from mailspool.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
-from mailspool.handshake import Credentials, network_error, open_session, reply_text
 from mailspool.message import Envelope
-from mailspool.result import Reply, SendResult, all_refused, with_result
+from mailspool.smtp.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
+from mailspool.smtp.handshake import Credentials, network_error, open_session, reply_text
+from mailspool.smtp.result import Reply, SendResult, all_refused, with_result
 
 if TYPE_CHECKING:
-    from mailspool.mailer import SMTPMailer
+    from mailspool.smtp.mailer import SMTPMailer
 
 __all__ = ["SMTPConnection"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("mailspool.smtp")
 
 # Message data is written in blocks, each with the command timeout, so that
 # a large message on a slow link is not cut off by one total deadline

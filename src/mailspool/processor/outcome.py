@@ -7,7 +7,7 @@ sent, failed and deferred from what the mailer returned or raised, and
 message is too old.  :func:`report` then builds the single log line and
 the events that tell the world, and :class:`Summary` counts what a pass
 did.  All of it is pure: values in, values out; the spool and the relay
-stay in :mod:`mailspool.sender`.
+stay in :mod:`mailspool.processor.sender`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from types import MappingProxyType
 
 from mailspool.errors import is_transient
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
-from mailspool.mailer import Reply, SendResult
+from mailspool.smtp.mailer import Reply, SendResult
 
 __all__ = [
     "Reason",

@@ -1,7 +1,7 @@
 """Opening an SMTP session: TCP, greeting, EHLO, STARTTLS, AUTH -- securely or not at all.
 
 Everything that happens before the first message lives here, apart from the
-transactions (:mod:`mailspool.smtp`), because this is where the
+transactions (:mod:`mailspool.smtp.session`), because this is where the
 security promises are kept and where a failure means "the relay or our
 configuration", never "this message":
 
@@ -40,7 +40,7 @@ from mailspool.errors import (
 )
 
 if TYPE_CHECKING:
-    from mailspool.mailer import SMTPMailer
+    from mailspool.smtp.mailer import SMTPMailer
 
 __all__ = [
     "AUTH_MECHANISMS",

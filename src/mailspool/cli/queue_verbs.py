@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from mailspool.cli_common import (
+from mailspool.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -34,7 +34,7 @@ from mailspool.cli_common import (
 )
 
 if TYPE_CHECKING:
-    from mailspool.spool import Spool, SpoolEntry
+    from mailspool.maildir.spool import Spool, SpoolEntry
 
 __all__ = ["COMMANDS", "entry_json"]
 
@@ -345,5 +345,5 @@ def release(ctx: click.Context, /, ids: tuple[str, ...], **kw: Any) -> int:
     return _each(spool, ids, spool.release, "ready")
 
 
-#: The verbs of this module, for :mod:`mailspool.cli` to register.
+#: The verbs of this module, for :mod:`mailspool.cli.main` to register.
 COMMANDS: tuple[click.Command, ...] = (status, list_, show, retry, delete, hold, release)

@@ -4,7 +4,7 @@ This is the per-message boundary of the queue processor.  A sender thread
 of :class:`~mailspool.processor.QueueProcessor` calls :meth:`Sender.handle`
 with one spool id; it claims the message (an ``flock`` that dies with the
 process: no two senders ever hold one message), sends it over a pooled
-connection, and settles it recipient by recipient (:mod:`mailspool.outcome`):
+connection, and settles it recipient by recipient (:mod:`mailspool.processor.outcome`):
 
 * accepted: sent for good, never sent to again;
 * 5xx: failed, with the relay's code and text;
@@ -26,7 +26,7 @@ relay's trouble, not the message's) and :meth:`Sender.handle` itself (a
 bug while one message is handled is logged with its traceback, the
 message deferred, and the next one taken).
 
-Every attempt is told in one log line (logger ``mailspool.processor``) naming
+Every attempt is told in one log line (logger ``mailspool.processor.loop``) naming
 the spool id, the Message-Id, the sender, each recipient's outcome and the
 relay's reply; relay pauses are told once per outage.
 
@@ -55,14 +55,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailspool.connections import Connection, ConnectionPool, connect, relay_name
 from mailspool.errors import DeliveryError, SpoolError
 from mailspool.events import MailEvent
-from mailspool.mailer import Reply, SendResult
+from mailspool.maildir.spool import Claim, Spool
 from mailspool.message import Envelope
-from mailspool.outcome import Verdict, classify, human, one_line, report, when
-from mailspool.policy import RateLimiter, RelayState, RetryPolicy
-from mailspool.spool import Claim, Spool
+from mailspool.processor.outcome import Verdict, classify, human, one_line, report, when
+from mailspool.processor.policy import RateLimiter, RelayState, RetryPolicy
+from mailspool.processor.pool import Connection, ConnectionPool, connect, relay_name
+from mailspool.smtp.mailer import Reply, SendResult
 
 __all__ = ["Done", "Sender"]
 

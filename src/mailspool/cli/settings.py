@@ -1,7 +1,7 @@
 """Settings for the ``mailspool`` command: one frozen object, four sources.
 
 Every setting is declared once, in the table :data:`FIELDS`
-(:mod:`mailspool.config_fields`), with its TOML table and key, its
+(:mod:`mailspool.cli.settings_fields`), with its TOML table and key, its
 environment variable and its command-line flag, so the loader, the error
 messages ("port: ... (from MAILSPOOL_PORT)") and the documentation cannot
 drift apart.  :func:`resolve_settings` also says where each value came from
@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mailspool.config_fields import (
+from mailspool.cli.settings_fields import (
     FIELDS,
     TLS_MODES,
     ConfigError,

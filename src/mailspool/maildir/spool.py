@@ -13,13 +13,13 @@ failures.  Every allowed move is listed once, in
 
 The work is split by concept:
 
-* :mod:`mailspool.spoolfile` -- the file format (envelope, checksum), pure;
-* :mod:`mailspool.legacy` -- zope.sendmail and repoze.sendmail files, pure;
-* :mod:`mailspool.lifecycle` -- the state table and the settling rule, pure;
-* :mod:`mailspool.spooldir` -- the directory and its system calls (durable
+* :mod:`mailspool.maildir.fileformat` -- the file format (envelope, checksum), pure;
+* :mod:`mailspool.maildir.legacy` -- zope.sendmail and repoze.sendmail files, pure;
+* :mod:`mailspool.maildir.lifecycle` -- the state table and the settling rule, pure;
+* :mod:`mailspool.maildir.directory` -- the directory and its system calls (durable
   writes, locks, quarantine);
-* :mod:`mailspool.claim` -- a message held for sending and its settling;
-* :mod:`mailspool.trash` -- the thread that unlinks finished files;
+* :mod:`mailspool.maildir.claim` -- a message held for sending and its settling;
+* :mod:`mailspool.maildir.trash` -- the thread that unlinks finished files;
 * this module -- :class:`Spool`, the operations: enqueue (stage, publish),
   processing (due, claim, sweep) and the operator's view (counts, entries,
   get, retry, hold, release, delete).  The names of the modules above that
@@ -44,22 +44,12 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from mailspool import trash
-from mailspool.claim import Claim
 from mailspool.errors import SpoolError
-from mailspool.lifecycle import (
-    AREAS,
-    CLAIM_ORDER,
-    LIFECYCLE,
-    STATES,
-    next_area,
-    settle_record,
-)
-from mailspool.locks import LOCK, close_held, lock_file, lock_free, open_held, same_file
-from mailspool.message import Prepared
-from mailspool.spooladmin import SpoolAdmin, SpoolEntry
-from mailspool.spooldir import check_id, errname, log, new_name, read_all, unlink_quietly
-from mailspool.spoolfile import (
+from mailspool.maildir import trash
+from mailspool.maildir.admin import SpoolAdmin, SpoolEntry
+from mailspool.maildir.claim import Claim
+from mailspool.maildir.directory import check_id, errname, log, new_name, read_all, unlink_quietly
+from mailspool.maildir.fileformat import (
     FAILED,
     FORMAT_VERSION,
     RecipientStatus,
@@ -70,6 +60,16 @@ from mailspool.spoolfile import (
     quote_value,
     unquote_value,
 )
+from mailspool.maildir.lifecycle import (
+    AREAS,
+    CLAIM_ORDER,
+    LIFECYCLE,
+    STATES,
+    next_area,
+    settle_record,
+)
+from mailspool.maildir.locks import LOCK, close_held, lock_file, lock_free, open_held, same_file
+from mailspool.message import Prepared
 
 __all__ = [
     "AREAS",

@@ -1,0 +1,9 @@
+"""The queue processor: passes over the queue, senders, connections, retries, pacing.
+
+:mod:`~mailspool.processor.loop` holds :class:`QueueProcessor`; one message's
+trip is :mod:`~mailspool.processor.sender`; what an attempt means is
+:mod:`~mailspool.processor.outcome`; when to try again is
+:mod:`~mailspool.processor.policy`; connections are pooled in
+:mod:`~mailspool.processor.pool`; the loop sleeps in
+:mod:`~mailspool.processor.wakeup`.
+"""

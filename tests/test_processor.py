@@ -37,6 +37,7 @@ from conftest import RELAY_PASSWORD, Relay, RelayFactory
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.maildir.spool import Claim, Spool
+from mailspool.memory import MemoryQueue
 from mailspool.processor.loop import LOST_RUN, RECENT, QueueProcessor, RetryPolicy, Summary
 from mailspool.processor.policy import THROTTLE_PERIOD
 from mailspool.smtp.mailer import SMTPMailer
@@ -48,7 +49,16 @@ QUICK = RetryPolicy(
 
 
 @pytest.fixture
-def spool(tmp_path: Path) -> Spool:
+def maildir(tmp_path: Path) -> Spool:
+    """For the tests about the Maildir backend's own files, claims and formats."""
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture(params=["maildir", "memory"])
+def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Each behaviour test runs against both backends of the queue seam."""
+    if request.param == "memory":
+        return MemoryQueue("test")
     return Spool(tmp_path / "spool")
 
 
@@ -101,7 +111,8 @@ def outcome_lines(caplog: pytest.LogCaptureFixture, id: str) -> list[logging.Log
 # --- construction ----------------------------------------------------------------------
 
 
-def test_constructor_checks_its_arguments(spool: Spool) -> None:
+def test_constructor_checks_its_arguments(maildir: Spool) -> None:
+    spool = maildir  # files, claims or formats of the Maildir spool
     with pytest.raises(ValueError, match="connections"):
         QueueProcessor(spool, object(), connections=0)
     with pytest.raises(ValueError, match="rate_limit"):
@@ -385,7 +396,8 @@ def test_wrong_password_pauses_and_never_logs_it(
 # --- never stuck ------------------------------------------------------------------------
 
 
-def test_corrupt_file_and_fifo_do_not_stop_the_drain(spool: Spool, relay: Relay) -> None:
+def test_corrupt_file_and_fifo_do_not_stop_the_drain(maildir: Spool, relay: Relay) -> None:
+    spool = maildir  # files, claims or formats of the Maildir spool
     ids = enqueue(spool, 3)
     new = Path(spool.path, "new")
     (new / "1700000000.corrupt.test").write_bytes(b"X-Mailspool: 1 10 10 00000000\r\ngarbage")
@@ -462,8 +474,9 @@ def test_an_exception_expires_like_a_temporary_failure(
 
 
 def test_a_message_that_cannot_even_be_deferred_is_left_until_its_retry(
-    spool: Spool, relay: Relay, monkeypatch: pytest.MonkeyPatch
+    maildir: Spool, relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    spool = maildir  # files, claims or formats of the Maildir spool
     enqueue(spool, 1)
     id = only_id(spool)
 
@@ -550,7 +563,8 @@ def drain_one_legacy(spool: Spool, relay: Relay, legacy: bytes) -> Any:
     return received
 
 
-def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay) -> None:
+def test_a_queue_written_by_zope_sendmail_is_drained(maildir: Spool, relay: Relay) -> None:
+    spool = maildir  # files, claims or formats of the Maildir spool
     legacy = (
         b"X-Zope-From: app@example.org\r\n"
         b"X-Zope-To: a@example.org, b@example.org\r\n"
@@ -565,8 +579,9 @@ def test_a_queue_written_by_zope_sendmail_is_drained(spool: Spool, relay: Relay)
 
 
 def test_a_legacy_message_with_bare_lf_and_no_final_newline_goes_out_whole(
-    spool: Spool, relay: Relay
+    maildir: Spool, relay: Relay
 ) -> None:
+    spool = maildir  # files, claims or formats of the Maildir spool
     # Only mailspool's own format keeps the message in wire form; an old
     # queue's file is normalised when sent: CRLF, ending with one, so the
     # final dot stands on a line of its own.
@@ -609,8 +624,9 @@ def test_connections_below_the_initial_number_are_never_exceeded(
 
 
 def test_claims_lost_to_another_processor_make_the_pass_list_again(
-    spool: Spool, relay: Relay
+    maildir: Spool, relay: Relay
 ) -> None:
+    spool = maildir  # files, claims or formats of the Maildir spool
     # Another processor on the same spool takes 280 of 300 messages just
     # after this one has listed them.  Rather than try each of those names
     # in turn, the pass lists the spool again after LOST_RUN lost claims.

@@ -33,9 +33,9 @@ from _relays import (
 )
 from conftest import Relay, RelayFactory
 from mailspool.delivery import QueuedMailDelivery
+from mailspool.maildir.inotify import Inotify
 from mailspool.maildir.spool import Spool
 from mailspool.processor.loop import QueueProcessor
-from mailspool.processor.wakeup import Inotify
 from mailspool.smtp.mailer import SMTPMailer
 
 

@@ -18,6 +18,7 @@ import pytest
 from conftest import Relay
 from mailspool.errors import PermanentError, RecipientsRefused, TransientError, error_for_reply
 from mailspool.events import MailDeferred, MailFailed, MailSent
+from mailspool.maildir.inotify import Inotify, spool_watches
 from mailspool.message import make_envelope
 from mailspool.processor.loop import Summary, _ThreadClock
 from mailspool.processor.outcome import Verdict, classify, human, one_line, report, when
@@ -29,7 +30,7 @@ from mailspool.processor.policy import (
     backoff,
 )
 from mailspool.processor.pool import ConnectionPool, MailerConnection, relay_name
-from mailspool.processor.wakeup import Inotify, Waiter, spool_watches
+from mailspool.processor.wakeup import Waiter
 from mailspool.smtp.mailer import Reply, SendResult, SMTPMailer
 from mailspool.testing import InMemoryMailer
 
@@ -301,7 +302,7 @@ def test_a_mailer_without_connect_is_adapted() -> None:
 def test_waiter_wakes_on_wake_and_times_out_otherwise() -> None:
     waiter = Waiter(None)
     try:
-        assert waiter.inotify is None
+        assert waiter.waker is None
         assert waiter.wait(0.01) is False
         waiter.wake()
         waiter.wake()  # twice: still one look
@@ -317,9 +318,9 @@ def test_waiter_wakes_on_wake_and_times_out_otherwise() -> None:
 def test_waiter_sees_new_mail_through_inotify(tmp_path: Path) -> None:
     for area in ("new", "deferred"):
         (tmp_path / area).mkdir()
-    waiter = Waiter(spool_watches(str(tmp_path)))
+    waiter = Waiter(Inotify.open(spool_watches(str(tmp_path))))
     try:
-        if waiter.inotify is None:
+        if waiter.waker is None:
             pytest.skip("inotify is not available here")
         assert waiter.wait(0.01) is False
         (tmp_path / "tmpfile").write_bytes(b"x")

@@ -46,8 +46,8 @@ from zope.interface import implementer
 from mailspool.errors import DeliveryError, RecipientsRefused
 from mailspool.events import MailEvent, MailFailed, MailQueued, MailSent, notify_after_commit
 from mailspool.interfaces import IDirectMailDelivery, IMailer, IQueuedMailDelivery
-from mailspool.maildir.spool import Spool, Staged
 from mailspool.message import Prepared, prepare
+from mailspool.queue import QueueBackend, Staged, open_queue
 
 __all__ = ["DirectMailDelivery", "QueuedMailDelivery"]
 
@@ -88,7 +88,7 @@ class _MailDataManager:
         self.delivery = delivery
         self.transaction_manager = transaction_manager
         self.messages: list[tuple[Prepared, float | None]] = []
-        self.staged: list[Staged] = []
+        self.staged: Sequence[Staged] = ()
         self.results: list[MailEvent] = []
         _open_managers.add(self)
 
@@ -129,7 +129,7 @@ class _MailDataManager:
             self.delivery._abort(self)
         finally:
             self.messages = []
-            self.staged = []
+            self.staged = ()
             _open_managers.discard(self)
 
 
@@ -182,10 +182,12 @@ def _timestamp(when: float | datetime.datetime | None) -> float | None:
 
 @implementer(IQueuedMailDelivery)
 class QueuedMailDelivery(_Delivery):
-    """Writes mail durably into a spool when the transaction commits.
+    """Writes mail durably into a queue when the transaction commits.
 
     Args:
-        spool_path: the spool directory (created, mode 0700, if missing).
+        spool_path: the spool directory (created, mode 0700, if missing), or
+            any :class:`~mailspool.queue.QueueBackend` (e.g. the in-memory
+            queue of :mod:`mailspool.memory` in an application's tests).
         transaction_manager: the manager whose current transaction ``send()``
             joins; default ``transaction.manager`` (thread-local).
         msgid_domain: the domain of generated Message-Ids (default: this
@@ -197,19 +199,19 @@ class QueuedMailDelivery(_Delivery):
 
     def __init__(
         self,
-        spool_path: str | os.PathLike[str],
+        spool_path: str | os.PathLike[str] | QueueBackend,
         *,
         transaction_manager: Any = None,
         msgid_domain: str | None = None,
         on_commit: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(transaction_manager=transaction_manager, msgid_domain=msgid_domain)
-        self.spool = Spool(spool_path)
+        self.spool = open_queue(spool_path)
         self.on_commit = on_commit
 
     @property
     def queuePath(self) -> str:
-        return self.spool.path
+        return self.spool.location
 
     def send(
         self,
@@ -245,7 +247,7 @@ class QueuedMailDelivery(_Delivery):
         dm.staged = self.spool.stage_many(dm.messages)
 
     def _finish(self, dm: _MailDataManager) -> None:
-        staged, dm.staged = dm.staged, []
+        staged, dm.staged = dm.staged, ()
         try:
             self.spool.publish(staged)
         except Exception as exc:
@@ -256,9 +258,9 @@ class QueuedMailDelivery(_Delivery):
             # stays in tmp/, never sent.
             log.critical(
                 "committed mail may not be durable: moving it into the queue failed "
-                "(%s); files: %s",
+                "(%s); messages: %s",
                 exc,
-                ", ".join(s.tmp_path for s in staged),
+                ", ".join(s.id for s in staged),
             )
             raise
         for prepared, _ in dm.messages:
@@ -271,7 +273,7 @@ class QueuedMailDelivery(_Delivery):
                 log.exception("on_commit callback failed")
 
     def _abort(self, dm: _MailDataManager) -> None:
-        staged, dm.staged = dm.staged, []
+        staged, dm.staged = dm.staged, ()
         if staged:
             self.spool.discard(staged)
 

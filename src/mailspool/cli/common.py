@@ -31,6 +31,7 @@ from mailspool.errors import SpoolError
 if TYPE_CHECKING:
     from mailspool.maildir.spool import Spool
     from mailspool.processor.loop import QueueProcessor, Summary
+    from mailspool.queue import QueueBackend
 
 __all__ = [
     "EXIT_FAILED",
@@ -308,7 +309,7 @@ def open_spool(settings: Settings, *, create: bool = False) -> Spool:
 
 
 @contextlib.contextmanager
-def reading(spool: Spool) -> Iterator[None]:
+def reading(spool: QueueBackend) -> Iterator[None]:
     """Turn a failure to read the spool's directories into exit code 3.
 
     An area that cannot be listed (permissions, a file where a directory
@@ -320,7 +321,7 @@ def reading(spool: Spool) -> Iterator[None]:
         text = exc.strerror if isinstance(exc, OSError) and exc.strerror else reason(exc)
         where = getattr(exc, "filename", None)
         detail = f"{where}: {text}" if isinstance(where, str) and where else text
-        fail(f"queue {spool.path}: cannot read: {detail}", EXIT_NO_QUEUE)
+        fail(f"queue {spool.location}: cannot read: {detail}", EXIT_NO_QUEUE)
 
 
 def make_processor(settings: Settings, *, create: bool = False) -> QueueProcessor:

@@ -197,9 +197,9 @@ def drain(ctx: click.Context, /, **kw: Any) -> int:
         if bar is not None and not stopped:
             bar.update(max(0, min(total, summary.total) - len(seen)))
     if stopped:
-        click.echo(f"stopped {spool.path}: {summary_line(summary)}")
+        click.echo(f"stopped {spool.location}: {summary_line(summary)}")
         fail("interrupted; the messages in flight were finished", EXIT_INTERRUPTED)
-    click.echo(f"drained {spool.path}: {summary_line(summary)}")
+    click.echo(f"drained {spool.location}: {summary_line(summary)}")
     return summary_code(summary)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from mailspool.errors import SpoolError
 from mailspool.maildir.directory import (
@@ -37,6 +37,7 @@ from mailspool.maildir.fileformat import (
 )
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.maildir.locks import RFLAGS, close_held, lock_file
+from mailspool.queue import QueueEntry as SpoolEntry
 
 __all__ = ["SpoolAdmin", "SpoolEntry"]
 
@@ -59,23 +60,6 @@ def _name_time(name: str) -> tuple[int, int] | None:
 
 
 _HEAD_READ = 16384  # bytes read to list a message; more when the envelope is longer
-
-
-@dataclass(frozen=True)
-class SpoolEntry:
-    """What the spool knows about one message, for listings and the CLI."""
-
-    id: str
-    state: str
-    message_id: str | None
-    sender: str
-    recipients: tuple[RecipientStatus, ...]
-    queued_at: float | None
-    attempts: int
-    next_attempt: float | None
-    size: int
-    last_error: str | None
-    legacy: bool = False
 
 
 class SpoolAdmin(SpoolDir):

@@ -19,11 +19,11 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Iterable
-from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
 from mailspool.maildir.legacy import decode_legacy
 from mailspool.message import WireData
+from mailspool.queue import FAILED, PENDING, SENT, STATUSES, RecipientStatus, Record
 
 __all__ = [
     "FAILED",
@@ -46,63 +46,6 @@ __all__ = [
 FORMAT_VERSION = 1
 #: Characters of a relay's reply kept per recipient (and of a last error).
 MAX_TEXT = 500
-
-#: A recipient's status: still to be sent to, accepted, refused for good.
-PENDING, SENT, FAILED = "pending", "sent", "failed"
-STATUSES = frozenset({PENDING, SENT, FAILED})
-
-
-# --- values ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RecipientStatus:
-    """One recipient and where its delivery stands.
-
-    ``status`` is ``"pending"``, ``"sent"`` or ``"failed"``; ``code`` and
-    ``text`` are the last reply about it (a pending recipient keeps the
-    reason of its last deferral).
-    """
-
-    address: str
-    status: str = PENDING
-    code: int | None = None
-    text: str | None = None
-
-
-@dataclass(frozen=True)
-class Record:
-    """The envelope part of a spool file.
-
-    ``queued_at`` is when the message was committed; ``not_before`` the
-    time it was scheduled for when that was later (``send(...,
-    not_before=...)``), else None.
-    """
-
-    sender: str
-    recipients: tuple[RecipientStatus, ...]
-    queued_at: float
-    attempts: int = 0
-    message_id: str | None = None
-    last_error: str | None = None
-    legacy: bool = False
-    not_before: float | None = None
-
-    @property
-    def pending(self) -> tuple[str, ...]:
-        """The recipients still to be sent to."""
-        return tuple(r.address for r in self.recipients if r.status == PENDING)
-
-    @property
-    def due_since(self) -> float:
-        """Since when the message has been due: the later of ``queued_at`` and
-        ``not_before``.  ``give_up_after`` counts from here, so a message
-        scheduled further ahead than that does not expire before its time.
-        """
-        if self.not_before is None:
-            return self.queued_at
-        return max(self.queued_at, self.not_before)
-
 
 # --- tokens ------------------------------------------------------------------
 

@@ -11,12 +11,11 @@ per recipient, whether the message is finished, deferred or failed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from dataclasses import replace
+from collections.abc import Mapping
 from types import MappingProxyType
 
 from mailspool.errors import SpoolError
-from mailspool.maildir.fileformat import FAILED, PENDING, SENT, RecipientStatus, Record
+from mailspool.queue import all_sent, settle_record
 
 __all__ = [
     "AREAS",
@@ -102,90 +101,3 @@ def next_area(action: str, area: str) -> str | None:
         state = STATES.get(area, area)
         raise SpoolError(f"cannot {action} a message that is {state}")
     return target
-
-
-def all_sent(record: Record, sent: Iterable[str]) -> bool:
-    """Whether ``sent`` leaves nothing pending and nothing failed.
-
-    The common case of a settle: :func:`settle_record` would return
-    ``"removed"``, and the file goes to the trash without a new record
-    being built.
-
-    Args:
-        record: the message's record before the attempt.
-        sent: recipients the relay accepted (and no other outcome given).
-
-    Returns:
-        True when ``sent`` names exactly the pending recipients and no
-        recipient failed before.
-    """
-    pending = set()
-    for r in record.recipients:
-        if r.status == PENDING:
-            pending.add(r.address)
-        elif r.status == FAILED:
-            return False
-    return pending == set(sent)
-
-
-def settle_record(
-    record: Record,
-    sent: Iterable[str] = (),
-    failed: Mapping[str, tuple[int | None, str]] | None = None,
-    deferred: Mapping[str, tuple[int | None, str]] | None = None,
-) -> tuple[Record, str]:
-    """Apply one attempt's per-recipient outcome; return (record, outcome).
-
-    Outcome ``"removed"`` when every recipient was accepted, ``"deferred"``
-    when some recipient is still pending (including pending recipients not
-    named at all), ``"failed"`` when none is pending and some failed.  Sent
-    recipients stay sent forever; the attempt count goes up by one.
-
-    Args:
-        record: the message's record before the attempt.
-        sent: recipients the relay accepted.
-        failed: recipient -> (code, text) of a permanent refusal.
-        deferred: recipient -> (code, text) of a temporary one.
-
-    Returns:
-        The new record and the outcome (a key of :data:`OUTCOME_ACTION`).
-
-    Raises:
-        ValueError: an address is not a pending recipient, or is given twice.
-    """
-    failed = failed or {}
-    deferred = deferred or {}
-    sent_set = set(sent)
-    pending = set(record.pending)
-    named = [*sent_set, *failed, *deferred]
-    if len(named) != len(set(named)):
-        raise ValueError("a recipient is given more than one outcome")
-    unknown = set(named) - pending
-    if unknown:
-        raise ValueError(f"not pending recipients of this message: {sorted(unknown)!r}")
-    out: list[RecipientStatus] = []
-    for r in record.recipients:
-        a = r.address
-        if r.status != PENDING:
-            out.append(r)
-        elif a in sent_set:
-            out.append(RecipientStatus(a, SENT))
-        elif a in failed:
-            out.append(RecipientStatus(a, FAILED, *failed[a]))
-        elif a in deferred:
-            out.append(RecipientStatus(a, PENDING, *deferred[a]))
-        else:
-            out.append(r)
-    if any(r.status == PENDING for r in out):
-        outcome, why = "deferred", next(iter(deferred.values()), None)
-    elif any(r.status == FAILED for r in out):
-        outcome, why = "failed", next(iter(failed.values()), None)
-    else:
-        outcome, why = "removed", None
-    last_error = record.last_error
-    if why is not None:
-        last_error = why[1] if why[0] is None else f"{why[0]} {why[1]}"
-    new = replace(
-        record, recipients=tuple(out), attempts=record.attempts + 1, last_error=last_error
-    )
-    return new, outcome

@@ -43,6 +43,7 @@ import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mailspool.errors import SpoolError
 from mailspool.maildir import trash
@@ -60,6 +61,7 @@ from mailspool.maildir.fileformat import (
     quote_value,
     unquote_value,
 )
+from mailspool.maildir.inotify import Inotify, spool_watches
 from mailspool.maildir.lifecycle import (
     AREAS,
     CLAIM_ORDER,
@@ -150,6 +152,24 @@ class Spool(SpoolAdmin):
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
         super().__init__(path, create=create)
         self._next_expiry = 0.0  # time.monotonic() of due()'s next look at tmp/
+
+    @property
+    def location(self) -> str:
+        """The spool directory (:class:`~mailspool.queue.QueueBackend`'s name for it)."""
+        return self.path
+
+    def claimed_elsewhere(self) -> bool:
+        """True when ``cur/`` holds messages: claimed by some processor, or
+        abandoned by one that died (then :meth:`due` lists them first)."""
+        try:
+            with os.scandir(self._dirs["cur"]) as it:
+                return any(not e.name.startswith(".") for e in it)
+        except OSError:
+            return False
+
+    def waker(self) -> Inotify | None:
+        """An inotify watch on ``new/`` and ``deferred/``; None where there is none."""
+        return Inotify.open(spool_watches(self.path))
 
     # -- enqueue -------------------------------------------------------------------
 
@@ -465,3 +485,10 @@ class Spool(SpoolAdmin):
         for name in self._names("cur"):
             if lock_free(d + name):
                 yield name
+
+
+if TYPE_CHECKING:  # the seam's promise, checked by mypy
+    from mailspool.queue import QueueBackend, QueueClaim
+
+    def _conforms(spool: Spool, claim: Claim) -> tuple[QueueBackend, QueueClaim]:
+        return spool, claim

@@ -57,12 +57,12 @@ from zope.interface import implementer
 
 from mailspool import events
 from mailspool.interfaces import IMailQueueProcessor
-from mailspool.maildir.spool import Spool
 from mailspool.processor.outcome import Summary
 from mailspool.processor.policy import RateLimiter, RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
 from mailspool.processor.sender import Done, Sender
-from mailspool.processor.wakeup import Waiter, spool_watches
+from mailspool.processor.wakeup import Waiter
+from mailspool.queue import QueueBackend, open_queue
 
 __all__ = ["QueueProcessor", "RetryPolicy", "Summary"]
 
@@ -243,7 +243,7 @@ class QueueProcessor:
 
     def __init__(
         self,
-        spool: str | os.PathLike[str] | Spool,
+        spool: str | os.PathLike[str] | QueueBackend,
         mailer: Any,
         *,
         connections: int = 16,
@@ -259,7 +259,7 @@ class QueueProcessor:
             raise ValueError(f"interval must be greater than 0, got {interval!r}")
         if rate_limit is not None and not rate_limit > 0:
             raise ValueError(f"rate_limit must be greater than 0, got {rate_limit!r}")
-        self.spool = spool if isinstance(spool, Spool) else Spool(spool)
+        self.spool = open_queue(spool)
         self.mailer = mailer
         self.connections = connections
         self.interval = float(interval)
@@ -295,12 +295,12 @@ class QueueProcessor:
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"<QueueProcessor {self.spool.path} -> {self._sender.where}>"
+        return f"<QueueProcessor {self.spool.location} -> {self._sender.where}>"
 
     @property
     def queuePath(self) -> str:  # the classic name
         """The spool directory."""
-        return self.spool.path
+        return self.spool.location
 
     def __enter__(self) -> QueueProcessor:
         return self
@@ -338,7 +338,7 @@ class QueueProcessor:
                 try:
                     self._dispatch(p)
                 except Exception:  # the spool could not be listed (e.g. it was removed)
-                    log.exception("spool %s: cannot list what is due", self.spool.path)
+                    log.exception("spool %s: cannot list what is due", self.spool.location)
                 finally:
                     with p.cond:
                         p.cond.wait_for(p.settled)
@@ -362,7 +362,7 @@ class QueueProcessor:
             else:
                 return
         except Exception:  # e.g. the spool is gone: the next pass tries again
-            log.exception("spool %s: cannot write the outcomes waiting", self.spool.path)
+            log.exception("spool %s: cannot write the outcomes waiting", self.spool.location)
             return
         for done in written:
             events.notify(done.events)  # never raises
@@ -586,10 +586,10 @@ class QueueProcessor:
         try:
             n = self.spool.sweep()
         except Exception:  # a spool that cannot be swept can still be drained
-            log.exception("spool %s: sweep failed", self.spool.path)
+            log.exception("spool %s: sweep failed", self.spool.location)
             return
         if n:
-            log.info("spool %s: %d abandoned or orphaned file(s) swept", self.spool.path, n)
+            log.info("spool %s: %d abandoned or orphaned file(s) swept", self.spool.location, n)
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -672,14 +672,15 @@ class QueueProcessor:
 
     def _loop(self) -> None:
         self._sweep()
-        waiter = Waiter(spool_watches(self.spool.path) if self.watch else None)
+        waiter = Waiter(self.spool.waker() if self.watch else None)
         self._waiter = waiter
+        waker = f"{waiter.waker.kind}, and " if waiter.waker is not None else ""
         log.info(
             "processing %s -> %s (%d connection(s), %s)",
-            self.spool.path,
+            self.spool.location,
             self._sender.where,
             self.connections,
-            f"{'inotify, and ' if waiter.inotify else ''}looking every {self.interval:g}s",
+            f"{waker}looking every {self.interval:g}s",
         )
         try:
             while not self._stopping():
@@ -705,14 +706,6 @@ class QueueProcessor:
                 log.info("stopped on %s; messages in flight were settled", name)
                 self._signal = None
 
-    def _claims_elsewhere(self) -> bool:
-        """True when ``cur/`` holds messages, claimed by another processor."""
-        try:
-            with os.scandir(os.path.join(self.spool.path, "cur")) as it:
-                return any(not e.name.startswith(".") for e in it)
-        except OSError:
-            return False
-
     def _timeout(self, now: float) -> float:
         """How long the loop may sleep: until something could be due."""
         # inotify brings new mail at once; the look every ``interval`` also
@@ -721,11 +714,11 @@ class QueueProcessor:
         try:
             next_due = self.spool.next_due()
         except Exception:
-            log.exception("spool %s: cannot find the next due time", self.spool.path)
+            log.exception("spool %s: cannot find the next due time", self.spool.location)
             next_due = None
         if next_due is not None and next_due > now:
             candidates.append(next_due - now)
-        if self._claims_elsewhere():
+        if self.spool.claimed_elsewhere():
             # A processor that dies leaves no event behind: look again soon,
             # so its messages are taken up within a second, not an interval.
             candidates.append(ABANDONED_CHECK)

@@ -57,11 +57,11 @@ from typing import Any
 
 from mailspool.errors import DeliveryError, SpoolError
 from mailspool.events import MailEvent
-from mailspool.maildir.spool import Claim, Spool
 from mailspool.message import Envelope
 from mailspool.processor.outcome import Verdict, classify, human, one_line, report, when
 from mailspool.processor.policy import RateLimiter, RelayState, RetryPolicy
 from mailspool.processor.pool import Connection, ConnectionPool, connect, relay_name
+from mailspool.queue import QueueBackend, QueueClaim
 from mailspool.smtp.mailer import Reply, SendResult
 
 __all__ = ["Done", "Sender"]
@@ -95,7 +95,7 @@ class _Ahead:
     """
 
     id: str
-    claim: Claim | None
+    claim: QueueClaim | None
     conn: Connection | None = None
     done: Done = Done(None)
 
@@ -105,7 +105,7 @@ class _Unwritten:
     """An attempt's outcome that the spool could not take yet, with the
     claim it keeps held (file in ``cur/``, lock taken) until it does."""
 
-    claim: Claim
+    claim: QueueClaim
     verdict: Verdict
     retry_at: float | None
     reply: Reply | None
@@ -162,7 +162,7 @@ class _Waiting:
             if not waiting:
                 self._spools.pop(key, None)
 
-    def holds(self, key: str, claim: Claim) -> bool:
+    def holds(self, key: str, claim: QueueClaim) -> bool:
         with self._lock:
             u = self._spools.get(key, {}).get(claim.id)
             return u is not None and u.claim is claim
@@ -294,7 +294,7 @@ class Sender:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: QueueBackend,
         mailer: Any,
         *,
         retry: RetryPolicy,
@@ -316,7 +316,7 @@ class Sender:
         self._connect_lock = threading.Lock()
         self._skip: dict[str, float] = {}  # messages that could not even be deferred
         self._skip_lock = threading.Lock()
-        self._key = os.path.realpath(spool.path)  # whose waiting outcomes are ours
+        self._key = os.path.realpath(spool.location)  # whose waiting outcomes are ours
         self._local = threading.local()
         #: Claims lost in a row (taken by another processor, or gone); reset
         #: by each claim made.  Read by the dispatcher, written by every
@@ -419,7 +419,7 @@ class Sender:
 
     def _handle(
         self,
-        claim: Claim,
+        claim: QueueClaim,
         now: float,
         conn: Connection | None = None,
         peek: Callable[[], str | None] | None = None,
@@ -432,7 +432,7 @@ class Sender:
         except Exception as exc:  # the one catch-all: log, defer, keep going
             return self._after_error(claim, now, exc)
 
-    def _let_go(self, claim: Claim, *, failing: bool) -> None:
+    def _let_go(self, claim: QueueClaim, *, failing: bool) -> None:
         """Release a claim left unsettled, unless its outcome waits to be written."""
         if not claim.held or _WAITING.holds(self._key, claim):
             return
@@ -441,11 +441,11 @@ class Sender:
         except SpoolError:
             if not failing:
                 raise
-            log.exception("spool %s: cannot release %s", self.spool.path, claim.id)
+            log.exception("spool %s: cannot release %s", self.spool.location, claim.id)
 
     def _deliver(
         self,
-        claim: Claim,
+        claim: QueueClaim,
         now: float,
         conn: Connection | None = None,
         peek: Callable[[], str | None] | None = None,
@@ -473,7 +473,7 @@ class Sender:
 
     def _send(
         self,
-        claim: Claim,
+        claim: QueueClaim,
         now: float,
         conn: Connection | None = None,
         peek: Callable[[], str | None] | None = None,
@@ -550,7 +550,7 @@ class Sender:
                 human(pause.delay),
             )
 
-    def _untouched(self, claim: Claim, exc: BaseException) -> Done:
+    def _untouched(self, claim: QueueClaim, exc: BaseException) -> Done:
         claim.release()
         log.info(
             "mail %s <%s> from %s: not sent to %s, relay unavailable (%s); "
@@ -567,7 +567,7 @@ class Sender:
 
     def _settle(
         self,
-        claim: Claim,
+        claim: QueueClaim,
         now: float,
         verdict: Verdict,
         reply: Reply | None,
@@ -650,7 +650,7 @@ class Sender:
             _WAITING.put_back(u)
         return done
 
-    def _after_error(self, claim: Claim, now: float, exc: Exception) -> Done:
+    def _after_error(self, claim: QueueClaim, now: float, exc: Exception) -> Done:
         """A bug or an unusual fault while handling ``claim``: defer it like a 4xx."""
         attempt = claim.attempts + 1
         retry_at = self.retry.retry_at(now, attempt, claim.due_since)

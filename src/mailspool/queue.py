@@ -1,0 +1,421 @@
+"""The queue seam: what every queue backend offers, and the data that crosses it.
+
+The processor, the command and the deliveries reach a queue only through
+:class:`QueueBackend` and the :class:`QueueClaim` it hands out.  Backends:
+:mod:`mailspool.maildir` (a directory, the default), :mod:`mailspool.memory`
+(in the process, for applications' own tests).  A backend knows nothing of
+SMTP; the processor knows nothing of files or rows.
+
+The records and the per-recipient rules below are pure (no I/O), so every
+backend settles an attempt the same way: :func:`settle_record` turns one
+attempt's outcome per recipient into the message's next record and outcome.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from mailspool.message import Envelope, Prepared
+
+__all__ = [
+    "FAILED",
+    "PENDING",
+    "SENT",
+    "STATUSES",
+    "Outcome",
+    "QueueBackend",
+    "QueueClaim",
+    "QueueEntry",
+    "RecipientStatus",
+    "Record",
+    "Staged",
+    "State",
+    "Waker",
+    "all_sent",
+    "open_queue",
+    "settle_record",
+]
+
+
+class State(str, enum.Enum):
+    """Where a message stands in a queue (the value is its name in listings)."""
+
+    READY = "ready"
+    IN_FLIGHT = "in_flight"
+    DEFERRED = "deferred"
+    HELD = "held"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Outcome(str, enum.Enum):
+    """What became of a claimed message once an attempt was settled."""
+
+    REMOVED = "removed"  # every recipient accepted: gone from the queue
+    DEFERRED = "deferred"  # some recipient still pending: tried again later
+    FAILED = "failed"  # none pending, some refused for good: kept with the reasons
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: A recipient's status: still to be sent to, accepted, refused for good.
+PENDING, SENT, FAILED = "pending", "sent", "failed"
+STATUSES = frozenset({PENDING, SENT, FAILED})
+
+
+# --- values ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipientStatus:
+    """One recipient and where its delivery stands.
+
+    ``status`` is ``"pending"``, ``"sent"`` or ``"failed"``; ``code`` and
+    ``text`` are the last reply about it (a pending recipient keeps the
+    reason of its last deferral).
+    """
+
+    address: str
+    status: str = PENDING
+    code: int | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """The envelope part of a spool file.
+
+    ``queued_at`` is when the message was committed; ``not_before`` the
+    time it was scheduled for when that was later (``send(...,
+    not_before=...)``), else None.
+    """
+
+    sender: str
+    recipients: tuple[RecipientStatus, ...]
+    queued_at: float
+    attempts: int = 0
+    message_id: str | None = None
+    last_error: str | None = None
+    legacy: bool = False
+    not_before: float | None = None
+
+    @property
+    def pending(self) -> tuple[str, ...]:
+        """The recipients still to be sent to."""
+        return tuple(r.address for r in self.recipients if r.status == PENDING)
+
+    @property
+    def due_since(self) -> float:
+        """Since when the message has been due: the later of ``queued_at`` and
+        ``not_before``.  ``give_up_after`` counts from here, so a message
+        scheduled further ahead than that does not expire before its time.
+        """
+        if self.not_before is None:
+            return self.queued_at
+        return max(self.queued_at, self.not_before)
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """What a queue knows about one message, for listings and the command."""
+
+    id: str
+    state: str
+    message_id: str | None
+    sender: str
+    recipients: tuple[RecipientStatus, ...]
+    queued_at: float | None
+    attempts: int
+    next_attempt: float | None
+    size: int
+    last_error: str | None
+    legacy: bool = False
+
+
+# --- the per-recipient rules every backend applies --------------------------------------
+
+
+def all_sent(record: Record, sent: Iterable[str]) -> bool:
+    """Whether ``sent`` leaves nothing pending and nothing failed.
+
+    The common case of a settle: :func:`settle_record` would return
+    ``"removed"``, and the file goes to the trash without a new record
+    being built.
+
+    Args:
+        record: the message's record before the attempt.
+        sent: recipients the relay accepted (and no other outcome given).
+
+    Returns:
+        True when ``sent`` names exactly the pending recipients and no
+        recipient failed before.
+    """
+    pending = set()
+    for r in record.recipients:
+        if r.status == PENDING:
+            pending.add(r.address)
+        elif r.status == FAILED:
+            return False
+    return pending == set(sent)
+
+
+def settle_record(
+    record: Record,
+    sent: Iterable[str] = (),
+    failed: Mapping[str, tuple[int | None, str]] | None = None,
+    deferred: Mapping[str, tuple[int | None, str]] | None = None,
+) -> tuple[Record, str]:
+    """Apply one attempt's per-recipient outcome; return (record, outcome).
+
+    Outcome ``"removed"`` when every recipient was accepted, ``"deferred"``
+    when some recipient is still pending (including pending recipients not
+    named at all), ``"failed"`` when none is pending and some failed.  Sent
+    recipients stay sent forever; the attempt count goes up by one.
+
+    Args:
+        record: the message's record before the attempt.
+        sent: recipients the relay accepted.
+        failed: recipient -> (code, text) of a permanent refusal.
+        deferred: recipient -> (code, text) of a temporary one.
+
+    Returns:
+        The new record and the outcome (a key of :data:`OUTCOME_ACTION`).
+
+    Raises:
+        ValueError: an address is not a pending recipient, or is given twice.
+    """
+    failed = failed or {}
+    deferred = deferred or {}
+    sent_set = set(sent)
+    pending = set(record.pending)
+    named = [*sent_set, *failed, *deferred]
+    if len(named) != len(set(named)):
+        raise ValueError("a recipient is given more than one outcome")
+    unknown = set(named) - pending
+    if unknown:
+        raise ValueError(f"not pending recipients of this message: {sorted(unknown)!r}")
+    out: list[RecipientStatus] = []
+    for r in record.recipients:
+        a = r.address
+        if r.status != PENDING:
+            out.append(r)
+        elif a in sent_set:
+            out.append(RecipientStatus(a, SENT))
+        elif a in failed:
+            out.append(RecipientStatus(a, FAILED, *failed[a]))
+        elif a in deferred:
+            out.append(RecipientStatus(a, PENDING, *deferred[a]))
+        else:
+            out.append(r)
+    if any(r.status == PENDING for r in out):
+        outcome, why = "deferred", next(iter(deferred.values()), None)
+    elif any(r.status == FAILED for r in out):
+        outcome, why = "failed", next(iter(failed.values()), None)
+    else:
+        outcome, why = "removed", None
+    last_error = record.last_error
+    if why is not None:
+        last_error = why[1] if why[0] is None else f"{why[0]} {why[1]}"
+    new = replace(
+        record, recipients=tuple(out), attempts=record.attempts + 1, last_error=last_error
+    )
+    return new, outcome
+
+
+# --- the seam ---------------------------------------------------------------------------
+
+
+class Staged(Protocol):
+    """A message written by :meth:`QueueBackend.stage_many`, not yet visible."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def message_id(self) -> str: ...
+
+
+class Waker(Protocol):
+    """Something the processor's loop can ``select()`` on: readable means "look now"."""
+
+    #: What it is, for the processor's first log line (``"inotify"``...).
+    kind: str
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> None:
+        """Consume what made it readable."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class QueueClaim(Protocol):
+    """One message held for sending by one holder; settle it, or it goes back.
+
+    A claim dies with its holder (a killed process's messages are free at
+    once).  Leaving the ``with`` block without settle(), defer() or
+    quarantine() releases the message untouched.
+    """
+
+    id: str
+    envelope: Envelope  # the sender and the recipients still pending
+    data: bytes  # the message as it goes on the wire
+
+    @property
+    def message_id(self) -> str | None: ...
+
+    @property
+    def attempts(self) -> int: ...
+
+    @property
+    def queued_at(self) -> float: ...
+
+    @property
+    def not_before(self) -> float | None: ...
+
+    @property
+    def due_since(self) -> float: ...
+
+    @property
+    def held(self) -> bool: ...
+
+    @property
+    def legacy(self) -> bool: ...
+
+    @property
+    def recipients(self) -> tuple[RecipientStatus, ...]: ...
+
+    def settle(
+        self,
+        *,
+        sent: Iterable[str] = (),
+        failed: Mapping[str, tuple[int | None, str]] | None = None,
+        deferred: Mapping[str, tuple[int | None, str]] | None = None,
+        retry_at: float | None = None,
+    ) -> str:
+        """Record one attempt per recipient; ``"removed"``, ``"deferred"`` or ``"failed"``."""
+
+    def defer(self, retry_at: float, reason: str, *, count_attempt: bool = True) -> None:
+        """Put the whole message back until ``retry_at``."""
+
+    def release(self) -> None:
+        """Give the message back untouched."""
+
+    def quarantine(self, reason: str) -> None:
+        """Set a message that cannot be sent aside, with the reason."""
+
+    def __enter__(self) -> QueueClaim: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+@runtime_checkable
+class QueueBackend(Protocol):
+    """A queue of messages: enqueue, claim, settle, and the operator's view.
+
+    Enqueueing is two-phase, driven by the delivery's transaction data
+    manager: :meth:`stage_many` when the transaction votes (durable, not yet
+    visible), :meth:`publish` when it finishes, :meth:`discard` when it
+    aborts.
+    """
+
+    @property
+    def location(self) -> str:
+        """Where the queue is, for logs and messages (never a password)."""
+
+    # -- enqueue --------------------------------------------------------------------
+
+    def stage(self, prepared: Prepared, *, not_before: float | None = None) -> Staged: ...
+
+    def stage_many(self, batch: Sequence[tuple[Prepared, float | None]]) -> Sequence[Staged]: ...
+
+    def publish(self, staged: Sequence[Any]) -> None:
+        """Make what :meth:`stage_many` returned visible, durably."""
+
+    def discard(self, staged: Sequence[Any]) -> None:
+        """Forget what :meth:`stage_many` returned; never raises."""
+
+    # -- processing -----------------------------------------------------------------
+
+    def due(self, now: float | None = None) -> Iterator[str]:
+        """The ids that can be claimed now (abandoned claims first)."""
+
+    def next_due(self) -> float | None:
+        """When the next deferred message is due, if any."""
+
+    def claim(self, id: str) -> QueueClaim | None:
+        """Hold message ``id`` for sending; None when taken, gone or unreadable."""
+
+    def sweep(self, now: float | None = None) -> int:
+        """Recover what crashed holders left behind; how many were recovered."""
+
+    def quarantined_last(self, id: str) -> bool:
+        """Whether this thread's last claim that came back empty set ``id``
+        aside in quarantine (otherwise it was taken or finished elsewhere).
+        Asked after every lost claim, so it must not cost a round trip."""
+
+    def claimed_elsewhere(self) -> bool:
+        """Whether other holders have claims now (then the loop looks again soon)."""
+
+    def waker(self) -> Waker | None:
+        """What wakes a sleeping processor when mail arrives; None to poll."""
+
+    # -- the operator's view ----------------------------------------------------------
+
+    def state(self, id: str) -> str | None: ...
+
+    def counts(self, now: float | None = None) -> dict[str, int]: ...
+
+    def oldest(
+        self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
+    ) -> float | None: ...
+
+    def entries(self, state: str | None = None) -> Iterator[QueueEntry]: ...
+
+    def get(self, id: str) -> QueueEntry: ...
+
+    def message(self, id: str) -> bytes: ...
+
+    def retry(self, id: str) -> None: ...
+
+    def hold(self, id: str) -> None: ...
+
+    def release(self, id: str) -> None: ...
+
+    def delete(self, id: str) -> None: ...
+
+
+def open_queue(
+    where: str | os.PathLike[str] | QueueBackend, *, create: bool = True
+) -> QueueBackend:
+    """The backend for ``where``: a backend as it is, or a directory's Maildir spool.
+
+    Args:
+        where: a :class:`QueueBackend`, or the path of a spool directory.
+        create: for a path, create the spool when it is missing.
+
+    Raises:
+        SpoolError: the spool does not exist (``create=False``) or cannot be
+            created.
+    """
+    if isinstance(where, (str, os.PathLike)):
+        from mailspool.maildir.spool import Spool  # the default backend
+
+        return Spool(where, create=create)
+    return where

@@ -785,3 +785,26 @@ def test_eight_bit_body_uses_smtputf8_when_8bitmime_is_missing(
     mailer_for(relay).send(FROM, ["a@example.org"], "Subject: plain\n\nCrème\n")
     [received] = relay.messages
     assert "SMTPUTF8" in received.mail_options and "BODY=8BITMIME" not in received.mail_options
+
+
+def test_importing_every_module_installs_no_hook_until_first_use(tmp_path: Any) -> None:
+    # Exit (and with them fork) hooks come with the first spool or delivery,
+    # never with an import: an application that only imports pays nothing.
+    code = f"""
+import atexit, pkgutil, importlib, threading, logging, transaction, mailspool
+before = atexit._ncallbacks()  # after the standard library's and dependencies' own
+for m in pkgutil.walk_packages(mailspool.__path__, "mailspool."):
+    if m.name.rsplit(".", 1)[-1] != "__main__":
+        importlib.import_module(m.name)
+imported = atexit._ncallbacks()
+from mailspool import QueuedMailDelivery
+QueuedMailDelivery({str(tmp_path / "spool")!r})
+print(before, imported, atexit._ncallbacks(), threading.active_count())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    before, imported, used, threads = map(int, out)
+    assert imported == before
+    assert used >= before + 2  # at least the spool's reapers and the delivery's warning
+    assert threads == 1

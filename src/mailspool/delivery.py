@@ -35,6 +35,7 @@ import atexit
 import datetime
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from email.message import Message
@@ -56,11 +57,21 @@ log = logging.getLogger(__name__)
 MessageInput = bytes | str | Message
 
 # Data managers holding mail whose transaction has not ended, to warn at exit
-# about the classic mistake of never committing.
+# about the classic mistake of never committing.  The exit hook is installed
+# by the first delivery made, not at import.
 _open_managers: weakref.WeakSet[_MailDataManager] = weakref.WeakSet()
+_exit_hook = threading.Lock()
+_exit_hooked = False
 
 
-@atexit.register
+def _hook_exit() -> None:
+    global _exit_hooked
+    with _exit_hook:
+        if not _exit_hooked:
+            atexit.register(_warn_uncommitted)
+            _exit_hooked = True
+
+
 def _warn_uncommitted() -> None:
     pending = [dm for dm in list(_open_managers) if dm.messages]
     for dm in pending:
@@ -139,6 +150,8 @@ class _Delivery:
     def __init__(self, *, transaction_manager: Any = None, msgid_domain: str | None = None):
         self.transaction_manager = transaction_manager or _transaction.manager
         self.msgid_domain = msgid_domain
+        if not _exit_hooked:
+            _hook_exit()
 
     def _join(self, prepared: Prepared, not_before: float | None) -> str:
         txn = self.transaction_manager.get()

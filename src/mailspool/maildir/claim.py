@@ -39,10 +39,6 @@ def _after_fork_in_child() -> None:
     _this_process = os.getpid()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 class Claim:
     """A message held for sending; settle it, or it goes back to ready.
 

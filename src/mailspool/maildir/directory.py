@@ -108,9 +108,6 @@ def _after_fork_in_child() -> None:
     _seq = itertools.count(1)
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
 # --- small helpers ------------------------------------------------------------------
 
 

@@ -183,11 +183,3 @@ def _after_fork_in_child() -> None:
         close_quietly(fd)  # the parent's locks stay the parent's
     _held.clear()
     _held_lock.release()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(
-        before=_before_fork,
-        after_in_parent=_after_fork_in_parent,
-        after_in_child=_after_fork_in_child,
-    )

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mailspool.errors import SpoolError
-from mailspool.maildir import trash
+from mailspool.maildir import process, trash
 from mailspool.maildir.admin import SpoolAdmin, SpoolEntry
 from mailspool.maildir.claim import Claim
 from mailspool.maildir.directory import check_id, errname, log, new_name, read_all, unlink_quietly
@@ -150,6 +150,7 @@ class Spool(SpoolAdmin):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = True) -> None:
+        process.install()  # the fork and exit hooks, once per process
         super().__init__(path, create=create)
         self._next_expiry = 0.0  # time.monotonic() of due()'s next look at tmp/
 

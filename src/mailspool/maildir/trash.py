@@ -35,7 +35,6 @@ What keeps this safe:
 
 from __future__ import annotations
 
-import atexit
 import os
 import threading
 import time
@@ -205,8 +204,3 @@ def _after_fork_in_child() -> None:
     _pid = os.getpid()
     _lock = threading.Lock()  # another thread may have held it at the fork
     _reapers.clear()  # their threads do not exist in the child
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-atexit.register(stop_reapers, 1.0)

@@ -174,8 +174,6 @@ class _Waiting:
 
 
 _WAITING = _Waiting()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_WAITING.forget)
 
 
 def _outcome(verdict: Verdict) -> str:
@@ -261,7 +259,19 @@ def _write_before_exit() -> None:
             )
 
 
-atexit.register(_write_before_exit)
+_hooked = False
+_hook_lock = threading.Lock()
+
+
+def _hook_exit() -> None:
+    """The exit and fork hooks, registered once, when the first sender is made."""
+    global _hooked
+    with _hook_lock:
+        if not _hooked:
+            atexit.register(_write_before_exit)
+            if hasattr(os, "register_at_fork"):
+                os.register_at_fork(after_in_child=_WAITING.forget)
+            _hooked = True
 
 
 class _RelayTrouble(Exception):
@@ -304,6 +314,8 @@ class Sender:
         stopping: Callable[[], bool],
         sleep: Callable[[float], bool],
     ) -> None:
+        if not _hooked:
+            _hook_exit()
         self.spool = spool
         self.mailer = mailer
         self.retry = retry

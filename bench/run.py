@@ -30,7 +30,7 @@ if HERE not in sys.path:
 import harness  # noqa: E402
 from harness import Options, Results, machine_info, write_json  # noqa: E402
 from relays import SmtpSink  # noqa: E402
-from scenarios import Env, drain, enqueue, pickup, scale  # noqa: E402
+from scenarios import Env, commits, drain, enqueue, pickup, scale  # noqa: E402
 from systems import MAILSPOOL, ZOPE  # noqa: E402
 
 SCENARIOS: dict[str, tuple[str, Callable[[Env], None]]] = {
@@ -38,6 +38,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Env], None]]] = {
     "drain-slow": ("drain, slow relay (20 ms before the final 250)", drain.run_slow),
     "drain-tls": ("drain, STARTTLS relay", drain.run_tls),
     "enqueue": ("enqueue, 1 and 100 per transaction (+ fsync floor)", enqueue.run),
+    "commits": ("commits under concurrency: 1, 4, 16 threads and 4 processes", commits.run),
     "pickup": ("pickup latency and idle CPU", pickup.run),
     "scale": ("scale: 100,000 queued", scale.run),
 }

@@ -220,43 +220,8 @@ class SpoolDir:
         root = os.path.abspath(self.path)  # immune to a later chdir()
         self._dirs = {a: os.path.join(root, a) + os.sep for a in _AREAS}
         self._last_quarantined = threading.local()  # per thread: the id it set aside last
-        made: list[str] = []
-        if create and not os.path.isdir(root):
-            parent = os.path.dirname(root)
-            p = parent
-            while not os.path.isdir(p) and os.path.dirname(p) != p:
-                p = os.path.dirname(p)
-                made.append(p)  # its new entry must be synced too
-            # Missing parents are private too (0700 whatever the umask):
-            # whoever can write in one could swap in a spool of their own.
-            missing = []
-            q = parent
-            while not os.path.isdir(q) and os.path.dirname(q) != q:
-                missing.append(q)
-                q = os.path.dirname(q)
-            for d in reversed(missing):
-                try:
-                    os.mkdir(d, 0o700)
-                    os.chmod(d, 0o700)
-                except FileExistsError:
-                    continue
-                except OSError as exc:
-                    raise SpoolError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
-            if self._mkdir(root):
-                made.append(parent)
-        for area in _AREAS:
-            d = self._dirs[area][:-1]
-            if os.path.isdir(d):
-                continue
-            if not create and area in ("tmp", "new", "cur"):
-                raise SpoolError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
-            try:
-                if self._mkdir(d):
-                    made.append(root)
-            except SpoolError:
-                if create:
-                    raise
-                # A read-only legacy queue opened for listing: fine.
+        made = self._make_root(root) if create and not os.path.isdir(root) else []
+        made += self._make_areas(root, create)
         for d in dict.fromkeys(made):  # new directory entries must survive a power cut
             try:
                 self._fsync_path(d)
@@ -271,6 +236,51 @@ class SpoolDir:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r})"
+
+    def _make_root(self, root: str) -> list[str]:
+        """Create the spool's root and its missing parents; the directories to fsync."""
+        made: list[str] = []
+        parent = os.path.dirname(root)
+        p = parent
+        while not os.path.isdir(p) and os.path.dirname(p) != p:
+            p = os.path.dirname(p)
+            made.append(p)  # its new entry must be synced too
+        # Missing parents are private too (0700 whatever the umask):
+        # whoever can write in one could swap in a spool of their own.
+        missing = []
+        q = parent
+        while not os.path.isdir(q) and os.path.dirname(q) != q:
+            missing.append(q)
+            q = os.path.dirname(q)
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o700)
+                os.chmod(d, 0o700)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise SpoolError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
+        if self._mkdir(root):
+            made.append(parent)
+        return made
+
+    def _make_areas(self, root: str, create: bool) -> list[str]:
+        """Create the missing areas; the directories to fsync (the root, if any was made)."""
+        made: list[str] = []
+        for area in _AREAS:
+            d = self._dirs[area][:-1]
+            if os.path.isdir(d):
+                continue
+            if not create and area in ("tmp", "new", "cur"):
+                raise SpoolError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
+            try:
+                if self._mkdir(d):
+                    made.append(root)
+            except SpoolError:
+                if create:
+                    raise
+                # A read-only legacy queue opened for listing: fine.
+        return made
 
     def _mkdir(self, path: str) -> bool:
         """Create ``path`` with mode 0700; False when it existed already."""

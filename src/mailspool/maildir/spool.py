@@ -287,39 +287,46 @@ class Spool(SpoolAdmin):
         """
         now = time.time() if now is None else now
         if time.monotonic() >= self._next_expiry:
-            self._next_expiry = time.monotonic() + EXPIRE_EVERY
-            try:
-                self._expire_tmp(time.time(), TMP_MAX_AGE)
-            except OSError as exc:
-                log.warning("spool %s: cannot clean tmp/: %s", self.path, errname(exc))
+            self._expire_tmp_hourly()
         for area in ("cur", "new", "deferred"):
-            d = self._dirs[area]
-            try:
-                it = os.scandir(d)
-            except FileNotFoundError:
-                continue
-            with it:
-                batch: list[str] = []
-                for e in it:
-                    name = e.name
-                    if name[0] == ".":
+            yield from self._due_in(area, now)
+
+    def _expire_tmp_hourly(self) -> None:
+        self._next_expiry = time.monotonic() + EXPIRE_EVERY
+        try:
+            self._expire_tmp(time.time(), TMP_MAX_AGE)
+        except OSError as exc:
+            log.warning("spool %s: cannot clean tmp/: %s", self.path, errname(exc))
+
+    def _due_in(self, area: str, now: float) -> Iterator[str]:
+        """The claimable names of one area (see :meth:`due`)."""
+        d = self._dirs[area]
+        try:
+            it = os.scandir(d)
+        except FileNotFoundError:
+            return
+        with it:
+            batch: list[str] = []
+            for e in it:
+                name = e.name
+                if name[0] == ".":
+                    continue
+                if area == "new":
+                    batch.append(name)
+                    if len(batch) == ROTATE_BATCH:
+                        yield from _rotated(batch)
+                        batch = []
+                elif area == "cur":
+                    if lock_free(d + name):
+                        yield name
+                else:
+                    try:
+                        mtime = e.stat(follow_symlinks=False).st_mtime
+                    except OSError:
                         continue
-                    if area == "new":
-                        batch.append(name)
-                        if len(batch) == ROTATE_BATCH:
-                            yield from _rotated(batch)
-                            batch = []
-                    elif area == "cur":
-                        if lock_free(d + name):
-                            yield name
-                    else:
-                        try:
-                            mtime = e.stat(follow_symlinks=False).st_mtime
-                        except OSError:
-                            continue
-                        if mtime <= now:
-                            yield name
-                yield from _rotated(batch)
+                    if mtime <= now:
+                        yield name
+            yield from _rotated(batch)
 
     def next_due(self) -> float | None:
         """The earliest time a deferred message is due, or None."""
@@ -397,35 +404,48 @@ class Spool(SpoolAdmin):
         if area == "cur" and self._superseded(id):
             self._trash(path)  # left by a settle that crashed after publishing
             return None
-        try:
-            raw = read_all(fd, st.st_size)
-            record, data = decode_file(raw, mtime=st.st_mtime)
-        except OSError as exc:
-            if exc.errno not in _BAD_FILE:
-                raise
-            self._quarantine(area, id, errname(exc))
+        decoded = self._decode_claimed(area, id, fd, st)
+        if decoded is None:
             return None
-        except ValueError as exc:
-            self._quarantine(area, id, str(exc))
-            return None
+        record, data = decoded
         if not record.pending:  # nothing left to send (written by hand?)
             if any(r.status == FAILED for r in record.recipients):
                 os.rename(path, self._dirs["failed"] + id)
             else:
                 self._trash(path)
             return None
-        if area != "cur":
-            stale = self._lock_stale_cur(id)
-            if stale is None:
-                return None  # a stale copy is being cleaned up: next time
-            try:
-                os.rename(path, self._dirs["cur"] + id)
-            except FileNotFoundError:
-                return None
-            finally:
-                if stale >= 0:
-                    close_held(stale)  # the stale copy is gone, replaced by ours
+        if area != "cur" and not self._move_to_cur(id, path):
+            return None
         return Claim(self, id, fd, record, data, area)
+
+    def _decode_claimed(
+        self, area: str, id: str, fd: int, st: os.stat_result
+    ) -> tuple[Record, bytes] | None:
+        """Read and decode the locked file; None when it had to be quarantined."""
+        try:
+            raw = read_all(fd, st.st_size)
+            return decode_file(raw, mtime=st.st_mtime)
+        except OSError as exc:
+            if exc.errno not in _BAD_FILE:
+                raise
+            self._quarantine(area, id, errname(exc))
+        except ValueError as exc:
+            self._quarantine(area, id, str(exc))
+        return None
+
+    def _move_to_cur(self, id: str, path: str) -> bool:
+        """Rename the claimed file into ``cur/``; False when that must wait or it is gone."""
+        stale = self._lock_stale_cur(id)
+        if stale is None:
+            return False  # a stale copy is being cleaned up: next time
+        try:
+            os.rename(path, self._dirs["cur"] + id)
+        except FileNotFoundError:
+            return False
+        finally:
+            if stale >= 0:
+                close_held(stale)  # the stale copy is gone, replaced by ours
+        return True
 
     def sweep(self, now: float | None = None, *, tmp_max_age: float = TMP_MAX_AGE) -> int:
         """Remove orphans in ``tmp/`` and put abandoned claims back in ``new/``.

@@ -76,7 +76,9 @@ log = logging.getLogger("mailspool.cli")
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @common_options
-@click.version_option(package_name="mailspool", prog_name="mailspool")
+@click.version_option(
+    package_name="mailspool", prog_name="mailspool", message="%(prog)s %(version)s"
+)
 @click.pass_context
 def cli(ctx: click.Context, /, queue: str | None, config: str | None, verbose: int) -> None:
     """Deliver, inspect and repair a mailspool queue.

@@ -311,9 +311,15 @@ class SMTPMailer:
         :meth:`send` in this thread; :meth:`abort` drops it.
 
         Raises:
-            the errors :meth:`connect` raises, ``SMTPUTF8Required``,
-            ``MessageTooLarge``, ``PermanentError`` (8-bit data without
-            8BITMIME), ``InvalidAddress``, ``InvalidMessage``.
+            RelayUnavailable: as :meth:`connect` raises it.
+            TLSFailure: as :meth:`connect` raises it.
+            AuthenticationError: as :meth:`connect` raises it.
+            SMTPUTF8Required: an address is not ASCII and the relay does not
+                offer SMTPUTF8.
+            MessageTooLarge: the message is over the relay's SIZE.
+            PermanentError: 8-bit data and the relay offers no 8BITMIME.
+            InvalidAddress: a bad sender or recipient, or no recipients.
+            InvalidMessage: the message cannot be sent as it is.
         """
         envelope = make_envelope(fromaddr, toaddrs)
         data = to_wire(message)

@@ -28,12 +28,16 @@ from typing import Any
 import transaction as _transaction
 from zope.interface import Interface, implementer
 
-from mailspool.delivery import DirectMailDelivery, QueuedMailDelivery
+from mailspool import (
+    DirectMailDelivery,
+    QueuedMailDelivery,
+    QueueProcessorThread,
+    SendmailMailer,
+    SendResult,
+    SMTPMailer,
+)
 from mailspool.errors import DeliveryError
 from mailspool.integrations.pyramid.message import Message
-from mailspool.mailer import SMTPMailer
-from mailspool.result import SendResult
-from mailspool.sendmail import SendmailMailer
 
 __all__ = ["IPyramidMailer", "Mailer", "settings_kwargs"]
 
@@ -194,8 +198,6 @@ class Mailer:
         if queue_processor:
             if self.queue_path is None:
                 raise ValueError("queue_processor needs queue_path")
-            from mailspool.processor_thread import QueueProcessorThread
-
             self.processor_thread = QueueProcessorThread(
                 mailer=self.smtp_mailer, queue_path=self.queue_path
             )

@@ -29,11 +29,14 @@ from zope.configuration.fields import Path
 from zope.interface import Interface
 from zope.schema import ASCIILine, Bool, Choice, Float, Int, TextLine
 
-from mailspool.delivery import DirectMailDelivery, QueuedMailDelivery
+from mailspool import (
+    DirectMailDelivery,
+    QueuedMailDelivery,
+    QueueProcessorThread,
+    SendmailMailer,
+    SMTPMailer,
+)
 from mailspool.interfaces import IMailDelivery, IMailer
-from mailspool.mailer import SMTPMailer
-from mailspool.processor_thread import QueueProcessorThread
-from mailspool.sendmail import SendmailMailer
 
 __all__ = [
     "NO_THREAD_ENV",

@@ -128,12 +128,14 @@ def test_the_secure_default_and_the_explicit_choices(relay: Any) -> None:
         '<mail:smtpMailer name="default" />'
         '<mail:smtpMailer name="plain" no_tls="true" />'
         '<mail:smtpMailer name="chosen" tls="none" />'
+        '<mail:smtpMailer name="smtps" implicit_tls="true" />'
         '<mail:smtpMailer name="sendmail-like" hostname="mx.example.org" force_tls="true" />'
         '<mail:sendmailMailer name="local" path="/usr/sbin/sendmail" />'
     )
     tls = {name: getUtility(IMailer, name).tls for name in ("default", "plain", "chosen")}
     assert tls == {"default": "starttls", "plain": "none", "chosen": "none"}
     assert getUtility(IMailer, "default").port == 25
+    assert getUtility(IMailer, "smtps").port == 465
     assert getUtility(IMailer, "sendmail-like").hostname == "mx.example.org"
     local = getUtility(IMailer, "local")
     assert isinstance(local, SendmailMailer)

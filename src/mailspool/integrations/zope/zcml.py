@@ -70,7 +70,11 @@ class ISMTPMailerDirective(IMailerDirective):
     """Registers an SMTP mailer (``IMailer`` utility)."""
 
     hostname = ASCIILine(title="Host name of the relay", default="localhost", required=False)
-    port = Int(title="Port of the relay", default=25, required=False)
+    port = Int(
+        title="Port of the relay",
+        description="Default 25, or 465 with implicit TLS.",
+        required=False,
+    )
     username = TextLine(title="User name for SMTP AUTH", required=False)
     password = TextLine(title="Password for SMTP AUTH", required=False)
     implicit_tls = Bool(title="TLS from the first byte (SMTPS)", default=False, required=False)
@@ -123,7 +127,7 @@ def smtpMailer(
     _context: Any,
     name: str,
     hostname: str = "localhost",
-    port: int = 25,
+    port: int | None = None,
     username: str | None = None,
     password: str | None = None,
     implicit_tls: bool = False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from webtest import TestApp
 
 from _relays import wait_for
 from mailspool import QueueProcessor
-from mailspool.errors import InvalidMessage
+from mailspool.errors import InvalidMessage, RelayUnavailable
 from mailspool.integrations.pyramid import Attachment, Mailer, Message, get_mailer
 
 SENDER = "shop@example.org"
@@ -249,3 +250,17 @@ def test_a_message_that_cannot_be_sent_fails_in_the_view() -> None:
     with pytest.raises(RuntimeError, match=r"mail\.queue_path"):
         mailer.send_to_queue(Message(recipients=["a@example.org"], body="y"))
     transaction.abort()
+
+
+def test_send_immediately_fail_silently_when_the_relay_is_down(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mailer = Mailer(host="127.0.0.1", port=port, tls=False, timeout=5, default_sender=SENDER)
+    message = Message(subject="x", recipients=["jane@example.org"], body="y")
+    with pytest.raises(RelayUnavailable):
+        mailer.send_immediately(message)
+    assert mailer.send_immediately(message, fail_silently=True) is None
+    assert "mail to jane@example.org not sent" in caplog.text

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from mailspool.processor.loop import QueueProcessor
     from mailspool.processor.outcome import Summary
     from mailspool.processor.policy import RetryPolicy
+    from mailspool.processor.thread import QueueProcessorThread
     from mailspool.smtp.mailer import SMTPMailer
     from mailspool.smtp.result import Reply, SendResult
     from mailspool.smtp.sendmail import SendmailMailer
@@ -33,6 +34,7 @@ _PUBLIC = {
     "Envelope": "mailspool.message",
     "make_msgid": "mailspool.message",
     "QueueProcessor": "mailspool.processor.loop",
+    "QueueProcessorThread": "mailspool.processor.thread",
     "RetryPolicy": "mailspool.processor.policy",
     "Summary": "mailspool.processor.outcome",
     "Reply": "mailspool.smtp.result",
@@ -46,6 +48,7 @@ __all__ = [
     "DirectMailDelivery",
     "Envelope",
     "QueueProcessor",
+    "QueueProcessorThread",
     "QueuedMailDelivery",
     "Reply",
     "RetryPolicy",

@@ -40,12 +40,12 @@ import os
 import ssl
 import threading
 from collections.abc import Iterable
-from typing import Literal
 
 from zope.interface import implementer
 
 from mailspool.interfaces import ISMTPMailer
 from mailspool.message import Envelope, make_envelope, to_wire
+from mailspool.smtp.compat import TLSMode, tls_mode
 from mailspool.smtp.handshake import Credentials
 from mailspool.smtp.result import MessageInput, Reply, SendResult
 from mailspool.smtp.sendmail import SendmailMailer
@@ -63,13 +63,27 @@ __all__ = [
 
 log = logging.getLogger("mailspool.mailer")
 
-#: How TLS is used: required STARTTLS, implicit TLS (SMTPS), or none at all.
-TLSMode = Literal["starttls", "implicit", "none"]
-_TLS_MODES = ("starttls", "implicit", "none")
-
 
 def _verifies(context: ssl.SSLContext) -> bool:
     return context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+
+
+def _client_cert(
+    certfile: str | os.PathLike[str] | None,
+    keyfile: str | os.PathLike[str] | None,
+    tls: TLSMode,
+    context: ssl.SSLContext | None,
+) -> tuple[str, str | None] | None:
+    """The client certificate and key files, checked against the other settings."""
+    if certfile is None:
+        if keyfile is not None:
+            raise ValueError("keyfile needs certfile (the client certificate)")
+        return None
+    if tls == "none":
+        raise ValueError("a client certificate (certfile) needs TLS, but tls is 'none'")
+    if context is not None:
+        raise ValueError("give either certfile or ssl_context (load the certificate into it)")
+    return os.fspath(certfile), os.fspath(keyfile) if keyfile is not None else None
 
 
 @implementer(ISMTPMailer)
@@ -77,13 +91,17 @@ class SMTPMailer:
     """Sends mail to an SMTP relay: TLS, AUTH, connection reuse, per-recipient outcomes.
 
     Args:
-        host: the relay's host name (also the name its certificate must carry).
+        host: the relay's host name (also the name its certificate must carry);
+            default ``localhost``.
         port: the relay's port; default 25, or 465 with ``tls="implicit"``.
-            For submission with STARTTLS (the default) use 587.
+            For submission with STARTTLS (the default) use 587.  The host,
+            port, user name and password may be given by position, in this
+            order, as with zope.sendmail and repoze.sendmail; the rest by name.
         username: the user name for AUTH, or ``None`` for no AUTH.
         password: the password for AUTH (never shown anywhere).
         tls: ``"starttls"`` (the default; the relay must offer STARTTLS),
-            ``"implicit"`` (TLS from the first byte, RFC 8314) or ``"none"``.
+            ``"implicit"`` (TLS from the first byte, RFC 8314) or ``"none"``;
+            ``True`` and ``False`` mean ``"starttls"`` and ``"none"``.
         ca_file: a PEM bundle of CAs to trust instead of the system's.
         verify_certificates: ``False`` turns certificate and host name
             checks off (the only way to do so; logged as a warning).
@@ -104,9 +122,22 @@ class SMTPMailer:
         pipelining: send ``MAIL``, ``RCPT`` and ``DATA`` in one write when
             the relay offers PIPELINING (RFC 2920; default); ``False`` waits
             for each reply, for a relay that offers it but gets it wrong.
+        hostname, no_tls, force_tls, implicit_tls, ssl: the arguments of
+            zope.sendmail's and repoze.sendmail's ``SMTPMailer``, for code
+            that moves over: ``hostname`` is ``host``; the flags choose the
+            TLS mode as :func:`mailspool.smtp.compat.tls_mode` explains (no flag:
+            verified STARTTLS is required, where the older packages fell back
+            to clear text).
+        keyfile, certfile: a client certificate (PEM) to present to the
+            relay, as pyramid_mailer's; only with TLS and without
+            ``ssl_context``.
+        debug_smtp: repoze.sendmail's; ``True`` is accepted but only logs a
+            warning, because smtplib's debug output would show the AUTH
+            exchange: mailspool logs each step at DEBUG level instead.
 
     Raises:
-        ValueError: for an unknown ``tls`` mode, a password without a user
+        ValueError: for an unknown or contradictory ``tls`` mode, ``host``
+            and ``hostname`` that differ, a password without a user
             name (or the reverse), a non-ASCII user name or password (smtplib's
             AUTH is ASCII only), AUTH without TLS when
             ``allow_plaintext_auth`` is not set, an unreadable ``ca_file``,
@@ -116,12 +147,12 @@ class SMTPMailer:
 
     def __init__(
         self,
-        host: str = "localhost",
+        host: str | None = None,
         port: int | None = None,
-        *,
         username: str | None = None,
         password: str | None = None,
-        tls: TLSMode = "starttls",
+        *,
+        tls: TLSMode | bool | None = None,
         ca_file: str | os.PathLike[str] | None = None,
         verify_certificates: bool = True,
         ssl_context: ssl.SSLContext | None = None,
@@ -132,9 +163,25 @@ class SMTPMailer:
         local_hostname: str | None = None,
         reuse_connections: bool = True,
         pipelining: bool = True,
+        hostname: str | None = None,
+        no_tls: bool = False,
+        force_tls: bool = False,
+        implicit_tls: bool = False,
+        ssl: bool = False,
+        keyfile: str | os.PathLike[str] | None = None,
+        certfile: str | os.PathLike[str] | None = None,
+        debug_smtp: bool | int = False,
     ) -> None:
-        if tls not in _TLS_MODES:
-            raise ValueError(f"tls must be one of {', '.join(_TLS_MODES)}; got {tls!r}")
+        if host is not None and hostname is not None and host != hostname:
+            raise ValueError(f"host={host!r} and hostname={hostname!r} differ: give one of them")
+        host = host or hostname or "localhost"
+        tls = tls_mode(tls, no_tls=no_tls, force_tls=force_tls, implicit_tls=implicit_tls, ssl=ssl)
+        self._client_cert = _client_cert(certfile, keyfile, tls, ssl_context)
+        if debug_smtp:
+            log.warning(
+                "debug_smtp is ignored: smtplib's debug output would show the AUTH "
+                "exchange; set the 'mailspool' loggers to DEBUG to follow each session"
+            )
         if (username is None) != (password is None):
             raise ValueError("username and password must be given together")
         if not ((username or "").isascii() and (password or "").isascii()):
@@ -213,6 +260,12 @@ class SMTPMailer:
         if not self.verify_certificates:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
+        if self._client_cert is not None:
+            certfile, keyfile = self._client_cert
+            try:
+                context.load_cert_chain(certfile, keyfile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ValueError(f"cannot load the client certificate {certfile!r}: {exc}") from exc
         return context
 
     def __repr__(self) -> str:

@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from _fs import fill, tmpfs
@@ -46,15 +45,6 @@ def run_child(code: str, *args: object, **popen: object) -> subprocess.Popen[str
         text=True,
         **popen,
     )
-
-
-def wait_for(predicate: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def small_fs(path: Path, size: str = "64k") -> contextlib.AbstractContextManager[Path]:

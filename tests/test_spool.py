@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from _helpers_spool import fill_spool, message, names, run_child, small_fs, wait_for
+from _helpers_spool import fill_spool, message, names, run_child, small_fs
+from _relays import wait_for
 from mailspool.errors import SpoolError
 from mailspool.maildir import directory as spooldir
 from mailspool.maildir import fileformat as spoolfile

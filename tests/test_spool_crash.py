@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from _helpers_spool import fill_spool, names, run_child, wait_for
+from _helpers_spool import fill_spool, names, run_child
+from _relays import wait_for
 from mailspool.maildir.spool import Spool
 
 # A processor in a child process: claims whatever is due, records each id

@@ -23,8 +23,8 @@ from _helpers_spool import (
     names,
     run_child,
     small_fs,
-    wait_for,
 )
+from _relays import wait_for
 from mailspool.errors import SpoolError
 from mailspool.maildir import spool as spool_mod
 from mailspool.maildir import trash

@@ -38,7 +38,6 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from email.message import Message
 from typing import Any
 
 import transaction as _transaction
@@ -47,14 +46,13 @@ from zope.interface import implementer
 from mailspool.errors import DeliveryError, RecipientsRefused
 from mailspool.events import MailEvent, MailFailed, MailQueued, MailSent, notify_after_commit
 from mailspool.interfaces import IDirectMailDelivery, IMailer, IQueuedMailDelivery
-from mailspool.message import Prepared, prepare
+from mailspool.message import MessageInput, Prepared, prepare
 from mailspool.queue import QueueBackend, Staged, open_queue
 
 __all__ = ["DirectMailDelivery", "QueuedMailDelivery"]
 
 log = logging.getLogger(__name__)
 
-MessageInput = bytes | str | Message
 
 # Data managers holding mail whose transaction has not ended, to warn at exit
 # about the classic mistake of never committing.  The exit hook is installed

@@ -40,6 +40,7 @@ __all__ = [
     "enhanced_code",
     "error_for_reply",
     "is_transient",
+    "reply_text",
 ]
 
 _ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})\b")
@@ -291,7 +292,8 @@ _SMTPLIB_PHASES: tuple[tuple[type[smtplib.SMTPResponseException], str], ...] = (
 )
 
 
-def _reply_text(value: object) -> str:
+def reply_text(value: object) -> str:
+    """A reply's text as ``str`` (bytes decoded as UTF-8, undecodable ones replaced)."""
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
@@ -318,12 +320,12 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return any(
-            error_for_reply(code, _reply_text(text), phase="rcpt").transient
+            error_for_reply(code, reply_text(text), phase="rcpt").transient
             for code, text in exc.recipients.values()
         )
     if isinstance(exc, smtplib.SMTPResponseException):
         phase = next((p for cls, p in _SMTPLIB_PHASES if isinstance(exc, cls)), "")
-        reply = error_for_reply(exc.smtp_code, _reply_text(exc.smtp_error), phase=phase)
+        reply = error_for_reply(exc.smtp_code, reply_text(exc.smtp_error), phase=phase)
         return reply.transient
     return isinstance(exc, OSError)
 

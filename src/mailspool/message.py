@@ -42,8 +42,10 @@ from mailspool.errors import InvalidAddress, InvalidMessage
 __all__ = [
     "MAX_LINE",
     "Envelope",
+    "MessageInput",
     "Prepared",
     "WireData",
+    "crlf",
     "make_envelope",
     "make_msgid",
     "needs_8bit",
@@ -51,6 +53,9 @@ __all__ = [
     "prepare",
     "to_wire",
 ]
+
+#: What ``send()`` accepts as a message.
+MessageInput = bytes | str | Message
 
 #: Longest line RFC 5321 allows, without the CRLF.
 MAX_LINE = 998
@@ -268,13 +273,23 @@ def make_envelope(fromaddr: str, toaddrs: Iterable[str] | str) -> Envelope:
 # --- message bytes -----------------------------------------------------------
 
 
-def _crlf(data: bytes) -> bytes:
-    """``data`` with every line break as CRLF, ending with one."""
-    return _crlf_lines(data)[0]
+def crlf(data: bytes, *, final: bool = True) -> bytes:
+    """``data`` with every line break (CRLF, bare LF, bare CR) as CRLF.
+
+    With ``final``, it ends with one (a message must); without, a last line
+    without a break keeps none (the queues of zope.sendmail and
+    repoze.sendmail, which the send path completes later).
+    """
+    if final:
+        return _crlf_lines(data)[0]
+    n = data.count(b"\n")
+    if n != data.count(b"\r\n") or n != data.count(b"\r"):
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+    return data
 
 
 def _crlf_lines(data: bytes) -> tuple[bytes, list[bytes]]:
-    """:func:`_crlf` of ``data``, and its lines without their line breaks.
+    """:func:`crlf` of ``data``, and its lines without their line breaks.
 
     ``bytes.splitlines`` breaks lines where the conversion does (CRLF, bare
     LF, bare CR), so its lines are those of the result: :func:`_bad_line`
@@ -320,7 +335,7 @@ def _bad_line(data: bytes, lines: list[bytes] | None = None) -> str | None:
 def _generate(message: Message) -> bytes:
     policy = message.policy.clone(linesep="\r\n")
     try:
-        return _crlf(message.as_bytes(policy=policy))
+        return crlf(message.as_bytes(policy=policy))
     except (email.errors.MessageError, UnicodeError, LookupError, ValueError) as exc:
         raise InvalidMessage(f"the message cannot be serialised: {exc}") from exc
 

@@ -26,20 +26,12 @@ from mailspool.cli.common import (
     resolve,
 )
 from mailspool.cli.settings import FIELDS, LoadedSettings
+from mailspool.processor.outcome import human
 
 __all__ = ["COMMANDS", "describe"]
 
-_UNITS = (("d", 86400), ("h", 3600), ("m", 60))
 #: Float settings that are not durations.
 _PLAIN_NUMBERS = frozenset({"rate_limit", "backoff_factor"})
-
-
-def _duration(seconds: float) -> str:
-    """The shortest exact spelling: 300 -> 5m, 90 -> 90s, 432000 -> 5d, 0.5 -> 0.5s."""
-    for unit, size in _UNITS:
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
 
 
 def _text(name: str, value: object, kind: type) -> str:
@@ -48,7 +40,7 @@ def _text(name: str, value: object, kind: type) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if kind is float and isinstance(value, (int, float)) and name not in _PLAIN_NUMBERS:
-        return _duration(float(value))
+        return human(float(value))
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)

@@ -24,11 +24,10 @@ from email.utils import getaddresses, parseaddr
 from typing import NamedTuple
 
 from mailspool.errors import InvalidAddress
-from mailspool.message import parse_mailbox
+from mailspool.message import crlf, parse_mailbox
 
 __all__ = ["LegacyMessage", "decode_legacy"]
 
-_EOL = re.compile(rb"\r\n|\r|\n")
 _BLANK = re.compile(rb"\r?\n\r?\n")
 
 
@@ -82,7 +81,7 @@ def decode_legacy(raw: bytes) -> LegacyMessage:
             recipients.append(mailbox)
     if not recipients:
         raise ValueError("legacy file without recipients")
-    data = _crlf(data)
+    data = crlf(data, final=False)
     if not data.strip():
         raise ValueError("legacy file without a message")
     return LegacyMessage(sender, tuple(recipients), _message_id(data), data)
@@ -93,12 +92,6 @@ def _utf8(value: bytes) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"legacy envelope line is not UTF-8: {value[:60]!r}") from exc
-
-
-def _crlf(data: bytes) -> bytes:
-    if data.count(b"\n") != data.count(b"\r\n") or data.count(b"\r") != data.count(b"\r\n"):
-        data = _EOL.sub(b"\r\n", data)
-    return data
 
 
 def _mailbox(value: str) -> str:

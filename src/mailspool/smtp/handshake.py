@@ -37,6 +37,7 @@ from mailspool.errors import (
     SMTPTimeout,
     TLSFailure,
     error_for_reply,
+    reply_text,
 )
 
 if TYPE_CHECKING:
@@ -49,7 +50,6 @@ __all__ = [
     "default_local_hostname",
     "network_error",
     "open_session",
-    "reply_text",
 ]
 
 #: AUTH mechanisms in order of preference.  Under TLS, PLAIN is the standard;
@@ -90,11 +90,6 @@ def default_local_hostname() -> str:
         return f"[{socket.gethostbyname(socket.gethostname())}]"
     except OSError:
         return "[127.0.0.1]"
-
-
-def reply_text(raw: bytes | str) -> str:
-    """A reply's text as ``str`` (undecodable bytes replaced)."""
-    return raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
 
 
 def certificate_error(exc: ssl.SSLCertVerificationError, where: str) -> TLSFailure:

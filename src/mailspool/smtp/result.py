@@ -16,15 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from email.message import Message
 from types import MappingProxyType
 
 from mailspool.errors import DeliveryError, RecipientsRefused, enhanced_code, error_for_reply
+from mailspool.message import MessageInput
 
 __all__ = ["MessageInput", "Reply", "SendResult", "all_refused", "with_result"]
-
-#: What ``send()`` accepts as a message.
-MessageInput = bytes | str | Message
 
 
 @dataclass(frozen=True)

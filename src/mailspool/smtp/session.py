@@ -52,10 +52,10 @@ import time
 from types import MappingProxyType, TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply
+from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply, reply_text
 from mailspool.message import Envelope
 from mailspool.smtp.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
-from mailspool.smtp.handshake import Credentials, network_error, open_session, reply_text
+from mailspool.smtp.handshake import Credentials, network_error, open_session
 from mailspool.smtp.result import Reply, SendResult, all_refused, with_result
 
 if TYPE_CHECKING:

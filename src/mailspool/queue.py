@@ -174,7 +174,7 @@ def settle_record(
     sent: Iterable[str] = (),
     failed: Mapping[str, tuple[int | None, str]] | None = None,
     deferred: Mapping[str, tuple[int | None, str]] | None = None,
-) -> tuple[Record, str]:
+) -> tuple[Record, Outcome]:
     """Apply one attempt's per-recipient outcome; return (record, outcome).
 
     Outcome ``"removed"`` when every recipient was accepted, ``"deferred"``
@@ -217,12 +217,13 @@ def settle_record(
             out.append(RecipientStatus(a, PENDING, *deferred[a]))
         else:
             out.append(r)
+    outcome: Outcome
     if any(r.status == PENDING for r in out):
-        outcome, why = "deferred", next(iter(deferred.values()), None)
+        outcome, why = Outcome.DEFERRED, next(iter(deferred.values()), None)
     elif any(r.status == FAILED for r in out):
-        outcome, why = "failed", next(iter(failed.values()), None)
+        outcome, why = Outcome.FAILED, next(iter(failed.values()), None)
     else:
-        outcome, why = "removed", None
+        outcome, why = Outcome.REMOVED, None
     last_error = record.last_error
     if why is not None:
         last_error = why[1] if why[0] is None else f"{why[0]} {why[1]}"

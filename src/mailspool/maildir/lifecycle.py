@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 
 from mailspool.errors import SpoolError
-from mailspool.queue import all_sent, settle_record
+from mailspool.queue import State, all_sent, settle_record
 
 __all__ = [
     "AREAS",
@@ -32,14 +32,14 @@ __all__ = [
 #: Area (directory) -> the state it stands for.  ``tmp/`` (being written)
 #: and ``trash/`` (finished, being unlinked) are not states: nothing there
 #: is ever listed or sent.
-STATES: Mapping[str, str] = MappingProxyType(
+STATES: Mapping[str, State] = MappingProxyType(
     {
-        "new": "ready",
-        "cur": "in_flight",
-        "deferred": "deferred",
-        "hold": "held",
-        "failed": "failed",
-        "quarantine": "quarantined",
+        "new": State.READY,
+        "cur": State.IN_FLIGHT,
+        "deferred": State.DEFERRED,
+        "hold": State.HELD,
+        "failed": State.FAILED,
+        "quarantine": State.QUARANTINED,
     }
 )
 #: State -> area.

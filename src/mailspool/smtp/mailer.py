@@ -122,15 +122,17 @@ class SMTPMailer:
         pipelining: send ``MAIL``, ``RCPT`` and ``DATA`` in one write when
             the relay offers PIPELINING (RFC 2920; default); ``False`` waits
             for each reply, for a relay that offers it but gets it wrong.
-        hostname, no_tls, force_tls, implicit_tls, ssl: the arguments of
-            zope.sendmail's and repoze.sendmail's ``SMTPMailer``, for code
-            that moves over: ``hostname`` is ``host``; the flags choose the
-            TLS mode as :func:`mailspool.smtp.compat.tls_mode` explains (no flag:
-            verified STARTTLS is required, where the older packages fell back
-            to clear text).
-        keyfile, certfile: a client certificate (PEM) to present to the
-            relay, as pyramid_mailer's; only with TLS and without
-            ``ssl_context``.
+        hostname: zope.sendmail's and repoze.sendmail's name for ``host``.
+        no_tls: their flag for no TLS at all. This flag and the next three
+            choose the TLS mode as :func:`mailspool.smtp.compat.tls_mode`
+            explains (no flag: verified STARTTLS is required, where the
+            older packages fell back to clear text).
+        force_tls: their flag for STARTTLS, required.
+        implicit_tls: their flag for TLS from the first byte.
+        ssl: pyramid_mailer's name for ``implicit_tls``.
+        keyfile: a client certificate's key (PEM), as pyramid_mailer's;
+            only with TLS and without ``ssl_context``.
+        certfile: the client certificate (PEM) to present to the relay.
         debug_smtp: repoze.sendmail's; ``True`` is accepted but only logs a
             warning, because smtplib's debug output would show the AUTH
             exchange: mailspool logs each step at DEBUG level instead.

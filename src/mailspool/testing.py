@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import os
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from mailspool.interfaces import IMailer
 from mailspool.message import Envelope, make_envelope, to_wire
 from mailspool.smtp.result import MessageInput, Reply, SendResult, all_refused
 
-__all__ = ["InMemoryConnection", "InMemoryMailer", "Outbox", "SentMessage"]
+__all__ = ["InMemoryConnection", "InMemoryMailer", "Outbox", "SentMessage", "queued_messages"]
 
 _HEADERS_ONLY = email.parser.BytesHeaderParser(policy=email.policy.default)
 _PARSER = email.parser.BytesParser(policy=email.policy.default)
@@ -252,3 +253,33 @@ class InMemoryConnection:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def queued_messages(spool_path: str | os.PathLike[str]) -> Outbox:
+    """The messages a spool holds for sending, oldest first, for tests to assert on.
+
+    What a :class:`~mailspool.QueuedMailDelivery` (or a framework's email
+    backend) committed into a spool in a temporary directory: ready,
+    deferred, held or being sent; not the failed or quarantined ones.  The
+    spool is only read.
+
+    Example::
+
+        assert queued_messages(tmp_path / "spool")[0].message["Subject"] == "Welcome"
+
+    Raises:
+        SpoolError: ``spool_path`` is not a spool.
+    """
+    from mailspool import Spool
+
+    spool = Spool(spool_path, create=False)
+    waiting = ("ready", "deferred", "held", "in_flight")
+    entries = sorted(
+        (e for e in spool.entries() if e.state in waiting),
+        key=lambda e: (e.queued_at or 0.0, e.id),
+    )
+    out = Outbox()
+    for e in entries:
+        envelope = Envelope(e.sender, tuple(r.address for r in e.recipients))
+        out.append(SentMessage(envelope, spool.message(e.id), e.message_id))
+    return out

@@ -16,8 +16,14 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from mailspool.config import FIELDS, PASSWORD_FILE_ENV, ConfigError, Settings, resolve_settings
-from mailspool.processor import QueueProcessor, RetryPolicy, Summary
+from mailspool import QueueProcessor, RetryPolicy, Summary
+from mailspool.cli.settings import (
+    FIELDS,
+    PASSWORD_FILE_ENV,
+    ConfigError,
+    Settings,
+    resolve_settings,
+)
 
 __all__ = ["ConfigError", "load_processor_settings", "make_processor", "run_processor"]
 

@@ -228,7 +228,7 @@ def _run(once: bool) -> None:
 
     With --once the exit code is 1 when something failed or stayed deferred.
     """
-    from mailspool.cli_common import summary_code, summary_line
+    from mailspool.cli.common import summary_code, summary_line
 
     config = current_app.config
     try:

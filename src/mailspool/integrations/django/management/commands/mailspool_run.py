@@ -48,7 +48,7 @@ class Command(BaseCommand):  # type: ignore[misc]
             raise CommandError(str(exc)) from None
         if summary is None:
             return
-        from mailspool.cli_common import summary_code, summary_line
+        from mailspool.cli.common import summary_code, summary_line
 
         self.stdout.write(summary_line(summary))
         code = summary_code(summary)

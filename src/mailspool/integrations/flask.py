@@ -52,6 +52,7 @@ from flask.cli import AppGroup
 from mailspool import QueuedMailDelivery
 from mailspool.errors import InvalidAddress
 from mailspool.integrations._processor import ConfigError, load_processor_settings, run_processor
+from mailspool.message import make_envelope, parse_mailbox
 
 __all__ = ["Mailspool"]
 
@@ -190,6 +191,11 @@ class Mailspool:
         if not sender:
             raise InvalidAddress(sender, "no sender: pass one or set MAILSPOOL_DEFAULT_SENDER")
         to, cc, bcc = _listed(to), _listed(cc), _listed(bcc)
+        # Checked before the email package parses them for the header
+        # fields (it can fail on a bad address with an IndexError).
+        envelope = make_envelope(sender, [*to, *cc, *bcc])
+        if reply_to:
+            parse_mailbox(reply_to)
         msg = EmailMessage()
         msg["Subject"] = subject
         msg["From"] = sender
@@ -204,7 +210,7 @@ class Mailspool:
         msg.set_content(body)
         if html is not None:
             msg.add_alternative(html, subtype="html")
-        return self.send(sender, [*to, *cc, *bcc], msg)
+        return self._state().delivery.send(sender, envelope.recipients, msg)
 
     def _state(self) -> _State:
         try:

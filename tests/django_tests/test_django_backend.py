@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 from django.core import mail
 from django.db import transaction
+from django.test import override_settings
 
+from django_tests.conftest import BACKEND
 from django_tests.shop.models import Order
 from mailspool.errors import InvalidAddress, SpoolError
+from mailspool.integrations.django import EmailBackend
 from mailspool.testing import queued_messages
 
 
@@ -129,11 +132,11 @@ def test_internationalised_domain_goes_into_the_envelope_as_idna(spool: Path) ->
 def test_spool_that_cannot_be_created_fails_at_send(tmp_path: Path, spool: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    backend = mail.get_connection(queue_path=blocker / "spool")
+    backend = EmailBackend(queue_path=blocker / "spool")
     msg = mail.EmailMessage("x", "x", None, ["a@example.org"])
     with transaction.atomic(), pytest.raises(SpoolError, match="cannot create spool"):
         backend.send_messages([msg])
-    silent = mail.get_connection(fail_silently=True, queue_path=blocker / "spool")
+    silent = EmailBackend(fail_silently=True, queue_path=blocker / "spool")
     assert silent.send_messages([msg]) == 0
 
 
@@ -167,3 +170,16 @@ def test_write_failure_after_the_commit_with_fail_silently_is_logged(
         mail.send_mail("Order", "x", None, ["jane@example.org"], fail_silently=True)
         _break(spool)
     assert [r.levelno for r in caplog.records] == [logging.ERROR]
+
+
+@pytest.mark.skipif(not hasattr(mail, "mailers"), reason="Django's MAILERS came in 6.1")
+def test_a_mailer_of_django_mailers(spool: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other-spool"
+    mailers = {
+        "default": {"BACKEND": BACKEND, "OPTIONS": {"queue_path": str(spool)}},
+        "bulk": {"BACKEND": BACKEND, "OPTIONS": {"queue_path": str(other)}},
+    }
+    with override_settings(MAILERS=mailers):
+        mail.send_mail("Hi", "x", None, ["jane@example.org"], using="bulk")
+    assert queued_messages(spool) == []
+    assert [m.recipients for m in queued_messages(other)] == [("jane@example.org",)]

@@ -108,15 +108,18 @@ def message_envelope(email_message: Any) -> tuple[str, list[str], Any]:
 class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
     """``EMAIL_BACKEND = "mailspool.integrations.django.EmailBackend"``.
 
+    Also a ``BACKEND`` of Django's ``MAILERS`` (Django 6.1 and later), with
+    ``queue_path`` and ``database`` as its ``OPTIONS``.
+
     Args:
         fail_silently: leave out a message that cannot be queued instead of
             raising; a failed write of the spool after the commit is logged
             instead of raised.
         queue_path: the spool (default: ``settings.MAILSPOOL_QUEUE_PATH``).
-        using: the database alias whose transaction the mail joins (default:
-            ``settings.MAILSPOOL_DATABASE`` or ``"default"``).
-        kwargs: what ``get_connection()`` passes on (ignored, as by Django's
-            own backends).
+        database: the database alias whose transaction the mail joins
+            (default: ``settings.MAILSPOOL_DATABASE``, or ``"default"``).
+        kwargs: what Django passes on (``alias``; ``auth_user`` and
+            ``auth_password`` from ``send_mail()``, which mean nothing here).
 
     Raises:
         ImproperlyConfigured: no spool is set.
@@ -127,21 +130,19 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
         fail_silently: bool = False,
         *,
         queue_path: str | os.PathLike[str] | None = None,
-        using: str | None = None,
+        database: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(fail_silently=fail_silently, **kwargs)
-        path = (
-            queue_path
-            if queue_path is not None
-            else getattr(settings, "MAILSPOOL_QUEUE_PATH", None)
-        )
-        if not path:
+        super().__init__(**kwargs)
+        self.fail_silently = fail_silently
+        if queue_path is None:
+            queue_path = getattr(settings, "MAILSPOOL_QUEUE_PATH", None)
+        if not queue_path:
             raise ImproperlyConfigured(
                 "MAILSPOOL_QUEUE_PATH is not set: name the spool directory mail is queued in"
             )
-        self.queue_path = os.fspath(path)
-        self.using = using or getattr(settings, "MAILSPOOL_DATABASE", None) or "default"
+        self.queue_path = os.fspath(queue_path)
+        self.database = database or getattr(settings, "MAILSPOOL_DATABASE", None) or "default"
 
     def send_messages(self, email_messages: Sequence[Any]) -> int:
         """Queue the messages when the database transaction commits (at once in autocommit).
@@ -180,7 +181,7 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
                 raise
             log.error("%d message(s) not queued: %s", len(batch), exc)
             return 0
-        db_transaction.on_commit(lambda: self._write(delivery, batch), using=self.using)
+        db_transaction.on_commit(lambda: self._write(delivery, batch), using=self.database)
         return len(batch)
 
     def _write(self, delivery: QueuedMailDelivery, batch: list[Prepared]) -> None:

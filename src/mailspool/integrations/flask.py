@@ -38,6 +38,7 @@ settings (see :mod:`mailspool.integrations._processor`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -229,13 +230,17 @@ _cli = AppGroup("mailspool", help="mailspool's queue processor, with this app's 
 
 @_cli.command("run")
 @click.option("--once", is_flag=True, help="Deliver what is due now, then exit.")
-def _run(once: bool) -> None:
+@click.option("-v", "--verbose", count=True, help="Log what is sent (-vv: debug).")
+def _run(once: bool, verbose: int) -> None:
     """Deliver the queued mail: until SIGTERM/SIGINT, or one pass with --once.
 
     With --once the exit code is 1 when something failed or stayed deferred.
     """
     from mailspool.cli.common import summary_code, summary_line
 
+    if verbose and not logging.getLogger().handlers:
+        level = logging.DEBUG if verbose > 1 else logging.INFO
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     config = current_app.config
     try:
         loaded = load_processor_settings(

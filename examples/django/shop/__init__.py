@@ -1,0 +1,1 @@
+"""A one-view Django project that mails through mailspool."""

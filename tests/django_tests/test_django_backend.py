@@ -98,6 +98,12 @@ def test_mail_admins(spool: Path) -> None:
     assert queued.message["Subject"] == "[Django] Disk"
 
 
+def test_mail_managers(spool: Path) -> None:
+    with override_settings(MANAGERS=[("Sales", "sales@example.org")]):
+        mail.mail_managers("Order", "a new one")
+    assert [m.recipients for m in queued_messages(spool)] == [("sales@example.org",)]
+
+
 def test_bad_address_raises_at_send_and_nothing_is_queued(spool: Path) -> None:
     with transaction.atomic(), pytest.raises(InvalidAddress, match="not an address"):
         mail.send_mass_mail(

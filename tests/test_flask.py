@@ -120,6 +120,21 @@ def test_outside_a_request_mail_transaction_commits(spool: Path) -> None:
     assert [m.message["Subject"] for m in queued_messages(spool)] == ["cron"]
 
 
+def test_mail_transaction_is_refused_inside_a_request(spool: Path) -> None:
+    app, mail = make_app(spool, TESTING=True)
+
+    @app.get("/nested")
+    def nested() -> str:
+        mail.send(None, "jane@example.org", b"Subject: first\r\n\r\nx\r\n")
+        with mail.transaction():  # would abort the request's transaction
+            pass
+        return "unreachable"
+
+    with pytest.raises(RuntimeError, match="inside a request"):
+        app.test_client().get("/nested")
+    assert queued_messages(spool) == []
+
+
 def test_without_managed_transactions_the_app_commits(spool: Path) -> None:
     app, _ = make_app(spool, MAILSPOOL_MANAGE_TRANSACTION=False)
     transaction.begin()

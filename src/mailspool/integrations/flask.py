@@ -47,7 +47,7 @@ from typing import Any
 
 import click
 import transaction as _transaction
-from flask import Flask, Response, current_app, g
+from flask import Flask, Response, current_app, g, has_request_context
 from flask.cli import AppGroup
 
 from mailspool import QueuedMailDelivery
@@ -138,7 +138,16 @@ class Mailspool:
         """A transaction for sending outside a request: commits at the end of the block.
 
         An exception in the block aborts it (nothing queued) and propagates.
+
+        Raises:
+            RuntimeError: called while a request's transaction is open
+                (beginning another would abort the request's).
         """
+        if has_request_context() and g.get(_FLAG, False):
+            raise RuntimeError(
+                "mail.transaction() inside a request: the request's transaction "
+                "is already open, and mail sent in it goes when the request succeeds"
+            )
         with self.transaction_manager:
             yield
 

@@ -109,3 +109,13 @@ def test_mailspool_run_reports_an_undelivered_pass(
         call_command("mailspool_run", "--once")
     assert info.value.returncode == 1
     assert len(queued_messages(spool)) == 1
+
+
+def test_mailspool_run_needs_an_existing_spool(tmp_path: Path) -> None:
+    missing = tmp_path / "never-written"
+    with (
+        override_settings(MAILSPOOL_QUEUE_PATH=str(missing)),
+        pytest.raises(CommandError, match=r"^queue: .*never-written: not found"),
+    ):
+        call_command("mailspool_run", "--once")
+    assert not missing.exists()

@@ -133,6 +133,9 @@ def test_internationalised_domain_goes_into_the_envelope_as_idna(spool: Path) ->
     mail.send_mail("Hej", "x", None, ["jane@bücher.example"])
     [queued] = queued_messages(spool)
     assert queued.recipients == ("jane@xn--bcher-kva.example",)
+    # A domain that mixes right-to-left and left-to-right letters has none.
+    with pytest.raises(InvalidAddress, match="has no IDNA form"):
+        mail.send_mail("Hej", "x", None, ["jane@\u05d0a.example"])
 
 
 def test_spool_that_cannot_be_created_fails_at_send(tmp_path: Path, spool: Path) -> None:

@@ -51,7 +51,7 @@ from django.core.mail.backends.base import BaseEmailBackend
 from django.db import transaction as db_transaction
 
 from mailspool import QueuedMailDelivery
-from mailspool.errors import SpoolError
+from mailspool.errors import InvalidAddress, SpoolError
 from mailspool.message import Prepared, parse_mailbox, prepare
 
 __all__ = ["EmailBackend", "message_envelope"]
@@ -86,7 +86,10 @@ def _envelope_address(address: str) -> str:
     local, _, domain = mailbox.rpartition("@")
     if domain.isascii() or not local.isascii():
         return mailbox
-    return f"{local}@{domain.encode('idna').decode('ascii')}"
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        raise InvalidAddress(address, f"domain {domain!r} has no IDNA form") from None
 
 
 def message_envelope(email_message: Any) -> tuple[str, list[str], Any]:
@@ -168,7 +171,7 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
             try:
                 sender, recipients, data = message_envelope(email_message)
                 batch.append(prepare(sender, recipients, data))
-            except (ValueError, UnicodeError) as exc:  # InvalidAddress/Message are ValueErrors
+            except ValueError as exc:  # InvalidAddress/Message and UnicodeError are ValueErrors
                 if not self.fail_silently:
                     raise
                 log.warning("mail not queued: %s", exc)

@@ -118,4 +118,6 @@ def test_mailspool_run_needs_an_existing_spool(tmp_path: Path) -> None:
         pytest.raises(CommandError, match=r"^queue: .*never-written: not found"),
     ):
         call_command("mailspool_run", "--once")
+    with pytest.raises(CommandError, match=r"^queue: .*elsewhere: not found"):
+        call_command("mailspool_run", "--once", "--queue", str(tmp_path / "elsewhere"))
     assert not missing.exists()

@@ -29,11 +29,18 @@ class Command(BaseCommand):  # type: ignore[misc]
         parser.add_argument(
             "--once", action="store_true", help="Deliver what is due now, then exit."
         )
+        parser.add_argument(
+            "--queue",
+            metavar="PATH",
+            help="The spool to deliver (default: MAILSPOOL_QUEUE_PATH), e.g. a MAILERS one.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        queue = getattr(settings, "MAILSPOOL_QUEUE_PATH", None)
+        queue = options["queue"] or getattr(settings, "MAILSPOOL_QUEUE_PATH", None)
         if not queue:
-            raise CommandError("MAILSPOOL_QUEUE_PATH is not set: name the spool directory")
+            raise CommandError(
+                "MAILSPOOL_QUEUE_PATH is not set: name the spool directory (or use --queue)"
+            )
         relay = getattr(settings, "MAILSPOOL_RELAY", None) or {}
         if not isinstance(relay, dict):
             raise CommandError(f"MAILSPOOL_RELAY: expected a dict, got {relay!r}")

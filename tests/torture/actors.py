@@ -124,6 +124,9 @@ class _Criticals(logging.Handler):
         self.count += 1
 
 
+#: What a writer prints once its SIGTERM handler is in place.
+READY = b"torture writer ready"
+
 _SCENARIOS = {"commit": 62, "many": 5, "later": 8, "rollback": 10, "abort": 7, "veto": 8}
 
 
@@ -135,6 +138,7 @@ def writer(args: argparse.Namespace) -> int:
         stop = True
 
     signal.signal(signal.SIGTERM, on_term)
+    print(READY.decode(), flush=True)  # the harness may stop it from now on
     criticals = _Criticals()
     logging.getLogger("mailspool").addHandler(criticals)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")

@@ -54,7 +54,7 @@ from pathlib import Path
 
 from mailspool.maildir.spool import Spool
 
-from .actors import cli_processor_argv
+from .actors import READY, cli_processor_argv
 from .judge import Kill, Unwritten, Verdict, judge, read_events
 from .powerloss import CutResult, power_cut, unavailable
 
@@ -251,6 +251,10 @@ def _log_records(path: Path) -> Iterator[list[str]]:
         yield record
 
 
+#: Seconds a processor child is given to start before a SIGTERM (it cannot say when it is ready).
+START_GRACE = 3.0
+
+
 @dataclass
 class _Child:
     role: str
@@ -259,6 +263,17 @@ class _Child:
     label: str
     proc: subprocess.Popen[bytes]
     log: Path
+    started: float = field(default_factory=time.monotonic)
+
+    def ready(self) -> bool:
+        """Whether it has its SIGTERM handler: a writer says so in its log
+        (:data:`READY`); a processor is given :data:`START_GRACE` seconds."""
+        if self.role == "writer":
+            try:
+                return READY in self.log.read_bytes()
+            except OSError:
+                return False
+        return time.monotonic() - self.started >= START_GRACE
 
 
 def _env() -> dict[str, str]:
@@ -411,11 +426,20 @@ class _Harness:
             self.spawn(c.role, c.slot)
 
     def stop(self, role: str, timeout: float) -> None:
-        """SIGTERM every live child of ``role``; each must exit 0 in time."""
+        """SIGTERM every live child of ``role``; each must exit 0 in time.
+
+        A child spawned just before (by the last kill round) may still be
+        starting, without its SIGTERM handler: it is given until it is
+        ready, within ``timeout``, since a stop is a promise of a running
+        process, not of one that is still importing its modules.
+        """
         victims = self.live(role)
+        deadline = time.monotonic() + timeout
+        for c in victims:
+            while not c.ready() and c.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
         for c in victims:
             c.proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
         for c in victims:
             try:
                 rc = c.proc.wait(max(0.1, deadline - time.monotonic()))

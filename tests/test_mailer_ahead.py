@@ -179,9 +179,12 @@ def test_no_commands_ahead_without_pipelining(smtp_relay: Any) -> None:
     assert subjects(relay) == ["n=0", "n=1"]
 
 
-def test_the_processor_sends_ahead_and_delivers_each_message_once(
+def test_the_processor_sends_nothing_ahead_and_delivers_each_message_once(
     spool: Spool, smtp_relay: Any
 ) -> None:
+    # The processor no longer sends the next message's commands with a final
+    # dot: a relay that holds its reply until it has read them (Postfix)
+    # would hide an acceptance from a processor that loses the connection.
     handler = Behind({3: "451 4.3.0 try again", 7: "554 5.6.0 rejected"})
     relay = smtp_relay(handler)
     ids = enqueue(spool, 12)
@@ -189,19 +192,14 @@ def test_the_processor_sends_ahead_and_delivers_each_message_once(
         assert p.process_once() == Summary(sent=10, deferred=1, failed=1)
     received = [message_id(m.content) for m in relay.messages]
     assert len(received) == len(set(received)) == 10 and set(received) <= set(ids)
-    # One connection; the commands of every message but the last of the pass
-    # went with the previous message's final dot.
     assert relay.connections == 1
-    # (Whether the dispatcher had queued the second id when the first went
-    # out is up to the threads: at most that one goes without.)
-    assert len(handler.behind) == 12 and handler.behind[-1] == b""
-    assert sum(b.startswith(b"MAIL FROM:") for b in handler.behind) >= 10
+    assert len(handler.behind) == 12 and set(handler.behind) == {b""}
     assert spool.counts()["in_flight"] == 0
 
 
 def test_the_processor_after_a_refused_data_command(spool: Spool, smtp_relay: Any) -> None:
-    # DATA answered 451 (before any data): nothing was sent ahead, and the
-    # message claimed ahead goes the ordinary way.
+    # DATA answered 451 (before any data): each message is deferred on its
+    # own, and nothing is left claimed.
     relay = smtp_relay(replies={"DATA": "451 4.3.0 busy"})
     enqueue(spool, 3)
     with QueueProcessor(spool, SMTPMailer(**relay.mailer_kwargs()), watch=False) as p:

@@ -22,9 +22,9 @@ from mailspool.maildir.inotify import Inotify, spool_watches
 from mailspool.message import make_envelope
 from mailspool.processor.loop import Summary, _ThreadClock
 from mailspool.processor.outcome import Verdict, classify, human, one_line, report, when
+from mailspool.processor.pacing import Pacer
 from mailspool.processor.policy import (
     THROTTLE_PERIOD,
-    RateLimiter,
     RelayState,
     RetryPolicy,
     backoff,
@@ -121,16 +121,16 @@ def test_relay_state_never_goes_below_one_connection() -> None:
     assert relay.parallelism(t + THROTTLE_PERIOD) == 2
 
 
-def test_rate_limiter_spaces_slots_evenly_without_bursts() -> None:
+def test_rate_limit_spaces_slots_evenly_without_bursts() -> None:
     clock = Clock(50.0)
-    limit = RateLimiter(4.0, clock=clock)  # one slot every 0.25 s
+    limit = Pacer(4.0, clock=clock)  # one slot every 0.25 s
     assert [limit.reserve() for _ in range(4)] == [0.0, 0.25, 0.5, 0.75]
     clock.t = 60.0  # idle for a while: no saved-up burst
     assert [limit.reserve() for _ in range(2)] == [0.0, 0.25]
-    per_minute = RateLimiter(30 / 60, clock=clock)
+    per_minute = Pacer(30 / 60, clock=clock)
     assert [per_minute.reserve() for _ in range(3)] == [0.0, 2.0, 4.0]
     with pytest.raises(ValueError):
-        RateLimiter(0)
+        Pacer(0)
 
 
 # --- verdicts per recipient, and how they are told -------------------------------------------
@@ -264,6 +264,26 @@ def test_pool_reuses_the_last_connection_and_closes_stale_ones(relay: Relay) -> 
     clock.t = 45.0
     assert pool.take() is None  # stale: closed, not handed out
     assert pool.open == 0 and not second.alive
+
+
+def test_pool_quits_a_connection_idle_too_long_even_while_others_are_busy(
+    relay: Relay,
+) -> None:
+    mailer = SMTPMailer(**relay.mailer_kwargs())
+    clock = Clock(0.0)
+    pool = ConnectionPool(idle_timeout=30.0, clock=clock)
+    old, busy = mailer.connect(), mailer.connect()
+    pool.add(old)
+    pool.add(busy)
+    pool.give_back(old, keep=4)  # idle from 0 on: no longer needed
+    for t in (10.0, 20.0, 31.0):  # the other one carries a message now and then
+        clock.t = t
+        pool.give_back(busy, keep=4)
+        assert pool.take() is busy
+    # The take at 31 s closed the one idle for 31 s, with QUIT, before a
+    # relay's own idle timeout (300 s for Postfix) would have.
+    assert not old.alive and pool.open == 1
+    assert relay.commands.count("QUIT") == 1
 
 
 def test_pool_keeps_no_more_than_allowed_and_drops_dead_ones(relay: Relay) -> None:

@@ -46,8 +46,9 @@ from mailspool.processor.loop import RetryPolicy, Summary
 from mailspool.smtp.result import Reply
 
 QUICK = RetryPolicy(
-    first_delay=60, max_delay=60, give_up_after=3600, relay_first_delay=10, relay_max_delay=10
-)
+    first_delay=60, max_delay=60, give_up_after=3600, relay_first_delay=10, relay_max_delay=10,
+    jitter=0,
+)  # fmt: skip
 SENDER = "app@example.org"
 MESSAGE = b"Subject: regression\r\nFrom: app@example.org\r\n\r\nbody\r\n"
 

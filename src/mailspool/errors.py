@@ -122,6 +122,10 @@ class DeliveryError(MailspoolError):
     about_relay: bool = False
     #: True when trying again later may succeed.
     transient: bool = True
+    #: The command the reply answered (``"mail"``, ``"rcpt"``, ``"data"``,
+    #: ``"greeting"``...), as given to :func:`error_for_reply`; ``""`` when
+    #: unknown or when there was no reply.
+    phase: str = ""
 
     def __init__(
         self,
@@ -263,7 +267,9 @@ def error_for_reply(
     enh = enhanced_code(text)
 
     def make(cls: type[DeliveryError], reply_code: int = code) -> DeliveryError:
-        return cls(text, code=reply_code, enhanced=enh, recipient=recipient)
+        error = cls(text, code=reply_code, enhanced=enh, recipient=recipient)
+        error.phase = phase
+        return error
 
     if code == 421 or phase in ("greeting", "ehlo", "helo"):
         return make(RelayUnavailable)

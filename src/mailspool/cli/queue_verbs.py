@@ -32,6 +32,8 @@ from mailspool.cli.common import (
     settings,
     when,
 )
+from mailspool.processor import relayfile
+from mailspool.processor.outcome import per_second
 
 if TYPE_CHECKING:
     from mailspool.maildir.spool import Spool, SpoolEntry
@@ -124,7 +126,9 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
 
     With --json: one object with integer counts under ready, in_flight,
     deferred, held, failed and quarantined, plus total, oldest_queued_at,
-    oldest_age, next_retry_at and next_retry_in (seconds; null when none).
+    oldest_age, next_retry_at and next_retry_in (seconds; null when none),
+    and under relay what a processor last learned about its relay (the
+    rate it paces at, its connection limit, a pause), or null.
     """
     spool = open_spool(settings(ctx, kw))
     now = time.time()
@@ -132,6 +136,7 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         counts = spool.counts()
         next_retry = spool.next_due()
         oldest = spool.oldest()
+    relay = relayfile.read(spool.path)
     if as_json:
         out: dict[str, Any] = {"queue": spool.path}
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
@@ -140,6 +145,7 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         out["oldest_age"] = None if oldest is None else round(max(0.0, now - oldest), 3)
         out["next_retry_at"] = next_retry
         out["next_retry_in"] = None if next_retry is None else round(max(0.0, next_retry - now), 3)
+        out["relay"] = relay
         click.echo(json.dumps(out))
         return EXIT_OK
     click.echo(f"queue {spool.path}")
@@ -150,7 +156,24 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         click.echo(f"  {s.replace('_', ' '):<12} {counts.get(s, 0):>7}{extra}")
     if oldest is not None:
         click.echo(f"  oldest waiting message: queued {_age(now - oldest)} ago ({when(oldest)})")
+    if relay is not None:
+        click.echo(_relay_line(relay, now))
     return EXIT_OK
+
+
+def _relay_line(relay: dict[str, Any], now: float) -> str:
+    """What a processor last said about its relay (see mailspool.processor.relayfile)."""
+    parts = []
+    rate = relay.get("rate")
+    if isinstance(rate, (int, float)):
+        parts.append(f"pacing at {per_second(rate)} (learned from its replies)")
+    paused = relay.get("paused_until")
+    if isinstance(paused, (int, float)) and paused > now:
+        parts.append(f"paused until {when(paused)}")
+    parts.append(f"{relay.get('connections')} connection(s)")
+    written = relay.get("written_at")
+    age = f", {_age(now - written)} ago" if isinstance(written, (int, float)) else ""
+    return f"  relay {relay.get('relay')}: {', '.join(parts)} (processor {relay.get('pid')}{age})"
 
 
 @click.command("list")

@@ -5,5 +5,6 @@ trip is :mod:`~mailspool.processor.sender`; what an attempt means is
 :mod:`~mailspool.processor.outcome`; when to try again is
 :mod:`~mailspool.processor.policy`; connections are pooled in
 :mod:`~mailspool.processor.pool`; the loop sleeps in
-:mod:`~mailspool.processor.wakeup`.
+:mod:`~mailspool.processor.wakeup`; what it learned about the relay is left
+for ``mailspool status`` by :mod:`~mailspool.processor.relayfile`.
 """

@@ -7,7 +7,11 @@ says are due (``Spool.due``: directory entries, never the whole queue) and
 hands them, one by one, to a fixed set of sender threads; never more are
 in flight than the relay currently allows (:class:`~mailspool.policy.RelayState`:
 one while probing a relay that failed, fewer after a 421 "too many
-connections"), so memory stays flat whatever the size of the queue.  A few
+connections" or a "too fast"), so memory stays flat whatever the size of
+the queue.  A message the relay refused for now without fault of its own
+(too fast, too many connections) is queued again in the same pass, paced
+(:class:`~mailspool.processor.pacing.Pacer`): a pass ends only when every
+due message was settled, or early while the relay is paused.  A few
 ids are queued ahead of the threads, which start one only when a slot is
 free: the dispatcher is then woken once per few messages, not per message.  Each
 thread hands its message to the :class:`~mailspool.sender.Sender`, which
@@ -57,8 +61,10 @@ from zope.interface import implementer
 
 from mailspool import events
 from mailspool.interfaces import IMailQueueProcessor
+from mailspool.processor import relayfile
 from mailspool.processor.outcome import Summary
-from mailspool.processor.policy import RateLimiter, RelayState, RetryPolicy
+from mailspool.processor.pacing import Pacer
+from mailspool.processor.policy import RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
 from mailspool.processor.sender import Done, Sender
 from mailspool.processor.wakeup import Waiter
@@ -195,6 +201,14 @@ class _Pass:
                 if self.dispatcher_waits and self.queued <= self.low:
                     self.cond.notify_all()
 
+    def requeue(self, blocked: Callable[[float], bool]) -> bool:
+        """Count a message started in this pass as queued again; False when ``blocked``."""
+        with self.cond:
+            if blocked(self.now):
+                return False
+            self.queued += 1
+            return True
+
     def done(self, outcome: str | None) -> None:
         with self.cond:
             self.in_flight -= 1
@@ -273,6 +287,9 @@ class QueueProcessor:
         # The CPU time per message a sender thread measured last, seconds.
         self._busy = 0.0
         self.pool = ConnectionPool()
+        #: The sending rate: ``rate_limit`` at most, lower while the relay
+        #: says "too fast" (:class:`~mailspool.processor.pacing.Pacer`).
+        self.pacer = Pacer(rate_limit)
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
         self._stop_event = threading.Event()  # for sleeps that stop() must cut short
@@ -282,7 +299,7 @@ class QueueProcessor:
             retry=self.retry,
             relay=self.relay,
             pool=self.pool,
-            rate=RateLimiter(rate_limit) if rate_limit is not None else None,
+            pacer=self.pacer,
             stopping=self._stopping,
             sleep=self._stop_event.wait,
         )
@@ -293,6 +310,7 @@ class QueueProcessor:
         self._signal: int | None = None
         self._waiter: Waiter | None = None
         self._thread: threading.Thread | None = None
+        self._published: dict[str, Any] | None = None  # the last relay state written
 
     def __repr__(self) -> str:
         return f"<QueueProcessor {self.spool.location} -> {self._sender.where}>"
@@ -342,6 +360,7 @@ class QueueProcessor:
                 finally:
                     with p.cond:
                         p.cond.wait_for(p.settled)
+            self._publish(now)
             c = p.counts
             return Summary(
                 c["sent"],
@@ -351,6 +370,32 @@ class QueueProcessor:
                 self.relay.paused(now),
                 self._sender.waiting(),
             )
+
+    def _publish(self, now: float) -> None:
+        """Leave what was learned about the relay where ``status`` reads it (see
+        :mod:`mailspool.processor.relayfile`), when it changed; nothing while all is well."""
+        paused = self.relay.paused(now)
+        state: dict[str, Any] = {
+            "relay": self._sender.where,
+            "pid": os.getpid(),
+            "rate": self.pacer.rate if self.pacer.learned else None,
+            "rate_limit": self.rate_limit,
+            "connections": self.relay.parallelism(now),
+            "paused_until": self.relay.paused_until if paused else None,
+        }
+        prev = self._published
+        if prev is None:
+            if state["rate"] is None and not paused:
+                return  # nothing learned, nothing to tell
+        elif state == prev:
+            return
+        elif state["rate"] is not None and prev["rate"] is not None:
+            small = abs(state["rate"] - prev["rate"]) < 0.05 * prev["rate"]
+            if small and {**state, "rate": 0} == {**prev, "rate": 0}:
+                return  # a small step of the rate: not worth a write
+        path = getattr(self.spool, "path", None)  # a Maildir spool; other queues: nowhere
+        if isinstance(path, str) and relayfile.write(path, {**state, "written_at": self._clock()}):
+            self._published = state
 
     def _write_waiting(self, p: _Pass | None, *, stopping: bool = False) -> None:
         """Write the outcomes the spool could not take (see :mod:`mailspool.processor.sender`)."""
@@ -437,44 +482,17 @@ class QueueProcessor:
         told = False
         sent = 0  # messages since ``mark``
         mark = 0.0  # this thread's CPU time when the first of them began
-        # The job taken by peek(): the sender claims its message ahead, and
-        # this thread handles it next.
-        held: tuple[str, _Pass] | None = None
-        stop = False
-
-        def peek() -> str | None:
-            nonlocal held, stop
-            if held is not None or stop:
-                return None
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return None
-            if job is None:
-                stop = True
-                return None
-            held = job
-            return job[0] if job[1] is p else None
-
         while True:
-            if held is not None:
-                job, held = held, None
-            elif stop:
-                job = None
-            else:
-                job = self._jobs.get()
+            job = self._jobs.get()
             if job is None:
-                self._sender.let_go_ahead()
                 return
             id, p = job
             done = Done(None)
             try:
-                if not p.start(self.relay.parallelism, self._blocked):
-                    self._sender.let_go_ahead()
-                else:
+                if p.start(self.relay.parallelism, self._blocked):
                     if not told:
                         started, (cpu, delay) = time.monotonic(), clock.read()
-                    done = self._sender.handle(id, p.now, peek)
+                    done = self._sender.handle(id, p.now)
                     waited = self._sender.relay_wait()
                     if done.outcome is not None:
                         if not told and waited is not None:
@@ -492,6 +510,8 @@ class QueueProcessor:
                                 sent, mark = 0, now
                             if waited is not None:  # None: not sent, nothing to learn
                                 self._observe(waited, None, p)
+                    elif done.again and p.requeue(self._blocked):
+                        self._jobs.put((id, p))  # refused for now: again in this pass
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)

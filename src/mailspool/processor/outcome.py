@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from mailspool.errors import is_transient
+from mailspool.errors import ConnectionFailed, SMTPTimeout, is_transient
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.smtp.mailer import Reply, SendResult
 
@@ -30,7 +31,10 @@ __all__ = [
     "classify",
     "human",
     "one_line",
+    "per_second",
     "report",
+    "too_fast",
+    "trouble_kind",
     "when",
 ]
 
@@ -66,6 +70,71 @@ class Verdict:
         for addr, (code, text) in self.deferred.items():
             failed[addr] = (code, f"expired: not delivered within {limit}; last: {text}")
         return Verdict(self.sent, MappingProxyType(failed), MappingProxyType({}))
+
+
+#: Reply codes a relay uses to say "too fast" (with the codes or texts below).
+_RATE_CODES = frozenset({421, 450, 451, 452, 454})
+_RATE_ENHANCED = ("4.3.2", "4.5.3")
+_RATE_TEXT = re.compile(r"\brate\b|throttl|too many|slow down|try again later", re.IGNORECASE)
+#: The phases of a mail transaction (``DeliveryError.phase``).
+_TRANSACTION = frozenset({"mail", "rcpt", "data"})
+
+
+def too_fast(exc: BaseException) -> bool:
+    """True when ``exc`` is the relay saying "too fast" at ``MAIL FROM``.
+
+    That is a 421, 450, 451, 452 or 454 to ``MAIL`` with an enhanced code
+    4.7.x, 4.3.2 or 4.5.3, or a text that speaks of a rate, throttling, "too
+    many", "slow down" or "try again later" (Postfix's anvil: ``450 4.7.1
+    Error: too much mail from ...``; Amazon SES: ``454 Throttling failure``;
+    Gmail: ``421 4.7.0 ... try again later``).  An authentication failure
+    is never one.
+    """
+    code = getattr(exc, "code", None)
+    if getattr(exc, "phase", "") != "mail" or code not in _RATE_CODES:
+        return False
+    text = str(getattr(exc, "text", "") or "")
+    if "authenticat" in text.lower():
+        return False
+    enhanced = str(getattr(exc, "enhanced", "") or "")
+    return (
+        enhanced.startswith("4.7.")
+        or enhanced in _RATE_ENHANCED
+        or _RATE_TEXT.search(text) is not None
+    )
+
+
+def trouble_kind(exc: BaseException) -> str:
+    """Whose trouble a failed attempt is, by the phase and the evidence.
+
+    Returns:
+        ``"rate"``: the relay said "too fast" (:func:`too_fast`): slow down,
+        the message goes back untouched.  ``"relay"``: the session could not
+        be opened or used at all (connect, greeting, EHLO, STARTTLS, AUTH,
+        or a refusal about our configuration such as 530): pause the relay.
+        ``"session"``: the session broke in the transaction (connection
+        lost, no reply, a timeout, a 421 after ``MAIL``): the message's bad
+        luck unless the relay turns out to be gone, or it keeps happening.
+        ``"message"``: a reply about this message (4xx or 5xx).
+    """
+    if too_fast(exc):
+        return "rate"
+    code = getattr(exc, "code", None)
+    in_transaction = code == 421 and getattr(exc, "phase", "") in _TRANSACTION
+    if getattr(exc, "about_relay", False) and not in_transaction:
+        return "relay"
+    if in_transaction or isinstance(exc, (ConnectionFailed, SMTPTimeout)):
+        return "session"
+    if isinstance(exc, OSError) and code is None:
+        return "session"
+    return "message"
+
+
+def per_second(rate: float) -> str:
+    """A rate as an operator reads it: ``40/s``, ``50/min``."""
+    if rate >= 1:
+        return f"{rate:.3g}/s"
+    return f"{rate * 60:.3g}/min"
 
 
 def classify(

@@ -1,4 +1,4 @@
-"""When to try again: the retry schedule, the relay's pause, the rate limit.
+"""When to try again: the retry schedule, the relay's pause and parallelism.
 
 Everything here is pure bookkeeping: no I/O, no sleeping, and every time
 is a value the caller passes in or reads from an injected clock.  The
@@ -8,11 +8,14 @@ questions with made-up times and get the answers without waiting.
 * :class:`RetryPolicy` says when a message is tried again after a
   temporary failure, and when the processor gives up on it.
 * :class:`RelayState` is the processor's view of the relay: whether it is
-  paused after relay-level trouble (cannot connect, 421, TLS, AUTH), how
-  many probes have failed, and how many messages may be in flight (one
-  while probing; half as many for a while after "too many connections").
-* :class:`RateLimiter` spaces messages evenly to honour a provider's
-  limit.
+  paused after relay-level trouble (cannot connect, a bad greeting, TLS,
+  AUTH, or a cohort of broken transactions), how many probes have failed,
+  and how many messages may be in flight (one while probing; fewer for a
+  while after "too many connections" or "too fast", growing back one at
+  a time as messages are accepted).
+
+The sending rate (the configured limit, and what the relay accepts) is
+:mod:`mailspool.processor.pacing`'s.
 
 The two objects with state are shared by the sender threads, hence their
 locks; they never block for longer than a few assignments.
@@ -21,14 +24,24 @@ locks; they never block for longer than a few assignments.
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["THROTTLE_PERIOD", "Pause", "RateLimiter", "RelayState", "RetryPolicy", "backoff"]
+__all__ = [
+    "COHORT",
+    "THROTTLE_PERIOD",
+    "Pause",
+    "RelayState",
+    "RetryPolicy",
+    "backoff",
+]
 
 #: Seconds the parallelism stays lowered after a 421 "too many connections".
 THROTTLE_PERIOD = 600.0
+#: Transactions in a row whose session broke (no reply, or a 421) after
+#: which the relay as a whole is paused, as Postfix does when a cohort of
+#: sessions fails: one broken session is a message's bad luck, several in a
+#: row are the relay's trouble.
+COHORT = 3
 
 
 def backoff(first: float, factor: float, cap: float, n: int) -> float:
@@ -68,6 +81,16 @@ class RetryPolicy:
         relay_first_delay: how long the relay is paused after its first
             relay-level failure (cannot connect, 421, TLS, AUTH).
         relay_max_delay: the longest relay pause.
+        quick_retry: the wait after a first attempt whose session broke in
+            the transaction (connection lost, no reply, a 421) while the
+            relay itself still takes connections, or that got a 4xx to
+            ``MAIL`` or to the data: most likely a one-off fault, so the
+            message is tried again soon; later attempts follow the usual
+            schedule (a 4xx at ``RCPT``, greylisting, always does).  Never
+            longer than ``first_delay``.
+        jitter: each retry time is moved later by up to this fraction of
+            its delay, at random, so that messages deferred together are
+            not all tried again in the same second.
 
     Raises:
         ValueError: a delay is not positive, ``factor`` is below 1, or a
@@ -80,9 +103,13 @@ class RetryPolicy:
     give_up_after: float = 5 * 86400.0
     relay_first_delay: float = 30.0
     relay_max_delay: float = 600.0
+    quick_retry: float = 60.0
+    jitter: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("first_delay", "give_up_after", "relay_first_delay"):
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
+        for name in ("first_delay", "give_up_after", "relay_first_delay", "quick_retry"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
         if not self.factor >= 1:
@@ -100,13 +127,25 @@ class RetryPolicy:
         """Seconds to pause the relay after its ``failures``-th failure in a row."""
         return backoff(self.relay_first_delay, self.factor, self.relay_max_delay, failures)
 
-    def retry_at(self, now: float, attempts: int, queued_at: float) -> float | None:
+    def retry_at(
+        self,
+        now: float,
+        attempts: int,
+        queued_at: float,
+        *,
+        spread: float = 0.0,
+        quick: bool = False,
+    ) -> float | None:
         """When to try again after the ``attempts``-th failed attempt at ``now``.
 
         Args:
             now: the time of the failed attempt.
             attempts: failed attempts so far, this one included.
             queued_at: when the message was queued.
+            spread: a number in [0, 1) (``random.random()``): the delay is
+                lengthened by ``spread * jitter`` of itself.
+            quick: a fault that is likely a one-off (see ``quick_retry``):
+                the first retry comes after ``quick_retry``.
 
         Returns:
             The time of the next attempt, never later than the give-up time;
@@ -115,7 +154,10 @@ class RetryPolicy:
         expires = queued_at + self.give_up_after
         if now >= expires:
             return None
-        return min(now + self.delay(attempts), expires)
+        delay = self.delay(attempts)
+        if quick and attempts <= 1:
+            delay = min(delay, self.quick_retry)
+        return min(now + delay * (1.0 + self.jitter * spread), expires)
 
 
 @dataclass(frozen=True)
@@ -164,6 +206,9 @@ class RelayState:
         self._throttled_until = 0.0
         self._failures = 0
         self._paused_until = 0.0
+        self._grown = 0  # messages accepted since the parallelism last grew
+        self._crowded = False  # lowered by crowd(): stays so for THROTTLE_PERIOD
+        self._broken = 0  # transactions in a row whose session broke
 
     @property
     def paused_until(self) -> float:
@@ -186,6 +231,7 @@ class RelayState:
                 return 1  # probing: one message at a time until one gets through
             if self._limit < self._max and now >= self._throttled_until:
                 self._limit = self._max
+                self._crowded = False
             return self._limit
 
     def grow(self, connections: int) -> None:
@@ -225,6 +271,57 @@ class RelayState:
             self._paused_until = now + delay
             return Pause(delay, self._failures, crowded)
 
+    def crowd(self, now: float, others: int) -> int:
+        """A connection was refused (421) while ``others`` were open: lower, do not pause.
+
+        The parallelism goes down to ``others`` (at least 1, always below
+        what it was) for :data:`THROTTLE_PERIOD`.  Returns the new limit.
+        """
+        with self._lock:
+            self._limit = max(1, min(others, self._limit))
+            self._throttled_until = now + THROTTLE_PERIOD
+            self._crowded = True  # no growth until the period ends
+            self._grown = 0
+            return self._limit
+
+    def slow_down(self, now: float) -> int:
+        """The relay said "too fast": halve the parallelism (at least 1); return it.
+
+        It comes back one connection at a time as messages are accepted
+        (:meth:`accepted`), or all at once after :data:`THROTTLE_PERIOD`.
+        """
+        with self._lock:
+            self._limit = max(1, self._limit // 2)
+            self._throttled_until = now + THROTTLE_PERIOD
+            self._grown = 0
+            return self._limit
+
+    def accepted(self) -> None:
+        """A message was accepted: one more connection after ``8 * limit`` of them."""
+        with self._lock:
+            self._broken = 0
+            if self._limit >= self._max or self._crowded:
+                return
+            self._grown += 1
+            if self._grown >= 8 * self._limit:
+                self._grown = 0
+                self._limit += 1
+
+    def broken(self, now: float) -> Pause | None:
+        """A transaction's session broke (lost, no reply, a 421) while the relay
+        still takes connections; after :data:`COHORT` in a row the relay is
+        paused as a whole: the :class:`Pause` is returned then."""
+        with self._lock:
+            self._broken += 1
+            if self._broken < COHORT:
+                return None
+            self._broken = 0
+        return self.trouble(now)
+
+    def worked(self) -> None:
+        """A transaction ended with a reply (accepted or refused): the sessions work."""
+        self._broken = 0
+
     def answered(self, now: float) -> int:
         """The relay worked on a message; return how many probes had failed before.
 
@@ -236,34 +333,3 @@ class RelayState:
                 return 0
             failures, self._failures = self._failures, 0
             return failures
-
-
-class RateLimiter:
-    """At most ``rate`` messages per second, spaced evenly (no bursts).
-
-    A slot is reserved before each message; the caller waits the returned
-    time (cut short when it is asked to stop; the slot is then simply lost).
-
-    Args:
-        rate: messages per second (``n / 60`` for ``n`` per minute).
-        clock: a monotonic clock in seconds.
-
-    Raises:
-        ValueError: ``rate`` is not positive.
-    """
-
-    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
-        if not rate > 0:
-            raise ValueError(f"rate must be greater than 0, got {rate!r}")
-        self._interval = 1.0 / rate
-        self._clock = clock
-        self._next: float | None = None
-        self._lock = threading.Lock()
-
-    def reserve(self) -> float:
-        """Take the next free slot; return the seconds to wait for it (0: go now)."""
-        with self._lock:
-            now = self._clock()
-            slot = now if self._next is None else max(now, self._next)
-            self._next = slot + self._interval
-            return slot - now

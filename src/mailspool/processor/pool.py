@@ -132,6 +132,12 @@ class ConnectionPool:
         found: Connection | None = None
         with self._lock:
             now = self._clock()
+            # The oldest first: those idle too long are closed (QUIT) now,
+            # before the relay's own idle timeout, even while newer ones are
+            # busy enough that the take below never reaches them.
+            while self._idle and now - self._idle[0][1] >= self.idle_timeout:
+                stale.append(self._idle.pop(0)[0])
+                self._open -= 1
             while self._idle:
                 conn, since = self._idle.pop()
                 if now - since < self.idle_timeout and conn.alive:

@@ -8,17 +8,35 @@ connection, and settles it recipient by recipient (:mod:`mailspool.processor.out
 
 * accepted: sent for good, never sent to again;
 * 5xx: failed, with the relay's code and text;
-* 4xx, a lost connection, a timeout: deferred until the
-  :class:`~mailspool.policy.RetryPolicy` says, counted as an attempt; once
-  the message is older than ``give_up_after`` its pending recipients fail
-  as expired.
+* 4xx: deferred until the :class:`~mailspool.processor.policy.RetryPolicy`
+  says (with jitter; a quick first retry for a 4xx to ``MAIL`` or the
+  data), counted as an attempt; once the message is older than
+  ``give_up_after`` its pending recipients fail as expired.
 
-Trouble that is about the relay and not the message (cannot connect, a
-421, a bad greeting, TLS or AUTH failing; ``about_relay`` on the error)
-fails nothing and counts nothing: the message goes back untouched and the
-relay is paused (:class:`~mailspool.policy.RelayState`).  Connections are
-opened one at a time, under a lock that re-checks the pause, so a dead
-relay sees one attempt per backoff step, not one per queued message.
+What is whose trouble is decided by the phase and the evidence
+(:func:`~mailspool.processor.outcome.trouble_kind`; the table is in
+docs/operations.md):
+
+* opening a session fails (connect, greeting, EHLO, STARTTLS, AUTH, or a
+  refusal about our configuration): the message goes back untouched and
+  the relay is paused (:class:`~mailspool.processor.policy.RelayState`);
+  but a 421 greeting while other sessions work only lowers the number of
+  connections, and the message is tried again in the same pass;
+* the relay says "too fast" at ``MAIL``: the learned rate is cut
+  (:class:`~mailspool.processor.pacing.Pacer`), the message goes back
+  untouched and is tried again in the same pass, paced;
+* the session breaks in a transaction (lost, no reply, a 421 after
+  ``MAIL``): a new connection is opened at once.  If that fails the relay
+  is gone: paused, the message untouched.  If it works the message is
+  deferred with a quick first retry, unless :data:`~mailspool.processor.policy.COHORT`
+  transactions broke in a row: then the relay is paused as a whole.
+
+Connections are opened one at a time, under a lock that re-checks the
+pause, so a dead relay sees one attempt per backoff step, not one per
+queued message.  The wait for the rate comes before a transaction, with
+no connection held, and nothing of the next message is sent with a
+message's final dot (that would hide the relay's acceptance if it stopped
+then: a duplicate).
 
 Exceptions are caught broadly in exactly two places here, each for a
 reason of its own: opening a connection (whatever fails there is the
@@ -50,16 +68,28 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import random
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mailspool.errors import DeliveryError, SpoolError
 from mailspool.events import MailEvent
-from mailspool.message import Envelope
-from mailspool.processor.outcome import Verdict, classify, human, one_line, report, when
-from mailspool.processor.policy import RateLimiter, RelayState, RetryPolicy
+from mailspool.processor.outcome import (
+    Verdict,
+    classify,
+    human,
+    one_line,
+    per_second,
+    report,
+    too_fast,
+    trouble_kind,
+    when,
+)
+from mailspool.processor.pacing import Pacer
+from mailspool.processor.policy import COHORT, THROTTLE_PERIOD, RelayState, RetryPolicy
 from mailspool.processor.pool import Connection, ConnectionPool, connect, relay_name
 from mailspool.queue import QueueBackend, QueueClaim
 from mailspool.smtp.mailer import Reply, SendResult
@@ -68,6 +98,10 @@ __all__ = ["Done", "Sender"]
 
 # The processor's logger: operators configure one name for all of its parts.
 log = logging.getLogger("mailspool.processor")
+
+#: A wait for the rate is cut into steps this long (seconds), each followed
+#: by closing the pooled connections idle too long.
+_WAIT_STEP = 5.0
 
 
 @dataclass(frozen=True)
@@ -82,22 +116,9 @@ class Done:
 
     outcome: str | None
     events: tuple[MailEvent, ...] = ()
-
-
-@dataclass
-class _Ahead:
-    """The next message of a sender thread, claimed while the last one was sent.
-
-    ``conn`` holds its ``MAIL``, ``RCPT`` and ``DATA``, sent after the last
-    message's final dot (see :meth:`~mailspool.smtp.SMTPConnection.send`),
-    or is None when they were not sent.  ``claim`` None: the claim failed,
-    and ``done`` is what became of the message.
-    """
-
-    id: str
-    claim: QueueClaim | None
-    conn: Connection | None = None
-    done: Done = Done(None)
+    #: Not attempted, but to be tried again in this pass (the relay said
+    #: "too fast", or refused one connection more than it takes).
+    again: bool = False
 
 
 @dataclass
@@ -275,11 +296,13 @@ def _hook_exit() -> None:
 
 
 class _RelayTrouble(Exception):
-    """Opening a connection failed; the relay is paused already."""
+    """Opening a connection failed; the relay is paused already (or, with
+    ``again``, only fewer connections are allowed: try the message again)."""
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, *, again: bool = False) -> None:
         super().__init__(str(error))
         self.error = error
+        self.again = again
 
 
 class _NotNow(Exception):
@@ -297,7 +320,7 @@ class Sender:
         retry: the retry policy.
         relay: the relay's pause and parallelism, shared with the dispatcher.
         pool: the connections to the relay.
-        rate: the rate limit, if any.
+        pacer: the sending rate (configured limit, and what the relay accepts).
         stopping: true once the processor is asked to stop.
         sleep: waits the given seconds; returns True when cut short by a stop.
     """
@@ -310,7 +333,7 @@ class Sender:
         retry: RetryPolicy,
         relay: RelayState,
         pool: ConnectionPool,
-        rate: RateLimiter | None,
+        pacer: Pacer,
         stopping: Callable[[], bool],
         sleep: Callable[[float], bool],
     ) -> None:
@@ -321,7 +344,7 @@ class Sender:
         self.retry = retry
         self.relay = relay
         self.pool = pool
-        self.rate = rate
+        self.pacer = pacer
         self.where = relay_name(mailer)
         self._stopping = stopping
         self._sleep = sleep
@@ -347,17 +370,12 @@ class Sender:
         self._local.relay_wait = None
         return wait
 
-    def handle(self, id: str, now: float, peek: Callable[[], str | None] | None = None) -> Done:
+    def handle(self, id: str, now: float) -> Done:
         """Claim, send and settle the message ``id``; never raises for its sake.
 
         Args:
             id: the spool id.
             now: the time of the pass (the processor's clock).
-            peek: gives the id this thread handles next, if one is there
-                already (None: none).  That message is claimed before
-                this one is sent, so that a connection that pipelines can
-                send its commands with this message's final dot.  The
-                next call must then be for that id, or :meth:`let_go_ahead`.
 
         Returns:
             What became of it (see :class:`Done`).
@@ -366,78 +384,23 @@ class Sender:
             SpoolError: the spool itself failed while claiming (e.g. too
                 many open files); the message is untouched.
         """
-        ahead: _Ahead | None = getattr(self._local, "ahead", None)
-        if ahead is not None and ahead.id != id:
-            self.let_go_ahead()
-            ahead = None
-        self._local.ahead = None
         if self._stopping() or self.relay.paused(now) or self.waiting():
-            if ahead is not None:
-                self._local.ahead = ahead
-                self.let_go_ahead()
             return Done(None)  # not started: stays where it is
-        if ahead is None:
-            claim = self.spool.claim(id)
-            if claim is None:
-                return self._lost(id)
-            self.lost_run = 0
-        elif ahead.claim is None:
-            return ahead.done
-        else:
-            claim = ahead.claim
+        claim = self.spool.claim(id)
+        if claim is None:
+            return self._lost(id)
+        self.lost_run = 0
         try:
-            done = self._handle(claim, now, ahead.conn if ahead is not None else None, peek)
+            done = self._handle(claim, now)
         except BaseException:
             self._let_go(claim, failing=True)
             raise
         self._let_go(claim, failing=False)
         return done
 
-    def let_go_ahead(self) -> None:
-        """Give back the message claimed ahead by this thread, if any, untouched.
-
-        Its connection is closed: the relay waits for that message's data.
-        """
-        ahead: _Ahead | None = getattr(self._local, "ahead", None)
-        self._local.ahead = None
-        if ahead is None:
-            return
-        if ahead.conn is not None:
-            self.pool.discard(ahead.conn)
-        if ahead.claim is not None:
-            self._let_go(ahead.claim, failing=True)
-
-    def _claim_ahead(
-        self, conn: Connection, peek: Callable[[], str | None] | None
-    ) -> tuple[Envelope, bytes] | None:
-        """Claim the message this thread sends next; its (envelope, data), or None."""
-        if peek is None or not getattr(conn, "sends_ahead", False):
-            return None
-        id = peek()
-        if id is None:
-            return None
+    def _handle(self, claim: QueueClaim, now: float) -> Done:
         try:
-            claim = self.spool.claim(id)
-        except (SpoolError, ValueError):  # e.g. too many open files: it waits for the next pass
-            log.exception("mail %s: cannot claim it", id)
-            self._local.ahead = _Ahead(id, None)
-            return None
-        if claim is None:
-            self._local.ahead = _Ahead(id, None, done=self._lost(id))
-            return None
-        self.lost_run = 0
-        self._local.ahead = _Ahead(id, claim)
-        return claim.envelope, claim.data
-
-    def _handle(
-        self,
-        claim: QueueClaim,
-        now: float,
-        conn: Connection | None = None,
-        peek: Callable[[], str | None] | None = None,
-    ) -> Done:
-        try:
-            return self._deliver(claim, now, conn, peek)
+            return self._deliver(claim, now)
         except _NotNow:
             claim.release()
             return Done(None)
@@ -455,103 +418,184 @@ class Sender:
                 raise
             log.exception("spool %s: cannot release %s", self.spool.location, claim.id)
 
-    def _deliver(
-        self,
-        claim: QueueClaim,
-        now: float,
-        conn: Connection | None = None,
-        peek: Callable[[], str | None] | None = None,
-    ) -> Done:
+    def _deliver(self, claim: QueueClaim, now: float) -> Done:
         env = claim.envelope
         result: SendResult | None = None
         error: BaseException | None = None
+        quick = False
+        self._local.started = None
         try:
-            result = self._send(claim, now, conn, peek)
-        except _RelayTrouble as trouble:  # the relay is paused already
-            return self._untouched(claim, trouble.error)
+            result = self._send(claim, now)
+        except _RelayTrouble as trouble:  # the relay is paused already, or crowded
+            return self._untouched(claim, trouble.error, again=trouble.again)
         except (DeliveryError, OSError) as exc:
-            if getattr(exc, "about_relay", False):
+            kind = trouble_kind(exc)
+            if kind == "relay":
                 self._pause(now, exc)
                 return self._untouched(claim, exc)
+            if kind == "rate":
+                return self._too_fast(claim, now, exc)
+            if kind == "session":
+                # An outage, or this session's bad luck?  Ask for a new one.
+                if not self._relay_takes_connections(now) or self._cohort(now, exc):
+                    return self._untouched(claim, exc)
+                quick = True
+            else:
+                self.relay.worked()
+                # A 4xx to MAIL or to the data is most often a passing fault
+                # of the relay; one at RCPT (greylisting) wants the usual wait.
+                quick = getattr(exc, "phase", "") in ("mail", "data")
             error = exc
             carried = getattr(exc, "result", None)
             result = carried if isinstance(carried, SendResult) else None
+        else:
+            self.relay.accepted()
+            self.pacer.accepted()
         back = self.relay.answered(now)
         if back:
             log.info("relay %s is back after %d failed probe(s)", self.where, back)
         verdict = classify(env.recipients, result, error)
         reply = result.reply if result is not None and error is None else None
-        return self._settle(claim, now, verdict, reply, error)
+        return self._settle(claim, now, verdict, reply, error, quick=quick)
 
-    def _send(
-        self,
-        claim: QueueClaim,
-        now: float,
-        conn: Connection | None = None,
-        peek: Callable[[], str | None] | None = None,
-    ) -> SendResult:
+    def _send(self, claim: QueueClaim, now: float) -> SendResult:
+        # The wait for the rate comes before the transaction, with no
+        # connection held: nothing is sent ahead and then left waiting.
+        wait = self.pacer.reserve()
+        if wait > 0 and self._wait(wait):
+            raise _NotNow()
+        if self.relay.paused(now):
+            raise _NotNow()
+        conn = self.pool.take()
         if conn is None:
-            conn = self.pool.take()
-        if conn is None:
-            # One connection attempt at a time: a dead relay sees one probe.
-            with self._connect_lock:
-                if self._stopping() or self.relay.paused(now):
-                    raise _NotNow()
-                try:
-                    conn = connect(self.mailer)
-                except Exception as exc:  # whatever it is, it is not the message's fault
-                    self._pause(now, exc)  # before the next sender may try
-                    raise _RelayTrouble(exc) from exc
-                self.pool.add(conn)
-        if self.rate is not None:
-            wait = self.rate.reserve()
-            if wait > 0 and (self._sleep(wait) or self._stopping()):
-                self._give_back(conn, now)
-                raise _NotNow()
-        then = self._claim_ahead(conn, peek)
+            conn = self._connect(now)
         waited = getattr(conn, "waited", None)
+        self._local.started = self.pacer.clock()
         try:
-            if then is None:
-                result = conn.send(claim.envelope, claim.data)
-            else:
-                send: Any = conn.send  # one that sends_ahead takes ``then``
-                result = send(claim.envelope, claim.data, then=then)
+            result = conn.send(claim.envelope, claim.data)
             if waited is not None:
                 self._local.relay_wait = getattr(conn, "waited", waited) - waited
-        except (DeliveryError, OSError):
-            self._give_back(conn, now)  # closed unless the mailer kept it usable
+        except (DeliveryError, OSError) as exc:
+            if too_fast(exc):
+                # A fresh session for the next message: a relay counts the
+                # errors of a session (Postfix answers slower and slower).
+                self.pool.discard(conn)
+            else:
+                self.pool.give_back(conn, keep=self.relay.parallelism(now))  # closed unless usable
             raise
         except BaseException:
             self.pool.discard(conn)  # a bug: the session is in an unknown state
             raise
-        self._give_back(conn, now)
+        self.pool.give_back(conn, keep=self.relay.parallelism(now))
         return result
 
-    def _give_back(self, conn: Connection, now: float) -> None:
-        ahead: _Ahead | None = getattr(self._local, "ahead", None)
-        if ahead is not None and ahead.claim is not None and getattr(conn, "pending", False):
-            ahead.conn = conn  # it waits for the message claimed ahead
-            return
-        self.pool.give_back(conn, keep=self.relay.parallelism(now))
+    def _connect(self, now: float) -> Connection:
+        """Open a connection (one at a time: a dead relay sees one probe)."""
+        with self._connect_lock:
+            if self._stopping() or self.relay.paused(now):
+                raise _NotNow()
+            try:
+                conn = connect(self.mailer)
+            except Exception as exc:  # whatever it is, it is not the message's fault
+                others = self.pool.count_alive() if getattr(exc, "code", None) == 421 else 0
+                if others:  # "too many connections": fewer, but no pause
+                    self._crowded(now, exc, others)
+                    raise _RelayTrouble(exc, again=True) from exc
+                self._pause(now, exc)  # before the next sender may try
+                raise _RelayTrouble(exc) from exc
+            self.pool.add(conn)
+            return conn
+
+    def _wait(self, seconds: float) -> bool:
+        """Wait for the rate; True when a stop cut it short.
+
+        Idle pooled connections are closed (with QUIT) along the way, before
+        the relay's own idle timeout would close them.
+        """
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return self._stopping()
+            if self._sleep(min(left, _WAIT_STEP)) or self._stopping():
+                return True
+            self.pool.close_idle()
 
     # -- relay trouble ---------------------------------------------------------------
 
+    def _relay_takes_connections(self, now: float) -> bool:
+        """After a session broke in a transaction: replace it, and see whether
+        the relay still takes connections (False: it is paused now)."""
+        with self._connect_lock:
+            if self.relay.paused(now):
+                return False
+            try:
+                conn = connect(self.mailer)
+            except Exception as exc:  # whatever it is, the relay is the trouble
+                self._pause(now, exc)
+                return False
+            self.pool.add(conn)
+        self.pool.give_back(conn, keep=self.relay.parallelism(now))
+        return True
+
+    def _cohort(self, now: float, exc: BaseException) -> bool:
+        """Count a broken session; True when it completes a cohort (relay paused)."""
+        pause = self.relay.broken(now)
+        if pause is None:
+            return False
+        log.error(
+            "relay %s broke %d transactions in a row (last: %s); deliveries paused "
+            "for %s, then one message probes it (no message is failed for this)",
+            self.where,
+            COHORT,
+            one_line(str(exc)),
+            human(pause.delay),
+        )
+        return True
+
+    def _too_fast(self, claim: QueueClaim, now: float, exc: BaseException) -> Done:
+        """The relay refused for rate: slow down; the message goes back, not counted."""
+        started = getattr(self._local, "started", None)
+        cut = self.pacer.refused(self.pacer.clock() if started is None else started)
+        if cut is not None and cut.give_up:
+            self._pause(now, exc)
+            return self._untouched(claim, exc)
+        if cut is not None:
+            conns = self.relay.slow_down(now)
+            log.warning(
+                "relay %s says too fast (%s): pacing at %s, %d connection(s)%s",
+                self.where,
+                one_line(str(exc)),
+                per_second(cut.rate),
+                conns,
+                f", next message in {cut.hold:.3g}s" if cut.hold else "",
+            )
+        return self._untouched(claim, exc, again=True, level=logging.DEBUG)
+
+    def _crowded(self, now: float, exc: BaseException, others: int) -> None:
+        limit = self.relay.crowd(now, others)
+        log.warning(
+            "relay %s refused a connection while %d were open (%s): at most %d "
+            "connection(s) for %s; deliveries go on",
+            self.where,
+            others,
+            one_line(str(exc)),
+            limit,
+            human(THROTTLE_PERIOD),
+        )
+
     def _pause(self, now: float, exc: BaseException) -> None:
         """Record relay-level trouble: one error per outage, a warning per failed probe."""
-        code = getattr(exc, "code", None)
-        # A 421 while other connections are open means "too many connections".
-        others = self.pool.count_alive() if code == 421 else 0
-        pause = self.relay.trouble(now, crowded=others > 0, others=others)
+        pause = self.relay.trouble(now)
         if pause is None:
             return  # already paused for this step
         if pause.failures == 1:
             log.error(
                 "relay %s unavailable: %s; deliveries paused for %s, then one "
-                "message probes it (no message is failed for this)%s",
+                "message probes it (no message is failed for this)",
                 self.where,
                 one_line(str(exc)),
                 human(pause.delay),
-                "; fewer connections for a while" if pause.lowered else "",
             )
         else:
             log.warning(
@@ -562,18 +606,27 @@ class Sender:
                 human(pause.delay),
             )
 
-    def _untouched(self, claim: QueueClaim, exc: BaseException) -> Done:
+    def _untouched(
+        self,
+        claim: QueueClaim,
+        exc: BaseException,
+        *,
+        again: bool = False,
+        level: int = logging.INFO,
+    ) -> Done:
         claim.release()
-        log.info(
-            "mail %s <%s> from %s: not sent to %s, relay unavailable (%s); "
-            "back in the queue untouched",
+        log.log(
+            level,
+            "mail %s <%s> from %s: not sent to %s, %s (%s); back in the queue untouched%s",
             claim.id,
             claim.message_id or "",
             claim.envelope.sender,
             ", ".join(claim.envelope.recipients),
+            "relay busy" if again else "relay unavailable",
             one_line(str(exc)),
+            ", tried again in this pass" if again else "",
         )
-        return Done(None)
+        return Done(None, again=again)
 
     # -- settling ----------------------------------------------------------------------
 
@@ -584,13 +637,17 @@ class Sender:
         verdict: Verdict,
         reply: Reply | None,
         error: BaseException | None,
+        *,
+        quick: bool = False,
     ) -> Done:
         attempt = claim.attempts + 1
         retry_at: float | None = None
         if verdict.deferred:
             # give_up_after counts from when the message became due: the
             # commit, or the later time it was scheduled for.
-            retry_at = self.retry.retry_at(now, attempt, claim.due_since)
+            retry_at = self.retry.retry_at(
+                now, attempt, claim.due_since, spread=random.random(), quick=quick
+            )
             if retry_at is None:
                 verdict = verdict.expired(self.retry.give_up_after)
         u = _Unwritten(claim, verdict, retry_at, reply, error, attempt, why="")
@@ -665,7 +722,7 @@ class Sender:
     def _after_error(self, claim: QueueClaim, now: float, exc: Exception) -> Done:
         """A bug or an unusual fault while handling ``claim``: defer it like a 4xx."""
         attempt = claim.attempts + 1
-        retry_at = self.retry.retry_at(now, attempt, claim.due_since)
+        retry_at = self.retry.retry_at(now, attempt, claim.due_since, spread=random.random())
         head = (
             f"mail {claim.id} <{claim.message_id or ''}> from {claim.envelope.sender}: "
             f"unexpected error while sending to {', '.join(claim.envelope.recipients)}"

@@ -275,3 +275,12 @@ def test_the_phase_tells_the_transport_which_timeout_applies() -> None:
     t.run(b"354 go\r\n")
     assert t.tx.phase is Phase.DOT  # the long wait of RFC 5321 4.5.3.2.6
     assert str(t.tx.phase) == "the reply after the final dot"
+
+
+def test_a_session_lost_while_draining_keeps_the_refusal() -> None:
+    t = talk(True)
+    [step] = t.run(b"550 5.7.1 sender rejected\r\n")
+    assert step == Read() and t.tx.draining
+    failed = t.tx.session_lost()
+    assert isinstance(failed.error, PermanentError) and failed.error.code == 550
+    assert failed.then == "close" and not t.tx.draining

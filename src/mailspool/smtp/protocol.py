@@ -299,6 +299,17 @@ class Transaction:
         self.phase = Phase.DRAIN
         return Read()
 
+    @property
+    def draining(self) -> bool:
+        """True while reading what is due after a refusal (the refusal stands)."""
+        return self.phase in (Phase.DRAIN, Phase.EMPTY)
+
+    def session_lost(self) -> Failed:
+        """The session broke while the replies due after a refusal were read:
+        that refusal is the outcome, and the session is over."""
+        assert self._failure is not None
+        return self._over(Failed(self._failure.error, "close"))  # type: ignore[return-value]
+
     def _on_drain(self, r: Reply) -> Step:
         assert self._failure is not None
         if r.code == 421:

@@ -3,9 +3,12 @@
 Theory of operation
 -------------------
 
-:class:`SMTPConnection` drives each transaction itself (``MAIL``, one
-``RCPT`` per recipient, ``DATA``) over the standard library's
-:mod:`smtplib` instead of calling ``sendmail()``, for three reasons:
+:class:`SMTPConnection` is the transport: it opens the session with
+:mod:`smtplib` (:mod:`mailspool.smtp.handshake`), then drives each
+transaction itself through the sans-IO engine of
+:mod:`mailspool.smtp.protocol` (``MAIL``, one ``RCPT`` per recipient,
+``DATA``), writing what the engine asks and feeding it the replies,
+instead of calling ``sendmail()``, for three reasons:
 
 * every recipient's reply is kept (``sendmail()`` only reports refusals when
   some were accepted, and raises without them otherwise), so the caller
@@ -25,6 +28,9 @@ order: two round trips a message instead of three plus one per recipient.
 The message data still waits for ``DATA``'s 354, so a refusal anywhere
 before it transmits nothing of the message, and the stale-session retry
 below holds unchanged.  ``SMTPMailer(pipelining=False)`` turns it off.
+Nothing of the next message is ever written with a final dot: a relay
+(Postfix does) may hold its 250 until it has read what follows, and an
+acceptance hidden that way is a duplicate when the session breaks.
 
 After a refused transaction it sends ``RSET`` and stays usable; after
 anything that leaves the session in an unknown state (a timeout, a lost
@@ -49,14 +55,27 @@ import smtplib
 import socket
 import ssl
 import time
-from types import MappingProxyType, TracebackType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
-from mailspool.errors import ConnectionFailed, DeliveryError, error_for_reply, reply_text
+from mailspool.errors import ConnectionFailed, DeliveryError
 from mailspool.message import Envelope
 from mailspool.smtp.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
 from mailspool.smtp.handshake import Credentials, network_error, open_session
-from mailspool.smtp.result import Reply, SendResult, all_refused, with_result
+from mailspool.smtp.protocol import (
+    MAX_LINE,
+    Failed,
+    Finished,
+    Phase,
+    ProtocolViolation,
+    Read,
+    ReplyReader,
+    Step,
+    Transaction,
+    Write,
+    WriteMessage,
+)
+from mailspool.smtp.result import Reply, SendResult, with_result
 
 if TYPE_CHECKING:
     from mailspool.smtp.mailer import SMTPMailer
@@ -115,32 +134,6 @@ class _Poller:
 _QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
-def _mail_args(envelope: Envelope, options: list[str]) -> str:
-    """What follows ``MAIL`` for ``envelope`` with these parameters."""
-    return f"FROM:<{envelope.sender}>{''.join(f' {option}' for option in options)}"
-
-
-def _group(envelope: Envelope, mail: str) -> str:
-    """``MAIL`` (with its arguments ``mail``), every ``RCPT`` and ``DATA``, as one text."""
-    lines = [f"MAIL {mail}\r\n"]
-    lines.extend(f"RCPT TO:<{rcpt}>\r\n" for rcpt in envelope.recipients)
-    lines.append("DATA\r\n")
-    group = "".join(lines)
-    if group.count("\n") != len(lines) or group.count("\r") != len(lines):
-        # Validated envelopes never get here; a line break would be injection.
-        raise ValueError("an SMTP command may not contain CR or LF")
-    return group
-
-
-class _Ahead(NamedTuple):
-    """A message whose commands went out ahead: as given to send(), and as checked."""
-
-    envelope: Envelope
-    data: bytes  # the object given as ``then``
-    wire: bytes  # wire_bytes(data)
-    options: list[str]  # its MAIL parameters
-
-
 class _Stale(Exception):
     """The relay dropped a reused session before the transaction began.
 
@@ -191,9 +184,6 @@ class SMTPConnection:
         self._smtp: smtplib.SMTP | None = None
         self._reused = False  # this session has carried a transaction (MAIL was sent)
         self._poller = _Poller()
-        # The next message, whose MAIL, RCPT and DATA went out after the
-        # last message's final dot (see send()'s ``then``); replies unread.
-        self._ahead: _Ahead | None = None
         self._quiet_at = -_QUIET_FOR  # time.monotonic() when alive last found it quiet
         self._open()
 
@@ -216,7 +206,6 @@ class SMTPConnection:
         smtp = open_session(self._mailer, self._credentials)
         self._smtp = smtp
         self._reused = False
-        self._ahead = None
         self.features = dict(smtp.esmtp_features)
         self.max_size = size_limit(self.features)
         log.debug(
@@ -239,12 +228,11 @@ class SMTPConnection:
         """True when the connection can take the next message.
 
         False after :meth:`close`, after any failure that left the session
-        in an unknown state, when the relay has closed the connection (or
-        said anything) since its last reply, and while the commands of a
-        message sent ahead (see :meth:`send`) wait for it.
+        in an unknown state, and when the relay has closed the connection
+        (or said anything) since its last reply.
         """
         smtp = self._smtp
-        if smtp is None or smtp.sock is None or self._ahead is not None:
+        if smtp is None or smtp.sock is None:
             return False
         if self._poller.readable(smtp.sock):
             return False
@@ -252,17 +240,11 @@ class SMTPConnection:
         return True
 
     @property
-    def sends_ahead(self) -> bool:
-        """True when :meth:`send` can send the next message's commands ahead (``then``)."""
+    def pipelining(self) -> bool:
+        """True when ``MAIL``, every ``RCPT`` and ``DATA`` go out in one write."""
         return self._mailer.pipelining and "pipelining" in self.features
 
-    @property
-    def pending(self) -> bool:
-        """True while the commands of a message sent ahead wait for its :meth:`send`."""
-        return self._ahead is not None
-
     def _drop(self) -> None:
-        self._ahead = None
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
@@ -273,8 +255,6 @@ class SMTPConnection:
         if smtp is None:
             return
         try:
-            # With a message sent ahead the relay takes what follows its 354
-            # as message data: only closing ends that transaction.
             if smtp.sock is not None and self.alive:
                 smtp.sock.settimeout(min(self._mailer.timeout, 5.0))
                 smtp.docmd("QUIT")
@@ -286,8 +266,7 @@ class SMTPConnection:
     def noop(self) -> bool:
         """Send NOOP; True when the relay answered 250 (else the connection is closed)."""
         smtp = self._smtp
-        if smtp is None or self._ahead is not None:
-            self._drop()
+        if smtp is None:
             return False
         try:
             code, _ = smtp.docmd("NOOP")
@@ -322,14 +301,7 @@ class SMTPConnection:
         """
         return mail_parameters(envelope, data, self.features, self.max_size, self._where)
 
-    def send(
-        self,
-        envelope: Envelope,
-        data: bytes,
-        *,
-        retry_stale: bool = True,
-        then: tuple[Envelope, bytes] | None = None,
-    ) -> SendResult:
+    def send(self, envelope: Envelope, data: bytes, *, retry_stale: bool = True) -> SendResult:
         """Send one message over this connection.
 
         Args:
@@ -341,20 +313,10 @@ class SMTPConnection:
                 socket shows it, or ``MAIL`` gets no reply or a 421), open a
                 new session and send once more.  Never after ``MAIL`` was
                 accepted: nothing is sent twice.  ``False`` raises instead.
-            then: the next message (envelope, data) to send on this
-                connection.  With PIPELINING its ``MAIL``, ``RCPT`` and
-                ``DATA`` go out in the same write as this message's final
-                dot (RFC 2920 3.1), saving a write, a read and a round trip
-                per message.  The next call must then be ``send()`` for
-                that message, with the same two objects; anything else
-                closes the connection first (after a 354 the relay would
-                take any command as message data).  The relay gets nothing
-                of the next message's data before that call, so a failure
-                in between never delivers it.
 
         Returns:
-            The :class:`~mailspool.result.SendResult`; at least one recipient
-            was accepted.
+            The :class:`~mailspool.smtp.result.SendResult`; at least one
+            recipient was accepted.
 
         Raises:
             RecipientsRefused: no recipient was accepted (after RSET the
@@ -365,28 +327,17 @@ class SMTPConnection:
                 (``RelayUnavailable``, ``TLSFailure``...), about the relay.
                 A failure at or after ``DATA`` (``DATA`` or the message
                 refused, the session lost on the way) carries a ``.result``
-                (:func:`~mailspool.result.with_result`): the refusal's reply
-                for every recipient accepted at ``RCPT`` (none for a lost
-                session), and each ``RCPT`` refusal with its own reply.
+                (:func:`~mailspool.smtp.result.with_result`): the refusal's
+                reply for every recipient accepted at ``RCPT`` (none for a
+                lost session), and each ``RCPT`` refusal with its own reply.
         """
-        ahead, self._ahead = self._ahead, None
-        written = ahead is not None and ahead.envelope is envelope and ahead.data is data
-        if ahead is not None and not written:
-            log.debug("relay %s: a message sent ahead was not sent; reconnecting", self._where)
-            self._drop()
-            self._open()
         smtp = self._smtp
         if smtp is None or smtp.sock is None:
             raise ConnectionFailed(f"the connection to {self._where} is closed")
-        options: list[str] | None = None
-        if ahead is not None and written:
-            data, options = ahead.wire, ahead.options
-        else:
-            data = wire_bytes(data)
+        data = wire_bytes(data)
         stale_ok = retry_stale and self._reused
         if (
             stale_ok
-            and not written  # its replies are there to read
             and time.monotonic() - self._quiet_at >= _QUIET_FOR
             and self._poller.readable(smtp.sock)
         ):
@@ -394,273 +345,158 @@ class SMTPConnection:
             self._reopen("seen before MAIL")
             stale_ok = False
         try:
-            return self._send(
-                envelope, data, stale_ok=stale_ok, written=written, then=then, options=options
-            )
+            return self._send(envelope, data, stale_ok=stale_ok)
         except _Stale as stale:
             self._reopen(str(stale.error))
-            return self._send(envelope, data, stale_ok=False, then=then)
+            return self._send(envelope, data, stale_ok=False)
 
-    def _send(
-        self,
-        envelope: Envelope,
-        data: bytes,
-        *,
-        stale_ok: bool,
-        written: bool = False,
-        then: tuple[Envelope, bytes] | None = None,
-        options: list[str] | None = None,
-    ) -> SendResult:
+    def _send(self, envelope: Envelope, data: bytes, *, stale_ok: bool) -> SendResult:
         smtp = self._smtp
         assert smtp is not None
-        if options is None:
-            options = self.check(envelope, data)
+        options = self.check(envelope, data)
         try:
-            return self._transaction(smtp, envelope, data, options, stale_ok, written, then)
+            tx = Transaction(envelope, options, pipelining=self.pipelining)
+            return self._transaction(smtp, tx, data, stale_ok)
         except (DeliveryError, _Stale):
             raise
         except BaseException:
             self._drop()
             raise
 
-    def _reply(self, smtp: smtplib.SMTP, phase: str, *, stale_ok: bool = False) -> tuple[int, str]:
-        """Read one reply; network failures are classified.
-
-        With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
-        """
-        started = time.monotonic()
-        try:
-            code, raw = smtp.getreply()
-        except OSError as exc:
-            raise self._failed(exc, phase, stale_ok) from exc
-        if code < 100:
-            self._drop()
-            error = ConnectionFailed(f"{self._where} sent a malformed reply to {phase}: {raw!r}")
-            raise _Stale(error) if stale_ok else error
-        self.waited += time.monotonic() - started
-        return code, reply_text(raw)
-
-    def _command(
-        self, smtp: smtplib.SMTP, cmd: str, args: str, phase: str, *, stale_ok: bool = False
-    ) -> tuple[int, str]:
-        """Send one command and read its reply (see :meth:`_reply`)."""
-        try:
-            smtp.putcmd(cmd, args)
-        except OSError as exc:
-            raise self._failed(exc, phase, stale_ok) from exc
-        return self._reply(smtp, phase, stale_ok=stale_ok)
-
-    def _pipeline(
-        self, smtp: smtplib.SMTP, envelope: Envelope, mail: str, stale_ok: bool
-    ) -> tuple[int, str]:
-        """Write ``MAIL``, every ``RCPT`` and ``DATA`` at once (RFC 2920); return MAIL's reply.
-
-        The replies to ``RCPT`` and ``DATA`` are left to be read in order.
-        A failure to write is a failure at ``MAIL``: the relay cannot have
-        accepted a transaction whose first reply nobody read.
-        """
-        try:
-            smtp.send(_group(envelope, mail).encode(smtp.command_encoding))
-        except OSError as exc:
-            raise self._failed(exc, "MAIL FROM", stale_ok) from exc
-        return self._reply(smtp, "MAIL FROM", stale_ok=stale_ok)
-
-    def _group_ahead(self, then: tuple[Envelope, bytes] | None) -> tuple[bytes, _Ahead | None]:
-        """The pipelined commands of the message ``then``, and what they are for.
-
-        None are sent ahead for a message this relay would refuse before
-        ``MAIL`` (:meth:`check`): its own send() raises that error.
-        """
-        if then is None:
-            return b"", None
-        envelope, data = then
-        wire = wire_bytes(data)
-        try:
-            options = self.check(envelope, wire)
-        except DeliveryError:
-            return b"", None
-        encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
-        group = _group(envelope, _mail_args(envelope, options)).encode(encoding)
-        return group, _Ahead(envelope, data, wire, options)
-
-    def _drain_pipeline(self, smtp: smtplib.SMTP, left: int) -> None:
-        """Read the ``left`` replies still due after a refused ``MAIL`` or all ``RCPT``.
-
-        The last is DATA's.  A relay that took ``DATA`` (354) with nothing
-        to deliver to gets an empty message: the lone final dot RFC 2920
-        3.1 asks for, which it must refuse or deliver to no one.
-        """
-        code = 0
-        try:
-            for _ in range(left):
-                code, _text = self._reply(smtp, "a pipelined command")
-                if code == 421:
-                    self._drop()
-                    return
-            if code == 354:
-                smtp.send(b".\r\n")
-                self._reply(smtp, "the empty message")
-        except OSError:
-            self._drop()
-        except DeliveryError:
-            pass  # the session was closed; the refusal that led here is what counts
-
     def _transaction(
-        self,
-        smtp: smtplib.SMTP,
-        envelope: Envelope,
-        data: bytes,
-        options: list[str],
-        stale_ok: bool,
-        written: bool = False,
-        then: tuple[Envelope, bytes] | None = None,
+        self, smtp: smtplib.SMTP, tx: Transaction, data: bytes, stale_ok: bool
     ) -> SendResult:
-        """One transaction; ``written``: its commands went out ahead (see send())."""
+        """Do what the engine asks until the transaction is over."""
         sock = smtp.sock
         assert sock is not None
         _set_timeout(sock, self._mailer.timeout)
-        smtp.command_encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         self._reused = True
-        # Commands sent ahead mean a session that pipelines: replies come in order.
-        pipelined = written or self.sends_ahead
+        reader = ReplyReader()
+        # A failure up to MAIL's reply means nothing of the message was
+        # transmitted (pipelined or not, the data only follows DATA's 354).
+        self._write(smtp, tx.start(), tx.phase, stale_ok)
+        step: Step = Read()
+        while True:
+            if isinstance(step, Write) and tx.draining:
+                step = self._after_refusal(smtp, reader, tx, step)
+                continue
+            if isinstance(step, Write):
+                self._write(smtp, step.data, tx.phase, False)
+            elif isinstance(step, WriteMessage):
+                self._write_message(smtp, sock, tx, data)
+            elif isinstance(step, Finished):
+                self.transactions += 1
+                self._debug_result(tx, step.result)
+                return step.result
+            elif isinstance(step, Failed):
+                raise self._failure(tx, step, stale_ok)
+            if tx.draining:
+                step = self._after_refusal(smtp, reader, tx, step)
+                continue
+            phase = tx.phase
+            try:
+                reply = self._reply(smtp, reader, phase, stale_ok and phase is Phase.MAIL)
+            except DeliveryError as exc:
+                if phase in (Phase.DATA, Phase.DOT):
+                    with_result(exc, tx.envelope.recipients, tx.accepted, tx.refused)
+                raise
+            step = tx.receive(reply)
+            if phase is Phase.DOT and smtp.sock is not None:
+                _set_timeout(sock, self._mailer.timeout)
 
-        # MAIL: a failure here means nothing of the message was transmitted
-        # (pipelined or not, the data only follows DATA's 354).
-        if written:  # with the last message's final dot
-            code, text = self._reply(smtp, "MAIL FROM", stale_ok=stale_ok)
-        elif pipelined:
-            code, text = self._pipeline(smtp, envelope, _mail_args(envelope, options), stale_ok)
-        else:
-            mail = _mail_args(envelope, options)
-            code, text = self._command(smtp, "MAIL", mail, "MAIL FROM", stale_ok=stale_ok)
-        if not 200 <= code < 300:
-            error = error_for_reply(code, text, phase="mail")
-            if code == 421:
-                self._drop()
-                if stale_ok:
-                    raise _Stale(error)
-                raise error
-            if pipelined:
-                self._drain_pipeline(smtp, len(envelope.recipients) + 1)
-            self._reset(code)
-            raise error
+    def _after_refusal(
+        self, smtp: smtplib.SMTP, reader: ReplyReader, tx: Transaction, step: Step
+    ) -> Step:
+        """One step of reading what is due after a pipelined refusal.
 
-        accepted: list[str] = []
-        refused: dict[str, Reply] = {}
-        for rcpt in envelope.recipients:
-            if pipelined:
-                code, text = self._reply(smtp, "RCPT TO")
-            else:
-                code, text = self._command(smtp, "RCPT", f"TO:<{rcpt}>", "RCPT TO")
-            if 200 <= code < 300:
-                accepted.append(rcpt)
-            elif code == 421:
-                self._drop()
-                raise error_for_reply(code, text, recipient=rcpt, phase="rcpt")
-            else:
-                # RFC 5321 4.5.3.1.10: 552 at RCPT means "too many", i.e. 452.
-                refused[rcpt] = Reply(452 if code == 552 else code, text)
-        if not accepted:
-            if pipelined:
-                self._drain_pipeline(smtp, 1)
-            self._reset(code)
-            raise all_refused(envelope.recipients, refused)
-
-        try:
-            reply = self._data(smtp, sock, data, pipelined=pipelined, then=then)
-        except DeliveryError as exc:
-            # Only the recipients accepted at RCPT were in this transaction:
-            # the error answers for them, the RCPT refusals keep their own.
-            with_result(exc, envelope.recipients, accepted, refused)
-            raise
-        self.transactions += 1
-        result = SendResult(tuple(accepted), MappingProxyType(refused), reply)
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "relay %s took the message for %d of %d recipient(s): %s",
-                self._where,
-                len(accepted),
-                len(envelope.recipients),
-                result.reply,
-            )
-        return result
-
-    def _data(
-        self,
-        smtp: smtplib.SMTP,
-        sock: socket.socket,
-        data: bytes,
-        *,
-        pipelined: bool,
-        then: tuple[Envelope, bytes] | None = None,
-    ) -> Reply:
-        """``DATA`` (or its pipelined reply), the message, the final dot; return the 2xx reply.
-
-        With ``pipelined`` and ``then``, the next message's commands follow
-        the final dot in the same write; once the reply to the dot is read
-        and the session goes on, they wait for ``then``'s send().
-
-        Raises:
-            DeliveryError: ``DATA`` or the message refused, or the session
-                failed on the way (classified; the connection is closed when
-                its state is unknown).
+        Whatever the network does now, the refusal is the outcome: a
+        session that breaks here only ends the session.
         """
-        if pipelined:
-            code, text = self._reply(smtp, "DATA")
-        else:
-            code, text = self._command(smtp, "DATA", "", "DATA")
-        if code != 354:
-            self._reset(code)
-            raise error_for_reply(code, text, phase="data")
-
-        ahead, sent_ahead = self._group_ahead(then) if pipelined else (b"", None)
         try:
-            if len(data) < _BLOCK:  # the usual case: one write, with what goes ahead
-                smtp.send(dot_stuff(data, ahead))
+            if isinstance(step, Write):
+                self._write(smtp, step.data, tx.phase, False)
+            return tx.receive(self._reply(smtp, reader, tx.phase, False))
+        except DeliveryError:
+            self._drop()
+            return tx.session_lost()
+
+    def _failure(self, tx: Transaction, failed: Failed, stale_ok: bool) -> Exception:
+        """What the session does after a failed transaction; the error to raise."""
+        if failed.then == "close":
+            self._drop()
+            if stale_ok and failed.error.phase == "mail" and failed.error.code == 421:
+                return _Stale(failed.error)  # a 421 to MAIL on a reused session
+        elif failed.then == "rset":
+            self._reset(0)
+        return failed.error
+
+    def _write(self, smtp: smtplib.SMTP, data: bytes, phase: Phase, stale_ok: bool) -> None:
+        """Write commands; a failure is classified as the phase's (see :meth:`_failed`)."""
+        try:
+            smtp.send(data)
+        except OSError as exc:
+            raise self._failed(exc, str(phase), stale_ok) from exc
+
+    def _write_message(
+        self, smtp: smtplib.SMTP, sock: socket.socket, tx: Transaction, data: bytes
+    ) -> None:
+        """The message and its final dot, in blocks; then the long wait's timeout."""
+        try:
+            if len(data) < _BLOCK:  # the usual case: one write
+                smtp.send(dot_stuff(data))
             else:
                 payload = memoryview(dot_stuff(data))
                 for start in range(0, len(payload), _BLOCK):
                     smtp.send(payload[start : start + _BLOCK])
-                if ahead:
-                    smtp.send(ahead)
-            if ahead and _QUICKACK is not None:
-                # The relay answers the final dot, then the commands sent
-                # ahead.  One that writes each reply on its own without
-                # TCP_NODELAY holds the later ones until this end ACKs the
-                # first, which it would delay by up to 40 ms (Linux).  (Not
-                # contextlib.suppress: three more calls per message.)
-                try:  # noqa: SIM105
-                    sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-                except OSError:
-                    pass
         except OSError as exc:
             # The final dot was not (completely) sent: nothing was delivered.
-            raise self._translate(exc, "the message data") from exc
+            error = self._translate(exc, "the message data")
+            raise with_result(error, tx.envelope.recipients, tx.accepted, tx.refused) from exc
+        # The long wait: a relay may take minutes to queue the message
+        # (RFC 5321 4.5.3.2.6), and giving up early duplicates it.
+        _set_timeout(sock, self._mailer.data_timeout)
+
+    def _reply(
+        self, smtp: smtplib.SMTP, reader: ReplyReader, phase: Phase, stale_ok: bool
+    ) -> Reply:
+        """Read the next reply; network failures and garbage are classified.
+
+        With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
+        """
+        after_dot = phase is Phase.DOT
+        started = time.monotonic()
         try:
-            # The long wait: a relay may take minutes to queue the message
-            # (RFC 5321 4.5.3.2.6), and giving up early duplicates it.
-            _set_timeout(sock, self._mailer.data_timeout)
-            started = time.monotonic()
-            code, raw = smtp.getreply()
-            self.waited += time.monotonic() - started
+            if smtp.file is None:
+                smtp.file = smtp.sock.makefile("rb")  # type: ignore[union-attr]
+            while True:
+                line = smtp.file.readline(MAX_LINE + 1)
+                if not line:
+                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+                replies = reader.feed(line)
+                if replies:
+                    self.waited += time.monotonic() - started
+                    return replies[0]
         except OSError as exc:
-            raise self._translate(exc, "the reply after the final dot", maybe_sent=True) from exc
-        if smtp.sock is not None:
-            _set_timeout(sock, self._mailer.timeout)
-        text = reply_text(raw)
-        if code < 100:
+            if after_dot:
+                raise self._translate(exc, str(phase), maybe_sent=True) from exc
+            raise self._failed(exc, str(phase), stale_ok) from exc
+        except ProtocolViolation as exc:
             self._drop()
-            raise ConnectionFailed(
-                f"{self._where} sent a malformed reply after the final dot: {raw!r}; "
-                "the message may have been delivered"
+            maybe = "; the message may have been delivered" if after_dot else ""
+            error = ConnectionFailed(
+                f"{self._where} sent a malformed reply to {phase}: {exc.line!r}{maybe}"
             )
-        if code == 421:
-            self._drop()
-        elif ahead:
-            self._ahead = sent_ahead  # also after a refusal: the session goes on
-        if not 200 <= code < 300:
-            raise error_for_reply(code, text, phase="data")
-        return Reply(code, text)
+            raise _Stale(error) if stale_ok else error from exc
+
+    def _debug_result(self, tx: Transaction, result: SendResult) -> None:
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "relay %s took the message for %d of %d recipient(s): %s",
+                self._where,
+                len(result.accepted),
+                len(tx.envelope.recipients),
+                result.reply,
+            )
 
     def _reset(self, code: int) -> None:
         """After a refused step: RSET, or close when the session cannot go on."""

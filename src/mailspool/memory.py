@@ -36,6 +36,7 @@ from mailspool.queue import (
     QueueEntry,
     RecipientStatus,
     Record,
+    RecordFields,
     State,
     all_sent,
     settle_record,
@@ -331,7 +332,7 @@ class MemoryQueue:
             item.record, item.state, item.next_at = record, state, at
 
 
-class _Claim:
+class _Claim(RecordFields):
     """A message of a :class:`MemoryQueue` held for sending (the seam's ``QueueClaim``)."""
 
     def __init__(self, queue: MemoryQueue, id: str, item: _Item) -> None:
@@ -341,34 +342,6 @@ class _Claim:
         self.id = id
         self.data = item.data
         self.envelope = Envelope(item.record.sender, item.record.pending)
-
-    @property
-    def message_id(self) -> str | None:
-        return self._record.message_id
-
-    @property
-    def attempts(self) -> int:
-        return self._record.attempts
-
-    @property
-    def queued_at(self) -> float:
-        return self._record.queued_at
-
-    @property
-    def not_before(self) -> float | None:
-        return self._record.not_before
-
-    @property
-    def due_since(self) -> float:
-        return self._record.due_since
-
-    @property
-    def legacy(self) -> bool:
-        return False
-
-    @property
-    def recipients(self) -> tuple[RecipientStatus, ...]:
-        return self._record.recipients
 
     @property
     def held(self) -> bool:

@@ -34,6 +34,7 @@ __all__ = [
     "QueueEntry",
     "RecipientStatus",
     "Record",
+    "RecordFields",
     "Staged",
     "State",
     "Waker",
@@ -140,6 +141,52 @@ class QueueEntry:
     size: int
     last_error: str | None
     legacy: bool = False
+
+
+class RecordFields:
+    """A claim's fields, read from the :class:`Record` it holds as ``_record``.
+
+    For backends whose claim keeps the message's record (both do).
+    """
+
+    __slots__ = ()
+    _record: Record
+
+    @property
+    def message_id(self) -> str | None:
+        """The Message-Id without angle brackets, if known."""
+        return self._record.message_id
+
+    @property
+    def attempts(self) -> int:
+        """Delivery attempts so far."""
+        return self._record.attempts
+
+    @property
+    def queued_at(self) -> float:
+        """When the message entered the queue (a ``time.time()`` value)."""
+        return self._record.queued_at
+
+    @property
+    def not_before(self) -> float | None:
+        """The time it was scheduled for, when later than ``queued_at``."""
+        return self._record.not_before
+
+    @property
+    def due_since(self) -> float:
+        """Since when it has been due (the later of ``queued_at`` and
+        ``not_before``): ``give_up_after`` counts from here."""
+        return self._record.due_since
+
+    @property
+    def legacy(self) -> bool:
+        """Whether it was read from a zope.sendmail / repoze.sendmail file."""
+        return self._record.legacy
+
+    @property
+    def recipients(self) -> tuple[RecipientStatus, ...]:
+        """Every recipient with its state."""
+        return self._record.recipients
 
 
 # --- the per-recipient rules every backend applies --------------------------------------

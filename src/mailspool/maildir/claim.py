@@ -21,10 +21,11 @@ from types import TracebackType
 from mailspool.errors import SpoolError
 from mailspool.maildir import trash
 from mailspool.maildir.directory import SpoolDir, log, new_name, unlink_quietly
-from mailspool.maildir.fileformat import RecipientStatus, Record, encode_file
+from mailspool.maildir.fileformat import Record, encode_file
 from mailspool.maildir.lifecycle import OUTCOME_ACTION, all_sent, next_area, settle_record
 from mailspool.maildir.locks import close_held
 from mailspool.message import Envelope
+from mailspool.queue import RecordFields
 
 __all__ = ["Claim"]
 
@@ -39,7 +40,7 @@ def _after_fork_in_child() -> None:
     _this_process = os.getpid()
 
 
-class Claim:
+class Claim(RecordFields):
     """A message held for sending; settle it, or it goes back to ready.
 
     Use as a context manager: leaving the block without settle(), defer()
@@ -78,46 +79,10 @@ class Claim:
         self.envelope = Envelope(record.sender, record.pending)
 
     @property
-    def message_id(self) -> str | None:
-        """The Message-Id without angle brackets, if known."""
-        return self._record.message_id
-
-    @property
-    def attempts(self) -> int:
-        """Delivery attempts so far."""
-        return self._record.attempts
-
-    @property
-    def queued_at(self) -> float:
-        """When the message entered the spool (a ``time.time()`` value)."""
-        return self._record.queued_at
-
-    @property
-    def not_before(self) -> float | None:
-        """The time it was scheduled for, when later than ``queued_at``."""
-        return self._record.not_before
-
-    @property
-    def due_since(self) -> float:
-        """Since when it has been due (the later of ``queued_at`` and
-        ``not_before``): ``give_up_after`` counts from here."""
-        return self._record.due_since
-
-    @property
     def held(self) -> bool:
         """True while this claim holds the message in this process: not yet
         settled, deferred, released or quarantined."""
         return self._done is None and self._pid == _this_process
-
-    @property
-    def legacy(self) -> bool:
-        """Whether it was read from a zope.sendmail / repoze.sendmail file."""
-        return self._record.legacy
-
-    @property
-    def recipients(self) -> tuple[RecipientStatus, ...]:
-        """Every recipient with its state."""
-        return self._record.recipients
 
     def __repr__(self) -> str:
         return f"<Claim {self.id} {self._done or 'held'}>"

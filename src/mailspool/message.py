@@ -140,6 +140,9 @@ def _check_domain(domain: str, original: str) -> None:
             )
 
 
+_COUNTS = {2: "two", 3: "three"}
+
+
 def _check_mailbox(mailbox: str, original: str) -> str:
     if "@" not in mailbox:
         raise InvalidAddress(original, "no '@' and domain")
@@ -149,6 +152,12 @@ def _check_mailbox(mailbox: str, original: str) -> str:
     if not domain:
         raise InvalidAddress(original, "empty domain")
     if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+        if not local.startswith('"') and "@" in local:
+            n = mailbox.count("@")
+            raise InvalidAddress(
+                original,
+                f"it has {_COUNTS.get(n, str(n))} '@' (an address has one, before the domain)",
+            )
         raise InvalidAddress(original, f"local part {local!r} is neither a dot-atom nor quoted")
     # Non-ASCII white space (no-break, em, ideographic spaces) passes the
     # character classes above; it is allowed inside quotes only.

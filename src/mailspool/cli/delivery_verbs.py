@@ -21,12 +21,10 @@ it.
 from __future__ import annotations
 
 import contextlib
-import email.parser
-import email.policy
-import email.utils
 import getpass
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -54,7 +52,7 @@ from mailspool.cli.common import (
     summary_line,
 )
 from mailspool.errors import InvalidAddress, InvalidMessage
-from mailspool.message import prepare
+from mailspool.message import parse_mailbox, prepare
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import QueueProcessor, Summary
@@ -230,6 +228,111 @@ def _drop_header(headers: bytes, name: bytes) -> bytes:
     return b"".join(out)
 
 
+def _header_fields(head: bytes) -> list[tuple[str, bytes]]:
+    """``(lower-case name, raw value)`` of each field, continuation lines unfolded."""
+    fields: list[tuple[str, bytes]] = []
+    for line in head.splitlines():
+        if line[:1] in (b" ", b"\t"):
+            if fields:
+                name, value = fields[-1]
+                fields[-1] = (name, value + b" " + line.strip())
+            continue
+        name, sep, value = line.partition(b":")
+        if sep and re.fullmatch(rb"[!-9;-~]+", name):
+            fields.append((name.decode("ascii").lower(), value.strip()))
+    return fields
+
+
+def _header_text(name: str, value: bytes) -> str:
+    """The value of an address header as text: UTF-8 (RFC 6532), or a refusal.
+
+    Decoding any other way would put a replacement character into an
+    address and send to a mailbox nobody wrote.
+    """
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        shown = value.decode("utf-8", "backslashreplace")
+        fail(
+            f"send: the {name.title()} header is not valid UTF-8 ('{shown}'); "
+            "write its addresses in UTF-8"
+        )
+
+
+def _address_items(text: str) -> list[tuple[str, str]]:
+    """The items of an address list, as written and without comments.
+
+    Split at the commas that are outside quoted strings, comments, angle
+    and square brackets; a group's name (``friends: a@x, b@y;``) and the
+    ``;`` that ends it are dropped.  Empty items are left out.
+    """
+    items: list[tuple[str, str]] = []
+    whole: list[str] = []
+    bare: list[str] = []
+    quoted = escaped = False
+    comment = 0
+    closing = ""
+    for ch in text:
+        whole.append(ch)
+        if comment:  # comments are left out of the address
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            else:
+                comment += {"(": 1, ")": -1}.get(ch, 0)
+            continue
+        if escaped:
+            escaped = False
+        elif quoted:
+            escaped = ch == "\\"
+            quoted = ch != '"'
+        elif ch == "(":
+            comment = 1
+            continue
+        elif closing:
+            closing = "" if ch == closing else closing
+        elif ch in "<[":
+            closing = ">" if ch == "<" else "]"
+        elif ch == '"':
+            quoted = True
+        elif ch in ",;:":
+            if ch != ":":
+                items.append(("".join(whole[:-1]).strip(), "".join(bare).strip()))
+            whole, bare = [], []
+            continue
+        bare.append(ch)
+    items.append(("".join(whole).strip(), "".join(bare).strip()))
+    return [(w, b) for w, b in items if b]
+
+
+def _header_addresses(head: bytes, names: tuple[str, ...]) -> list[str]:
+    """The mailboxes in the header fields ``names``; a bad item stops the command."""
+    found: list[str] = []
+    for name, raw in _header_fields(head):
+        if name not in names:
+            continue
+        for item, bare in _address_items(_header_text(name, raw)):
+            try:
+                found.append(parse_mailbox(bare))
+            except InvalidAddress as exc:
+                fail(f"send: {name.title()}: invalid address {item!r}: {exc.reason}")
+    return found
+
+
+def _argument_address(value: str, what: str) -> str:
+    """An address from the command line, checked; bytes that are not UTF-8 refused."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        fail(f"send: {what}: invalid address '{shown}': not valid UTF-8")
+    try:
+        return parse_mailbox(value)
+    except InvalidAddress as exc:
+        fail(f"send: {what}: {exc}")
+
+
 def _default_sender() -> str:
     try:
         user = getpass.getuser()
@@ -277,19 +380,19 @@ def send(
     if not data.strip():
         fail("send: no message on standard input")
     head, rest = _split_message(data)
-    msg = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    rcpts = list(recipients)
+    rcpts = [_argument_address(r, "recipient") for r in recipients]
     if read_recipients:
-        fields = [str(v) for k in ("To", "Cc", "Bcc") for v in msg.get_all(k, [])]
-        rcpts += [addr for _, addr in email.utils.getaddresses(fields) if addr]
+        rcpts += _header_addresses(head, ("to", "cc", "bcc"))
         head = _drop_header(head, b"bcc")
     if not rcpts:
         fail("send: no recipients; give addresses or use -t", EXIT_USAGE)
-    if sender is None:
-        from_header = msg.get("From")
-        sender = email.utils.parseaddr(str(from_header))[1] if from_header else ""
-        sender = sender or _default_sender()
-    if msg.get("From") is None:
+    has_from = any(name == "from" for name, _ in _header_fields(head))
+    if sender is not None:
+        sender = _argument_address(sender, "-f")
+    else:
+        senders = _header_addresses(head, ("from",))
+        sender = senders[0] if senders else _default_sender()
+    if not has_from:
         nl = b"\r\n" if head.endswith(b"\r\n") or b"\r\n" in rest[:2] else b"\n"
         head = f"From: {sender}".encode() + nl + head
     try:

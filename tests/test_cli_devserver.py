@@ -124,3 +124,35 @@ def test_sink_refuses_what_is_too_big_and_keeps_long_lines_whole() -> None:
     (got,) = sink.received
     assert got.data == b"S: 1\r\n\r\n" + long_line + b"\r\n"
     assert sink.count == 1
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_devserver_port_out_of_range_is_a_settings_error(
+    capsys: pytest.CaptureFixture[str], port: str
+) -> None:
+    from mailspool.cli import main
+
+    code = main(["devserver", "--port", port])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"mailspool: port: must be between 0 and 65535, got {port} (from --port)\n"
+    )
+
+
+@pytest.mark.parametrize("file", ["", "new"])
+def test_devserver_refuses_a_maildir_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str
+) -> None:
+    from mailspool.cli import main
+
+    box = tmp_path / "box"
+    if file:
+        box.mkdir()
+    (box / file).write_text("not a directory\n")
+    code = main(["devserver", "--port", "0", "--maildir", str(box)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"mailspool: maildir: cannot store messages in {box / file}: not a directory\n"
+    )
+    with pytest.raises(NotADirectoryError):
+        DevServer(port=0, maildir=box)

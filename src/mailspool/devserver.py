@@ -21,6 +21,7 @@ import binascii
 import collections
 import email.parser
 import email.policy
+import errno
 import logging
 import mailbox
 import os
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import IO
 
-__all__ = ["DEFAULT_PORT", "DevServer", "Received"]
+__all__ = ["DEFAULT_PORT", "DevServer", "Received", "make_maildir"]
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,20 @@ class _TCPServer(socketserver.ThreadingTCPServer):
         super().__init__(address, _Session)
 
 
+def make_maildir(path: str) -> None:
+    """Make ``path`` a Maildir (``tmp/``, ``new/``, ``cur/``) if it is not one yet.
+
+    Raises:
+        OSError: naming the path: it (or one of its subdirectories) is a
+            file, or cannot be created.
+    """
+    for sub in ("", "tmp", "new", "cur"):
+        where = os.path.join(path, sub) if sub else path
+        if os.path.exists(where) and not os.path.isdir(where):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", where)
+        os.makedirs(where, mode=0o700, exist_ok=True)
+
+
 class DevServer:
     """An SMTP sink on a local port that accepts everything.
 
@@ -262,7 +277,8 @@ class DevServer:
     serves from a background thread.
 
     Raises:
-        OSError: from the constructor when the address cannot be bound.
+        OSError: from the constructor when the address cannot be bound, or
+            the Maildir cannot be made (see :func:`make_maildir`).
     """
 
     def __init__(
@@ -281,6 +297,8 @@ class DevServer:
         self.echo = echo
         self.echo_body = echo_body
         self.maildir = os.fspath(maildir) if maildir is not None else None
+        if self.maildir is not None:
+            make_maildir(self.maildir)
         self._box = mailbox.Maildir(self.maildir, create=True) if self.maildir else None
         self._lock = threading.Condition()
         self._received: collections.deque[Received] = collections.deque(maxlen=keep)

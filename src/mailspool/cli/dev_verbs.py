@@ -22,13 +22,14 @@ import click
 from mailspool.cli.common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     STATE_NAMES,
     fail,
     setup_logging,
     stop_on_signals,
     summary_line,
 )
-from mailspool.devserver import DEFAULT_PORT, DevServer
+from mailspool.devserver import DEFAULT_PORT, DevServer, make_maildir
 from mailspool.errors import MailspoolError
 
 if TYPE_CHECKING:
@@ -39,7 +40,9 @@ __all__ = ["COMMANDS"]
 
 @click.command(short_help="A local SMTP sink for development.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port.")
+@click.option(
+    "--port", default=DEFAULT_PORT, show_default=True, type=int, help="Port (0: any free one)."
+)
 @click.option("--maildir", metavar="DIR", help="Also store each message in this Maildir.")
 @click.option("--body", is_flag=True, help="Print each whole message, not only a summary.")
 @click.option("-v", "--verbose", count=True, help="Log more (-vv: debug).")
@@ -54,6 +57,14 @@ def devserver(
     none`. Stop it with Ctrl-C.
     """
     setup_logging(verbose, ctx)
+    if not 0 <= port <= 65535:
+        fail(f"port: must be between 0 and 65535, got {port} (from --port)", EXIT_USAGE)
+    if maildir is not None:
+        try:
+            make_maildir(maildir)
+        except OSError as exc:
+            where = exc.filename if isinstance(exc.filename, str) else maildir
+            fail(f"maildir: cannot store messages in {where}: {exc.strerror or exc}", EXIT_USAGE)
     try:
         server = DevServer(host, port, maildir=maildir, echo=sys.stdout, echo_body=body)
     except OSError as exc:

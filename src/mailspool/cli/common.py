@@ -395,12 +395,19 @@ def summary_line(summary: Summary) -> str:
     if summary.unwritten:
         text += (
             f"; {summary.unwritten} outcome(s) could not be written to the spool "
-            "(is it full?): those messages stay claimed until they are"
+            "(the log above says why): those messages stay claimed until they are"
         )
     return text
 
 
 def summary_code(summary: Summary) -> int:
-    """0 when everything due was sent; 1 when something failed, stayed deferred or waits."""
-    bad = summary.failed or summary.deferred or summary.relay_paused or summary.unwritten
+    """0 when everything due was sent; 1 when something failed, was quarantined,
+    stayed deferred or waits."""
+    bad = (
+        summary.failed
+        or summary.quarantined
+        or summary.deferred
+        or summary.relay_paused
+        or summary.unwritten
+    )
     return EXIT_FAILED if bad else EXIT_OK

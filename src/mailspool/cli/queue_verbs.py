@@ -117,6 +117,11 @@ def _entries(spool: Spool, state: str | None = None) -> Iterator[SpoolEntry]:
         yield from spool.entries(state)
 
 
+def _oldest_first(entries: Iterator[SpoolEntry]) -> list[SpoolEntry]:
+    """By the time each was queued, oldest first (unreadable ones last, by ID)."""
+    return sorted(entries, key=lambda e: (e.queued_at is None, e.queued_at or 0.0, e.id))
+
+
 @click.command(short_help="Counts per state, oldest message, next retry.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @common_options
@@ -186,7 +191,7 @@ def _relay_line(relay: dict[str, Any], now: float) -> str:
 @common_options
 @click.pass_context
 def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) -> int:
-    """List the messages in the queue, like mailq.
+    """List the messages in the queue, like mailq, the oldest first.
 
     One line per message (ID, state, age, size, attempts, sender and
     recipients), the last error indented below it. Only the head of each
@@ -198,12 +203,12 @@ def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) ->
     if as_json:
         out = sys.stdout
         out.write("[")
-        for i, entry in enumerate(_entries(spool, wanted)):
+        for i, entry in enumerate(_oldest_first(_entries(spool, wanted))):
             out.write(("," if i else "") + "\n  " + json.dumps(entry_json(entry)))
         out.write("\n]\n")
         return EXIT_OK
     n = 0
-    for entry in _entries(spool, wanted):
+    for entry in _oldest_first(_entries(spool, wanted)):
         if n == 0:
             click.echo(f"{'ID':<40} {'STATE':<11} {'AGE':>7} {'SIZE':>6} {'TRIES':>5}  FROM -> TO")
         n += 1

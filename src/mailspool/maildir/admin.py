@@ -23,6 +23,7 @@ from mailspool.maildir.directory import (
     check_id,
     errname,
     new_name,
+    open_failure,
     read_all,
     unlink_quietly,
 )
@@ -244,7 +245,7 @@ class SpoolAdmin(SpoolDir):
         except FileNotFoundError:
             return None
         except OSError as exc:
-            error = f"cannot open: {errname(exc)}"
+            error = open_failure(exc)
         else:
             try:
                 st = os.fstat(fd)
@@ -314,8 +315,8 @@ class SpoolAdmin(SpoolDir):
     def _move(self, action: str, area: str, target: str | None, id: str, fd: int) -> None:
         path = self._dirs[area] + id
         try:
-            if area == "failed" and target == "new":
-                self._retry_failed(id, fd)
+            if area in ("failed", "deferred") and target == "new":
+                self._retry_failed(area, id, fd)
             elif target is None:
                 os.unlink(path)
                 if area != "cur":
@@ -344,9 +345,14 @@ class SpoolAdmin(SpoolDir):
             finally:
                 close_held(fd)
 
-    def _retry_failed(self, id: str, fd: int) -> None:
+    def _retry_failed(self, area: str, id: str, fd: int) -> None:
+        """Back to new/, its failed recipients pending again (rewritten only if it has some)."""
         st = os.fstat(fd)
         record, data = decode_file(read_all(fd, st.st_size), mtime=st.st_mtime)
+        if not any(r.status == FAILED for r in record.recipients):
+            os.rename(self._dirs[area] + id, self._dirs["new"] + id)
+            self._fsync_dir("new")
+            return
         record = replace(
             record,
             recipients=tuple(
@@ -359,7 +365,7 @@ class SpoolAdmin(SpoolDir):
         self._write(tmp, head, data, None, False)
         os.rename(tmp, self._dirs["new"] + id)
         self._fsync_dir("new")
-        self._trash(self._dirs["failed"] + id)
+        self._trash(self._dirs[area] + id)
 
     def retry(self, id: str) -> None:
         """Make a deferred, failed or quarantined message ready now.

@@ -60,6 +60,7 @@ __all__ = [
     "errname",
     "log",
     "new_name",
+    "open_failure",
     "read_all",
     "unlink_quietly",
 ]
@@ -115,6 +116,20 @@ def errname(exc: OSError) -> str:
     """``No space left on device (ENOSPC)`` for an OSError."""
     code = exc.errno or 0
     return f"{os.strerror(code)} ({errno.errorcode.get(code, code)})"
+
+
+def open_failure(exc: OSError) -> str:
+    """Why a spool file could not be opened, in the words a person needs.
+
+    A symbolic link is refused by ``O_NOFOLLOW`` with ELOOP, whose own text
+    ("Too many levels of symbolic links") says nothing useful here.
+    """
+    if exc.errno == errno.ELOOP:
+        return (
+            "it is a symbolic link, which the spool never follows or sends "
+            "(the queue processor moves it to quarantine/; `mailspool delete` removes it)"
+        )
+    return f"cannot open: {errname(exc)}"
 
 
 def unlink_quietly(path: str) -> None:

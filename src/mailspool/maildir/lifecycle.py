@@ -99,5 +99,7 @@ def next_area(action: str, area: str) -> str | None:
     sources, target = LIFECYCLE[action]
     if area not in sources:
         state = STATES.get(area, area)
+        if action == "unhold":  # what `mailspool release` asks: say it in its words
+            raise SpoolError(f"not held (it is {state}): nothing to release")
         raise SpoolError(f"cannot {action} a message that is {state}")
     return target

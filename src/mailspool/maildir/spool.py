@@ -49,7 +49,15 @@ from mailspool.errors import SpoolError
 from mailspool.maildir import groupsync, process, trash
 from mailspool.maildir.admin import SpoolAdmin, SpoolEntry
 from mailspool.maildir.claim import Claim
-from mailspool.maildir.directory import check_id, errname, log, new_name, read_all, unlink_quietly
+from mailspool.maildir.directory import (
+    check_id,
+    errname,
+    log,
+    new_name,
+    open_failure,
+    read_all,
+    unlink_quietly,
+)
 from mailspool.maildir.fileformat import (
     FAILED,
     FORMAT_VERSION,
@@ -369,7 +377,7 @@ class Spool(SpoolAdmin):
                 continue
             except OSError as exc:
                 if exc.errno in _BAD_FILE:
-                    self._quarantine(area, id, f"cannot open: {errname(exc)}")
+                    self._quarantine(area, id, open_failure(exc))
                     return None
                 raise self._error(f"open {path}", exc) from exc
             claim: Claim | None = None

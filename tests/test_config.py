@@ -207,3 +207,71 @@ def test_settings_are_frozen_keyword_only_and_validated() -> None:
     with pytest.raises(ConfigError, match=r"^connections: expected int"):
         Settings(connections="4").validate()  # type: ignore[arg-type]
     assert Settings(timeout=5).validate().timeout == 5  # an int is a fine float
+
+
+@pytest.mark.parametrize(
+    ("text", "setting", "expected"),
+    [
+        ('[relay]\nverify_certificates = "no"\n', "verify_certificates", "true or false"),
+        ('[relay]\nverify_certificates = "false"\n', "verify_certificates", "true or false"),
+        ("[relay]\nverify_certificates = 0\n", "verify_certificates", "true or false"),
+        ('[relay]\nallow_plaintext_auth = "yes"\n', "allow_plaintext_auth", "true or false"),
+        ('[relay]\npipelining = "off"\n', "pipelining", "true or false"),
+        ('[relay]\nport = "25"\n', "port", "an integer"),
+        ("[processor]\nconnections = 4.5\n", "connections", "an integer"),
+        ("[processor]\nrate_limit = true\n", "rate_limit", "a number"),
+        ('[processor]\nrate_limit = "20"\n', "rate_limit", "a number"),
+        ("[retry]\nfirst_delay = true\n", "first_delay", "a duration"),
+        ("[relay]\nhost = 25\n", "host", "a string"),
+    ],
+)
+def test_a_toml_value_of_the_wrong_type_is_refused(
+    tmp_path: Path, text: str, setting: str, expected: str
+) -> None:
+    conf = write(tmp_path / "m.toml", text)
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, {}, config_file=conf)
+    assert info.value.setting == setting
+    assert str(info.value).startswith(f"{setting}: expected {expected}")
+    assert f"(from {conf} [" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["flase", "ture", "disabled", "n", "-1", "2"])
+@pytest.mark.parametrize(
+    "variable",
+    [
+        "MAILSPOOL_VERIFY_CERTIFICATES",
+        "MAILSPOOL_ALLOW_PLAINTEXT_AUTH",
+        "MAILSPOOL_PIPELINING",
+    ],
+)
+def test_a_boolean_typo_in_the_environment_never_changes_a_setting(
+    variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match="not a boolean"):
+        load_settings({}, {variable: value})
+
+
+def test_booleans_that_are_spelled_right_still_work(tmp_path: Path) -> None:
+    conf = write(tmp_path / "m.toml", "[relay]\nverify_certificates = false\npipelining = false\n")
+    s = load_settings({}, {}, config_file=conf)
+    assert (s.verify_certificates, s.pipelining) == (False, False)
+    s = load_settings({}, {"MAILSPOOL_VERIFY_CERTIFICATES": "no"}, config_file=conf)
+    assert s.verify_certificates is False
+    s = load_settings({"verify_certificates": "true"}, {}, config_file=conf)
+    assert s.verify_certificates is True
+
+
+def test_the_command_refuses_a_string_for_verify_certificates(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailspool.cli import main
+
+    conf = write(tmp_path / "m.toml", '[relay]\nverify_certificates = "no"\n')
+    code = main(["drain", "--config", conf, "--queue", str(tmp_path / "q")])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "mailspool: verify_certificates: expected true or false (a TOML boolean, unquoted), "
+        f"got the string 'no' (from {conf} [relay] verify_certificates)\n"
+    )
+    assert not (tmp_path / "q").exists()

@@ -36,6 +36,7 @@ from mailspool.cli.settings_fields import (
     TLS_MODES,
     ConfigError,
     Field,
+    check_toml_type,
     field_named,
     parse_duration,
 )
@@ -395,6 +396,10 @@ def resolve_settings(
                 values["password"] = _read_secret_file(pw_path, "password_file", origin)
                 origins["password"] = f"{origin} ({pw_path})"
                 continue
+            try:
+                check_toml_type(field_named(name), value)
+            except ConfigError as exc:
+                raise exc.with_origin(origin) from None
             if field_named(name).path:
                 value = _resolve(value, base)
             values[name], origins[name] = value, origin

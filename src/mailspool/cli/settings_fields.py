@@ -23,6 +23,7 @@ __all__ = [
     "TLS_MODES",
     "ConfigError",
     "Field",
+    "check_toml_type",
     "field_named",
     "parse_duration",
 ]
@@ -227,6 +228,44 @@ FIELDS: tuple[Field, ...] = (
     Field("relay_max_delay", "retry", "MAILSPOOL_RELAY_MAX_DELAY", "--relay-max-delay",
           float, _to_duration, help="longest pause of an unavailable relay"),
 )  # fmt: skip
+
+
+def _toml_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return f"a TOML {type(value).__name__}"
+
+
+def check_toml_type(f: Field, value: object) -> None:
+    """Refuse a TOML value of the wrong type for setting ``f``, before it is converted.
+
+    The environment can only hold strings, so ``"no"`` there means false;
+    TOML has real booleans and numbers, and ``verify_certificates = "no"``
+    or ``port = "25"`` is a mistake: read leniently, a typo could turn a
+    security setting off.
+
+    Raises:
+        ConfigError: naming the setting and the type it takes.
+    """
+    if f.kind is bool:
+        ok, expected = isinstance(value, bool), "true or false (a TOML boolean, unquoted)"
+    elif f.kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer (unquoted)"
+    elif f.convert is _to_duration:
+        ok = isinstance(value, (int, float, str)) and not isinstance(value, bool)
+        expected = 'a duration (a number of seconds, or a string such as "5m")'
+    elif f.kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        expected = "a number (unquoted)"
+    else:
+        ok, expected = isinstance(value, str), "a string"
+    if not ok:
+        raise ConfigError(f.name, f"expected {expected}, got {_toml_kind(value)}")
 
 
 _BY_NAME = {f.name: f for f in FIELDS}

@@ -394,3 +394,35 @@ def test_relay_down_during_drain_fails_nothing(
     counts = Spool(queue).counts()
     assert (counts["ready"], counts["failed"], counts["deferred"]) == (2, 0, 0)
     assert all(e.attempts == 0 for e in Spool(queue).entries())
+
+
+_CLOSED_PIPE = """
+import io, sys
+from mailspool.cli import main
+
+class Head(io.StringIO):
+    # What `| head -N` becomes for the writer once head has exited.
+    lines = 0
+    def write(self, text):
+        self.lines += text.count("\\n")
+        if self.lines >= int(sys.argv[2]):
+            raise BrokenPipeError(32, "Broken pipe")
+        return len(text)
+
+sys.stdout = Head()
+sys.exit(main(["demo", "--dir", sys.argv[1]]))
+"""
+
+
+@pytest.mark.parametrize("lines", [3, 7, 9, 13])
+def test_demo_into_a_closed_pipe_is_no_unfinished_transaction(tmp_path: Path, lines: int) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _CLOSED_PIPE, str(tmp_path / "demo"), str(lines)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(),
+    )
+    assert "never ended" not in proc.stderr
+    assert proc.stderr == ""
+    assert proc.returncode == 1

@@ -33,6 +33,8 @@ from mailspool.devserver import DEFAULT_PORT, DevServer, make_maildir
 from mailspool.errors import MailspoolError
 
 if TYPE_CHECKING:
+    import transaction
+
     from mailspool.processor.loop import Summary
 
 __all__ = ["COMMANDS"]
@@ -96,10 +98,8 @@ def _demo_message(to: str, subject: str) -> bytes:
     ).encode()
 
 
-def _walk_through(base: str) -> bool:
+def _walk_through(base: str, manager: transaction.TransactionManager) -> bool:
     """The demonstration itself, in directory ``base``; True when all arrived."""
-    import transaction
-
     from mailspool.delivery import QueuedMailDelivery
     from mailspool.processor.loop import QueueProcessor
     from mailspool.smtp.mailer import SMTPMailer
@@ -112,7 +112,6 @@ def _walk_through(base: str) -> bool:
         return os.path.relpath(path, base)
 
     with DevServer("127.0.0.1", 0, maildir=maildir) as relay:
-        manager = transaction.TransactionManager()
         delivery = QueuedMailDelivery(spool_dir, transaction_manager=manager)
         spool = delivery.spool
         echo(f"  spool:  {rel(spool_dir)}/")
@@ -188,10 +187,18 @@ def demo(ctx: click.Context, /, directory: str | None, keep: bool, verbose: int)
     else:
         base = tempfile.mkdtemp(prefix="mailspool-demo-")
     click.echo(f"mailspool demo in {base}")
+    import transaction
+
+    manager = transaction.TransactionManager()
     try:
-        ok = _walk_through(base)
+        ok = _walk_through(base, manager)
     except MailspoolError as exc:
         fail(f"demo: {exc}")
+    except BaseException:
+        # Whatever stopped it (a reader that closed the pipe, Ctrl-C), the
+        # transaction it was in ends here: aborted, nothing was sent.
+        manager.abort()
+        raise
     finally:
         if not directory and not keep:
             shutil.rmtree(base, ignore_errors=True)

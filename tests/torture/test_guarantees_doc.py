@@ -41,3 +41,31 @@ def test_the_page_has_the_long_runs_report() -> None:
     assert "LONG_RUN_REPORT" not in text
     assert "python -m tests.torture.run" in text
     assert "mailspool torture run: seed" in text
+
+
+_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+
+
+def test_the_count_of_findings_matches_the_list_and_the_tests() -> None:
+    text = " ".join(DOC.read_text(encoding="utf-8").split())
+    findings = text.split("## Findings", 1)[1]
+    fixed_part, _, open_part = findings.partition(" Open:")
+    fixed = len(re.findall(r" - \*\*Finding \d+\.", fixed_part))
+    still_open = len(re.findall(r" - \*\*Finding \d+\.", open_part))
+    # An open finding is a test marked xfail(strict=True); a fixed one is not.
+    marker = "@pytest.mark." + "xfail"  # spelled so that this file does not hold it
+    marked = sum(
+        path.read_text(encoding="utf-8").count(marker)
+        for path in (ROOT / "tests").rglob("test_*.py")
+    )
+    assert marked == still_open
+    total = _WORDS[fixed + still_open]
+    if still_open:
+        verb = "is" if still_open == 1 else "are"
+        said = (
+            f"found {total} defects; {_WORDS[fixed]} are fixed, each with its regression "
+            f"test, and {_WORDS[still_open]} {verb} open"
+        )
+    else:
+        said = f"found {total} defects; all {total} are fixed, each with its regression test"
+    assert said in text

@@ -26,6 +26,7 @@ VERBS = (
     "run",
     "drain",
     "status",
+    "check",
     "list",
     "show",
     "retry",

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from conftest import Relay
-from mailspool.cli import main
-from mailspool.spool import Spool
+from mailspool.cli.main import main
+from mailspool.maildir.spool import Spool
 
 
 @pytest.fixture(autouse=True)

@@ -2,9 +2,9 @@
 
 :mod:`~mailspool.cli.main` builds the command and runs it; the verbs live in
 :mod:`~mailspool.cli.queue_verbs`, :mod:`~mailspool.cli.delivery_verbs`,
-:mod:`~mailspool.cli.config_verb` and :mod:`~mailspool.cli.dev_verbs`; the
-settings in :mod:`~mailspool.cli.settings`. Nothing outside this package
-imports it.
+:mod:`~mailspool.cli.check_verb`, :mod:`~mailspool.cli.config_verb` and
+:mod:`~mailspool.cli.dev_verbs`; the settings in
+:mod:`~mailspool.cli.settings`. Nothing outside this package imports it.
 """
 
 from __future__ import annotations

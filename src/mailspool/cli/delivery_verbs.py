@@ -234,12 +234,12 @@ def _header_fields(head: bytes) -> list[tuple[str, bytes]]:
     for line in head.splitlines():
         if line[:1] in (b" ", b"\t"):
             if fields:
-                name, value = fields[-1]
-                fields[-1] = (name, value + b" " + line.strip())
+                last, value = fields[-1]
+                fields[-1] = (last, value + b" " + line.strip())
             continue
-        name, sep, value = line.partition(b":")
-        if sep and re.fullmatch(rb"[!-9;-~]+", name):
-            fields.append((name.decode("ascii").lower(), value.strip()))
+        raw_name, sep, value = line.partition(b":")
+        if sep and re.fullmatch(rb"[!-9;-~]+", raw_name):
+            fields.append((raw_name.decode("ascii").lower(), value.strip()))
     return fields
 
 

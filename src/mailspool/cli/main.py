@@ -9,6 +9,7 @@ module:
 - :mod:`mailspool.cli.delivery_verbs` -- ``run``, ``drain``, ``send``;
 - :mod:`mailspool.cli.queue_verbs` -- ``status``, ``list``, ``show``, ``retry``,
   ``delete``, ``hold``, ``release``;
+- :mod:`mailspool.cli.check_verb` -- ``check`` (health checks, monitoring);
 - :mod:`mailspool.cli.config_verb` -- ``config``;
 - :mod:`mailspool.cli.dev_verbs` -- ``devserver``, ``demo``;
 - :mod:`mailspool.cli.common` -- what they share (options, settings, exit
@@ -24,9 +25,10 @@ stderr, and the exit code says what kind of failure it was:
 code  meaning
 ====  ==========================================================================
 0     done
-1     something failed: a message failed or stayed deferred (``drain``,
-      ``run --once``), the relay was unavailable, an ID was not found, a
-      message could not be queued, an unexpected error
+1     something failed: a message failed, was quarantined or stayed
+      deferred (``drain``, ``run --once``), the relay was unavailable, an ID
+      was not found, a message could not be queued, ``check`` found a
+      problem, an unexpected error
 2     usage or configuration error (nothing was touched)
 3     the queue does not exist, is not a spool, or cannot be read
 130   interrupted (Ctrl-C); the messages in flight were finished
@@ -43,6 +45,7 @@ from collections.abc import Sequence
 
 import click
 
+from mailspool.cli import check_verb as cli_check
 from mailspool.cli import config_verb as cli_config
 from mailspool.cli import delivery_verbs as cli_delivery
 from mailspool.cli import dev_verbs as cli_dev
@@ -90,8 +93,9 @@ def cli(ctx: click.Context, /, queue: str | None, config: str | None, verbose: i
     MAILSPOOL_PASSWORD, a password file, or a config file only its owner
     can read.
 
-    Exit codes: 0 done; 1 something failed or stayed deferred; 2 usage or
-    configuration error; 3 queue not found or unreadable; 130 interrupted.
+    Exit codes: 0 done; 1 something failed, was quarantined or stayed
+    deferred (or `check` found a problem); 2 usage or configuration error;
+    3 queue not found or unreadable; 130 interrupted.
 
     Try `mailspool demo` to see the whole path on this machine.
     """
@@ -101,6 +105,7 @@ def cli(ctx: click.Context, /, queue: str | None, config: str | None, verbose: i
 for _command in (
     *cli_delivery.COMMANDS,
     *cli_queue.COMMANDS,
+    *cli_check.COMMANDS,
     *cli_config.COMMANDS,
     *cli_dev.COMMANDS,
 ):

@@ -38,10 +38,10 @@ from mailspool.processor.outcome import per_second
 if TYPE_CHECKING:
     from mailspool.maildir.spool import Spool, SpoolEntry
 
-__all__ = ["COMMANDS", "entry_json"]
+__all__ = ["COMMANDS", "age_text", "entry_json"]
 
 
-def _age(seconds: float) -> str:
+def age_text(seconds: float) -> str:
     """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
     s = max(0, int(seconds))
     if s < 60:
@@ -157,10 +157,10 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
     for s in STATE_NAMES:
         extra = ""
         if s == "deferred" and next_retry is not None:
-            extra = f"   next retry {when(next_retry)} (in {_age(next_retry - now)})"
+            extra = f"   next retry {when(next_retry)} (in {age_text(next_retry - now)})"
         click.echo(f"  {s.replace('_', ' '):<12} {counts.get(s, 0):>7}{extra}")
     if oldest is not None:
-        click.echo(f"  oldest waiting message: queued {_age(now - oldest)} ago ({when(oldest)})")
+        click.echo(f"  oldest waiting message: queued {age_text(now - oldest)} ago ({when(oldest)})")
     if relay is not None:
         click.echo(_relay_line(relay, now))
     return EXIT_OK
@@ -212,7 +212,7 @@ def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) ->
         if n == 0:
             click.echo(f"{'ID':<40} {'STATE':<11} {'AGE':>7} {'SIZE':>6} {'TRIES':>5}  FROM -> TO")
         n += 1
-        age = _age(now - entry.queued_at) if entry.queued_at else "?"
+        age = age_text(now - entry.queued_at) if entry.queued_at else "?"
         rcpts = ", ".join(
             r.address + ("" if r.status == "pending" else f" ({r.status})")
             for r in entry.recipients

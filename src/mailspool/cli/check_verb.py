@@ -1,0 +1,152 @@
+"""``mailspool check``: one line and an exit code for health checks and monitoring.
+
+``status`` describes the queue and always exits 0; a container healthcheck,
+a systemd timer or a monitoring agent needs a verdict instead.  ``check``
+compares the queue with thresholds -- failed and quarantined messages, how
+long the oldest ready message has waited, and with ``--relay`` whether the
+relay can be used at all -- and exits 0 when all is well, 1 when something
+needs a person.  The codes follow the monitoring plugin convention (0 OK,
+1 WARNING, 3 UNKNOWN for a queue that cannot be read); 2 stays what it is
+for every verb, a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import click
+
+from mailspool.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    STATE_NAMES,
+    common_options,
+    fail,
+    open_spool,
+    reading,
+    relay_options,
+    resolve,
+)
+from mailspool.cli.queue_verbs import age_text
+from mailspool.cli.settings import ConfigError, Settings, parse_duration
+
+__all__ = ["COMMANDS"]
+
+
+def _probe_relay(settings: Settings) -> str | None:
+    """None when a session with the relay opens (greeting, EHLO, TLS, AUTH); else why not."""
+    from mailspool.errors import MailspoolError
+    from mailspool.smtp.mailer import SMTPMailer
+
+    try:
+        mailer = SMTPMailer(**settings.mailer_options())
+    except ValueError as exc:
+        fail(f"relay: {exc}", EXIT_USAGE)
+    try:
+        with mailer.connect():
+            return None
+    except (MailspoolError, OSError) as exc:
+        return " ".join(str(exc).split())
+    finally:
+        mailer.close()
+
+
+@click.command(short_help="Exit 1 when the queue needs a person (for health checks).")
+@click.option(
+    "--max-failed",
+    metavar="N",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Failed messages allowed.",
+)
+@click.option(
+    "--max-quarantined",
+    metavar="N",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Quarantined messages allowed.",
+)
+@click.option(
+    "--max-age",
+    metavar="DURATION",
+    default="1h",
+    show_default=True,
+    help="How long the oldest ready message may have waited.",
+)
+@click.option(
+    "--relay",
+    "probe",
+    is_flag=True,
+    help="Also open a session with the relay (greeting, EHLO, TLS, AUTH, as `run` would).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@common_options
+@relay_options
+@click.pass_context
+def check(
+    ctx: click.Context,
+    /,
+    max_failed: int,
+    max_quarantined: int,
+    max_age: str,
+    probe: bool,
+    as_json: bool,
+    **kw: Any,
+) -> int:
+    """Check the queue against thresholds: exit 0 when all is well, 1 when not.
+
+    A problem is: more failed or quarantined messages than allowed (none, by
+    default), a ready message that has waited longer than --max-age (the
+    processor is not running, or cannot deliver), and with --relay a relay
+    that cannot be used. Prints one line: OK or PROBLEM, then the problems
+    and the counts. Exit codes: 0 OK, 1 a problem, 2 usage or configuration
+    error, 3 the queue cannot be read.
+    """
+    try:
+        age_limit = parse_duration(max_age)
+    except ConfigError as exc:
+        fail(f"--max-age: {exc.problem}", EXIT_USAGE)
+    settings = resolve(ctx, kw).settings
+    spool = open_spool(settings)
+    now = time.time()
+    with reading(spool):
+        counts = spool.counts()
+        oldest_ready = spool.oldest(("ready",))
+    age = None if oldest_ready is None else max(0.0, now - oldest_ready)
+    problems: list[str] = []
+    if counts["failed"] > max_failed:
+        problems.append(f"{counts['failed']} failed (at most {max_failed} allowed)")
+    if counts["quarantined"] > max_quarantined:
+        problems.append(f"{counts['quarantined']} quarantined (at most {max_quarantined} allowed)")
+    if age is not None and age > age_limit:
+        problems.append(
+            f"the oldest ready message has waited {age_text(age)} "
+            f"(at most {age_text(age_limit)} allowed)"
+        )
+    relay = _probe_relay(settings) if probe else None
+    if relay is not None:
+        problems.append(f"the relay cannot be used: {relay}")
+    if as_json:
+        out: dict[str, Any] = {"ok": not problems, "problems": problems, "queue": spool.path}
+        out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
+        out["oldest_ready_age"] = None if age is None else round(age, 3)
+        out["relay"] = None if not probe else ("ok" if relay is None else relay)
+        click.echo(json.dumps(out))
+    else:
+        figures = ", ".join(f"{counts.get(s, 0)} {s.replace('_', ' ')}" for s in STATE_NAMES)
+        if age is not None:
+            figures += f"; oldest ready {age_text(age)}"
+        if probe and relay is None:
+            figures += "; relay ok"
+        verdict = "PROBLEM: " + "; ".join(problems) + " -- " if problems else "OK: "
+        click.echo(f"mailspool check {spool.path}: {verdict}{figures}")
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+#: The verbs of this module, for :mod:`mailspool.cli` to register.
+COMMANDS: tuple[click.Command, ...] = (check,)

@@ -426,3 +426,57 @@ def test_demo_into_a_closed_pipe_is_no_unfinished_transaction(tmp_path: Path, li
     assert "never ended" not in proc.stderr
     assert proc.stderr == ""
     assert proc.returncode == 1
+
+
+def test_drain_ticks_every_second_and_its_timeout_bounds_the_greeting(tmp_path: Path) -> None:
+    import socket
+
+    queue = tmp_path / "spool"
+    send(queue, "jane@example.org")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)  # the kernel completes the handshake; nobody greets
+        port = listener.getsockname()[1]
+        env = clean_env(
+            MAILSPOOL_QUEUE=str(queue),
+            MAILSPOOL_HOST="127.0.0.1",
+            MAILSPOOL_PORT=str(port),
+            MAILSPOOL_TLS="none",
+            MAILSPOOL_CONNECT_TIMEOUT="60s",  # not what bounds the wait
+        )
+        proc = mailspool("drain", "--timeout", "3s", env=env, timeout=40)
+    assert proc.returncode == 1
+    assert f"no greeting from 127.0.0.1:{port} within 3 s" in proc.stderr
+    # Nothing finished during those 3 seconds, and the progress line came all the same.
+    assert "0/1 messages handled" in proc.stderr.splitlines()
+    assert status(queue)["ready"] == 1
+
+
+def test_a_server_that_is_not_smtp_is_named_for_what_it_said(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    queue = tmp_path / "spool"
+    send(queue, "jane@example.org")
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def ssh() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_8.9\r\n")
+                conn.recv(100)  # until the client hangs up
+
+        server = threading.Thread(target=ssh, daemon=True)
+        server.start()
+        env = clean_env(MAILSPOOL_QUEUE=str(queue), MAILSPOOL_TLS="none")
+        proc = mailspool("drain", "--host", "127.0.0.1", "--port", str(port), env=env)
+        server.join(10)
+    assert proc.returncode == 1
+    assert (
+        f"127.0.0.1:{port} did not speak SMTP: it greeted with 'SSH-2.0-OpenSSH_8.9', "
+        f"not a 220 reply; is {port} the relay's SMTP port?"
+    ) in proc.stderr
+    assert "-1 2.0-OpenSSH" not in proc.stderr

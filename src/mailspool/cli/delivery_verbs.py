@@ -28,7 +28,6 @@ import re
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +77,32 @@ def _mail_events(callback: Callable[[Any], None]) -> Iterator[None]:
         yield
     finally:
         zope.event.subscribers.remove(subscriber)
+
+
+@contextlib.contextmanager
+def _every_second(tick: Callable[[], None] | None) -> Iterator[None]:
+    """Call ``tick`` once a second while the block runs (from a thread of its own).
+
+    Time-based, so that a line comes also while nothing finishes: a slow
+    relay, or one that accepted the connection and says nothing.
+    """
+    if tick is None:
+        yield
+        return
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(1.0):
+            with contextlib.suppress(OSError):  # stderr closed: nobody to tell
+                tick()
+
+    ticker = threading.Thread(target=loop, name="mailspool-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
 
 
 def _in_background(processor: QueueProcessor, work: Callable[[], Summary]) -> tuple[Summary, bool]:
@@ -174,11 +199,9 @@ def drain(ctx: click.Context, /, **kw: Any) -> int:
     )
     seen: set[object] = set()
     lock = threading.Lock()
-    last_line = time.monotonic()  # plain lines only when it takes a while
 
     def handled(event: Any) -> None:
         # One event per outcome; a message partly sent and partly failed has two.
-        nonlocal last_line
         with lock:
             key = event.message_id or id(event)
             if key in seen:
@@ -186,11 +209,12 @@ def drain(ctx: click.Context, /, **kw: Any) -> int:
             seen.add(key)
             if bar is not None:
                 bar.update(1)
-            elif time.monotonic() - last_line >= 1.0:
-                last_line = time.monotonic()
-                click.echo(f"{len(seen)}/{total} messages handled", err=True)
 
-    with bar_cm as bar, _mail_events(handled):
+    def line() -> None:
+        with lock:
+            click.echo(f"{len(seen)}/{total} messages handled", err=True)
+
+    with bar_cm as bar, _mail_events(handled), _every_second(None if bar else line):
         summary, stopped = _in_background(processor, processor.drain)
         if bar is not None and not stopped:
             bar.update(max(0, min(total, summary.total) - len(seen)))

@@ -185,21 +185,81 @@ def _port_hint(mailer: SMTPMailer) -> str:
     return ""
 
 
+def _first_line(sock: socket.socket, wait: float) -> bytes:
+    """The relay's first line, peeked at (left for smtplib to read), within ``wait`` s."""
+    sock.settimeout(wait)
+    if isinstance(sock, ssl.SSLSocket):
+        return b""  # no peeking through TLS; a server that is not SMTP fails its handshake
+    try:
+        data = sock.recv(512, socket.MSG_PEEK)
+    except TimeoutError as exc:
+        sock.close()
+        raise smtplib.SMTPServerDisconnected("no greeting") from exc
+    return data.splitlines()[0] if data else b""
+
+
+class _SMTP(smtplib.SMTP):
+    """Connects within the connect timeout, then waits ``greeting_timeout`` for the greeting."""
+
+    greeting_timeout = 300.0
+    banner = b""
+    _host: str
+
+    def _get_socket(self, host: str, port: int, timeout: float | None) -> socket.socket:
+        # smtplib's hook for making the socket (not in its type stubs).
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        self.banner = _first_line(sock, self.greeting_timeout)
+        return sock
+
+
+class _SMTP_SSL(smtplib.SMTP_SSL):
+    """:class:`_SMTP` for implicit TLS: the handshake within the connect timeout."""
+
+    greeting_timeout = 300.0
+    banner = b""
+    _host: str
+
+    def _get_socket(self, host: str, port: int, timeout: float | None) -> socket.socket:
+        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
+        self.banner = _first_line(sock, self.greeting_timeout)
+        return sock
+
+
+def _greeting_wait(m: SMTPMailer) -> float:
+    """How long the greeting may take: it is part of connecting, and a reply."""
+    return min(m.connect_timeout, m.timeout)
+
+
+def _open(m: SMTPMailer, local: str) -> smtplib.SMTP:
+    """Connected and greeted: ``connect_timeout`` for TCP (and implicit TLS),
+    the shorter of it and ``timeout`` for the greeting."""
+    smtp: _SMTP | _SMTP_SSL
+    if m.tls == "implicit":
+        smtp = _SMTP_SSL(local_hostname=local, timeout=m.connect_timeout, context=m.ssl_context)
+    else:
+        smtp = _SMTP(local_hostname=local, timeout=m.connect_timeout)
+    smtp.greeting_timeout = _greeting_wait(m)
+    smtp._host = m.host  # what the constructor sets: STARTTLS checks the certificate for it
+    code, text = smtp.connect(m.host, m.port)
+    if code == -1:  # the first line is not an SMTP reply: another protocol
+        smtp.close()
+        banner = smtp.banner.decode("ascii", "backslashreplace")[:100] or text.decode()
+        raise RelayUnavailable(
+            f"{_where(m)} did not speak SMTP: it greeted with {banner!r}, not a 220 "
+            f"reply; is {m.port} the relay's SMTP port?{_port_hint(m)}"
+        )
+    if code != 220:
+        smtp.close()
+        raise smtplib.SMTPConnectError(code, text)
+    return smtp
+
+
 def _connect(mailer: SMTPMailer) -> smtplib.SMTP:
     m = mailer
     where = _where(m)
     local = m.local_hostname or default_local_hostname()
     try:
-        if m.tls == "implicit":
-            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                m.host,
-                m.port,
-                local_hostname=local,
-                timeout=m.connect_timeout,
-                context=m.ssl_context,
-            )
-        else:
-            smtp = smtplib.SMTP(m.host, m.port, local_hostname=local, timeout=m.connect_timeout)
+        smtp = _open(m, local)
     except smtplib.SMTPConnectError as exc:
         raise error_for_reply(
             exc.smtp_code,
@@ -208,7 +268,7 @@ def _connect(mailer: SMTPMailer) -> smtplib.SMTP:
         ) from exc
     except smtplib.SMTPServerDisconnected as exc:
         if isinstance(exc.__context__, TimeoutError):
-            text = f"no greeting from {where} within {m.connect_timeout:g} s{_port_hint(m)}"
+            text = f"no greeting from {where} within {_greeting_wait(m):g} s{_port_hint(m)}"
         else:
             text = f"{where} closed the connection before its greeting{_port_hint(m)}"
         raise RelayUnavailable(text) from exc

@@ -111,7 +111,8 @@ class SMTPMailer:
         allow_plaintext_auth: allow AUTH over a connection without TLS
             (exposes the password to anyone on the path).
         connect_timeout: seconds for the TCP connection, the implicit TLS
-            handshake and the relay's greeting.
+            handshake and the relay's greeting (which waits at most
+            ``timeout`` too).
         timeout: seconds for each command's reply (EHLO, STARTTLS, AUTH,
             MAIL, RCPT, DATA, RSET, QUIT) and for each block of message data.
         data_timeout: seconds to wait for the reply after the final dot

@@ -231,7 +231,7 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
             log.error("mail %s: outcome written, but not synced to disk: %s", claim.id, exc)
             outcome = _outcome(v)
         elif first:
-            u.why = one_line(str(exc))  # with the path: EACCES is not ENOSPC
+            u.why = one_line(exc.strerror or str(exc))
             _WAITING.add(key, u)
             accepted = ", ".join(v.sent)
             log.error(
@@ -245,7 +245,7 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
             return None
         else:
             u.failures += 1
-            u.why = one_line(str(exc))  # with the path: EACCES is not ENOSPC
+            u.why = one_line(exc.strerror or str(exc))
             _WAITING.put_back(u)
             return None
     if first:

@@ -357,6 +357,14 @@ def _argument_address(value: str, what: str) -> str:
         fail(f"send: {what}: {exc}")
 
 
+def _envelope_sender(given: str | None, head: bytes) -> str:
+    """``-f``, else the first ``From`` address, else ``USER@HOST``; checked."""
+    if given is not None:
+        return _argument_address(given, "-f")
+    senders = _header_addresses(head, ("from",))
+    return senders[0] if senders else _default_sender()
+
+
 def _default_sender() -> str:
     try:
         user = getpass.getuser()
@@ -411,11 +419,7 @@ def send(
     if not rcpts:
         fail("send: no recipients; give addresses or use -t", EXIT_USAGE)
     has_from = any(name == "from" for name, _ in _header_fields(head))
-    if sender is not None:
-        sender = _argument_address(sender, "-f")
-    else:
-        senders = _header_addresses(head, ("from",))
-        sender = senders[0] if senders else _default_sender()
+    sender = _envelope_sender(sender, head)
     if not has_from:
         nl = b"\r\n" if head.endswith(b"\r\n") or b"\r\n" in rest[:2] else b"\n"
         head = f"From: {sender}".encode() + nl + head

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import Relay
 from mailspool.cli.main import main
-from mailspool.maildir.spool import Spool
 from mailspool.maildir.fileformat import decode_file, encode_file
+from mailspool.maildir.spool import Spool
 from test_cli import enqueue, fail
 
 

@@ -130,7 +130,7 @@ def test_sink_refuses_what_is_too_big_and_keeps_long_lines_whole() -> None:
 def test_devserver_port_out_of_range_is_a_settings_error(
     capsys: pytest.CaptureFixture[str], port: str
 ) -> None:
-    from mailspool.cli import main
+    from mailspool.cli.main import main
 
     code = main(["devserver", "--port", port])
     assert code == 2
@@ -143,7 +143,7 @@ def test_devserver_port_out_of_range_is_a_settings_error(
 def test_devserver_refuses_a_maildir_that_is_a_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], file: str
 ) -> None:
-    from mailspool.cli import main
+    from mailspool.cli.main import main
 
     box = tmp_path / "box"
     if file:

@@ -16,8 +16,8 @@ import pytest
 from _relays import PerRecipient
 from conftest import Relay, RelayFactory
 from mailspool.cli.main import main
-from mailspool.maildir.spool import Spool
 from mailspool.maildir.fileformat import decode_file, encode_file
+from mailspool.maildir.spool import Spool
 from test_cli import enqueue
 
 
@@ -132,8 +132,8 @@ def test_list_is_oldest_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 def test_an_unwritten_outcome_is_not_blamed_on_a_full_disk() -> None:
     # The spool may refuse an outcome for any reason (EACCES as well as
     # ENOSPC); the log line says which, with the path: the summary must not guess.
-    from mailspool.cli.common import summary_code, summary_line
     from mailspool import Summary
+    from mailspool.cli.common import summary_code, summary_line
 
     summary = Summary(unwritten=1)
     assert "full" not in summary_line(summary)

@@ -398,7 +398,7 @@ def test_relay_down_during_drain_fails_nothing(
 
 _CLOSED_PIPE = """
 import io, sys
-from mailspool.cli import main
+from mailspool.cli.main import main
 
 class Head(io.StringIO):
     # What `| head -N` becomes for the writer once head has exited.

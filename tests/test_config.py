@@ -265,7 +265,7 @@ def test_booleans_that_are_spelled_right_still_work(tmp_path: Path) -> None:
 def test_the_command_refuses_a_string_for_verify_certificates(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from mailspool.cli import main
+    from mailspool.cli.main import main
 
     conf = write(tmp_path / "m.toml", '[relay]\nverify_certificates = "no"\n')
     code = main(["drain", "--config", conf, "--queue", str(tmp_path / "q")])

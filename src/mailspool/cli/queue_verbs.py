@@ -160,7 +160,9 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
             extra = f"   next retry {when(next_retry)} (in {age_text(next_retry - now)})"
         click.echo(f"  {s.replace('_', ' '):<12} {counts.get(s, 0):>7}{extra}")
     if oldest is not None:
-        click.echo(f"  oldest waiting message: queued {age_text(now - oldest)} ago ({when(oldest)})")
+        click.echo(
+            f"  oldest waiting message: queued {age_text(now - oldest)} ago ({when(oldest)})"
+        )
     if relay is not None:
         click.echo(_relay_line(relay, now))
     return EXIT_OK
@@ -177,7 +179,7 @@ def _relay_line(relay: dict[str, Any], now: float) -> str:
         parts.append(f"paused until {when(paused)}")
     parts.append(f"{relay.get('connections')} connection(s)")
     written = relay.get("written_at")
-    age = f", {_age(now - written)} ago" if isinstance(written, (int, float)) else ""
+    age = f", {age_text(now - written)} ago" if isinstance(written, (int, float)) else ""
     return f"  relay {relay.get('relay')}: {', '.join(parts)} (processor {relay.get('pid')}{age})"
 
 

@@ -104,3 +104,22 @@ def test_check_usage_and_queue_errors(tmp_path: Path, capsys: pytest.CaptureFixt
     assert capsys.readouterr().err.startswith("mailspool: --max-age: not a duration: 'soon'")
     assert main(["check", "--queue", str(tmp_path / "spool"), "--max-failed", "-1"]) == 2
     assert "--max-failed" in capsys.readouterr().err
+
+
+def test_a_relay_paused_by_a_processor_is_a_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailspool.processor import relayfile
+
+    queue = tmp_path / "spool"
+    Spool(queue, create=True)
+    relayfile.write(str(queue), {"relay": "smtp.example.org:587", "paused_until": 1.0})
+    assert check(capsys, queue)[0] == 0  # a pause that is over
+    until = time.time() + 600
+    relayfile.write(str(queue), {"relay": "smtp.example.org:587", "paused_until": until})
+    code, out = check(capsys, queue)
+    assert code == 1
+    assert "PROBLEM: the relay is paused until " in out
+    assert check(capsys, queue, "--ignore-relay-pause")[0] == 0
+    code, out = check(capsys, queue, "--json")
+    assert json.loads(out)["relay_paused_until"] == until

@@ -1,13 +1,15 @@
 """``mailspool check``: one line and an exit code for health checks and monitoring.
 
 ``status`` describes the queue and always exits 0; a container healthcheck,
-a systemd timer or a monitoring agent needs a verdict instead.  ``check``
+a systemd timer or a monitoring agent needs a verdict instead. ``check``
 compares the queue with thresholds -- failed and quarantined messages, how
-long the oldest ready message has waited, and with ``--relay`` whether the
-relay can be used at all -- and exits 0 when all is well, 1 when something
-needs a person.  The codes follow the monitoring plugin convention (0 OK,
-1 WARNING, 3 UNKNOWN for a queue that cannot be read); 2 stays what it is
-for every verb, a usage or configuration error.
+long the oldest ready message has waited, whether a processor paused the
+relay (it says so in the spool: :mod:`mailspool.processor.relayfile`), and
+with ``--relay`` whether a session with the relay opens -- and exits 0 when
+all is well, 1 when something needs a person. The codes follow the
+monitoring plugin convention (0 OK, 1 WARNING, 3 UNKNOWN for a queue that
+cannot be read); 2 stays what it is for every verb, a usage or configuration
+error.
 """
 
 from __future__ import annotations
@@ -29,11 +31,22 @@ from mailspool.cli.common import (
     reading,
     relay_options,
     resolve,
+    when,
 )
 from mailspool.cli.queue_verbs import age_text
 from mailspool.cli.settings import ConfigError, Settings, parse_duration
+from mailspool.processor import relayfile
 
 __all__ = ["COMMANDS"]
+
+
+def _paused_until(spool_path: str, now: float) -> float | None:
+    """Until when the last processor to say so paused the relay; None when it did not."""
+    state = relayfile.read(spool_path) or {}
+    until = state.get("paused_until")
+    if isinstance(until, (int, float)) and not isinstance(until, bool) and until > now:
+        return float(until)
+    return None
 
 
 def _probe_relay(settings: Settings) -> str | None:
@@ -79,6 +92,11 @@ def _probe_relay(settings: Settings) -> str | None:
     help="How long the oldest ready message may have waited.",
 )
 @click.option(
+    "--ignore-relay-pause",
+    is_flag=True,
+    help="Do not count a relay paused by a processor as a problem.",
+)
+@click.option(
     "--relay",
     "probe",
     is_flag=True,
@@ -94,6 +112,7 @@ def check(
     max_failed: int,
     max_quarantined: int,
     max_age: str,
+    ignore_relay_pause: bool,
     probe: bool,
     as_json: bool,
     **kw: Any,
@@ -102,10 +121,11 @@ def check(
 
     A problem is: more failed or quarantined messages than allowed (none, by
     default), a ready message that has waited longer than --max-age (the
-    processor is not running, or cannot deliver), and with --relay a relay
-    that cannot be used. Prints one line: OK or PROBLEM, then the problems
-    and the counts. Exit codes: 0 OK, 1 a problem, 2 usage or configuration
-    error, 3 the queue cannot be read.
+    processor is not running, or cannot deliver), a relay that a processor
+    paused because it could not use it (unless --ignore-relay-pause), and
+    with --relay a relay to which no session opens now. Prints one line: OK
+    or PROBLEM, then the problems and the counts. Exit codes: 0 OK, 1 a
+    problem, 2 usage or configuration error, 3 the queue cannot be read.
     """
     try:
         age_limit = parse_duration(max_age)
@@ -128,6 +148,9 @@ def check(
             f"the oldest ready message has waited {age_text(age)} "
             f"(at most {age_text(age_limit)} allowed)"
         )
+    paused = None if ignore_relay_pause else _paused_until(spool.path, now)
+    if paused is not None:
+        problems.append(f"the relay is paused until {when(paused)} (it could not be used)")
     relay = _probe_relay(settings) if probe else None
     if relay is not None:
         problems.append(f"the relay cannot be used: {relay}")
@@ -136,6 +159,7 @@ def check(
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
         out["oldest_ready_age"] = None if age is None else round(age, 3)
         out["relay"] = None if not probe else ("ok" if relay is None else relay)
+        out["relay_paused_until"] = paused
         click.echo(json.dumps(out))
     else:
         figures = ", ".join(f"{counts.get(s, 0)} {s.replace('_', ' ')}" for s in STATE_NAMES)

@@ -451,9 +451,9 @@ class Sender:
         else:
             self.relay.accepted()
             self.pacer.accepted()
-        back = self.relay.answered(now)
+        back = self.relay.answered(now)  # the failures in a row: the first was no probe
         if back:
-            log.info("relay %s is back after %d failed probe(s)", self.where, back)
+            log.info("relay %s is back after %d failed probe(s)", self.where, back - 1)
         verdict = classify(env.recipients, result, error)
         reply = result.reply if result is not None and error is None else None
         return self._settle(claim, now, verdict, reply, error, quick=quick)

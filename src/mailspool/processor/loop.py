@@ -450,6 +450,9 @@ class QueueProcessor:
 
         Abandoned claims and orphans are swept first.  Stops early when the
         relay is paused (``relay_paused`` in the result) or a stop is asked.
+        Unless the processor's loop is running, the connections are closed
+        with QUIT before this returns, not left open until the relay's idle
+        timeout (the next pass opens what it needs).
 
         Args:
             progress: called with the running total after each pass.
@@ -466,6 +469,8 @@ class QueueProcessor:
                 progress(total)
             if s.total == 0 or s.relay_paused:
                 break
+        if self._waiter is None:  # not within the loop, whose passes reuse them
+            self.pool.close_all()
         return total
 
     # -- sender threads --------------------------------------------------------------
@@ -639,8 +644,8 @@ class QueueProcessor:
     def stop(self, timeout: float | None = None) -> None:
         """Stop: nothing new is started, messages in flight are settled.
 
-        Also closes the connections after :meth:`process_once` or
-        :meth:`drain` (or use the processor as a context manager).  An
+        Also closes the connections after :meth:`process_once` (or use
+        the processor as a context manager; :meth:`drain` closes its own).  An
         outcome that the spool could not take (it is full) is tried once
         more; if it still cannot be written, the message stays claimed by
         this process (a later processor of the same spool in it, or the

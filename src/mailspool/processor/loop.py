@@ -159,7 +159,7 @@ class _Pass:
         self.low = self.high // 2
         self.dispatcher_waits = False
         self.starters_wait = 0  # sender threads waiting for a free slot
-        self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined"), 0)
+        self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined", "partly"), 0)
 
     def queue(self, blocked: Callable[[float], bool]) -> bool:
         """Wait until another id may be queued; False when none may be (``blocked``)."""
@@ -209,11 +209,12 @@ class _Pass:
             self.queued += 1
             return True
 
-    def done(self, outcome: str | None) -> None:
+    def done(self, outcome: str | None, partly: bool = False) -> None:
         with self.cond:
             self.in_flight -= 1
             if outcome in self.counts:
                 self.counts[outcome] += 1
+            self.counts["partly"] += partly
             if self.starters_wait or (self.in_flight == 0 and self.queued == 0):
                 self.cond.notify_all()
 
@@ -221,11 +222,12 @@ class _Pass:
         """True when nothing is queued or in flight (call with ``cond`` held)."""
         return self.in_flight == 0 and self.queued == 0
 
-    def count(self, outcome: str | None) -> None:
+    def count(self, outcome: str | None, partly: bool = False) -> None:
         """Count an outcome settled outside the sender threads."""
         with self.cond:
             if outcome in self.counts:
                 self.counts[outcome] += 1
+            self.counts["partly"] += partly
 
 
 @implementer(IMailQueueProcessor)
@@ -369,6 +371,7 @@ class QueueProcessor:
                 c["quarantined"],
                 self.relay.paused(now),
                 self._sender.waiting(),
+                c["partly"],
             )
 
     def _publish(self, now: float) -> None:
@@ -412,7 +415,7 @@ class QueueProcessor:
         for done in written:
             events.notify(done.events)  # never raises
             if p is not None:
-                p.count(done.outcome)
+                p.count(done.outcome, done.partly)
 
     def _dispatch(self, p: _Pass) -> None:
         # Another processor on the spool may be working through the same
@@ -521,7 +524,7 @@ class QueueProcessor:
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
             finally:
-                p.done(done.outcome)
+                p.done(done.outcome, done.partly)
 
     def _start_threads(self) -> None:
         with self._threads_lock:

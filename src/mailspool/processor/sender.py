@@ -119,6 +119,8 @@ class Done:
     #: Not attempted, but to be tried again in this pass (the relay said
     #: "too fast", or refused one connection more than it takes).
     again: bool = False
+    #: deferred or failed, but some recipients accepted it in this attempt
+    partly: bool = False
 
 
 @dataclass
@@ -221,8 +223,9 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
         attempt=u.attempt,
     )
     try:
+        said = (u.reply.code, u.reply.text) if u.reply is not None and v.sent else None
         outcome = claim.settle(
-            sent=v.sent, failed=v.failed, deferred=v.deferred, retry_at=u.retry_at
+            sent=v.sent, failed=v.failed, deferred=v.deferred, retry_at=u.retry_at, reply=said
         )
     except OSError as exc:  # SpoolError is an OSError
         if not claim.held:
@@ -258,7 +261,8 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
             told.line,
             u.failures,
         )
-    return Done({"removed": "sent"}.get(outcome, outcome), told.events)
+    outcome = {"removed": "sent"}.get(outcome, outcome)
+    return Done(outcome, told.events, partly=bool(v.sent) and outcome != "sent")
 
 
 def _write_before_exit() -> None:

@@ -9,6 +9,7 @@ says goodbye (QUIT) to the relay.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -139,3 +140,49 @@ def test_the_relays_queue_id_is_logged_and_kept_for_the_recipients_it_accepted(
     assert "sent to a@example.org (250 2.0.0 Ok: queued as 4XyZ7Q)" in line
     [sent] = [e for e in seen if isinstance(e, MailSent) and e.message_id == entry.message_id]
     assert str(sent.reply) == "250 2.0.0 Ok: queued as 4XyZ7Q"
+
+
+# --- the queue commands see a paused relay ---------------------------------------------------
+
+
+def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    from mailspool.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return out
+
+
+def test_status_list_and_show_say_ready_messages_wait_on_a_paused_relay(
+    spool: Spool, smtp_relay: RelayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    handler = Switchable()
+    relay = smtp_relay(handler)
+    enqueue(spool, 1)
+    queue = ("--queue", spool.path)
+    p = processor(spool, relay)
+    assert p.process_once().relay_paused
+
+    status = json.loads(cli(capsys, "status", "--json", *queue))
+    assert status["ready"] == 1
+    paused = status["relay"]
+    assert paused["relay"] == f"127.0.0.1:{relay.port}" and "421" in paused["reason"]
+    assert paused["paused_until"] > time.time()
+    [ready] = [x for x in cli(capsys, "status", *queue).splitlines() if "ready" in x]
+    assert f"waiting: relay 127.0.0.1:{relay.port} is paused until" in ready
+    listing = cli(capsys, "list", *queue)
+    [row] = [x for x in listing.splitlines() if x.startswith(next(spool.entries()).id)]
+    assert row.split()[1] == "relay-wait"
+    assert "relay-wait: ready, but relay 127.0.0.1:" in listing
+    [entry] = json.loads(cli(capsys, "list", "--json", *queue))
+    assert entry["state"] == "ready" and entry["waiting_on_relay"]["relay"] == paused["relay"]
+    assert "waiting: relay" in cli(capsys, "show", entry["id"], *queue)
+
+    handler.down = False  # back: the note goes, and the message with it
+    assert p.process_once(time.time() + 11).sent == 1
+    p.stop()
+    enqueue(spool, 1)
+    after = json.loads(cli(capsys, "status", "--json", *queue))["relay"]
+    assert after is None or after["paused_until"] is None
+    assert "relay-wait" not in cli(capsys, "list", *queue)

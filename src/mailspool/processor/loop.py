@@ -385,6 +385,7 @@ class QueueProcessor:
             "rate_limit": self.rate_limit,
             "connections": self.relay.parallelism(now),
             "paused_until": self.relay.paused_until if paused else None,
+            "reason": self._sender.trouble if paused else None,
         }
         prev = self._published
         if prev is None:

@@ -357,6 +357,8 @@ class Sender:
         self._skip_lock = threading.Lock()
         self._key = os.path.realpath(spool.location)  # whose waiting outcomes are ours
         self._local = threading.local()
+        #: the failure that paused the relay last, on one line (for ``status``)
+        self.trouble = ""
         #: Claims lost in a row (taken by another processor, or gone); reset
         #: by each claim made.  Read by the dispatcher, written by every
         #: sender thread: a hint, not a count.
@@ -547,6 +549,7 @@ class Sender:
         pause = self.relay.broken(now)
         if pause is None:
             return False
+        self.trouble = f"broke {COHORT} transactions in a row (last: {one_line(str(exc))})"
         log.error(
             "relay %s broke %d transactions in a row (last: %s); deliveries paused "
             "for %s, then one message probes it (no message is failed for this)",
@@ -593,6 +596,7 @@ class Sender:
         pause = self.relay.trouble(now)
         if pause is None:
             return  # already paused for this step
+        self.trouble = one_line(str(exc))
         if pause.failures == 1:
             log.error(
                 "relay %s unavailable: %s; deliveries paused for %s, then one "

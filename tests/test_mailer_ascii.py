@@ -18,8 +18,8 @@ import pytest
 
 from mailspool import SMTPMailer
 from mailspool.errors import PermanentError, SMTPUTF8Required
-from mailspool.smtp.esmtp import ascii_address, ascii_headers, mail_parameters, wire_address
 from mailspool.message import make_envelope
+from mailspool.smtp.esmtp import ascii_address, ascii_headers, mail_parameters, wire_address
 
 FROM = "app@example.org"
 NO_UTF8 = {"8bitmime": ""}

@@ -21,9 +21,9 @@ import zope.event
 from _relays import RCPT, PerRecipient, Switchable, enqueue
 from conftest import Relay, RelayFactory
 from mailspool import QueueProcessor, RetryPolicy, SMTPMailer
-from mailspool.cli_common import summary_line
+from mailspool.cli.common import summary_line
 from mailspool.events import MailSent
-from mailspool.spool import Spool
+from mailspool.maildir.spool import Spool
 
 QUICK = RetryPolicy(first_delay=60, relay_first_delay=10, relay_max_delay=40)
 
@@ -146,7 +146,7 @@ def test_the_relays_queue_id_is_logged_and_kept_for_the_recipients_it_accepted(
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    from mailspool.cli import main
+    from mailspool.cli.main import main
 
     code = main(list(argv))
     out, err = capsys.readouterr()

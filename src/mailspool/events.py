@@ -31,7 +31,7 @@ from mailspool.interfaces import (
 )
 
 if TYPE_CHECKING:
-    from mailspool.result import Reply
+    from mailspool.smtp.result import Reply
 
 __all__ = [
     "MailDeferred",
@@ -73,7 +73,7 @@ class MailSent(MailEvent):
     """The relay accepted the message for ``toaddrs``.
 
     ``reply`` is the relay's reply after the data, a
-    :class:`~mailspool.result.Reply` (``str()`` of it: ``"250 2.0.0 Ok:
+    :class:`~mailspool.smtp.result.Reply` (``str()`` of it: ``"250 2.0.0 Ok:
     queued as 4XyZ"``, the relay's queue id, to find the message in its
     log), or None when not known.
     """

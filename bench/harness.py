@@ -56,6 +56,7 @@ class Options:
     scale_messages: int | None = None
     tmpdir: str | None = None
     install_sink: bool = False
+    install_postfix: bool = False
     out: str = ""
 
     def n(self, default: int, quick: int) -> int:

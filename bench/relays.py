@@ -6,11 +6,15 @@ interpreter lock with the system being measured:
 * :class:`SmtpSink` — Postfix's ``smtp-sink``, a fast C sink.  It prints its
   counters (``mesg=N``) after every final dot; they go to a file we read.
 * :class:`AiosmtpdRelay` — an aiosmtpd server, optionally waiting before it
-  answers the final dot (a "slow" relay) and optionally offering STARTTLS
-  with a trustme certificate.  Its counters live in shared memory: messages
-  accepted, distinct Message-Ids among them (a duplicate shows as a gap), and
-  the monotonic time of the last one, which a child process can wait for
-  with :attr:`AiosmtpdRelay.probe` (pickup latency).
+  answers the final dot (a "slow" relay), optionally offering STARTTLS
+  with a trustme certificate, optionally behaving as real relays do: a
+  rate limit (a token bucket of R messages a second, the excess refused at
+  ``MAIL`` with ``454 4.7.0 Throttling failure``, as Amazon SES answers) or
+  one-off faults at every phase for a fraction of the transactions.  Its
+  counters live in shared memory: messages accepted, distinct Message-Ids
+  among them (a duplicate shows as a gap), and the monotonic time of the
+  last one, which a child process can wait for with
+  :attr:`AiosmtpdRelay.probe` (pickup latency).
 
 Both count a message when they answer the final dot with 250; a scenario
 compares that count with what it sent, and reports an error on a mismatch.
@@ -192,10 +196,22 @@ class Probe:
     generation: Any
     last: Any
     arrived: Any
+    refused: Any = None  # MAIL refused for rate
+    faults: Any = None  # faults injected
 
     def drain_signals(self) -> None:
         while self.arrived.acquire(False):
             pass
+
+
+#: The faults of a flaky relay, in turn, one per faulty transaction.
+FAULTS = ("mail-451", "rcpt-421-close", "data-451", "data-drop-before-reply")
+
+
+def _bump(value: Any) -> None:
+    if value is not None:
+        with value.get_lock():
+            value.value += 1
 
 
 class _Handler:
@@ -232,6 +248,92 @@ class _Handler:
         return "250 2.0.0 OK queued"
 
 
+class _Realistic(_Handler):
+    """A relay that limits its rate or fails some transactions (see :class:`AiosmtpdRelay`)."""
+
+    def __init__(self, probe: Probe, delay: float, rate: float, fault_every: int) -> None:
+        super().__init__(probe, delay)
+        self.rate = rate
+        self.burst = max(1.0, rate / 10)  # a tenth of a second's worth
+        self.tokens = self.burst
+        self.stamp = time.monotonic()
+        self.fault_every = fault_every
+        self.transactions = 0
+        self.connections = 0
+        self.faulted: set[bytes] = set()  # Message-Ids already faulted at the data
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # what aiosmtpd does when there is no hook
+        self.connections += 1
+        if self.fault_every and self.connections % self.fault_every == self.fault_every // 2:
+            _bump(self.probe.faults)
+            self._close_soon(server)
+            return ["421 4.3.2 service not available, closing channel"]
+        return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        envelope.fault = None
+        if self.rate:
+            now = time.monotonic()
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+            self.stamp = now
+            if self.tokens < 1:
+                _bump(self.probe.refused)
+                return "454 4.7.0 Throttling failure: Maximum sending rate exceeded"
+            self.tokens -= 1
+        if self.fault_every:
+            self.transactions += 1
+            if self.transactions % self.fault_every == 0:
+                turn = (self.transactions // self.fault_every) % len(FAULTS)
+                envelope.fault = FAULTS[turn]
+                if envelope.fault == "mail-451":
+                    _bump(self.probe.faults)
+                    return "451 4.3.0 temporary failure, try again"
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        if getattr(envelope, "fault", None) == "rcpt-421-close":
+            envelope.fault = None
+            _bump(self.probe.faults)
+            self._close_soon(server)
+            return "421 4.4.2 connection dropped, try again later"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    @staticmethod
+    def _close_soon(server: Any) -> None:
+        import asyncio
+
+        def close() -> None:
+            if server.transport is not None:
+                server.transport.close()
+
+        asyncio.get_running_loop().call_later(0.01, close)
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        fault = getattr(envelope, "fault", None)
+        if fault in ("data-451", "data-drop-before-reply"):
+            content: bytes = envelope.original_content or envelope.content or b""
+            m = _MSGID.search(content, 0, 8192)
+            key = m.group(1) if m else content
+            if key not in self.faulted:
+                self.faulted.add(key)  # one-off: the retry of this message goes through
+                _bump(self.probe.faults)
+                if fault == "data-451":
+                    return "451 4.3.0 error in processing, try again"
+                server.transport.abort()  # the message is not kept: no reply ever comes
+                return "451 4.3.0 (never sent)"
+        return await super().handle_DATA(server, session, envelope)
+
+
 def _aiosmtpd_main(
     port: int,
     delay: float,
@@ -239,6 +341,8 @@ def _aiosmtpd_main(
     probe: Probe,
     ready: Any,
     stop: Any,
+    rate: float = 0.0,
+    fault_every: int = 0,
 ) -> None:
     import logging
     import ssl
@@ -256,8 +360,11 @@ def _aiosmtpd_main(
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(tls["cert"], tls["key"])
         kwargs.update(tls_context=ctx, require_starttls=True)
+    handler = _Handler(probe, delay)
+    if rate or fault_every:
+        handler = _Realistic(probe, delay, rate, fault_every)
     controller = Controller(
-        _Handler(probe, delay),
+        handler,
         hostname="127.0.0.1",
         port=port,
         server_hostname="bench-relay",
@@ -276,13 +383,31 @@ class AiosmtpdRelay:
         delay: seconds to wait before answering the final dot.
         tls: PEM files from :func:`make_tls_files` to offer (and require)
             STARTTLS, or None.
+        rate: take at most this many messages a second (a token bucket
+            holding a tenth of a second's worth); the excess is refused at
+            ``MAIL`` with 454 4.7.0, the session stays open.  0: no limit.
+        fault_every: one transaction in this many meets a fault, in turn
+            (:data:`FAULTS`): 451 at MAIL, 421 at RCPT and the connection
+            closed, 451 after the data, the connection cut after the data
+            before any reply (the message is not kept); and one connection
+            in this many gets 421 at EHLO.  A message meets a fault after
+            its data once at most.  0: no faults.
     """
 
     kind = "aiosmtpd"
 
-    def __init__(self, delay: float = 0.0, tls: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        delay: float = 0.0,
+        tls: dict[str, str] | None = None,
+        *,
+        rate: float = 0.0,
+        fault_every: int = 0,
+    ) -> None:
         self.delay = delay
         self.tls = tls
+        self.rate = rate
+        self.fault_every = fault_every
         self.port = 0
         self.probe = Probe(
             accepted=_SPAWN.Value("q", 0),
@@ -291,6 +416,8 @@ class AiosmtpdRelay:
             generation=_SPAWN.Value("q", 0, lock=False),
             last=_SPAWN.Value("d", 0.0, lock=False),
             arrived=_SPAWN.Semaphore(0),
+            refused=_SPAWN.Value("q", 0),
+            faults=_SPAWN.Value("q", 0),
         )
         self._stop = _SPAWN.Event()
         self._proc: Any = None
@@ -302,6 +429,14 @@ class AiosmtpdRelay:
             parts.append(f"{self.delay * 1000:.0f} ms before answering the final dot")
         if self.tls:
             parts.append("STARTTLS required, trustme ECDSA certificate")
+        if self.rate:
+            parts.append(f"{self.rate:g} messages/s, the excess refused at MAIL with 454 4.7.0")
+        if self.fault_every:
+            parts.append(
+                f"a one-off fault for 1 transaction in {self.fault_every} "
+                "(451 at MAIL, 421 at RCPT + close, 451 after the data, cut before "
+                f"the final reply) and 421 at EHLO for 1 connection in {self.fault_every}"
+            )
         return ", ".join(parts)
 
     def start(self) -> None:
@@ -309,7 +444,16 @@ class AiosmtpdRelay:
         ready = _SPAWN.Event()
         self._proc = _SPAWN.Process(
             target=_aiosmtpd_main,
-            args=(self.port, self.delay, self.tls, self.probe, ready, self._stop),
+            args=(
+                self.port,
+                self.delay,
+                self.tls,
+                self.probe,
+                ready,
+                self._stop,
+                self.rate,
+                self.fault_every,
+            ),
             daemon=True,
         )
         self._proc.start()
@@ -327,6 +471,9 @@ class AiosmtpdRelay:
             p.distinct.value = 0
         with p.bare_lf.get_lock():
             p.bare_lf.value = 0
+        for extra in (p.refused, p.faults):
+            with extra.get_lock():
+                extra.value = 0
         p.drain_signals()
 
     def count(self) -> int:
@@ -337,6 +484,10 @@ class AiosmtpdRelay:
 
     def distinct(self) -> int | None:
         return int(self.probe.distinct.value)
+
+    def refused(self) -> int:
+        """MAIL commands refused for rate since the last reset."""
+        return int(self.probe.refused.value)
 
     def bare_lf(self) -> int | None:
         """Messages received with bare LF line endings (RFC 5321 wants CRLF)."""

@@ -64,11 +64,27 @@ def test_verification_can_be_turned_off_explicitly(
     assert "STARTTLS" in relay.commands
 
 
-def test_certificate_for_another_name_is_refused(smtp_relay: Any, mailer_for: Any) -> None:
-    relay = smtp_relay(tls="starttls", cert_names=["mail.example.org"])
-    with pytest.raises(TLSFailure, match="mismatch"):
+@pytest.mark.parametrize("tls", ["starttls", "implicit"])
+def test_certificate_for_another_name_names_the_host_to_use(
+    smtp_relay: Any, mailer_for: Any, tls: str
+) -> None:
+    relay = smtp_relay(tls=tls, cert_names=["mail.example.org"])
+    with pytest.raises(TLSFailure) as info:
         mailer_for(relay).send(FROM, ["a@example.org"], MSG)
-    assert relay.messages == []
+    text = str(info.value)
+    assert "is for mail.example.org, not 127.0.0.1" in text
+    assert "--host mail.example.org" in text
+    assert "trust its CA" not in text  # the CA is trusted: ca_file is no help
+    assert relay.messages == [] and "MAIL" not in relay.commands
+
+
+def test_certificate_for_another_name_from_an_untrusted_ca_still_asks_for_the_ca(
+    smtp_relay: Any, mailer_for: Any
+) -> None:
+    relay = smtp_relay(tls="starttls", cert_names=["mail.example.org"])
+    with pytest.raises(TLSFailure) as info:
+        mailer_for(relay, ca_file=None).send(FROM, ["a@example.org"], MSG)
+    assert "ca_file" in str(info.value) and "--host" not in str(info.value)
 
 
 def test_implicit_tls_against_a_plain_relay_fails_as_tls(relay: Any, mailer_for: Any) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zope.event
 from zope.interface import implementer
@@ -29,6 +29,9 @@ from mailspool.interfaces import (
     IMailQueuedEvent,
     IMailSentEvent,
 )
+
+if TYPE_CHECKING:
+    from mailspool.smtp.result import Reply
 
 __all__ = [
     "MailDeferred",
@@ -67,7 +70,24 @@ class MailQueued(MailEvent):
 
 @implementer(IMailSentEvent)
 class MailSent(MailEvent):
-    """The relay accepted the message for ``toaddrs``."""
+    """The relay accepted the message for ``toaddrs``.
+
+    ``reply`` is the relay's reply after the data, a
+    :class:`~mailspool.smtp.result.Reply` (``str()`` of it: ``"250 2.0.0 Ok:
+    queued as 4XyZ"``, the relay's queue id, to find the message in its
+    log), or None when not known.
+    """
+
+    def __init__(
+        self,
+        message_id: str | None,
+        fromaddr: str,
+        toaddrs: Sequence[str],
+        *,
+        reply: Reply | None = None,
+    ) -> None:
+        super().__init__(message_id, fromaddr, toaddrs)
+        self.reply = reply
 
 
 @implementer(IMailErrorEvent)

@@ -363,6 +363,7 @@ class _Claim(RecordFields):
         failed: Mapping[str, tuple[int | None, str]] | None = None,
         deferred: Mapping[str, tuple[int | None, str]] | None = None,
         retry_at: float | None = None,
+        reply: tuple[int, str] | None = None,
     ) -> str:
         """Record one attempt per recipient; ``"removed"``, ``"deferred"`` or ``"failed"``."""
         if self._done is not None:
@@ -371,7 +372,7 @@ class _Claim(RecordFields):
         if not failed and not deferred and all_sent(self._record, sent):
             record, outcome = self._record, "removed"
         else:
-            record, outcome = settle_record(self._record, sent, failed, deferred)
+            record, outcome = settle_record(self._record, sent, failed, deferred, reply)
         if outcome == "removed":
             self._queue._settled(self.id, record, None, None)
         elif outcome == "deferred":

@@ -221,6 +221,7 @@ def settle_record(
     sent: Iterable[str] = (),
     failed: Mapping[str, tuple[int | None, str]] | None = None,
     deferred: Mapping[str, tuple[int | None, str]] | None = None,
+    reply: tuple[int, str] | None = None,
 ) -> tuple[Record, Outcome]:
     """Apply one attempt's per-recipient outcome; return (record, outcome).
 
@@ -234,6 +235,8 @@ def settle_record(
         sent: recipients the relay accepted.
         failed: recipient -> (code, text) of a permanent refusal.
         deferred: recipient -> (code, text) of a temporary one.
+        reply: the relay's (code, text) after the data (its queue id),
+            kept with each sent recipient.
 
     Returns:
         The new record and the outcome (a key of :data:`OUTCOME_ACTION`).
@@ -257,7 +260,7 @@ def settle_record(
         if r.status != PENDING:
             out.append(r)
         elif a in sent_set:
-            out.append(RecipientStatus(a, SENT))
+            out.append(RecipientStatus(a, SENT, *(reply or (None, None))))
         elif a in failed:
             out.append(RecipientStatus(a, FAILED, *failed[a]))
         elif a in deferred:
@@ -351,8 +354,13 @@ class QueueClaim(Protocol):
         failed: Mapping[str, tuple[int | None, str]] | None = None,
         deferred: Mapping[str, tuple[int | None, str]] | None = None,
         retry_at: float | None = None,
+        reply: tuple[int, str] | None = None,
     ) -> str:
-        """Record one attempt per recipient; ``"removed"``, ``"deferred"`` or ``"failed"``."""
+        """Record one attempt per recipient; ``"removed"``, ``"deferred"`` or ``"failed"``.
+
+        ``reply``: the relay's (code, text) after the data, kept with the
+        sent recipients of a message that stays queued.
+        """
 
     def defer(self, retry_at: float, reason: str, *, count_attempt: bool = True) -> None:
         """Put the whole message back until ``retry_at``."""

@@ -390,6 +390,11 @@ def summary_line(summary: Summary) -> str:
         f"{summary.sent} sent, {summary.deferred} deferred, {summary.failed} failed, "
         f"{summary.quarantined} quarantined"
     )
+    if summary.partly:
+        text += (
+            f"; {summary.partly} of the deferred and failed went to some of their "
+            "recipients (partly delivered)"
+        )
     if summary.relay_paused:
         text += "; the relay was unavailable (its messages stay queued)"
     if summary.unwritten:

@@ -65,8 +65,37 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def entry_json(entry: SpoolEntry) -> dict[str, Any]:
-    """One message as the plain object ``list --json`` and ``show --json`` print."""
+#: What ``list`` shows as the state of a ready message while the relay is paused.
+RELAY_WAIT = "relay-wait"
+
+
+def _pause(relay: dict[str, Any] | None, now: float) -> dict[str, Any] | None:
+    """The relay pause a processor noted (see mailspool.processor.relayfile), if still on."""
+    until = relay.get("paused_until") if relay is not None else None
+    if relay is None or not isinstance(until, (int, float)) or until <= now:
+        return None
+    return {
+        "relay": relay.get("relay"),
+        "until": until,
+        "in": round(until - now, 3),
+        "reason": relay.get("reason"),
+    }
+
+
+def _pause_text(pause: dict[str, Any], now: float) -> str:
+    why = f": {pause['reason']}" if pause.get("reason") else ""
+    return (
+        f"relay {pause['relay']} is paused until {when(pause['until'])} "
+        f"(in {age_text(pause['until'] - now)}){why}"
+    )
+
+
+def entry_json(entry: SpoolEntry, pause: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One message as the plain object ``list --json`` and ``show --json`` print.
+
+    ``pause``: the relay's pause (:func:`_pause`); a ready message then has
+    it under ``waiting_on_relay`` (else null).
+    """
     return {
         "id": entry.id,
         "state": entry.state,
@@ -82,6 +111,7 @@ def entry_json(entry: SpoolEntry) -> dict[str, Any]:
         "size": entry.size,
         "last_error": entry.last_error,
         "legacy": entry.legacy,
+        "waiting_on_relay": pause if entry.state == "ready" else None,
     }
 
 
@@ -142,6 +172,7 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         next_retry = spool.next_due()
         oldest = spool.oldest()
     relay = relayfile.read(spool.path)
+    pause = _pause(relay, now)
     if as_json:
         out: dict[str, Any] = {"queue": spool.path}
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
@@ -158,6 +189,8 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         extra = ""
         if s == "deferred" and next_retry is not None:
             extra = f"   next retry {when(next_retry)} (in {age_text(next_retry - now)})"
+        if s == "ready" and pause is not None:
+            extra = f"   waiting: {_pause_text(pause, now)}"
         click.echo(f"  {s.replace('_', ' '):<12} {counts.get(s, 0):>7}{extra}")
     if oldest is not None:
         click.echo(
@@ -176,7 +209,8 @@ def _relay_line(relay: dict[str, Any], now: float) -> str:
         parts.append(f"pacing at {per_second(rate)} (learned from its replies)")
     paused = relay.get("paused_until")
     if isinstance(paused, (int, float)) and paused > now:
-        parts.append(f"paused until {when(paused)}")
+        why = relay.get("reason")
+        parts.append(f"paused until {when(paused)}" + (f" ({why})" if why else ""))
     parts.append(f"{relay.get('connections')} connection(s)")
     written = relay.get("written_at")
     age = f", {age_text(now - written)} ago" if isinstance(written, (int, float)) else ""
@@ -197,19 +231,21 @@ def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) ->
 
     One line per message (ID, state, age, size, attempts, sender and
     recipients), the last error indented below it. Only the head of each
-    file is read.
+    file is read.  While a processor has the relay paused, ready messages
+    show as relay-wait (they go when the pause ends).
     """
     spool = open_spool(settings(ctx, kw))
     wanted = _state(state)
     now = time.time()
+    pause = _pause(relayfile.read(spool.path), now)
     if as_json:
         out = sys.stdout
         out.write("[")
         for i, entry in enumerate(_oldest_first(_entries(spool, wanted))):
-            out.write(("," if i else "") + "\n  " + json.dumps(entry_json(entry)))
+            out.write(("," if i else "") + "\n  " + json.dumps(entry_json(entry, pause)))
         out.write("\n]\n")
         return EXIT_OK
-    n = 0
+    n = waits = 0
     for entry in _oldest_first(_entries(spool, wanted)):
         if n == 0:
             click.echo(f"{'ID':<40} {'STATE':<11} {'AGE':>7} {'SIZE':>6} {'TRIES':>5}  FROM -> TO")
@@ -219,13 +255,17 @@ def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) ->
             r.address + ("" if r.status == "pending" else f" ({r.status})")
             for r in entry.recipients
         )
+        shown = RELAY_WAIT if pause is not None and entry.state == "ready" else entry.state
+        waits += shown == RELAY_WAIT
         click.echo(
-            f"{entry.id:<40} {entry.state:<11} {age:>7} {_size(entry.size):>6} "
+            f"{entry.id:<40} {shown:<11} {age:>7} {_size(entry.size):>6} "
             f"{entry.attempts:>5}  {entry.sender or '<>'} -> {rcpts}"
         )
         if entry.last_error:
             click.echo(f"    {' '.join(entry.last_error.split())}")
     click.echo(f"{n} message{'s' if n != 1 else ''}" + (f" {wanted}" if wanted else ""))
+    if pause is not None and waits:
+        click.echo(f"{RELAY_WAIT}: ready, but {_pause_text(pause, now)}")
     return EXIT_OK
 
 
@@ -252,8 +292,10 @@ def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw
         fail(f"{message_id}: {reason(exc)}")
     data = _read_message(spool, entry)
     headers = _headers(data) if data is not None else []
+    now = time.time()
+    pause = _pause(relayfile.read(spool.path), now)
     if as_json:
-        obj = entry_json(entry)
+        obj = entry_json(entry, pause)
         obj["headers"] = [[k, v] for k, v in headers]
         if body:
             obj["message"] = None if data is None else data.decode("utf-8", "replace")
@@ -261,7 +303,12 @@ def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw
         return EXIT_OK
     rows = [
         ("id", entry.id),
-        ("state", entry.state),
+        (
+            "state",
+            f"{entry.state} (waiting: {_pause_text(pause, now)})"
+            if pause is not None and entry.state == "ready"
+            else entry.state,
+        ),
         ("message-id", entry.message_id or "-"),
         ("queued", when(entry.queued_at) if entry.queued_at else "?"),
         ("attempts", str(entry.attempts)),

@@ -127,6 +127,7 @@ class Claim(RecordFields):
         failed: Mapping[str, tuple[int | None, str]] | None = None,
         deferred: Mapping[str, tuple[int | None, str]] | None = None,
         retry_at: float | None = None,
+        reply: tuple[int, str] | None = None,
     ) -> str:
         """Record one attempt's outcome per recipient.
 
@@ -136,6 +137,9 @@ class Claim(RecordFields):
             deferred: recipient -> (code, text) of a temporary one.
             retry_at: when to try the pending recipients again (default:
                 now).  Pending recipients not named anywhere stay pending.
+            reply: the relay's (code, text) after the data, e.g. ``(250,
+                "2.0.0 Ok: queued as 4XyZ")``: kept with the sent recipients
+                of a message that stays in the spool (its queue id there).
 
         Returns:
             ``"removed"`` (all accepted: the file is gone), ``"deferred"``
@@ -155,7 +159,7 @@ class Claim(RecordFields):
             # Every recipient accepted: no record to build, the file just goes.
             record, outcome = self._record, "removed"
         else:
-            record, outcome = settle_record(self._record, sent, failed, deferred)
+            record, outcome = settle_record(self._record, sent, failed, deferred, reply)
         action = OUTCOME_ACTION[outcome]
         if outcome == "removed":
             self._start(action)

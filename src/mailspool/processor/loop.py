@@ -159,7 +159,7 @@ class _Pass:
         self.low = self.high // 2
         self.dispatcher_waits = False
         self.starters_wait = 0  # sender threads waiting for a free slot
-        self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined"), 0)
+        self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined", "partly"), 0)
 
     def queue(self, blocked: Callable[[float], bool]) -> bool:
         """Wait until another id may be queued; False when none may be (``blocked``)."""
@@ -209,11 +209,12 @@ class _Pass:
             self.queued += 1
             return True
 
-    def done(self, outcome: str | None) -> None:
+    def done(self, outcome: str | None, partly: bool = False) -> None:
         with self.cond:
             self.in_flight -= 1
             if outcome in self.counts:
                 self.counts[outcome] += 1
+            self.counts["partly"] += partly
             if self.starters_wait or (self.in_flight == 0 and self.queued == 0):
                 self.cond.notify_all()
 
@@ -221,11 +222,12 @@ class _Pass:
         """True when nothing is queued or in flight (call with ``cond`` held)."""
         return self.in_flight == 0 and self.queued == 0
 
-    def count(self, outcome: str | None) -> None:
+    def count(self, outcome: str | None, partly: bool = False) -> None:
         """Count an outcome settled outside the sender threads."""
         with self.cond:
             if outcome in self.counts:
                 self.counts[outcome] += 1
+            self.counts["partly"] += partly
 
 
 @implementer(IMailQueueProcessor)
@@ -369,6 +371,7 @@ class QueueProcessor:
                 c["quarantined"],
                 self.relay.paused(now),
                 self._sender.waiting(),
+                c["partly"],
             )
 
     def _publish(self, now: float) -> None:
@@ -382,6 +385,7 @@ class QueueProcessor:
             "rate_limit": self.rate_limit,
             "connections": self.relay.parallelism(now),
             "paused_until": self.relay.paused_until if paused else None,
+            "reason": self._sender.trouble if paused else None,
         }
         prev = self._published
         if prev is None:
@@ -412,7 +416,7 @@ class QueueProcessor:
         for done in written:
             events.notify(done.events)  # never raises
             if p is not None:
-                p.count(done.outcome)
+                p.count(done.outcome, done.partly)
 
     def _dispatch(self, p: _Pass) -> None:
         # Another processor on the spool may be working through the same
@@ -450,6 +454,9 @@ class QueueProcessor:
 
         Abandoned claims and orphans are swept first.  Stops early when the
         relay is paused (``relay_paused`` in the result) or a stop is asked.
+        Unless the processor's loop is running, the connections are closed
+        with QUIT before this returns, not left open until the relay's idle
+        timeout (the next pass opens what it needs).
 
         Args:
             progress: called with the running total after each pass.
@@ -466,6 +473,8 @@ class QueueProcessor:
                 progress(total)
             if s.total == 0 or s.relay_paused:
                 break
+        if self._waiter is None:  # not within the loop, whose passes reuse them
+            self.pool.close_all()
         return total
 
     # -- sender threads --------------------------------------------------------------
@@ -516,7 +525,7 @@ class QueueProcessor:
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
             finally:
-                p.done(done.outcome)
+                p.done(done.outcome, done.partly)
 
     def _start_threads(self) -> None:
         with self._threads_lock:
@@ -639,8 +648,8 @@ class QueueProcessor:
     def stop(self, timeout: float | None = None) -> None:
         """Stop: nothing new is started, messages in flight are settled.
 
-        Also closes the connections after :meth:`process_once` or
-        :meth:`drain` (or use the processor as a context manager).  An
+        Also closes the connections after :meth:`process_once` (or use
+        the processor as a context manager; :meth:`drain` closes its own).  An
         outcome that the spool could not take (it is full) is tried once
         more; if it still cannot be written, the message stays claimed by
         this process (a later processor of the same spool in it, or the

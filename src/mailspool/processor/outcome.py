@@ -240,7 +240,7 @@ def report(
     parts: list[str] = []  # after the part for the sent ones
     events: list[MailEvent] = []
     if verdict.sent:
-        events.append(MailSent(message_id, sender, verdict.sent))
+        events.append(MailSent(message_id, sender, verdict.sent, reply=reply))
     if verdict.failed:
         text = "; ".join(f"{a}: {_reason(r)}" for a, r in verdict.failed.items())
         parts.append(f"failed for {text}")
@@ -282,6 +282,9 @@ class Summary:
     relay was unavailable at the end; nothing was failed for it.
     ``unwritten``: outcomes the spool could not record yet (it is full), kept
     claimed and written again on the next pass.
+    ``partly``: of the deferred and failed, the messages that some of
+    their recipients accepted in that attempt (partly delivered); a detail
+    of those two counts, left out when summaries are compared.
     ``a + b`` adds the counts and keeps ``b``'s ``relay_paused`` and
     ``unwritten`` (the later state).
     """
@@ -292,6 +295,7 @@ class Summary:
     quarantined: int = 0
     relay_paused: bool = False
     unwritten: int = 0
+    partly: int = field(default=0, compare=False)
 
     @property
     def total(self) -> int:
@@ -306,6 +310,7 @@ class Summary:
             self.quarantined + other.quarantined,
             other.relay_paused,
             other.unwritten,
+            self.partly + other.partly,
         )
 
 

@@ -2,7 +2,7 @@
 
 ``mailspool status`` reads the spool, not the processor: so the processor
 leaves there, after a pass that changed it, the rate it learned from the
-relay's "too fast" replies, its connection limit and any relay pause
+relay's "too fast" replies, its connection limit and any relay pause (and why)
 (``.relay-state.json`` at the top of the spool, written whole and renamed
 into place, so a reader never sees half of it).  Several processors on one
 spool each overwrite it: it tells the latest word of one of them.

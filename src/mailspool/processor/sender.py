@@ -119,6 +119,8 @@ class Done:
     #: Not attempted, but to be tried again in this pass (the relay said
     #: "too fast", or refused one connection more than it takes).
     again: bool = False
+    #: deferred or failed, but some recipients accepted it in this attempt
+    partly: bool = False
 
 
 @dataclass
@@ -221,8 +223,9 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
         attempt=u.attempt,
     )
     try:
+        said = (u.reply.code, u.reply.text) if u.reply is not None and v.sent else None
         outcome = claim.settle(
-            sent=v.sent, failed=v.failed, deferred=v.deferred, retry_at=u.retry_at
+            sent=v.sent, failed=v.failed, deferred=v.deferred, retry_at=u.retry_at, reply=said
         )
     except OSError as exc:  # SpoolError is an OSError
         if not claim.held:
@@ -258,7 +261,8 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
             told.line,
             u.failures,
         )
-    return Done({"removed": "sent"}.get(outcome, outcome), told.events)
+    outcome = {"removed": "sent"}.get(outcome, outcome)
+    return Done(outcome, told.events, partly=bool(v.sent) and outcome != "sent")
 
 
 def _write_before_exit() -> None:
@@ -353,6 +357,8 @@ class Sender:
         self._skip_lock = threading.Lock()
         self._key = os.path.realpath(spool.location)  # whose waiting outcomes are ours
         self._local = threading.local()
+        #: the failure that paused the relay last, on one line (for ``status``)
+        self.trouble = ""
         #: Claims lost in a row (taken by another processor, or gone); reset
         #: by each claim made.  Read by the dispatcher, written by every
         #: sender thread: a hint, not a count.
@@ -451,9 +457,9 @@ class Sender:
         else:
             self.relay.accepted()
             self.pacer.accepted()
-        back = self.relay.answered(now)
+        back = self.relay.answered(now)  # the failures in a row: the first was no probe
         if back:
-            log.info("relay %s is back after %d failed probe(s)", self.where, back)
+            log.info("relay %s is back after %d failed probe(s)", self.where, back - 1)
         verdict = classify(env.recipients, result, error)
         reply = result.reply if result is not None and error is None else None
         return self._settle(claim, now, verdict, reply, error, quick=quick)
@@ -543,6 +549,7 @@ class Sender:
         pause = self.relay.broken(now)
         if pause is None:
             return False
+        self.trouble = f"broke {COHORT} transactions in a row (last: {one_line(str(exc))})"
         log.error(
             "relay %s broke %d transactions in a row (last: %s); deliveries paused "
             "for %s, then one message probes it (no message is failed for this)",
@@ -589,6 +596,7 @@ class Sender:
         pause = self.relay.trouble(now)
         if pause is None:
             return  # already paused for this step
+        self.trouble = one_line(str(exc))
         if pause.failures == 1:
             log.error(
                 "relay %s unavailable: %s; deliveries paused for %s, then one "

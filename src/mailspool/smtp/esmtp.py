@@ -4,8 +4,12 @@ The rules of the ESMTP extensions mailspool uses, kept as plain functions so
 that they can be tested without a relay and read in one place:
 
 * **SMTPUTF8** (RFC 6531): needed when an address is not ASCII; used, when
-  offered, for UTF-8 headers (RFC 6532) too.  Needed but not offered: a
-  permanent error, before ``MAIL``.
+  offered, for UTF-8 headers (RFC 6532) too.  Not offered: an address
+  whose only non-ASCII part is its domain goes with the domain's IDNA
+  A-label (``xn--...``, RFC 5890) instead; one with a non-ASCII local part
+  cannot go, a permanent error before ``MAIL``.  UTF-8 headers are
+  encoded as RFC 2047 encoded words (:func:`ascii_headers`), never sent
+  as raw 8-bit to a relay that did not offer SMTPUTF8.
 * **8BITMIME** (RFC 6152): ``BODY=8BITMIME`` for data with 8-bit bytes.
   Neither it nor SMTPUTF8 offered: a permanent error rather than a message
   sent in violation of the RFC and perhaps mangled by a 7-bit hop.
@@ -17,13 +21,23 @@ that they can be tested without a relay and read in one place:
 
 from __future__ import annotations
 
+import email.utils
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from email.header import Header
 
 from mailspool.errors import MessageTooLarge, PermanentError, SMTPUTF8Required
 from mailspool.message import Envelope, WireData, to_wire
 
-__all__ = ["dot_stuff", "mail_parameters", "size_limit", "wire_bytes"]
+__all__ = [
+    "ascii_address",
+    "ascii_headers",
+    "dot_stuff",
+    "mail_parameters",
+    "size_limit",
+    "wire_address",
+    "wire_bytes",
+]
 
 _DOT_AT_LINE_START = re.compile(rb"(?m)^\.")
 
@@ -90,18 +104,26 @@ def mail_parameters(
     """
     options: list[str] = []
     if envelope.smtputf8:
-        if "smtputf8" not in features:
-            wide = [a for a in (envelope.sender, *envelope.recipients) if not a.isascii()]
-            raise SMTPUTF8Required(
-                f"{where} does not offer SMTPUTF8, which the non-ASCII "
-                f"address(es) {', '.join(wide)} need; the message cannot be "
-                "sent through this relay"
-            )
-        options.append("SMTPUTF8")
+        if "smtputf8" in features:
+            options.append("SMTPUTF8")
+        else:  # domains can go as A-labels; a local part has no ASCII form
+            addresses = (envelope.sender, *envelope.recipients)
+            wide = [a for a in addresses if ascii_address(a) is None]
+            if wide:
+                raise SMTPUTF8Required(
+                    f"{where} does not offer SMTPUTF8, which the non-ASCII "
+                    f"address(es) {', '.join(wide)} need (a local part has no "
+                    "ASCII form); the message cannot be sent through this relay"
+                )
     if not data.isascii():
         end = data.find(b"\r\n\r\n")
         headers = data if end < 0 else data[:end]
-        if not headers.isascii() and "smtputf8" in features and "SMTPUTF8" not in options:
+        if not headers.isascii() and "smtputf8" not in features:
+            # ascii_headers() encodes them before this check; never raw 8-bit.
+            raise PermanentError(
+                f"the message has 8-bit headers and {where} does not offer SMTPUTF8"
+            )
+        if not headers.isascii() and "SMTPUTF8" not in options:
             # RFC 6532 headers: use SMTPUTF8 when offered; otherwise
             # BODY=8BITMIME below, which most relays accept.
             options.append("SMTPUTF8")
@@ -124,3 +146,117 @@ def mail_parameters(
     if "size" in features:
         options.append(f"SIZE={len(data)}")
     return options
+
+
+def ascii_address(address: str) -> str | None:
+    """``address`` with an IDNA A-label for a non-ASCII domain (RFC 5890).
+
+    Returns:
+        The address unchanged when ASCII; ``local@xn--...`` when only the
+        domain is not; None when the local part is not ASCII (no ASCII form
+        exists) or the domain has no IDNA form.
+    """
+    if address.isascii():
+        return address
+    local, at, domain = address.rpartition("@")
+    if not at or not local.isascii():
+        return None
+    try:
+        return f"{local}@{domain.encode('idna').decode('ascii')}"
+    except UnicodeError:
+        return None
+
+
+def wire_address(address: str, options: Iterable[str]) -> str:
+    """The form of ``address`` for ``MAIL``/``RCPT`` with these MAIL parameters.
+
+    Without ``SMTPUTF8`` a non-ASCII domain goes as its A-label;
+    :func:`mail_parameters` has refused an address without an ASCII form.
+    """
+    if address.isascii() or "SMTPUTF8" in options:
+        return address
+    return ascii_address(address) or address
+
+
+#: Header fields whose value is a list of addresses (RFC 5322 3.6.2, 3.6.3, 3.6.6).
+_ADDRESS_FIELDS = frozenset(
+    [
+        "from",
+        "sender",
+        "reply-to",
+        "to",
+        "cc",
+        "bcc",
+        "resent-from",
+        "resent-sender",
+        "resent-to",
+        "resent-cc",
+        "resent-bcc",
+        "disposition-notification-to",
+        "mail-followup-to",
+        "mail-reply-to",
+    ]
+)
+
+
+def ascii_headers(data: bytes, features: Mapping[str, str], where: str) -> bytes:
+    """``data`` with UTF-8 header fields made ASCII, for a relay without SMTPUTF8.
+
+    Only the fields that are not ASCII change; the body and every other byte
+    stay as they are.  Unstructured fields (Subject, Comments...) become RFC
+    2047 encoded words; in address fields the display names do, and the
+    domains become IDNA A-labels.
+
+    Args:
+        data: the message's wire bytes.
+        features: the relay's EHLO keywords; with ``smtputf8`` nothing changes.
+        where: the relay, for error texts.
+
+    Returns:
+        ``data`` itself when nothing needs to change, else the new bytes.
+
+    Raises:
+        PermanentError: a header is not UTF-8, or an address in a header
+            has a non-ASCII local part: only a relay with SMTPUTF8 can take it.
+    """
+    end = data.find(b"\r\n\r\n")
+    head = data if end < 0 else data[: end + 2]
+    if head.isascii() or "smtputf8" in features:
+        return data
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PermanentError(
+            f"the message's headers have 8-bit bytes that are not UTF-8, and {where} "
+            "does not offer SMTPUTF8; encode them as RFC 2047 encoded words"
+        ) from None
+    fields: list[str] = []
+    for line in text.split("\r\n")[:-1]:
+        if line[:1] in (" ", "\t") and fields:
+            fields[-1] += "\r\n" + line
+        else:
+            fields.append(line)
+    out = "".join(_ascii_field(f, where) + "\r\n" for f in fields)
+    return out.encode("ascii") + data[len(head) :]
+
+
+def _ascii_field(field: str, where: str) -> str:
+    if field.isascii():
+        return field
+    name, colon, value = field.partition(":")
+    if not colon or not name.isascii():
+        raise PermanentError(f"a header line is not ASCII and {where} does not offer SMTPUTF8")
+    value = " ".join(value.replace("\r\n", "").split())
+    if name.strip().lower() not in _ADDRESS_FIELDS:
+        encoded = Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+        return f"{name}: {encoded}"
+    parts = []
+    for display, address in email.utils.getaddresses([value]):
+        plain = ascii_address(address) if address else None
+        if plain is None:
+            raise PermanentError(
+                f"the {name} header has the address {address or value!r}, which has no "
+                f"ASCII form, and {where} does not offer SMTPUTF8"
+            )
+        parts.append(email.utils.formataddr((display, plain), charset="utf-8"))
+    return f"{name}: {', '.join(parts)}"

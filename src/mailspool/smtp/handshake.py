@@ -26,8 +26,9 @@ import contextlib
 import smtplib
 import socket
 import ssl
+from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailspool.errors import (
     AuthenticationError,
@@ -47,6 +48,7 @@ __all__ = [
     "AUTH_MECHANISMS",
     "Credentials",
     "certificate_error",
+    "certificate_names",
     "default_local_hostname",
     "network_error",
     "open_session",
@@ -92,13 +94,98 @@ def default_local_hostname() -> str:
         return "[127.0.0.1]"
 
 
-def certificate_error(exc: ssl.SSLCertVerificationError, where: str) -> TLSFailure:
-    """The error for a relay certificate that was not accepted, with what to do about it."""
+#: OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH:
+#: the chain was trusted, only the name we connected to is not in it.
+_NAME_MISMATCH = (62, 64)
+
+
+def certificate_error(
+    exc: ssl.SSLCertVerificationError,
+    where: str,
+    *,
+    host: str = "",
+    names: Callable[[], list[str]] | None = None,
+) -> TLSFailure:
+    """The error for a relay certificate that was not accepted, with what to do about it.
+
+    Args:
+        exc: the verification failure.
+        where: ``host:port`` of the relay, for the text.
+        host: the name or address we connected to.
+        names: for a certificate made out to another name, a function that
+            finds the names it is for (see :func:`certificate_names`); the
+            text then says which host to use instead of suggesting a CA.
+    """
     reason = exc.verify_message or str(exc)
+    if exc.verify_code not in _NAME_MISMATCH:
+        return TLSFailure(
+            f"certificate of {where} was not accepted: {reason}; trust its CA "
+            "with ca_file=..., or turn checks off with verify_certificates=False"
+        )
+    found = names() if names is not None else []
+    if not found:
+        return TLSFailure(
+            f"certificate of {where} is not for {host or 'the host connected to'} "
+            f"({reason}); connect with the host name the certificate is for "
+            "(--host NAME, or host=NAME)"
+        )
+    usable = [n for n in found if not n.startswith("*.")] or found
     return TLSFailure(
-        f"certificate of {where} was not accepted: {reason}; trust its CA "
-        "with ca_file=..., or turn checks off with verify_certificates=False"
+        f"certificate of {where} is for {', '.join(found)}, not {host}: "
+        f"use --host {usable[0]} (host={usable[0]!r}); the certificate itself "
+        "is trusted, so ca_file is not what is missing"
     )
+
+
+def certificate_names(mailer: SMTPMailer) -> list[str]:
+    """The names in the relay's certificate, read by a second, name-blind handshake.
+
+    Called only after a host name mismatch, to say which host to use: the
+    certificate is checked against the same CAs as before, only its names
+    are not compared with the host.  Nothing but EHLO and STARTTLS is sent.
+
+    Returns:
+        The DNS names and addresses of the certificate (subjectAltName, else
+        its common name); empty when they could not be read.
+    """
+    context = ssl.create_default_context()
+    trusted = mailer.ssl_context
+    with contextlib.suppress(ssl.SSLError, ValueError):
+        for der in trusted.get_ca_certs(binary_form=True) if trusted is not None else ():
+            context.load_verify_locations(cadata=der)
+    context.check_hostname = False
+    local = mailer.local_hostname or default_local_hostname()
+    timeout = mailer.connect_timeout
+    try:
+        if mailer.tls == "implicit":
+            smtp: smtplib.SMTP = smtplib.SMTP_SSL(
+                mailer.host, mailer.port, local_hostname=local, timeout=timeout, context=context
+            )
+        else:
+            smtp = smtplib.SMTP(mailer.host, mailer.port, local_hostname=local, timeout=timeout)
+        try:
+            if mailer.tls != "implicit":
+                smtp.ehlo()
+                smtp.starttls(context=context)
+            sock = smtp.sock
+            cert = sock.getpeercert() if isinstance(sock, ssl.SSLSocket) else None
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                smtp.quit()
+        finally:
+            smtp.close()
+    except (smtplib.SMTPException, OSError):
+        return []
+    if not cert:
+        return []
+    pairs: Any = cert.get("subjectAltName", ())
+    alt = [str(value) for kind, value in pairs if kind in _ALT_KINDS]
+    if alt:
+        return alt
+    subject: Any = cert.get("subject", ())
+    return [str(v) for rdn in subject for k, v in rdn if k == "commonName"]
+
+
+_ALT_KINDS = ("DNS", "IP Address")
 
 
 def network_error(
@@ -174,6 +261,12 @@ def open_session(mailer: SMTPMailer, credentials: Credentials | None) -> smtplib
 
 def _where(mailer: SMTPMailer) -> str:
     return f"{mailer.host}:{mailer.port}"
+
+
+def _certificate_error(mailer: SMTPMailer, exc: ssl.SSLCertVerificationError) -> TLSFailure:
+    return certificate_error(
+        exc, _where(mailer), host=mailer.host, names=lambda: certificate_names(mailer)
+    )
 
 
 def _port_hint(mailer: SMTPMailer) -> str:
@@ -273,7 +366,7 @@ def _connect(mailer: SMTPMailer) -> smtplib.SMTP:
             text = f"{where} closed the connection before its greeting{_port_hint(m)}"
         raise RelayUnavailable(text) from exc
     except ssl.SSLCertVerificationError as exc:
-        raise certificate_error(exc, where) from exc
+        raise _certificate_error(m, exc) from exc
     except ssl.SSLError as exc:
         raise TLSFailure(f"TLS handshake with {where} failed: {exc}{_port_hint(m)}") from exc
     except TimeoutError as exc:
@@ -314,7 +407,7 @@ def _setup(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials | No
             # failure, whatever the code would mean after AUTH.
             raise TLSFailure(text, code=exc.smtp_code) from exc
         except ssl.SSLCertVerificationError as exc:
-            raise certificate_error(exc, where) from exc
+            raise _certificate_error(mailer, exc) from exc
         except ssl.SSLError as exc:
             raise TLSFailure(f"TLS handshake with {where} failed: {exc}") from exc
         except OSError as exc:

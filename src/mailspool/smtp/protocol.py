@@ -32,6 +32,7 @@ from types import MappingProxyType
 
 from mailspool.errors import DeliveryError, error_for_reply
 from mailspool.message import Envelope
+from mailspool.smtp.esmtp import wire_address
 from mailspool.smtp.result import Reply, SendResult, all_refused, with_result
 
 __all__ = [
@@ -180,10 +181,13 @@ class Phase(enum.Enum):
 
 
 def _commands(envelope: Envelope, options: Sequence[str], pipelining: bool) -> list[str]:
-    mail = f"MAIL FROM:<{envelope.sender}>{''.join(f' {o}' for o in options)}\r\n"
+    # Without SMTPUTF8 a non-ASCII domain goes as its A-label (esmtp.wire_address).
+    sender = wire_address(envelope.sender, options)
+    mail = f"MAIL FROM:<{sender}>{''.join(f' {o}' for o in options)}\r\n"
     if not pipelining:
         return [mail]
-    return [mail, *(f"RCPT TO:<{r}>\r\n" for r in envelope.recipients), "DATA\r\n"]
+    rcpts = (f"RCPT TO:<{wire_address(r, options)}>\r\n" for r in envelope.recipients)
+    return [mail, *rcpts, "DATA\r\n"]
 
 
 class Transaction:
@@ -208,6 +212,7 @@ class Transaction:
         self.envelope = envelope
         self.pipelining = pipelining
         self.encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
+        self.options = tuple(options)
         self._lines = _commands(envelope, options, pipelining)
         for line in self._lines if pipelining else _commands(envelope, options, True):
             if line.count("\r") != 1 or line.count("\n") != 1:
@@ -224,7 +229,7 @@ class Transaction:
         return "".join(self._lines).encode(self.encoding)
 
     def _rcpt_command(self) -> Write:
-        rcpt = self.envelope.recipients[self._next_rcpt]
+        rcpt = wire_address(self.envelope.recipients[self._next_rcpt], self.options)
         return Write(f"RCPT TO:<{rcpt}>\r\n".encode(self.encoding))
 
     def receive(self, reply: Reply) -> Step:

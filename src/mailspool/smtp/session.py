@@ -60,7 +60,13 @@ from typing import TYPE_CHECKING, Any
 
 from mailspool.errors import ConnectionFailed, DeliveryError
 from mailspool.message import Envelope
-from mailspool.smtp.esmtp import dot_stuff, mail_parameters, size_limit, wire_bytes
+from mailspool.smtp.esmtp import (
+    ascii_headers,
+    dot_stuff,
+    mail_parameters,
+    size_limit,
+    wire_bytes,
+)
 from mailspool.smtp.handshake import Credentials, network_error, open_session
 from mailspool.smtp.protocol import (
     MAX_LINE,
@@ -299,6 +305,7 @@ class SMTPConnection:
                 neither 8BITMIME nor SMTPUTF8.
             MessageTooLarge: the message is larger than the relay's SIZE.
         """
+        data = ascii_headers(data, self.features, self._where)  # as send() would
         return mail_parameters(envelope, data, self.features, self.max_size, self._where)
 
     def send(self, envelope: Envelope, data: bytes, *, retry_stale: bool = True) -> SendResult:
@@ -334,7 +341,8 @@ class SMTPConnection:
         smtp = self._smtp
         if smtp is None or smtp.sock is None:
             raise ConnectionFailed(f"the connection to {self._where} is closed")
-        data = wire_bytes(data)
+        # Without SMTPUTF8, UTF-8 headers go as RFC 2047 words (esmtp.ascii_headers).
+        data = ascii_headers(wire_bytes(data), self.features, self._where)
         stale_ok = retry_stale and self._reused
         if (
             stale_ok

@@ -1,0 +1,152 @@
+"""Mail queued in the application's own database transaction (the outbox).
+
+:func:`enqueue` inserts the message row, ready, on the connection the
+application is already using, together with a ``NOTIFY`` to the
+processors; nothing is committed here.  The row is part of whatever the
+application commits: its order, its sign-up, its password reset, and the
+mail about it commit together or not at all, with no two-phase commit and
+no window.  The notification is delivered at the commit, so a processor
+sees the row at once; a rollback leaves no row and wakes no one.
+
+The connection may be
+
+* a psycopg connection (or any DB-API connection to PostgreSQL whose
+  driver takes ``%(name)s`` parameters: psycopg 2 too);
+* Django's ``django.db.connection`` (its cursor takes the same);
+* a SQLAlchemy ``Session`` or ``Connection``: with zope.sqlalchemy the
+  session is joined to the ``transaction`` package's transaction, so the
+  row commits with ``transaction.commit()``.
+
+:class:`OutboxDelivery` wraps it as a mail delivery (``send(fromaddr,
+toaddrs, message)``), given a function that returns the connection or
+session in use.  Neither imports a database driver: they use the object
+they are given.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Iterable
+from email.message import Message
+from typing import Any
+
+from mailspool.maildir.directory import new_name
+from mailspool.message import prepare
+from mailspool.postgres.rows import insert_params, insert_sql
+from mailspool.postgres.schema import DEFAULT_SCHEMA, quote_ident
+
+__all__ = ["OutboxDelivery", "enqueue"]
+
+
+def _timestamp(when: float | datetime.datetime | None) -> float | None:
+    if when is None or isinstance(when, (int, float)):
+        return when
+    if when.tzinfo is None:
+        when = when.astimezone()  # a naive datetime is local time
+    return when.timestamp()
+
+
+def _is_sqlalchemy(conn: Any) -> bool:
+    return type(conn).__module__.startswith("sqlalchemy.")
+
+
+def enqueue(
+    conn: Any,
+    fromaddr: str,
+    toaddrs: Iterable[str] | str,
+    message: bytes | str | Message,
+    *,
+    not_before: float | datetime.datetime | None = None,
+    msgid_domain: str | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> str:
+    """Queue a message in the transaction open on ``conn``; commit it yourself.
+
+    Args:
+        conn: a DB-API connection to PostgreSQL (psycopg, Django's
+            ``connection``) or a SQLAlchemy ``Session`` / ``Connection``.
+        fromaddr: the envelope sender.
+        toaddrs: the recipients; a single string is one address.
+        message: ``bytes``, ``str`` or ``email.message.Message``.
+        not_before: keep the message until this time (``time.time()``
+            value or datetime; naive means local time).
+        msgid_domain: the domain of a generated Message-Id.
+        schema: the queue's schema (default ``mailspool``).
+
+    Returns:
+        The Message-Id, without angle brackets.
+
+    Raises:
+        InvalidAddress: a bad sender or recipient, or no recipients.
+        InvalidMessage: a malformed Message-Id or an over-long line.
+        Whatever the driver raises when the insert fails (the
+        application's transaction is then the application's to roll back).
+    """
+    prepared = prepare(fromaddr, toaddrs, message, msgid_domain=msgid_domain)
+    now = time.time()
+    later = _timestamp(not_before)
+    if later is not None and later <= now:
+        later = None
+    state = "ready" if later is None else "deferred"
+    params = insert_params(new_name(), state, prepared, queued_at=now, not_before=later)
+    params["channel"] = f"mailspool.{schema}"
+    table = f"{quote_ident(schema)}.message"
+    notify = "SELECT pg_notify({}, '')"
+    if _is_sqlalchemy(conn):
+        from sqlalchemy import text
+
+        conn.execute(text(insert_sql(table, "named")), params)
+        conn.execute(text(notify.format(":channel")), {"channel": params["channel"]})
+    else:
+        with conn.cursor() as cur:
+            cur.execute(insert_sql(table), params)
+            cur.execute(notify.format("%(channel)s"), {"channel": params["channel"]})
+    return prepared.message_id
+
+
+class OutboxDelivery:
+    """A mail delivery that queues in the application's database transaction.
+
+    Args:
+        connection: returns the connection or session the application is
+            using now (e.g. ``lambda: DBSession()`` for a scoped SQLAlchemy
+            session joined by zope.sqlalchemy, ``lambda:
+            django.db.connection``, or a psycopg connection's getter).
+        schema: the queue's schema.
+        msgid_domain: the domain of generated Message-Ids.
+
+    ``send()`` inserts at once; the row commits or rolls back with that
+    connection's transaction.
+    """
+
+    def __init__(
+        self,
+        connection: Callable[[], Any],
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        msgid_domain: str | None = None,
+    ) -> None:
+        quote_ident(schema)  # refuse a bad name now, not at the first send
+        self.connection = connection
+        self.schema = schema
+        self.msgid_domain = msgid_domain
+
+    def send(
+        self,
+        fromaddr: str,
+        toaddrs: Iterable[str] | str,
+        message: bytes | str | Message,
+        *,
+        not_before: float | datetime.datetime | None = None,
+    ) -> str:
+        """Queue ``message`` in the current transaction; returns its Message-Id."""
+        return enqueue(
+            self.connection(),
+            fromaddr,
+            toaddrs,
+            message,
+            not_before=not_before,
+            msgid_domain=self.msgid_domain,
+            schema=self.schema,
+        )

@@ -1,0 +1,174 @@
+"""A message row and what the queue makes of it (no I/O).
+
+The recipients column is a JSON array of ``[address, status, code, text]``
+per recipient, in the envelope's order.  Times are ``timestamptz`` in the
+table and ``time.time()`` floats in Python; the queries read them as
+``extract(epoch ...)::float8``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from mailspool.maildir.admin import SpoolEntry
+from mailspool.maildir.fileformat import MAX_TEXT, RecipientStatus, Record
+from mailspool.message import Prepared
+
+__all__ = [
+    "ENTRY_COLUMNS",
+    "RECORD_COLUMNS",
+    "encode_recipients",
+    "entry_from_row",
+    "insert_params",
+    "insert_sql",
+    "lock_key",
+    "record_from_row",
+]
+
+
+def _epoch(column: str) -> str:
+    return f"extract(epoch FROM {column})::float8"
+
+
+#: The columns a claim reads, in :func:`record_from_row`'s order.
+RECORD_COLUMNS = (
+    "seq, id, state, sender, recipients, "
+    f"{_epoch('queued_at')}, attempts, message_id, last_error, legacy, "
+    f"{_epoch('not_before')}, data"
+)
+
+#: The columns a listing reads, in :func:`entry_from_row`'s order (no data).
+ENTRY_COLUMNS = (
+    "seq, id, state, sender, recipients, "
+    f"{_epoch('queued_at')}, attempts, message_id, last_error, legacy, "
+    f"{_epoch('not_before')}, {_epoch('due_at')}, octet_length(data)"
+)
+
+
+def lock_key(seq: int) -> int:
+    """The second key of the advisory lock a claim takes on message ``seq``.
+
+    The first key is the message table's oid, so two queues in one database
+    never share a lock; this one wraps after 2**31 messages (then a listing
+    may show the wrong row in flight, nothing more: the claim itself is
+    the row lock).
+    """
+    return seq % 2147483648
+
+
+def encode_recipients(recipients: Sequence[RecipientStatus]) -> str:
+    """The recipients column's JSON text."""
+    return json.dumps([[r.address, r.status, r.code, r.text] for r in recipients])
+
+
+def _recipients(value: Any) -> tuple[RecipientStatus, ...]:
+    items = json.loads(value) if isinstance(value, (str, bytes)) else value
+    return tuple(RecipientStatus(str(a), str(s), c, t) for a, s, c, t in items)
+
+
+def record_from_row(row: Sequence[Any]) -> Record:
+    """The :class:`Record` of a row read with :data:`RECORD_COLUMNS`."""
+    return Record(
+        sender=row[3],
+        recipients=_recipients(row[4]),
+        queued_at=row[5],
+        attempts=row[6],
+        message_id=row[7],
+        last_error=row[8],
+        legacy=row[9],
+        not_before=row[10],
+    )
+
+
+def entry_from_row(row: Sequence[Any], in_flight: bool) -> SpoolEntry:
+    """The :class:`SpoolEntry` of a row read with :data:`ENTRY_COLUMNS`."""
+    state = "in_flight" if in_flight else row[2]
+    return SpoolEntry(
+        id=row[1],
+        state=state,
+        message_id=row[7],
+        sender=row[3],
+        recipients=_recipients(row[4]),
+        queued_at=row[5],
+        attempts=row[6],
+        next_attempt=row[11] if state == "deferred" else None,
+        size=row[12],
+        last_error=row[8],
+        legacy=row[9],
+    )
+
+
+def insert_sql(table: str, style: str = "pyformat") -> str:
+    """The INSERT of one message into ``table`` (a quoted name).
+
+    ``style`` is the parameter style: ``pyformat`` (psycopg, Django) or
+    ``named`` (SQLAlchemy's ``text()``).
+    """
+    names = (
+        "id",
+        "state",
+        "message_id",
+        "sender",
+        "recipients",
+        "data",
+        "queued_at",
+        "not_before",
+        "due_at",
+        "attempts",
+        "last_error",
+        "legacy",
+    )
+
+    def p(name: str) -> str:
+        return f"%({name})s" if style == "pyformat" else f":{name}"
+
+    values = [
+        *(p(n) for n in names[:4]),
+        f"CAST({p('recipients')} AS jsonb)",
+        p("data"),
+        *(f"to_timestamp({p(n)})" for n in names[6:9]),
+        *(p(n) for n in names[9:]),
+    ]
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(values)})"
+
+
+def insert_params(
+    id: str,
+    state: str,
+    prepared: Prepared,
+    *,
+    queued_at: float,
+    not_before: float | None,
+    record: Record | None = None,
+) -> dict[str, Any]:
+    """The parameters of :func:`insert_sql` for one message.
+
+    Args:
+        id: the message's queue id.
+        state: ``staged``, ``ready`` or ``deferred`` (or, from an import,
+            any state the message was in).
+        prepared: the message.
+        queued_at: when it was queued.
+        not_before: when it is due, if later than ``queued_at``.
+        record: its whole record, when it comes from another queue (its
+            recipients, attempts and last error are kept).
+    """
+    env = prepared.envelope
+    recipients = record.recipients if record else tuple(RecipientStatus(a) for a in env.recipients)
+    last_error = record.last_error if record else None
+    return {
+        "id": id,
+        "state": state,
+        "message_id": prepared.message_id or None,
+        "sender": env.sender,
+        "recipients": encode_recipients(recipients),
+        "data": bytes(prepared.data),
+        "queued_at": queued_at,
+        "not_before": not_before,
+        "due_at": not_before if not_before is not None and not_before > queued_at else queued_at,
+        "attempts": record.attempts if record else 0,
+        "last_error": last_error[:MAX_TEXT] if last_error else None,
+        "legacy": record.legacy if record else False,
+    }

@@ -73,6 +73,11 @@ class PostgresAdmin:
                 apply_migrations(conn, self.schema, create=True)
             elif version is None:
                 raise SpoolError(f"queue {self.path}: no queue there (run 'mailspool db init')")
+            elif version > SCHEMA_VERSION:
+                raise SpoolError(
+                    f"queue {self.path}: schema version {version} is newer than this "
+                    f"mailspool knows ({SCHEMA_VERSION}); upgrade mailspool"
+                )
             elif version < SCHEMA_VERSION:
                 raise SpoolError(
                     f"queue {self.path}: schema version {version}, this mailspool needs "
@@ -291,6 +296,7 @@ class PostgresAdmin:
                     (id,),
                 ).fetchone()
             except psycopg.errors.LockNotAvailable:
+                next_area(action, "cur")  # "cannot hold a message that is in_flight"
                 raise SpoolError(f"cannot {action} {id}: it is being sent") from None
             if row is None:
                 raise KeyError(id)

@@ -210,13 +210,18 @@ class PostgresClaim:
     def _write(self, action: str, outcome: str, sql: str, params: tuple[Any, ...]) -> None:
         """Run ``sql`` in the claim's transaction and commit it: the claim ends."""
         self._start(action)
-        conn = self._connection(action)
-        try:
-            with conn.transaction():  # a savepoint: a failed statement keeps the lock
-                conn.execute(sql, params)
-            conn.commit()
-        except psycopg.Error as exc:
-            raise SpoolError(f"cannot {action} {self.id}: {self._queue.why(exc)}") from exc
+        for retry in (True, False):
+            conn = self._connection(action)
+            try:
+                with conn.transaction():  # a savepoint: a failed statement keeps the lock
+                    conn.execute(sql, params)
+                conn.commit()
+            except psycopg.Error as exc:
+                if retry and conn.broken:  # found broken only now: take the row again
+                    continue
+                why = self._queue.why(exc)
+                raise SpoolError(f"cannot {action} {self.id}: {why}") from exc
+            break
         self._finish(outcome)
 
     def _update(

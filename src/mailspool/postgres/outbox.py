@@ -13,9 +13,10 @@ The connection may be
 * a psycopg connection (or any DB-API connection to PostgreSQL whose
   driver takes ``%(name)s`` parameters: psycopg 2 too);
 * Django's ``django.db.connection`` (its cursor takes the same);
-* a SQLAlchemy ``Session`` or ``Connection``: with zope.sqlalchemy the
-  session is joined to the ``transaction`` package's transaction, so the
-  row commits with ``transaction.commit()``.
+* a SQLAlchemy ``Session`` (or ``scoped_session``) or ``Connection``: with
+  zope.sqlalchemy the session is joined to the ``transaction`` package's
+  transaction, so the row commits with ``transaction.commit()`` (the
+  session is marked changed, as zope.sqlalchemy asks of a plain INSERT).
 
 :class:`OutboxDelivery` wraps it as a mail delivery (``send(fromaddr,
 toaddrs, message)``), given a function that returns the connection or
@@ -49,6 +50,29 @@ def _timestamp(when: float | datetime.datetime | None) -> float | None:
 
 def _is_sqlalchemy(conn: Any) -> bool:
     return type(conn).__module__.startswith("sqlalchemy.")
+
+
+def _session(conn: Any) -> Any:
+    """A scoped session's current session; anything else as it is."""
+    from sqlalchemy.orm import scoped_session
+
+    return conn() if isinstance(conn, scoped_session) else conn
+
+
+def _mark_changed(conn: Any) -> None:
+    """Tell zope.sqlalchemy, when it is used, that the session wrote something.
+
+    A session it joined to a transaction commits only when it knows of a
+    change, and it learns of ORM changes only: a plain INSERT must be told.
+    """
+    try:
+        from zope.sqlalchemy import mark_changed
+    except ImportError:
+        return
+    from sqlalchemy.orm import Session
+
+    if isinstance(conn, Session):
+        mark_changed(conn)
 
 
 def enqueue(
@@ -96,8 +120,10 @@ def enqueue(
     if _is_sqlalchemy(conn):
         from sqlalchemy import text
 
+        conn = _session(conn)
         conn.execute(text(insert_sql(table, "named")), params)
         conn.execute(text(notify.format(":channel")), {"channel": params["channel"]})
+        _mark_changed(conn)
     else:
         with conn.cursor() as cur:
             cur.execute(insert_sql(table), params)

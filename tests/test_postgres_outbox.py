@@ -1,0 +1,144 @@
+"""Mail queued in the application's own transaction: it commits or rolls back with it.
+
+Three doors, each with a real database: a psycopg connection the
+application passes, a SQLAlchemy session joined to the ``transaction``
+package by zope.sqlalchemy, and the two-phase enqueue that
+``QueuedMailDelivery`` drives (stage at vote, publish at the end of the
+commit).  In each, a rollback leaves no row and a commit makes the message
+due at once, and the commit (only the commit) wakes a listening processor.
+"""
+
+# ruff: noqa: F811  (the fixtures imported from _pg are parameters below)
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+import transaction
+
+from _pg import pg_database, pg_url, queue, sql  # noqa: F401
+from mailspool import QueuedMailDelivery
+from mailspool.errors import InvalidAddress
+from mailspool.postgres import OutboxDelivery, PostgresQueue
+from mailspool.postgres.connect import parse_target
+
+A = "a@example.org"
+MSG = b"Subject: order 42\r\n\r\nThank you.\r\n"
+
+
+@pytest.fixture
+def app_conn(pg_url: str, queue: PostgresQueue) -> Iterator[psycopg.Connection[Any]]:
+    """The application's own connection, with a table of its own data."""
+    with psycopg.connect(parse_target(pg_url).conninfo) as conn:
+        conn.execute("CREATE TEMP TABLE orders (n int)")
+        conn.commit()
+        yield conn
+
+
+def test_psycopg_rollback_leaves_no_row_and_commit_is_due_at_once(
+    queue: PostgresQueue, app_conn: psycopg.Connection[Any]
+) -> None:
+    app_conn.execute("INSERT INTO orders VALUES (41)")
+    queue.enqueue(app_conn, "shop@example.org", [A], MSG)
+    assert list(queue.due()) == []  # not committed: no one sees it
+    app_conn.rollback()
+    assert list(queue.due()) == [] and queue.counts()["ready"] == 0
+
+    with queue.listener() as listener:
+        app_conn.execute("INSERT INTO orders VALUES (42)")
+        mid = queue.enqueue(app_conn, "shop@example.org", [A], MSG)
+        assert not listener.wait(0.05)  # nothing before the commit
+        app_conn.commit()
+        assert listener.wait(10)  # the commit notifies
+    (id,) = list(queue.due())
+    entry = queue.get(id)
+    assert entry.message_id == mid and entry.state == "ready" and entry.sender == "shop@example.org"
+    assert queue.message(id).endswith(b"Thank you.\r\n")
+    assert app_conn.execute("SELECT n FROM orders").fetchall() == [(42,)]
+
+
+def test_bad_input_raises_before_anything_is_written(
+    queue: PostgresQueue, app_conn: psycopg.Connection[Any]
+) -> None:
+    with pytest.raises(InvalidAddress):
+        queue.enqueue(app_conn, "shop@example.org", ["not an address"], MSG)
+    app_conn.commit()
+    assert sum(queue.counts().values()) == 0
+
+
+def test_not_before_in_the_application_transaction(
+    queue: PostgresQueue, app_conn: psycopg.Connection[Any]
+) -> None:
+    when = time.time() + 3600
+    OutboxDelivery(lambda: app_conn, schema=queue.schema).send(
+        "shop@example.org", A, MSG, not_before=when
+    )
+    app_conn.commit()
+    (entry,) = queue.entries()
+    assert entry.state == "deferred" and entry.next_attempt == pytest.approx(when, abs=0.01)
+
+
+def test_sqlalchemy_session_joined_by_zope_sqlalchemy(queue: PostgresQueue, pg_url: str) -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    orm = pytest.importorskip("sqlalchemy.orm")
+    zope_sqlalchemy = pytest.importorskip("zope.sqlalchemy")
+    url = parse_target(pg_url).conninfo.replace("postgresql://", "postgresql+psycopg://", 1)
+    engine = sqlalchemy.create_engine(url)
+    schema = queue.schema
+    sql(pg_url, f'CREATE TABLE "{schema}".orders (n int)')
+    Session = orm.scoped_session(orm.sessionmaker(bind=engine))
+    zope_sqlalchemy.register(Session)
+    delivery = OutboxDelivery(Session, schema=schema)
+    tm = transaction.manager
+    try:
+        tm.begin()
+        Session().execute(sqlalchemy.text(f'INSERT INTO "{schema}".orders VALUES (1)'))
+        delivery.send("shop@example.org", [A], MSG)
+        tm.abort()  # the application's transaction fails: nothing of it stays
+        assert sql(pg_url, f'SELECT count(*) FROM "{schema}".orders') == [(0,)]
+        assert list(queue.due()) == []
+
+        with queue.listener() as listener:
+            with tm:
+                Session().execute(sqlalchemy.text(f'INSERT INTO "{schema}".orders VALUES (2)'))
+                mid = delivery.send("shop@example.org", [A], MSG)
+            assert listener.wait(10)
+        assert sql(pg_url, f'SELECT n FROM "{schema}".orders') == [(2,)]
+        (entry,) = queue.entries()
+        assert entry.message_id == mid and entry.state == "ready"
+    finally:
+        Session.remove()
+        engine.dispose()
+
+
+def test_queued_mail_delivery_two_phase_on_the_queue(queue: PostgresQueue, tmp_path: Path) -> None:
+    """QueuedMailDelivery's data manager drives stage_many/publish/discard on the queue.
+
+    (Handing the queue itself to QueuedMailDelivery comes with the queue
+    seam; until then the delivery's spool is replaced by the queue.)
+    """
+    delivery = QueuedMailDelivery(tmp_path / "unused")
+    delivery.spool = queue  # type: ignore[assignment]
+    with transaction.manager as txn:
+        delivery.send("shop@example.org", [A], MSG)
+        txn.abort()
+    assert sum(queue.counts().values()) == 0
+    assert sql_count(queue) == 0  # nothing staged either
+    with queue.listener() as listener:
+        with transaction.manager:
+            mids = [delivery.send("shop@example.org", [A], MSG) for _ in range(3)]
+        assert listener.wait(10)
+    assert sorted(e.message_id or "" for e in queue.entries("ready")) == sorted(mids)
+    assert sql_count(queue) == 3
+
+
+def sql_count(queue: PostgresQueue) -> int:
+    with queue._main() as conn:
+        row = conn.execute(f"SELECT count(*) FROM {queue.table}").fetchone()
+    assert row is not None
+    return int(row[0])

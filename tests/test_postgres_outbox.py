@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -116,14 +115,10 @@ def test_sqlalchemy_session_joined_by_zope_sqlalchemy(queue: PostgresQueue, pg_u
         engine.dispose()
 
 
-def test_queued_mail_delivery_two_phase_on_the_queue(queue: PostgresQueue, tmp_path: Path) -> None:
-    """QueuedMailDelivery's data manager drives stage_many/publish/discard on the queue.
-
-    (Handing the queue itself to QueuedMailDelivery comes with the queue
-    seam; until then the delivery's spool is replaced by the queue.)
-    """
-    delivery = QueuedMailDelivery(tmp_path / "unused")
-    delivery.spool = queue  # type: ignore[assignment]
+def test_queued_mail_delivery_two_phase_on_the_queue(queue: PostgresQueue) -> None:
+    """QueuedMailDelivery stages at vote and publishes at the end of the commit."""
+    delivery = QueuedMailDelivery(queue)
+    assert delivery.queuePath == queue.location
     with transaction.manager as txn:
         delivery.send("shop@example.org", [A], MSG)
         txn.abort()

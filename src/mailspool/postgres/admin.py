@@ -20,9 +20,7 @@ from typing import Any
 import psycopg
 
 from mailspool.errors import SpoolError
-from mailspool.maildir.admin import SpoolEntry
 from mailspool.maildir.directory import check_id
-from mailspool.maildir.fileformat import FAILED, PENDING, RecipientStatus
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.postgres.connect import ConnectionPool, Target, display_name, parse_target
 from mailspool.postgres.rows import ENTRY_COLUMNS, encode_recipients, entry_from_row
@@ -33,6 +31,7 @@ from mailspool.postgres.schema import (
     current_version,
     quote_ident,
 )
+from mailspool.queue import FAILED, PENDING, QueueEntry, RecipientStatus
 
 __all__ = ["PostgresAdmin"]
 
@@ -91,6 +90,11 @@ class PostgresAdmin:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"
+
+    @property
+    def location(self) -> str:
+        """The queue's URL, without any password."""
+        return self.path
 
     # -- the queue's own connection ------------------------------------------------
 
@@ -213,8 +217,8 @@ class PostgresAdmin:
                     best = row[0]
         return best
 
-    def entries(self, state: str | None = None) -> Iterator[SpoolEntry]:
-        """Stream one :class:`SpoolEntry` per message (all states, or one).
+    def entries(self, state: str | None = None) -> Iterator[QueueEntry]:
+        """Stream one :class:`QueueEntry` per message (all states, or one).
 
         Raises:
             ValueError: ``state`` is not a state.
@@ -224,7 +228,7 @@ class PostgresAdmin:
         for one in [state] if state else list(STATES.values()):
             yield from self._entries(one)
 
-    def _entries(self, state: str) -> Iterator[SpoolEntry]:
+    def _entries(self, state: str) -> Iterator[QueueEntry]:
         after = 0
         while True:
             with self._main() as conn:
@@ -248,7 +252,7 @@ class PostgresAdmin:
                 return
             after = rows[-1][0]
 
-    def get(self, id: str) -> SpoolEntry:
+    def get(self, id: str) -> QueueEntry:
         """Everything known about one message.
 
         Raises:

@@ -41,10 +41,11 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from mailspool.errors import SpoolError
-from mailspool.maildir.fileformat import MAX_TEXT, RecipientStatus, Record
-from mailspool.maildir.lifecycle import OUTCOME_ACTION, all_sent, next_area, settle_record
+from mailspool.maildir.fileformat import MAX_TEXT
+from mailspool.maildir.lifecycle import OUTCOME_ACTION, next_area
 from mailspool.message import Envelope
 from mailspool.postgres.rows import RECORD_COLUMNS, encode_recipients, lock_key, record_from_row
+from mailspool.queue import RecipientStatus, Record, all_sent, settle_record
 
 if TYPE_CHECKING:
     from mailspool.postgres.queue import PostgresQueue

@@ -3,16 +3,26 @@
 Every commit that makes mail ready (publish(), enqueue() in the
 application's transaction, retry and release) sends ``NOTIFY`` on the
 queue's channel in the same transaction, so PostgreSQL delivers it when,
-and only if, the mail is committed.  A :class:`Listener` is one extra
-connection per processor, idle in ``select()`` until a notification or its
-timeout: an idle processor uses no CPU.  A notification only means "look
-now": what is due is read from the table, so a lost notification (the
-listener reconnecting) costs at most one polling interval.
+and only if, the mail is committed.
+
+A :class:`Listener` is the processor's :class:`~mailspool.queue.Waker`:
+one extra connection per processor, LISTENing in a thread of its own,
+which writes a byte to a socket pair for each batch of notifications.  The
+processor's loop sleeps in ``select()`` on that socket, whose descriptor
+never changes; the thread makes the connection again when it is lost (a
+restarted server), and wakes the loop then too, since notifications sent
+meanwhile were lost.  A notification only means "look now": what is due
+is read from the table, and the processor's polling interval stays the
+safety net.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import selectors
+import socket
+import threading
 from typing import Any
 
 import psycopg
@@ -23,87 +33,115 @@ from mailspool.postgres.connect import Target
 
 __all__ = ["Listener"]
 
+log = logging.getLogger("mailspool.processor")
+
+#: How often (seconds) the listening thread checks whether to stop.
+POLL = 1.0
+#: Seconds between attempts to make a lost connection again.
+RECONNECT = 2.0
+
 
 class Listener:
-    """A connection that LISTENs on a queue's channel.
+    """LISTEN on a queue's channel; readable (``fileno()``) when notified.
 
     Args:
         target: the queue's database.
         channel: the channel name (``mailspool.<schema>``).
     """
 
+    kind = "LISTEN/NOTIFY"
+
     def __init__(self, target: Target, channel: str) -> None:
         self.target = target
         self.channel = channel
-        self._conn: psycopg.Connection[Any] | None = None
-        self._seen = 0
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._stop = threading.Event()
+        self._listening = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mailspool-listen", daemon=True)
+        self._thread.start()
 
-    def _on_notify(self, n: psycopg.Notify) -> None:
-        if n.channel == self.channel:
-            self._seen += 1
-
-    def connect(self) -> None:
-        """Open the connection and LISTEN, unless already done.
-
-        Raises:
-            SpoolError: the database cannot be reached.
-        """
-        if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return
+    def _connect(self) -> psycopg.Connection[Any]:
         conn = self.target.connect(autocommit=True)
-        conn.add_notify_handler(self._on_notify)
         try:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         except psycopg.Error as exc:
             conn.close()
             raise SpoolError(f"cannot listen on {self.channel}: {exc}") from exc
-        self._conn = conn
+        return conn
+
+    def _run(self) -> None:
+        lost = False
+        while not self._stop.is_set():
+            try:
+                conn = self._connect()
+            except SpoolError as exc:
+                if not lost:
+                    log.warning("%s; polling until it is back", exc)
+                lost = True
+                self._stop.wait(RECONNECT)
+                continue
+            if lost:
+                log.info("listening on %s again", self.channel)
+                self._poke()  # what was notified meanwhile is lost: look now
+                lost = False
+            self._listening.set()
+            try:
+                with conn:
+                    while not self._stop.is_set():
+                        if any(True for _ in conn.notifies(timeout=POLL)):
+                            self._poke()
+            except psycopg.Error as exc:
+                if not self._stop.is_set():
+                    log.warning("lost the connection listening on %s: %s", self.channel, exc)
+                    lost = True
+            finally:
+                self._listening.clear()
+
+    def _poke(self) -> None:
+        with contextlib.suppress(OSError):  # full: already woken; closed: stopping
+            self._w.send(b"\0")
+
+    def ready(self, timeout: float) -> bool:
+        """Wait until the listener is LISTENing (what is committed after that wakes it)."""
+        return self._listening.wait(timeout)
+
+    # -- the Waker protocol ---------------------------------------------------------
 
     def fileno(self) -> int:
-        """The descriptor to wait on (readable when something arrived)."""
-        self.connect()
-        assert self._conn is not None
-        return self._conn.fileno()
+        """Readable when a notification arrived since the last drain()."""
+        return self._r.fileno()
 
-    def take(self) -> int:
-        """Read what arrived without waiting; the number of notifications since the last take()."""
-        conn = self._conn
-        if conn is not None and not conn.broken:
-            try:
-                conn.execute("SELECT 1")  # handles the notifications that arrived
-            except psycopg.Error:
-                conn.close()
-        seen, self._seen = self._seen, 0
-        return seen
-
-    def wait(self, timeout: float) -> bool:
-        """Block until a notification arrives or ``timeout`` seconds pass.
-
-        Returns:
-            True when notified (or the connection was lost: look anyway).
-        """
-        if self._seen:
-            return self.take() > 0
+    def drain(self) -> None:
+        """Forget the notifications received so far."""
         try:
-            fd = self.fileno()
-        except SpoolError:
-            return True
-        with selectors.DefaultSelector() as sel:
-            sel.register(fd, selectors.EVENT_READ)
-            ready = sel.select(max(0.0, timeout))
-        if not ready:
-            return False
-        n = self.take()
-        return n > 0 or self._conn is None or self._conn.closed
+            while self._r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
 
     def close(self) -> None:
-        """Close the connection."""
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        """Stop listening; the thread closes its connection within :data:`POLL` seconds."""
+        self._stop.set()
+        self._r.close()
+        self._w.close()
+
+    # -- for direct use -------------------------------------------------------------
+
+    def wait(self, timeout: float) -> bool:
+        """Block until notified or ``timeout`` seconds pass; True when notified.
+
+        Consumes the notifications (as drain()).
+        """
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._r, selectors.EVENT_READ)
+            woken = bool(sel.select(max(0.0, timeout)))
+        self.drain()
+        return woken
 
     def __enter__(self) -> Listener:
-        self.connect()
+        self.ready(10.0)
         return self
 
     def __exit__(self, *exc: object) -> None:

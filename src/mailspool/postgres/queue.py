@@ -28,15 +28,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from email.message import Message
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from mailspool.errors import SpoolError
 from mailspool.maildir.directory import check_id, new_name
-from mailspool.maildir.spool import TMP_MAX_AGE, Staged
+from mailspool.maildir.spool import TMP_MAX_AGE
 from mailspool.message import Prepared
 from mailspool.postgres.admin import PostgresAdmin
 from mailspool.postgres.claim import PostgresClaim
@@ -44,11 +45,22 @@ from mailspool.postgres.connect import Target
 from mailspool.postgres.notify import Listener
 from mailspool.postgres.outbox import enqueue as _enqueue
 from mailspool.postgres.rows import RECORD_COLUMNS, insert_params, insert_sql, lock_key
+from mailspool.queue import QueueBackend
 
-__all__ = ["PostgresQueue"]
+__all__ = ["PostgresQueue", "Staged"]
 
 #: due() reads this many ids per query.
 DUE_BATCH = 1000
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A message inserted by stage() as ``staged``: committed, not yet visible."""
+
+    id: str
+    message_id: str
+    area: str  # "new" (ready when published) or "deferred"
+    not_before: float | None = None
 
 
 class PostgresQueue(PostgresAdmin):
@@ -124,9 +136,7 @@ class PostgresQueue(PostgresAdmin):
         id = new_name()
         now = time.time()
         later = not_before is not None and not_before > now
-        staged = Staged(
-            id, prepared.message_id, "deferred" if later else "new", f"{self.path}#{id}", not_before
-        )
+        staged = Staged(id, prepared.message_id, "deferred" if later else "new", not_before)
         params = insert_params(
             id, "staged", prepared, queued_at=now, not_before=not_before if later else None
         )
@@ -295,9 +305,32 @@ class PostgresQueue(PostgresAdmin):
                 ).rowcount
         return max(0, done)
 
+    def quarantined_last(self, id: str) -> bool:
+        """Never: a claim here finds no damaged message to set aside."""
+        return False
+
+    def claimed_elsewhere(self) -> bool:
+        """Whether some message is being sent now, by any processor.
+
+        A processor that dies frees its claims but notifies no one, so while
+        claims exist the processor's loop looks again soon.
+        """
+        try:
+            with self._main() as conn:
+                return bool(self._locked(conn))
+        except SpoolError:
+            return False
+
     # -- waking up -----------------------------------------------------------------
 
-    def listener(self) -> Listener:
-        """A connection listening for this queue's notifications (see
-        :class:`~mailspool.postgres.notify.Listener`)."""
+    def waker(self) -> Listener:
+        """A :class:`~mailspool.postgres.notify.Listener` on this queue's channel."""
         return Listener(self.target, self.channel)
+
+    listener = waker
+
+
+if TYPE_CHECKING:  # mypy checks that the queue fits the seam
+
+    def _fits(queue: PostgresQueue) -> QueueBackend:
+        return queue

@@ -12,9 +12,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from mailspool.maildir.admin import SpoolEntry
-from mailspool.maildir.fileformat import MAX_TEXT, RecipientStatus, Record
+from mailspool.maildir.fileformat import MAX_TEXT
 from mailspool.message import Prepared
+from mailspool.queue import QueueEntry, RecipientStatus, Record
 
 __all__ = [
     "ENTRY_COLUMNS",
@@ -82,10 +82,10 @@ def record_from_row(row: Sequence[Any]) -> Record:
     )
 
 
-def entry_from_row(row: Sequence[Any], in_flight: bool) -> SpoolEntry:
-    """The :class:`SpoolEntry` of a row read with :data:`ENTRY_COLUMNS`."""
+def entry_from_row(row: Sequence[Any], in_flight: bool) -> QueueEntry:
+    """The :class:`QueueEntry` of a row read with :data:`ENTRY_COLUMNS`."""
     state = "in_flight" if in_flight else row[2]
-    return SpoolEntry(
+    return QueueEntry(
         id=row[1],
         state=state,
         message_id=row[7],

@@ -1,0 +1,96 @@
+"""The queue processor draining a PostgreSQL queue into a real SMTP relay.
+
+The processor reaches the queue through the seam only; these tests check
+the whole path on this backend: enqueue (two-phase and in the
+application's transaction), claim, send over aiosmtpd, settle per
+recipient, and the pickup by NOTIFY of a running processor.
+"""
+
+# ruff: noqa: F811  (the fixtures imported from _pg are parameters below)
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from _pg import pg_database, pg_url, queue  # noqa: F401
+from _relays import RCPT, Greylist, RefuseSome, enqueue, message_id, wait_for
+from conftest import Relay, RelayFactory
+from mailspool import QueueProcessor, RetryPolicy, SMTPMailer, Summary
+from mailspool.postgres import PostgresQueue
+from mailspool.postgres.connect import parse_target
+
+QUICK = RetryPolicy(first_delay=60, max_delay=600, give_up_after=3600)
+
+
+def processor(queue: PostgresQueue, relay: Relay, **kw: Any) -> QueueProcessor:
+    kw.setdefault("retry", QUICK)
+    return QueueProcessor(queue, SMTPMailer(**relay.mailer_kwargs()), **kw)
+
+
+def test_drain_sends_everything_and_empties_the_queue(queue: PostgresQueue, relay: Relay) -> None:
+    ids = enqueue(queue, 20)
+    with processor(queue, relay, connections=2, watch=False) as p:
+        summary = p.drain()
+    assert summary == Summary(sent=20)
+    assert sorted(message_id(m.content) for m in relay.messages) == sorted(ids)
+    assert queue.counts() == dict.fromkeys(queue.counts(), 0)
+
+
+def test_per_recipient_outcomes_are_written_to_the_rows(
+    queue: PostgresQueue, smtp_relay: RelayFactory
+) -> None:
+    relay = smtp_relay(RefuseSome(["nobody@example.org"]))
+    enqueue(queue, to=["a@example.org", "nobody@example.org"])
+    p = processor(queue, relay, watch=False)
+    assert p.process_once() == Summary(failed=1)
+    (entry,) = queue.entries()
+    assert entry.state == "failed"
+    assert {r.address: r.status for r in entry.recipients} == {
+        "a@example.org": "sent",
+        "nobody@example.org": "failed",
+    }
+    assert [m.rcpt_tos for m in relay.messages] == [["a@example.org"]]
+    p.stop()
+
+
+def test_greylisting_defers_then_sends_after_the_retry(
+    queue: PostgresQueue, smtp_relay: RelayFactory
+) -> None:
+    relay = smtp_relay(Greylist())
+    enqueue(queue, to=[RCPT])
+    p = processor(queue, relay, watch=False)
+    t0 = time.time()
+    assert p.process_once(t0) == Summary(deferred=1)
+    (entry,) = queue.entries()
+    assert entry.state == "deferred" and entry.attempts == 1
+    assert entry.next_attempt == pytest.approx(t0 + 60, abs=1)
+    assert p.process_once(t0 + 59) == Summary()
+    assert p.process_once(t0 + 61) == Summary(sent=1)
+    assert queue.state(entry.id) is None
+    p.stop()
+
+
+def test_a_running_processor_picks_up_a_commit_of_the_application(
+    queue: PostgresQueue, relay: Relay, pg_url: str
+) -> None:
+    # A long polling interval: only the NOTIFY of the commit can bring the
+    # message in time.
+    p = processor(queue, relay, interval=3600)
+    p.start()
+    try:
+        assert wait_for(lambda: p._waiter is not None)
+        waker = p._waiter.waker
+        assert waker is not None and waker.kind == "LISTEN/NOTIFY"
+        assert waker.ready(10)
+        with psycopg.connect(parse_target(pg_url).conninfo) as app:
+            mid = queue.enqueue(app, "shop@example.org", [RCPT], b"Subject: hi\r\n\r\nhello\r\n")
+            app.commit()
+        assert wait_for(lambda: len(relay.messages) == 1)
+        assert message_id(relay.messages[0].content) == mid
+        assert wait_for(lambda: sum(queue.counts().values()) == 0)
+    finally:
+        p.stop()

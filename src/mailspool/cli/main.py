@@ -11,6 +11,8 @@ module:
   ``delete``, ``hold``, ``release``;
 - :mod:`mailspool.cli.config_verb` -- ``config``;
 - :mod:`mailspool.cli.dev_verbs` -- ``devserver``, ``demo``;
+- :mod:`mailspool.cli.db_verbs` -- ``db init``, ``db upgrade``, ``db import``
+  (a PostgreSQL queue);
 - :mod:`mailspool.cli.common` -- what they share (options, settings, exit
   codes).
 
@@ -44,6 +46,7 @@ from collections.abc import Sequence
 import click
 
 from mailspool.cli import config_verb as cli_config
+from mailspool.cli import db_verbs as cli_db
 from mailspool.cli import delivery_verbs as cli_delivery
 from mailspool.cli import dev_verbs as cli_dev
 from mailspool.cli import queue_verbs as cli_queue
@@ -103,6 +106,7 @@ for _command in (
     *cli_queue.COMMANDS,
     *cli_config.COMMANDS,
     *cli_dev.COMMANDS,
+    *cli_db.COMMANDS,
 ):
     cli.add_command(_command)
 

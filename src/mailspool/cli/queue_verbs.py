@@ -36,7 +36,8 @@ from mailspool.processor import relayfile
 from mailspool.processor.outcome import per_second
 
 if TYPE_CHECKING:
-    from mailspool.maildir.spool import Spool, SpoolEntry
+    from mailspool.queue import QueueBackend as Spool
+    from mailspool.queue import QueueEntry as SpoolEntry
 
 __all__ = ["COMMANDS", "entry_json"]
 
@@ -138,7 +139,7 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         oldest = spool.oldest()
     relay = relayfile.read(spool.path)
     if as_json:
-        out: dict[str, Any] = {"queue": spool.path}
+        out: dict[str, Any] = {"queue": spool.location}
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
         out["total"] = sum(out[s] for s in STATE_NAMES)
         out["oldest_queued_at"] = oldest
@@ -148,7 +149,7 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         out["relay"] = relay
         click.echo(json.dumps(out))
         return EXIT_OK
-    click.echo(f"queue {spool.path}")
+    click.echo(f"queue {spool.location}")
     for s in STATE_NAMES:
         extra = ""
         if s == "deferred" and next_retry is not None:

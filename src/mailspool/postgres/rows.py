@@ -25,6 +25,7 @@ __all__ = [
     "insert_sql",
     "lock_key",
     "record_from_row",
+    "row_params",
 ]
 
 
@@ -100,11 +101,12 @@ def entry_from_row(row: Sequence[Any], in_flight: bool) -> QueueEntry:
     )
 
 
-def insert_sql(table: str, style: str = "pyformat") -> str:
+def insert_sql(table: str, style: str = "pyformat", *, once: bool = False) -> str:
     """The INSERT of one message into ``table`` (a quoted name).
 
     ``style`` is the parameter style: ``pyformat`` (psycopg, Django) or
-    ``named`` (SQLAlchemy's ``text()``).
+    ``named`` (SQLAlchemy's ``text()``).  With ``once``, a message whose id
+    is already there is left as it is (an import run again).
     """
     names = (
         "id",
@@ -131,7 +133,42 @@ def insert_sql(table: str, style: str = "pyformat") -> str:
         *(f"to_timestamp({p(n)})" for n in names[6:9]),
         *(p(n) for n in names[9:]),
     ]
-    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(values)})"
+    conflict = " ON CONFLICT (id) DO NOTHING" if once else ""
+    return f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(values)}){conflict}"
+
+
+def row_params(
+    id: str,
+    state: str,
+    record: Record,
+    data: bytes,
+    *,
+    due_at: float | None = None,
+) -> dict[str, Any]:
+    """The parameters of :func:`insert_sql` for one message's whole record.
+
+    Args:
+        id: the message's queue id.
+        state: its state (``staged``, ``ready``, ``deferred``, ``held``...).
+        record: its envelope, recipients, attempts, times, last error.
+        data: the message as it goes on the wire.
+        due_at: when it is due (default: ``record.due_since``).
+    """
+    last_error = record.last_error
+    return {
+        "id": id,
+        "state": state,
+        "message_id": record.message_id or None,
+        "sender": record.sender,
+        "recipients": encode_recipients(record.recipients),
+        "data": bytes(data),
+        "queued_at": record.queued_at,
+        "not_before": record.not_before,
+        "due_at": record.due_since if due_at is None else due_at,
+        "attempts": record.attempts,
+        "last_error": last_error[:MAX_TEXT] if last_error else None,
+        "legacy": record.legacy,
+    }
 
 
 def insert_params(
@@ -141,34 +178,22 @@ def insert_params(
     *,
     queued_at: float,
     not_before: float | None,
-    record: Record | None = None,
 ) -> dict[str, Any]:
-    """The parameters of :func:`insert_sql` for one message.
+    """The parameters of :func:`insert_sql` for a new message.
 
     Args:
         id: the message's queue id.
-        state: ``staged``, ``ready`` or ``deferred`` (or, from an import,
-            any state the message was in).
+        state: ``staged``, ``ready`` or ``deferred``.
         prepared: the message.
-        queued_at: when it was queued.
+        queued_at: when it is queued.
         not_before: when it is due, if later than ``queued_at``.
-        record: its whole record, when it comes from another queue (its
-            recipients, attempts and last error are kept).
     """
     env = prepared.envelope
-    recipients = record.recipients if record else tuple(RecipientStatus(a) for a in env.recipients)
-    last_error = record.last_error if record else None
-    return {
-        "id": id,
-        "state": state,
-        "message_id": prepared.message_id or None,
-        "sender": env.sender,
-        "recipients": encode_recipients(recipients),
-        "data": bytes(prepared.data),
-        "queued_at": queued_at,
-        "not_before": not_before,
-        "due_at": not_before if not_before is not None and not_before > queued_at else queued_at,
-        "attempts": record.attempts if record else 0,
-        "last_error": last_error[:MAX_TEXT] if last_error else None,
-        "legacy": record.legacy if record else False,
-    }
+    record = Record(
+        sender=env.sender,
+        recipients=tuple(RecipientStatus(a) for a in env.recipients),
+        queued_at=queued_at,
+        message_id=prepared.message_id,
+        not_before=not_before if not_before is not None and not_before > queued_at else None,
+    )
+    return row_params(id, state, record, prepared.data)

@@ -32,9 +32,8 @@ from collections.abc import Callable, Iterable
 from email.message import Message
 from typing import Any
 
-from mailspool.maildir.directory import new_name
 from mailspool.message import prepare
-from mailspool.postgres.rows import insert_params, insert_sql
+from mailspool.postgres.rows import insert_params, insert_sql, new_id
 from mailspool.postgres.schema import DEFAULT_SCHEMA, quote_ident
 
 __all__ = ["OutboxDelivery", "enqueue"]
@@ -113,7 +112,7 @@ def enqueue(
     if later is not None and later <= now:
         later = None
     state = "ready" if later is None else "deferred"
-    params = insert_params(new_name(), state, prepared, queued_at=now, not_before=later)
+    params = insert_params(new_id(), state, prepared, queued_at=now, not_before=later)
     params["channel"] = f"mailspool.{schema}"
     table = f"{quote_ident(schema)}.message"
     notify = "SELECT pg_notify({}, '')"

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from mailspool.errors import SpoolError
-from mailspool.maildir.directory import check_id, new_name
+from mailspool.maildir.directory import check_id
 from mailspool.maildir.spool import TMP_MAX_AGE
 from mailspool.message import Prepared
 from mailspool.postgres.admin import PostgresAdmin
@@ -44,7 +44,7 @@ from mailspool.postgres.claim import PostgresClaim
 from mailspool.postgres.connect import Target
 from mailspool.postgres.notify import Listener
 from mailspool.postgres.outbox import enqueue as _enqueue
-from mailspool.postgres.rows import RECORD_COLUMNS, insert_params, insert_sql, lock_key
+from mailspool.postgres.rows import RECORD_COLUMNS, insert_params, insert_sql, lock_key, new_id
 from mailspool.queue import QueueBackend
 
 __all__ = ["PostgresQueue", "Staged"]
@@ -133,7 +133,7 @@ class PostgresQueue(PostgresAdmin):
     def _staged_row(
         self, prepared: Prepared, not_before: float | None
     ) -> tuple[Staged, dict[str, Any]]:
-        id = new_name()
+        id = new_id()
         now = time.time()
         later = not_before is not None and not_before > now
         staged = Staged(id, prepared.message_id, "deferred" if later else "new", not_before)

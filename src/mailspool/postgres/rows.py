@@ -8,7 +8,12 @@ table and ``time.time()`` floats in Python; the queries read them as
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import secrets
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,9 +29,25 @@ __all__ = [
     "insert_params",
     "insert_sql",
     "lock_key",
+    "new_id",
     "record_from_row",
     "row_params",
 ]
+
+
+_counter = itertools.count(1)
+
+
+def new_id() -> str:
+    """A message id shaped like a Maildir spool's names (time first, then
+    process, counter, random bits and host), so that ``mailspool list``
+    shows both alike and an imported message keeps its name."""
+    us = time.time_ns() // 1000
+    host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
+    return (
+        f"{us // 1_000_000}.M{us % 1_000_000}P{os.getpid()}Q{next(_counter)}"
+        f"R{secrets.randbits(32):08x}.{host}"
+    )
 
 
 def _epoch(column: str) -> str:

@@ -137,3 +137,24 @@ def sql_count(queue: PostgresQueue) -> int:
         row = conn.execute(f"SELECT count(*) FROM {queue.table}").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_the_listener_comes_back_after_losing_its_connection(
+    queue: PostgresQueue, app_conn: psycopg.Connection[Any], pg_url: str
+) -> None:
+    with queue.listener() as listener:
+        pids = sql(
+            pg_url,
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query LIKE 'LISTEN %%' AND pid <> pg_backend_pid()",
+        )
+        assert pids, "no listening session"
+        for (pid,) in pids:
+            sql(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+        # Back after the reconnect delay, it wakes the loop (what was sent
+        # meanwhile is lost), then hears the next commit again.
+        assert listener.wait(10)
+        assert listener.ready(10)
+        queue.enqueue(app_conn, "shop@example.org", [A], MSG)
+        app_conn.commit()
+        assert listener.wait(10)

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from _pg import pg_database, pg_url, queue  # noqa: F401
+from _pg import pg_database, pg_url, queue, sql  # noqa: F401
 from _relays import RCPT, Greylist, RefuseSome, enqueue, message_id, wait_for
 from conftest import Relay, RelayFactory
 from mailspool import QueueProcessor, RetryPolicy, SMTPMailer, Summary
@@ -92,5 +92,31 @@ def test_a_running_processor_picks_up_a_commit_of_the_application(
         assert wait_for(lambda: len(relay.messages) == 1)
         assert message_id(relay.messages[0].content) == mid
         assert wait_for(lambda: sum(queue.counts().values()) == 0)
+    finally:
+        p.stop()
+
+
+def test_a_processor_whose_connections_are_cut_keeps_going(
+    queue: PostgresQueue, relay: Relay, pg_url: str
+) -> None:
+    # What a restarted server does to its clients: every session ends.
+    p = processor(queue, relay, interval=0.2)
+    p.start()
+    try:
+        enqueue(queue, 1)
+        assert wait_for(lambda: len(relay.messages) == 1)
+        cut = sql(
+            pg_url,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = 'mailspool' "
+            "AND pid <> pg_backend_pid()",
+        )
+        assert cut  # the processor's own sessions, at least the queue's and the listener's
+        app = PostgresQueue(pg_url)  # an application's, made after the cut
+        enqueue(app, 2)
+        app.close()
+        assert wait_for(lambda: len(relay.messages) == 3)
+        assert wait_for(lambda: sum(queue.counts().values()) == 0)
+        assert p._thread is not None and p._thread.is_alive()
     finally:
         p.stop()

@@ -22,7 +22,13 @@ import psycopg
 from mailspool.errors import SpoolError
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
-from mailspool.postgres.connect import ConnectionPool, Target, display_name, parse_target
+from mailspool.postgres.connect import (
+    ConnectionPool,
+    Target,
+    display_name,
+    parse_target,
+    usable,
+)
 from mailspool.postgres.rows import ENTRY_COLUMNS, encode_recipients, entry_from_row
 from mailspool.postgres.schema import (
     SCHEMA_VERSION,
@@ -112,7 +118,9 @@ class PostgresAdmin:
         """
         with self._lock:
             conn = self._conn
-            if conn is None or conn.closed or conn.broken:
+            if conn is None or not usable(conn):
+                if conn is not None:
+                    conn.close()
                 conn = self._conn = self.target.connect(autocommit=True)
             try:
                 yield conn

@@ -16,6 +16,7 @@ and gives it back when settled.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import urllib.parse
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ __all__ = [
     "display_name",
     "is_postgres_url",
     "parse_target",
+    "usable",
 ]
 
 #: The environment variable naming a file that holds the database password.
@@ -71,6 +73,24 @@ class Target:
             raise SpoolError(
                 f"queue {display_name(self)}: cannot connect: {_one_line(exc)}"
             ) from exc
+
+
+def usable(conn: psycopg.Connection[Any]) -> bool:
+    """Whether an idle connection can still be used, without a round trip.
+
+    An idle connection has nothing to read.  When the server ends the
+    session (a restart, ``pg_terminate_backend``) it says so and closes the
+    socket, which makes it readable: such a connection is given up before a
+    statement is lost on it.  A host that vanished says nothing; the next
+    statement fails then, and the one after it reconnects.
+    """
+    if conn.closed or conn.broken:
+        return False
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return False
+    return not readable
 
 
 def _one_line(exc: BaseException) -> str:
@@ -160,8 +180,9 @@ class ConnectionPool:
             self._check_fork()
             while self._idle:
                 conn = self._idle.pop()
-                if not conn.closed and not conn.broken:
+                if usable(conn):
                     return conn
+                conn.close()
         return self.target.connect(autocommit=False)
 
     def put(self, conn: psycopg.Connection[Any]) -> None:

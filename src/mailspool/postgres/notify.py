@@ -68,7 +68,8 @@ class Listener:
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
         except psycopg.Error as exc:
             conn.close()
-            raise SpoolError(f"cannot listen on {self.channel}: {exc}") from exc
+            why = " ".join(str(exc).split())
+            raise SpoolError(f"cannot listen on {self.channel}: {why}") from exc
         return conn
 
     def _run(self) -> None:
@@ -94,7 +95,8 @@ class Listener:
                             self._poke()
             except psycopg.Error as exc:
                 if not self._stop.is_set():
-                    log.warning("lost the connection listening on %s: %s", self.channel, exc)
+                    why = " ".join(str(exc).split())
+                    log.warning("lost the connection listening on %s: %s", self.channel, why)
                     lost = True
             finally:
                 self._listening.clear()

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
+from _relays import wait_for
 from mailspool.errors import SpoolError
 from mailspool.maildir.spool import Spool
 from mailspool.message import prepare
@@ -311,6 +312,26 @@ def test_the_queue_reconnects_after_losing_its_connection(
     with queue._main() as conn:
         pid = conn.info.backend_pid
     sql(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
-    with pytest.raises(SpoolError):
+    gone = "SELECT 1 FROM pg_stat_activity WHERE pid = %s"
+    assert wait_for(lambda: not sql(pg_url, gone, (pid,)))
+    # The ended session is noticed before a statement is lost on it.
+    assert queue.counts()["ready"] == 1 and list(queue.due()) == [id]
+    with queue._main() as conn:
+        assert conn.info.backend_pid != pid
+
+
+def test_a_statement_on_a_connection_lost_unnoticed_fails_once(
+    queue: PostgresQueue, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (id,) = put(queue)
+    with queue._main() as conn:
+        pid = conn.info.backend_pid
+    # A host that vanished says nothing: the check finds nothing to read.
+    monkeypatch.setattr("mailspool.postgres.admin.usable", lambda conn: True)
+    sql(pg_url, "SELECT pg_terminate_backend(%s)", (pid,))
+    assert wait_for(
+        lambda: not sql(pg_url, "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,))
+    )
+    with pytest.raises(SpoolError, match="queue postgresql://"):
         queue.counts()
     assert queue.counts()["ready"] == 1 and list(queue.due()) == [id]

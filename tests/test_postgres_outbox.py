@@ -1,10 +1,10 @@
 """Mail queued in the application's own transaction: it commits or rolls back with it.
 
-Three doors, each with a real database: a psycopg connection the
+The doors, each with a real database: a psycopg connection the
 application passes, a SQLAlchemy session joined to the ``transaction``
-package by zope.sqlalchemy, and the two-phase enqueue that
-``QueuedMailDelivery`` drives (stage at vote, publish at the end of the
-commit).  In each, a rollback leaves no row and a commit makes the message
+package by zope.sqlalchemy, Django's connection in an atomic block, and the
+two-phase enqueue that ``QueuedMailDelivery`` drives (stage at vote, publish
+at the end of the commit).  In each, a rollback leaves no row and a commit makes the message
 due at once, and the commit (only the commit) wakes a listening processor.
 """
 
@@ -12,6 +12,9 @@ due at once, and the commit (only the commit) wakes a listening processor.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -158,3 +161,50 @@ def test_the_listener_comes_back_after_losing_its_connection(
         queue.enqueue(app_conn, "shop@example.org", [A], MSG)
         app_conn.commit()
         assert listener.wait(10)
+
+
+DJANGO_APP = """
+import json, sys
+import django
+from django.conf import settings
+
+url = json.loads(sys.argv[1])
+settings.configure(
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", **url}},
+    USE_TZ=True,
+)
+django.setup()
+from django.db import connection, transaction
+from mailspool.postgres import OutboxDelivery
+
+delivery = OutboxDelivery(lambda: connection, schema=sys.argv[2])
+try:
+    with transaction.atomic():
+        delivery.send("shop@example.org", ["a@example.org"], b"Subject: no\\r\\n\\r\\nx\\r\\n")
+        raise RuntimeError("the view failed")
+except RuntimeError:
+    pass
+with transaction.atomic():
+    print(delivery.send("shop@example.org", ["a@example.org"], b"Subject: yes\\r\\n\\r\\nx\\r\\n"))
+"""
+
+
+def test_django_connection_in_an_atomic_block(queue: PostgresQueue, pg_url: str) -> None:
+    # In a process of its own: Django's settings are configured once per process.
+    pytest.importorskip("django", reason="Django is not installed")
+    params = psycopg.conninfo.conninfo_to_dict(parse_target(pg_url).conninfo)
+    django_db = {
+        "NAME": params["dbname"],
+        "USER": params.get("user", ""),
+        "HOST": params.get("host", ""),
+        "PORT": str(params.get("port", "")),
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", DJANGO_APP, json.dumps(django_db), queue.schema],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    (entry,) = queue.entries()  # the rolled-back block left no row
+    assert entry.message_id == out.strip() and entry.state == "ready"
+    assert b"Subject: yes" in queue.message(entry.id)

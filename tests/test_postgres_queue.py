@@ -335,3 +335,14 @@ def test_a_statement_on_a_connection_lost_unnoticed_fails_once(
     with pytest.raises(SpoolError, match="queue postgresql://"):
         queue.counts()
     assert queue.counts()["ready"] == 1 and list(queue.due()) == [id]
+
+
+def test_claim_connections_are_reused_then_closed_when_idle(queue: PostgresQueue) -> None:
+    ids = put(queue, 3)
+    for id in ids:
+        queue.claim(id).settle(sent=[A])
+    assert len(queue._pool._idle) == 1  # one connection served the three claims in turn
+    queue._pool.prune(3600)
+    assert len(queue._pool._idle) == 1
+    queue._pool.prune(0)
+    assert queue._pool._idle == []

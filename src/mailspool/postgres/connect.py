@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -166,7 +167,7 @@ class ConnectionPool:
     def __init__(self, target: Target, *, max_idle: int = 2) -> None:
         self.target = target
         self.max_idle = max_idle
-        self._idle: list[psycopg.Connection[Any]] = []
+        self._idle: list[tuple[psycopg.Connection[Any], float]] = []  # (conn, since)
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
@@ -179,7 +180,7 @@ class ConnectionPool:
         with self._lock:
             self._check_fork()
             while self._idle:
-                conn = self._idle.pop()
+                conn, _ = self._idle.pop()
                 if usable(conn):
                     return conn
                 conn.close()
@@ -193,7 +194,7 @@ class ConnectionPool:
             return
         with self._lock:
             if os.getpid() == self._pid and len(self._idle) < self.max_idle:
-                self._idle.append(conn)
+                self._idle.append((conn, time.monotonic()))
                 return
         conn.close()
 
@@ -201,13 +202,23 @@ class ConnectionPool:
         if os.getpid() != self._pid:
             # The parent's connections are not ours to use, nor to close (a
             # close would end the parent's sessions): keep them, untouched.
-            _inherited.extend(self._idle)
+            _inherited.extend(conn for conn, _ in self._idle)
             self._idle = []
             self._pid = os.getpid()
+
+    def prune(self, max_idle_time: float) -> None:
+        """Close the connections idle for longer than ``max_idle_time`` seconds."""
+        limit = time.monotonic() - max_idle_time
+        with self._lock:
+            self._check_fork()
+            old = [conn for conn, since in self._idle if since < limit]
+            self._idle = [(conn, since) for conn, since in self._idle if since >= limit]
+        for conn in old:
+            conn.close()
 
     def close(self) -> None:
         """Close every idle connection."""
         with self._lock:
             idle, self._idle = self._idle, []
-        for conn in idle:
+        for conn, _ in idle:
             conn.close()

@@ -51,6 +51,8 @@ __all__ = ["PostgresQueue", "Staged"]
 
 #: due() reads this many ids per query.
 DUE_BATCH = 1000
+#: Seconds a claim's connection is kept in the pool unused.
+POOL_IDLE = 60.0
 
 
 @dataclass(frozen=True)
@@ -313,8 +315,12 @@ class PostgresQueue(PostgresAdmin):
         """Whether some message is being sent now, by any processor.
 
         A processor that dies frees its claims but notifies no one, so while
-        claims exist the processor's loop looks again soon.
+        claims exist the processor's loop looks again soon.  Asked by the
+        loop whenever it is about to sleep, it also closes the claims'
+        connections idle for a minute: an idle processor keeps two (its own
+        and its listener's).
         """
+        self._pool.prune(POOL_IDLE)
         try:
             with self._main() as conn:
                 return bool(self._locked(conn))

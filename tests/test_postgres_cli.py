@@ -79,6 +79,22 @@ def test_db_init_then_upgrade_then_every_verb(
     queue.close()
 
 
+def test_db_upgrade_applies_what_is_missing_and_needs_a_schema(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "db", "upgrade", "--queue", pg_url)
+    assert code == 3 and "not initialised (run 'mailspool db init')" in err
+    schema = pg_url.rsplit("=", 1)[1]
+    # A schema made by a mailspool that knew no migration yet: version 0.
+    sql(pg_url, f'CREATE SCHEMA "{schema}"')
+    sql(pg_url, f'CREATE TABLE "{schema}".schema_version (version integer NOT NULL)')
+    code, _, err = run(capsys, "status", "--queue", pg_url)
+    assert code == 3 and "schema version 0" in err and "db upgrade" in err
+    code, out, _ = run(capsys, "db", "upgrade", "--queue", pg_url)
+    assert code == 0 and "applied migration 1" in out
+    assert run(capsys, "status", "--queue", pg_url)[0] == 0
+
+
 def test_send_and_drain_through_the_command(
     queue: PostgresQueue,
     pg_url: str,

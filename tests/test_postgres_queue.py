@@ -346,3 +346,20 @@ def test_claim_connections_are_reused_then_closed_when_idle(queue: PostgresQueue
     assert len(queue._pool._idle) == 1
     queue._pool.prune(0)
     assert queue._pool._idle == []
+
+
+def test_keep_sent_days_in_the_url_and_the_hourly_sweep_of_due(pg_url: str) -> None:
+    with pytest.raises(ValueError, match="keep_sent_days: must be a number of days"):
+        PostgresQueue(pg_url + "&keep_sent_days=soon")
+    q = PostgresQueue(pg_url + "&keep_sent_days=0", create=True)
+    assert q.keep_sent == 0 and q.location.endswith("&keep_sent_days=0")
+    (id,) = put(q)
+    q.claim(id).settle(sent=[A])
+    table = f'"{q.schema}".message'
+    assert sql(pg_url, f"SELECT state FROM {table}") == [("sent",)]
+    assert list(q.due()) == []  # not yet an hour since the queue was opened
+    assert sql(pg_url, f"SELECT state FROM {table}") == [("sent",)]
+    q._next_sweep = 0.0  # an hour later
+    assert list(q.due()) == []
+    assert sql(pg_url, f"SELECT state FROM {table}") == []
+    q.close()

@@ -67,7 +67,7 @@ class PostgresAdmin:
         self.path = display_name(self.target)
         self.table = f"{quote_ident(self.schema)}.message"
         self.channel = f"mailspool.{self.schema}"
-        self.keep_sent = keep_sent
+        self.keep_sent = self.target.keep_sent if keep_sent is None else keep_sent
         self.lock_sql = "SELECT pg_try_advisory_xact_lock(%s, %s)"
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[Any] | None = None

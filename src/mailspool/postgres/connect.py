@@ -50,11 +50,13 @@ def is_postgres_url(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Target:
-    """A queue's database: the libpq connection string, the schema, the password."""
+    """A queue's database: the libpq connection string, the schema, the password,
+    and how long sent rows are kept (``keep_sent_days`` in the URL, in seconds)."""
 
     conninfo: str
     schema: str
     password: str | None = None
+    keep_sent: float | None = None
 
     def connect(self, *, autocommit: bool) -> psycopg.Connection[Any]:
         """A new connection (``application_name`` mailspool unless set).
@@ -103,26 +105,45 @@ def parse_target(dsn: str, *, schema: str | None = None) -> Target:
     """The :class:`Target` named by a URL or a libpq ``key=value`` string.
 
     Args:
-        dsn: ``postgresql://...`` (``?schema=NAME`` allowed) or ``host=... dbname=...``.
+        dsn: ``postgresql://...`` (``?schema=NAME`` and ``keep_sent_days=N``
+            allowed: mailspool's own, not passed to libpq) or ``host=...
+            dbname=...``.
         schema: the schema, overriding the URL's.
 
     Raises:
         ValueError: the string is not a connection string, the schema is
-            not a plain name, or the password file cannot be read.
+            not a plain name, ``keep_sent_days`` not a number of days, or
+            the password file cannot be read.
     """
-    url_schema: str | None = None
+    ours: dict[str, str] = {}
     if is_postgres_url(dsn):
         parts = urllib.parse.urlsplit(dsn)
         query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-        kept = [(k, v) for k, v in query if k != "schema"]
-        url_schema = next((v for k, v in query if k == "schema"), None)
+        kept = [(k, v) for k, v in query if k not in _OURS]
+        ours = {k: v for k, v in query if k in _OURS}
         dsn = urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(kept)))
     try:
         _conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ValueError(f"queue: not a PostgreSQL connection string: {_one_line(exc)}") from None
-    name = check_schema_name(schema or url_schema or DEFAULT_SCHEMA)
-    return Target(dsn, name, _password_from_file())
+    name = check_schema_name(schema or ours.get("schema") or DEFAULT_SCHEMA)
+    return Target(dsn, name, _password_from_file(), _days(ours.get("keep_sent_days")))
+
+
+#: The URL parameters that are mailspool's, not libpq's.
+_OURS = frozenset({"schema", "keep_sent_days"})
+
+
+def _days(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        days = float(value)
+    except ValueError:
+        days = -1.0
+    if not days >= 0 or days == float("inf"):
+        raise ValueError(f"keep_sent_days: must be a number of days, got {value!r}")
+    return days * 86400.0
 
 
 def _password_from_file() -> str | None:
@@ -131,7 +152,7 @@ def _password_from_file() -> str | None:
         return None
     try:
         with open(path, encoding="utf-8") as f:
-            return f.read().rstrip("\r\n")
+            return f.readline().rstrip("\r\n")
     except OSError as exc:
         raise ValueError(f"{PASSWORD_FILE_ENV}: cannot read {path}: {exc.strerror}") from None
 
@@ -148,7 +169,10 @@ def display_name(target: Target) -> str:
     where = f"{host}:{port}" if port else str(host)
     netloc = f"{urllib.parse.quote(str(user))}@{where}" if user else where
     dbname = urllib.parse.quote(str(params.get("dbname") or ""))
-    return f"postgresql://{netloc}/{dbname}?schema={target.schema}"
+    name = f"postgresql://{netloc}/{dbname}?schema={target.schema}"
+    if target.keep_sent is not None:
+        name += f"&keep_sent_days={target.keep_sent / 86400:g}"
+    return name
 
 
 #: Connections a child made by fork() inherited from its parent.

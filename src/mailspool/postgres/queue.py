@@ -26,6 +26,7 @@ its own from the pool.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -49,8 +50,12 @@ from mailspool.queue import QueueBackend
 
 __all__ = ["PostgresQueue", "Staged"]
 
+log = logging.getLogger("mailspool.spool")
+
 #: due() reads this many ids per query.
 DUE_BATCH = 1000
+#: How often (seconds) due() runs sweep() by itself.
+SWEEP_EVERY = 3600.0
 #: Seconds a claim's connection is kept in the pool unused.
 POOL_IDLE = 60.0
 
@@ -80,8 +85,9 @@ class PostgresQueue(PostgresAdmin):
             db init``); otherwise a missing or outdated schema raises.
         keep_sent: keep sent messages this many seconds (state ``sent``,
             invisible to the queue's listings; for audit in SQL), removed
-            by sweep() after that.  None (the default): a sent message's
-            row is deleted when it is settled.
+            by sweep() after that (and by due(), at most once an hour).
+            None (the default, or the URL's ``keep_sent_days``): a sent
+            message's row is deleted when it is settled.
         max_idle: database connections kept open while idle, besides the
             queue's own.
 
@@ -101,6 +107,7 @@ class PostgresQueue(PostgresAdmin):
     ) -> None:
         super().__init__(dsn, schema=schema, create=create, keep_sent=keep_sent, max_idle=max_idle)
         self._insert = insert_sql(self.table)
+        self._next_sweep = time.monotonic() + SWEEP_EVERY  # due()'s next sweep()
 
     # -- enqueue in the application's transaction --------------------------------------
 
@@ -206,8 +213,16 @@ class PostgresQueue(PostgresAdmin):
 
         Messages claimed by someone at the time of each batch are left out;
         an id may still be taken by the time it is claimed (claim() then
-        returns None).
+        returns None).  At most once an hour (real time) it first runs
+        sweep(), so a processor that runs for months removes the staged
+        rows of crashed deliveries and the sent rows kept long enough.
         """
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + SWEEP_EVERY
+            try:
+                self.sweep()
+            except SpoolError as exc:
+                log.warning("queue %s: cannot sweep: %s", self.path, exc)
         now = time.time() if now is None else now
         after: tuple[Any, int] | None = None
         while True:

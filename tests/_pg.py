@@ -19,13 +19,17 @@ import itertools
 import os
 import secrets
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
+if TYPE_CHECKING:
+    from mailspool.postgres import PostgresQueue
 
-from mailspool.postgres import PostgresQueue  # noqa: E402
+try:
+    import psycopg
+except ImportError:  # the tests that need it skip, saying so
+    psycopg = None
 
 SERVER = os.environ.get("MAILSPOOL_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 _schemas = itertools.count(1)
@@ -39,6 +43,8 @@ def _with_db(url: str, dbname: str) -> str:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """The URL of a database made for this test run (dropped at the end)."""
+    if psycopg is None:
+        pytest.skip("psycopg is not installed (pip install 'mailspool[postgres]')")
     try:
         admin = psycopg.connect(SERVER, autocommit=True, connect_timeout=5)
     except psycopg.Error as exc:
@@ -61,6 +67,8 @@ def pg_url(pg_database: str) -> str:
 @pytest.fixture
 def queue(pg_url: str) -> Iterator[PostgresQueue]:
     """A fresh, initialised queue."""
+    from mailspool.postgres import PostgresQueue
+
     q = PostgresQueue(pg_url, create=True)
     try:
         yield q

@@ -5,7 +5,7 @@ the process dies, the kernel closes its socket, PostgreSQL ends the session
 and rolls the transaction back, and the lock is gone.
 """
 
-# ruff: noqa: F811  (the fixtures imported from _pg are parameters below)
+# ruff: noqa: F811  (psycopg is checked first; the fixtures from _pg are parameters)
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ import subprocess
 import sys
 import textwrap
 import time
+
+import pytest
+
+pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue  # noqa: F401
 from mailspool.message import prepare

@@ -4,7 +4,7 @@
 password never comes from the URL.
 """
 
-# ruff: noqa: F811  (the fixtures imported from _pg are parameters below)
+# ruff: noqa: E402, F811  (psycopg is checked first; the fixtures from _pg are parameters)
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import transaction
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
 from _relays import enqueue as spool_enqueue

@@ -8,7 +8,7 @@ at the end of the commit).  In each, a rollback leaves no row and a commit makes
 due at once, and the commit (only the commit) wakes a listening processor.
 """
 
-# ruff: noqa: F811  (the fixtures imported from _pg are parameters below)
+# ruff: noqa: E402, F811  (psycopg is checked first; the fixtures from _pg are parameters)
 
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import psycopg
 import pytest
 import transaction
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
 from mailspool import QueuedMailDelivery

@@ -6,15 +6,16 @@ application's transaction), claim, send over aiosmtpd, settle per
 recipient, and the pickup by NOTIFY of a running processor.
 """
 
-# ruff: noqa: F811  (the fixtures imported from _pg are parameters below)
+# ruff: noqa: E402, F811  (psycopg is checked first; the fixtures from _pg are parameters)
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-import psycopg
 import pytest
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
 from _relays import RCPT, Greylist, RefuseSome, enqueue, message_id, wait_for

@@ -6,7 +6,7 @@ the rest are about what only the database has (row locks, connections,
 schemas).  The server is a real one (see ``_pg.py``).
 """
 
-# ruff: noqa: F811  (the fixtures imported from _pg are parameters below)
+# ruff: noqa: E402, F811  (psycopg is checked first; the fixtures from _pg are parameters)
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
 from _relays import wait_for

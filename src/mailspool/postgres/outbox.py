@@ -11,7 +11,7 @@ sees the row at once; a rollback leaves no row and wakes no one.
 The connection may be
 
 * a psycopg connection (or any DB-API connection to PostgreSQL whose
-  driver takes ``%(name)s`` parameters: psycopg 2 too);
+  driver takes ``%(name)s`` parameters);
 * Django's ``django.db.connection`` (its cursor takes the same);
 * a SQLAlchemy ``Session`` (or ``scoped_session``) or ``Connection``: with
   zope.sqlalchemy the session is joined to the ``transaction`` package's

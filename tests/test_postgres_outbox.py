@@ -25,6 +25,7 @@ import transaction
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
+from conftest import Relay
 from mailspool import QueuedMailDelivery
 from mailspool.errors import InvalidAddress
 from mailspool.postgres import OutboxDelivery, PostgresQueue
@@ -209,3 +210,61 @@ def test_django_connection_in_an_atomic_block(queue: PostgresQueue, pg_url: str)
     (entry,) = queue.entries()  # the rolled-back block left no row
     assert entry.message_id == out.strip() and entry.state == "ready"
     assert b"Subject: yes" in queue.message(entry.id)
+
+
+DJANGO_BACKEND = """
+import json, sys
+import django
+from django.conf import settings
+
+url = json.loads(sys.argv[1])
+settings.configure(
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", **url}},
+    EMAIL_BACKEND="mailspool.integrations.django.EmailBackend",
+    MAILSPOOL_QUEUE_PATH=sys.argv[2],
+    INSTALLED_APPS=["mailspool.integrations.django"],
+    MAILSPOOL_RELAY=json.loads(sys.argv[3]),
+    USE_TZ=True,
+)
+django.setup()
+from django.core.mail import send_mail
+from django.db import transaction
+
+try:
+    with transaction.atomic():
+        send_mail("no", "x", "shop@example.org", ["a@example.org"])
+        raise RuntimeError("the view failed")
+except RuntimeError:
+    pass
+with transaction.atomic():
+    assert send_mail("yes", "x", "shop@example.org", ["a@example.org"]) == 1
+assert send_mail("autocommit", "x", "shop@example.org", ["b@example.org"]) == 1
+
+from django.core.management import call_command
+
+call_command("mailspool_run", "--once")
+"""
+
+
+def test_django_email_backend_with_the_postgres_queue(
+    queue: PostgresQueue, pg_url: str, relay: Relay
+) -> None:
+    pytest.importorskip("django", reason="Django is not installed")
+    params = psycopg.conninfo.conninfo_to_dict(parse_target(pg_url).conninfo)
+    django_db = {
+        "NAME": params["dbname"],
+        "USER": params.get("user", ""),
+        "HOST": params.get("host", ""),
+        "PORT": str(params.get("port", "")),
+    }
+    settings = {"host": relay.host, "port": relay.port, "tls": "none"}
+    argv = [DJANGO_BACKEND, json.dumps(django_db), pg_url, json.dumps(settings)]
+    subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True, check=True)
+    # Queued in the views' transactions (the rolled-back one: no row), then
+    # delivered by manage.py mailspool_run --once from the PostgreSQL queue.
+    subjects = sorted(
+        next(line for line in m.content.splitlines() if line.startswith(b"Subject:"))
+        for m in relay.messages
+    )
+    assert subjects == [b"Subject: autocommit", b"Subject: yes"]
+    assert sum(queue.counts().values()) == 0

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import datetime
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from email.message import Message
 from typing import Any
 
-from mailspool.message import prepare
+from mailspool.message import Prepared, prepare
 from mailspool.postgres.rows import insert_params, insert_sql, new_id
 from mailspool.postgres.schema import DEFAULT_SCHEMA, quote_ident
 
-__all__ = ["OutboxDelivery", "enqueue"]
+__all__ = ["OutboxDelivery", "enqueue", "enqueue_prepared"]
 
 
 def _timestamp(when: float | datetime.datetime | None) -> float | None:
@@ -107,27 +107,44 @@ def enqueue(
         application's transaction is then the application's to roll back).
     """
     prepared = prepare(fromaddr, toaddrs, message, msgid_domain=msgid_domain)
+    enqueue_prepared(conn, [prepared], not_before=_timestamp(not_before), schema=schema)
+    return prepared.message_id
+
+
+def enqueue_prepared(
+    conn: Any,
+    batch: Sequence[Prepared],
+    *,
+    not_before: float | None = None,
+    schema: str = DEFAULT_SCHEMA,
+) -> None:
+    """:func:`enqueue` for messages already prepared (:func:`mailspool.message.prepare`).
+
+    One row per message and one notification, in the transaction open on
+    ``conn``; nothing is committed.
+    """
+    if not batch:
+        return
     now = time.time()
-    later = _timestamp(not_before)
-    if later is not None and later <= now:
-        later = None
+    later = not_before if not_before is not None and not_before > now else None
     state = "ready" if later is None else "deferred"
-    params = insert_params(new_id(), state, prepared, queued_at=now, not_before=later)
-    params["channel"] = f"mailspool.{schema}"
+    rows = [insert_params(new_id(), state, p, queued_at=now, not_before=later) for p in batch]
+    channel = {"channel": f"mailspool.{schema}"}
     table = f"{quote_ident(schema)}.message"
     notify = "SELECT pg_notify({}, '')"
     if _is_sqlalchemy(conn):
         from sqlalchemy import text
 
         conn = _session(conn)
-        conn.execute(text(insert_sql(table, "named")), params)
-        conn.execute(text(notify.format(":channel")), {"channel": params["channel"]})
+        for params in rows:
+            conn.execute(text(insert_sql(table, "named")), params)
+        conn.execute(text(notify.format(":channel")), channel)
         _mark_changed(conn)
     else:
         with conn.cursor() as cur:
-            cur.execute(insert_sql(table), params)
-            cur.execute(notify.format("%(channel)s"), {"channel": params["channel"]})
-    return prepared.message_id
+            for params in rows:
+                cur.execute(insert_sql(table), params)
+            cur.execute(notify.format("%(channel)s"), channel)
 
 
 class OutboxDelivery:

@@ -253,8 +253,9 @@ def test_a_missing_or_outdated_schema_is_refused(pg_url: str) -> None:
 def test_the_queue_name_never_shows_a_password(pg_database: str) -> None:
     url = pg_database.replace("postgres@", "postgres:hunter2@") + "?schema=pw"
     q = PostgresQueue(url, create=True)
-    assert "hunter2" not in q.path and "hunter2" not in repr(q)
-    assert q.path.endswith("?schema=pw")
+    assert "hunter2" not in q.location and "hunter2" not in repr(q)
+    assert q.location.endswith("?schema=pw")
+    assert not hasattr(q, "path")  # no directory: nothing is written beside the queue
     q.close()
 
 

@@ -137,7 +137,8 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         counts = spool.counts()
         next_retry = spool.next_due()
         oldest = spool.oldest()
-    relay = relayfile.read(spool.path)
+    path = getattr(spool, "path", None)  # a Maildir spool's directory; other queues: none
+    relay = relayfile.read(path) if isinstance(path, str) else None
     if as_json:
         out: dict[str, Any] = {"queue": spool.location}
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})

@@ -64,7 +64,7 @@ class PostgresAdmin:
     ) -> None:
         self.target = dsn if isinstance(dsn, Target) else parse_target(dsn, schema=schema)
         self.schema = self.target.schema
-        self.path = display_name(self.target)
+        self._location = display_name(self.target)
         self.table = f"{quote_ident(self.schema)}.message"
         self.channel = f"mailspool.{self.schema}"
         self.keep_sent = self.target.keep_sent if keep_sent is None else keep_sent
@@ -77,15 +77,15 @@ class PostgresAdmin:
             if version is None and create:
                 apply_migrations(conn, self.schema, create=True)
             elif version is None:
-                raise SpoolError(f"queue {self.path}: no queue there (run 'mailspool db init')")
+                raise SpoolError(f"queue {self.location}: no queue there (run 'mailspool db init')")
             elif version > SCHEMA_VERSION:
                 raise SpoolError(
-                    f"queue {self.path}: schema version {version} is newer than this "
+                    f"queue {self.location}: schema version {version} is newer than this "
                     f"mailspool knows ({SCHEMA_VERSION}); upgrade mailspool"
                 )
             elif version < SCHEMA_VERSION:
                 raise SpoolError(
-                    f"queue {self.path}: schema version {version}, this mailspool needs "
+                    f"queue {self.location}: schema version {version}, this mailspool needs "
                     f"{SCHEMA_VERSION} (run 'mailspool db upgrade')"
                 )
             oid = conn.execute("SELECT %s::regclass::oid::int8", (self.table,)).fetchone()
@@ -95,12 +95,13 @@ class PostgresAdmin:
         self.lock_class = oid[0] - (1 << 32) if oid[0] >= (1 << 31) else oid[0]
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.path}>"
+        return f"<{type(self).__name__} {self.location}>"
 
     @property
     def location(self) -> str:
-        """The queue's URL, without any password."""
-        return self.path
+        """The queue's URL, without any password (there is no ``path``: no
+        directory holds this queue)."""
+        return self._location
 
     # -- the queue's own connection ------------------------------------------------
 
@@ -125,11 +126,11 @@ class PostgresAdmin:
             try:
                 yield conn
             except SchemaError as exc:
-                raise SpoolError(f"queue {self.path}: {exc}") from exc
+                raise SpoolError(f"queue {self.location}: {exc}") from exc
             except psycopg.Error as exc:
                 if conn.broken:
                     self._conn = None
-                raise SpoolError(f"queue {self.path}: {self.why(exc)}") from exc
+                raise SpoolError(f"queue {self.location}: {self.why(exc)}") from exc
 
     def close(self) -> None:
         """Close the queue's connections (claims keep theirs until they end)."""

@@ -222,7 +222,7 @@ class PostgresQueue(PostgresAdmin):
             try:
                 self.sweep()
             except SpoolError as exc:
-                log.warning("queue %s: cannot sweep: %s", self.path, exc)
+                log.warning("queue %s: cannot sweep: %s", self.location, exc)
         now = time.time() if now is None else now
         after: tuple[Any, int] | None = None
         while True:
@@ -286,7 +286,7 @@ class PostgresQueue(PostgresAdmin):
             conn.rollback()
         except psycopg.Error as exc:
             conn.close()
-            raise SpoolError(f"queue {self.path}: cannot claim {id}: {self.why(exc)}") from exc
+            raise SpoolError(f"queue {self.location}: cannot claim {id}: {self.why(exc)}") from exc
         self._pool.put(conn)
         return None
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import zope.event
 
+from _pg import pg_database, pg_url, queue  # noqa: F401
 from _relays import (
     RCPT,
     DataReply,
@@ -54,11 +55,13 @@ def maildir(tmp_path: Path) -> Spool:
     return Spool(tmp_path / "spool")
 
 
-@pytest.fixture(params=["maildir", "memory"])
+@pytest.fixture(params=["maildir", "memory", "postgres"])
 def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """Each behaviour test runs against both backends of the queue seam."""
+    """Each behaviour test runs against every backend of the queue seam."""
     if request.param == "memory":
         return MemoryQueue("test")
+    if request.param == "postgres":
+        return request.getfixturevalue("queue")
     return Spool(tmp_path / "spool")
 
 

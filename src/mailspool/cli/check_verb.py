@@ -30,19 +30,20 @@ from mailspool.cli.common import (
     open_spool,
     reading,
     relay_options,
+    relay_state,
     resolve,
     when,
 )
 from mailspool.cli.queue_verbs import age_text
 from mailspool.cli.settings import ConfigError, Settings, parse_duration
-from mailspool.processor import relayfile
+from mailspool.queue import QueueBackend
 
 __all__ = ["COMMANDS"]
 
 
-def _paused_until(spool_path: str, now: float) -> float | None:
+def _paused_until(spool: QueueBackend, now: float) -> float | None:
     """Until when the last processor to say so paused the relay; None when it did not."""
-    state = relayfile.read(spool_path) or {}
+    state = relay_state(spool) or {}
     until = state.get("paused_until")
     if isinstance(until, (int, float)) and not isinstance(until, bool) and until > now:
         return float(until)
@@ -148,14 +149,14 @@ def check(
             f"the oldest ready message has waited {age_text(age)} "
             f"(at most {age_text(age_limit)} allowed)"
         )
-    paused = None if ignore_relay_pause else _paused_until(spool.path, now)
+    paused = None if ignore_relay_pause else _paused_until(spool, now)
     if paused is not None:
         problems.append(f"the relay is paused until {when(paused)} (it could not be used)")
     relay = _probe_relay(settings) if probe else None
     if relay is not None:
         problems.append(f"the relay cannot be used: {relay}")
     if as_json:
-        out: dict[str, Any] = {"ok": not problems, "problems": problems, "queue": spool.path}
+        out: dict[str, Any] = {"ok": not problems, "problems": problems, "queue": spool.location}
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
         out["oldest_ready_age"] = None if age is None else round(age, 3)
         out["relay"] = None if not probe else ("ok" if relay is None else relay)
@@ -168,7 +169,7 @@ def check(
         if probe and relay is None:
             figures += "; relay ok"
         verdict = "PROBLEM: " + "; ".join(problems) + " -- " if problems else "OK: "
-        click.echo(f"mailspool check {spool.path}: {verdict}{figures}")
+        click.echo(f"mailspool check {spool.location}: {verdict}{figures}")
     return EXIT_FAILED if problems else EXIT_OK
 
 

@@ -29,7 +29,6 @@ from mailspool.cli.settings import FIELDS, ConfigError, LoadedSettings, Settings
 from mailspool.errors import SpoolError
 
 if TYPE_CHECKING:
-    from mailspool.maildir.spool import Spool
     from mailspool.processor.loop import QueueProcessor, Summary
     from mailspool.queue import QueueBackend
 
@@ -273,12 +272,13 @@ def reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def open_spool(settings: Settings, *, create: bool = False) -> Spool:
-    """The spool named by the settings.
+def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
+    """The queue named by the settings: a spool directory, or a ``postgresql://`` URL.
 
     Args:
         settings: where ``queue`` is.
-        create: make it when missing; otherwise a missing spool is an error.
+        create: make a spool when missing; otherwise a missing spool is an
+            error (a PostgreSQL queue is made by ``mailspool db init`` only).
 
     Raises:
         CommandError: no queue given (exit code 2); not found, not a
@@ -293,6 +293,10 @@ def open_spool(settings: Settings, *, create: bool = False) -> Spool:
             "in the config file",
             EXIT_USAGE,
         )
+    if path.startswith(("postgresql://", "postgres://")):
+        from mailspool.cli.db_verbs import open_postgres
+
+        return open_postgres(path)
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"queue {path}: not a directory", EXIT_NO_QUEUE)
     if not create:
@@ -416,3 +420,12 @@ def summary_code(summary: Summary) -> int:
         or summary.unwritten
     )
     return EXIT_FAILED if bad else EXIT_OK
+
+
+def relay_state(spool: QueueBackend) -> dict[str, Any] | None:
+    """What the last processor wrote about the relay (a Maildir spool keeps it
+    in ``.relay-state.json``); None for other queues or when none wrote it."""
+    from mailspool.processor import relayfile
+
+    path = getattr(spool, "path", None)
+    return relayfile.read(path) if isinstance(path, str) else None

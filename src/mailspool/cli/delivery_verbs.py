@@ -439,7 +439,8 @@ def send(
     try:
         spool.publish([staged])
     except OSError as exc:
-        if os.path.lexists(staged.tmp_path):  # not renamed: take it back
+        tmp = getattr(staged, "tmp_path", None)  # a spool's file; a database rolls back
+        if tmp is None or os.path.lexists(tmp):  # not made visible: take it back
             spool.discard([staged])
             fail(f"send: not queued: {reason(exc)}")
         fail(f"send: queued as {staged.id}, but possibly not durably: {reason(exc)}")

@@ -12,6 +12,8 @@ module:
 - :mod:`mailspool.cli.check_verb` -- ``check`` (health checks, monitoring);
 - :mod:`mailspool.cli.config_verb` -- ``config``;
 - :mod:`mailspool.cli.dev_verbs` -- ``devserver``, ``demo``;
+- :mod:`mailspool.cli.db_verbs` -- ``db init``, ``db upgrade``, ``db import``
+  (a PostgreSQL queue);
 - :mod:`mailspool.cli.common` -- what they share (options, settings, exit
   codes).
 
@@ -47,6 +49,7 @@ import click
 
 from mailspool.cli import check_verb as cli_check
 from mailspool.cli import config_verb as cli_config
+from mailspool.cli import db_verbs as cli_db
 from mailspool.cli import delivery_verbs as cli_delivery
 from mailspool.cli import dev_verbs as cli_dev
 from mailspool.cli import queue_verbs as cli_queue
@@ -108,6 +111,7 @@ for _command in (
     *cli_check.COMMANDS,
     *cli_config.COMMANDS,
     *cli_dev.COMMANDS,
+    *cli_db.COMMANDS,
 ):
     cli.add_command(_command)
 

@@ -29,14 +29,15 @@ from mailspool.cli.common import (
     open_spool,
     reading,
     reason,
+    relay_state,
     settings,
     when,
 )
-from mailspool.processor import relayfile
 from mailspool.processor.outcome import per_second
 
 if TYPE_CHECKING:
-    from mailspool.maildir.spool import Spool, SpoolEntry
+    from mailspool.queue import QueueBackend as Spool
+    from mailspool.queue import QueueEntry as SpoolEntry
 
 __all__ = ["COMMANDS", "age_text", "entry_json"]
 
@@ -171,10 +172,10 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         counts = spool.counts()
         next_retry = spool.next_due()
         oldest = spool.oldest()
-    relay = relayfile.read(spool.path)
+    relay = relay_state(spool)
     pause = _pause(relay, now)
     if as_json:
-        out: dict[str, Any] = {"queue": spool.path}
+        out: dict[str, Any] = {"queue": spool.location}
         out.update({s: int(counts.get(s, 0)) for s in STATE_NAMES})
         out["total"] = sum(out[s] for s in STATE_NAMES)
         out["oldest_queued_at"] = oldest
@@ -184,7 +185,7 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
         out["relay"] = relay
         click.echo(json.dumps(out))
         return EXIT_OK
-    click.echo(f"queue {spool.path}")
+    click.echo(f"queue {spool.location}")
     for s in STATE_NAMES:
         extra = ""
         if s == "deferred" and next_retry is not None:
@@ -237,7 +238,7 @@ def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) ->
     spool = open_spool(settings(ctx, kw))
     wanted = _state(state)
     now = time.time()
-    pause = _pause(relayfile.read(spool.path), now)
+    pause = _pause(relay_state(spool), now)
     if as_json:
         out = sys.stdout
         out.write("[")
@@ -293,7 +294,7 @@ def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw
     data = _read_message(spool, entry)
     headers = _headers(data) if data is not None else []
     now = time.time()
-    pause = _pause(relayfile.read(spool.path), now)
+    pause = _pause(relay_state(spool), now)
     if as_json:
         obj = entry_json(entry, pause)
         obj["headers"] = [[k, v] for k, v in headers]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from mailspool import QueueProcessor, RetryPolicy, Summary
 from mailspool.cli.settings import (
@@ -24,6 +25,9 @@ from mailspool.cli.settings import (
     Settings,
     resolve_settings,
 )
+
+if TYPE_CHECKING:
+    from mailspool.queue import QueueBackend
 
 __all__ = ["ConfigError", "load_processor_settings", "make_processor", "run_processor"]
 
@@ -114,6 +118,15 @@ def make_processor(settings: Settings) -> QueueProcessor:
     except ValueError as exc:
         raise ConfigError("relay", str(exc)) from None
     path = settings.queue or ""
+    spool: QueueBackend
+    if path.startswith(("postgresql://", "postgres://")):  # a PostgreSQL queue
+        from mailspool.postgres.queue import PostgresQueue
+
+        try:
+            spool = PostgresQueue(path)
+        except (SpoolError, ValueError) as exc:
+            raise ConfigError("queue", str(exc)) from None
+        return QueueProcessor(spool, mailer, retry=retry, **settings.processor_options())
     if not os.path.isdir(path):
         raise ConfigError("queue", f"{path}: not found (nothing was ever queued there?)")
     try:

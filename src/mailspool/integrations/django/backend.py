@@ -33,6 +33,16 @@ the Message-Ids and recipients (``CRITICAL``) and raised out of the
 ``atomic()`` block (with ``fail_silently``, logged only).  Storing the
 message in the application's own database transaction, as the PostgreSQL
 queue does, is what closes this window.
+
+With a PostgreSQL queue
+-----------------------
+When ``MAILSPOOL_QUEUE_PATH`` is a ``postgresql://`` URL (the queue's, as
+``mailspool run --queue`` takes it), there is no callback: the rows are
+inserted at once through Django's own connection of ``MAILSPOOL_DATABASE``,
+in a savepoint of the current transaction, into the URL's ``schema``
+(:func:`mailspool.postgres.outbox.enqueue_prepared`).  They commit with the
+``atomic()`` block, or are gone with its rollback; no window remains.  That
+database must be the one the queue is in.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,6 +119,23 @@ def message_envelope(email_message: Any) -> tuple[str, list[str], Any]:
     return sender, recipients, message  # an email.message.EmailMessage
 
 
+def _pg_schema(queue_path: str) -> str | None:
+    """The schema named by a ``postgresql://`` queue URL; None for a spool path.
+
+    Raises:
+        ImproperlyConfigured: the URL's schema is not a plain name.
+    """
+    if not queue_path.startswith(("postgresql://", "postgres://")):
+        return None
+    from mailspool.postgres.schema import DEFAULT_SCHEMA, check_schema_name
+
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(queue_path).query)
+    try:
+        return check_schema_name(query.get("schema", [DEFAULT_SCHEMA])[0])
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"MAILSPOOL_QUEUE_PATH: {exc}") from None
+
+
 class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
     """``EMAIL_BACKEND = "mailspool.integrations.django.EmailBackend"``.
 
@@ -118,7 +146,8 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
         fail_silently: leave out a message that cannot be queued instead of
             raising; a failed write of the spool after the commit is logged
             instead of raised.
-        queue_path: the spool (default: ``settings.MAILSPOOL_QUEUE_PATH``).
+        queue_path: the spool (default: ``settings.MAILSPOOL_QUEUE_PATH``),
+            or a PostgreSQL queue's ``postgresql://`` URL.
         database: the database alias whose transaction the mail joins
             (default: ``settings.MAILSPOOL_DATABASE``, or ``"default"``).
         kwargs: what Django passes on (``alias``; ``auth_user`` and
@@ -146,6 +175,8 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
             )
         self.queue_path = os.fspath(queue_path)
         self.database = database or getattr(settings, "MAILSPOOL_DATABASE", None) or "default"
+        #: The PostgreSQL queue's schema when the queue is a URL; None for a spool.
+        self.pg_schema = _pg_schema(self.queue_path)
 
     def send_messages(self, email_messages: Sequence[Any]) -> int:
         """Queue the messages when the database transaction commits (at once in autocommit).
@@ -177,6 +208,8 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
                 log.warning("mail not queued: %s", exc)
         if not batch:
             return 0
+        if self.pg_schema is not None:
+            return self._insert(batch, self.pg_schema)
         try:
             delivery = _delivery(self.queue_path)  # creates the spool: fails here, not later
         except (SpoolError, OSError) as exc:
@@ -185,6 +218,22 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
             log.error("%d message(s) not queued: %s", len(batch), exc)
             return 0
         db_transaction.on_commit(lambda: self._write(delivery, batch), using=self.database)
+        return len(batch)
+
+    def _insert(self, batch: list[Prepared], schema: str) -> int:
+        """Insert the batch into the PostgreSQL queue, in the current transaction."""
+        from django.db import connections
+
+        from mailspool.postgres.outbox import enqueue_prepared
+
+        try:
+            with db_transaction.atomic(using=self.database):  # a savepoint
+                enqueue_prepared(connections[self.database], batch, schema=schema)
+        except Exception as exc:  # the driver's: the savepoint is rolled back
+            if not self.fail_silently:
+                raise
+            log.error("%d message(s) not queued: %s", len(batch), exc)
+            return 0
         return len(batch)
 
     def _write(self, delivery: QueuedMailDelivery, batch: list[Prepared]) -> None:

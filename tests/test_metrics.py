@@ -17,13 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-pytest.importorskip("prometheus_client")
-
+import transaction
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-import transaction
 from _relays import PerRecipient, enqueue, wait_for
 from conftest import RELAY_PASSWORD, RelayFactory
 from mailspool import QueuedMailDelivery, QueueProcessor, RetryPolicy, SMTPMailer
@@ -188,7 +185,7 @@ def test_run_serves_metrics_until_stopped(smtp_relay: RelayFactory, tmp_path: Pa
         assert "@" not in text
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=20)
+        _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
 

@@ -44,7 +44,8 @@ KEYS = (
 
 # A local part is anything up to the "@" that is not a separator of the
 # texts that carry addresses (log lines, SMTP replies): spaces, <>, commas...
-_ADDRESS = re.compile(r"""[^\s<>()\[\],;:"'@]+@(?=[^\s@])""")
+# or a quoted local part.
+_ADDRESS = re.compile(r"""(?:"(?:[^"\\\n]|\\.)*"|[^\s<>()\[\],;:"'@]+)@(?=[^\s@])""")
 
 
 def scrub(text: str) -> str:

@@ -23,10 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from _relays import PerRecipient, enqueue, wait_for
 from conftest import RELAY_PASSWORD, RelayFactory
-from mailspool import QueuedMailDelivery, QueueProcessor, RetryPolicy, SMTPMailer
+from mailspool import QueuedMailDelivery, QueueProcessor, RetryPolicy, SMTPMailer, Spool
 from mailspool.cli import main
 from mailspool.metrics import Metrics, parse_address, serve
-from mailspool.spool import Spool
 from test_cli_run import SCRIPT, relay_env
 
 GOOD = ["jane@example.org", "bob@example.net"]

@@ -22,7 +22,7 @@ import pytest
 
 from _relays import enqueue, wait_for
 from conftest import RelayFactory
-from mailspool.spool import Spool
+from mailspool import Spool
 from test_cli_run import SCRIPT, relay_env
 
 PROMETHEUS = shutil.which("prometheus")

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from _relays import PerRecipient, enqueue, wait_for
 from conftest import RELAY_PASSWORD, RelayFactory
+from mailspool import Spool
 from mailspool.jsonlog import KEYS, scrub
-from mailspool.spool import Spool
 from test_cli_run import SCRIPT, clean_env, mailspool, relay_env
 
 GOOD = "jane@example.org"

@@ -38,7 +38,7 @@ from mailspool.observe import counts_once, relay_view
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from mailspool.processor import QueueProcessor
+    from mailspool.processor.loop import QueueProcessor
 
 __all__ = ["Metrics", "parse_address", "serve"]
 

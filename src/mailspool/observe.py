@@ -35,10 +35,10 @@ import zope.event
 from mailspool.events import Attempt, MailDeferred, MailFailed, MailQuarantined, MailSent
 
 if TYPE_CHECKING:
-    from mailspool.mailer import Reply
-    from mailspool.outcome import Verdict
-    from mailspool.processor import QueueProcessor
-    from mailspool.spool import Claim
+    from mailspool.processor.loop import QueueProcessor
+    from mailspool.processor.outcome import Verdict
+    from mailspool.queue import QueueClaim
+    from mailspool.smtp.mailer import Reply
 
 __all__ = [
     "OUTCOMES",
@@ -63,7 +63,7 @@ STALE_AFTER = 10.0
 
 
 def attempt_facts(
-    claim: Claim,
+    claim: QueueClaim,
     verdict: Verdict,
     reply: Reply | None,
     attempt: int,
@@ -210,7 +210,7 @@ class StatsFile:
         self.processor = processor
         self.interval = interval
         self.tally = Tally()
-        self.dir = os.path.join(processor.spool.path, STATS_DIR)
+        self.dir = os.path.join(processor.spool.location, STATS_DIR)
         self.path = os.path.join(self.dir, f"{socket.gethostname()}-{os.getpid()}.json")
         self.started = time.time()
         self._stop = threading.Event()

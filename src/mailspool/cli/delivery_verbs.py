@@ -53,7 +53,7 @@ from mailspool.cli.common import (
     summary_code,
     summary_line,
 )
-from mailspool.cli_observe import observed
+from mailspool.cli.observe import observed
 from mailspool.errors import InvalidAddress, InvalidMessage
 from mailspool.message import prepare
 

@@ -139,7 +139,7 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
     if watch:
         if as_json:
             fail("status: --watch and --json cannot be combined", EXIT_USAGE)
-        from mailspool.cli_observe import watch as watching
+        from mailspool.cli.observe import watch as watching
 
         with reading(spool):
             spool.counts()

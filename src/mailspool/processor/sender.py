@@ -662,7 +662,9 @@ class Sender:
         # None: the spool cannot take the outcome yet; the claim stays held.
         return _write(self._key, u, first=True) or Done(None)
 
-    def _facts(self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int) -> Attempt:
+    def _facts(
+        self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int
+    ) -> Attempt:
         began: float | None = getattr(self._local, "began", None)
         self._local.began = None
         took = None if began is None else time.monotonic() - began

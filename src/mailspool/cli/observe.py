@@ -18,12 +18,12 @@ from collections import deque
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from mailspool.cli_common import EXIT_USAGE, STATE_NAMES, fail, when
+from mailspool.cli.common import EXIT_USAGE, STATE_NAMES, fail, when
 from mailspool.observe import StatsFile, read_stats
 
 if TYPE_CHECKING:
-    from mailspool.processor import QueueProcessor
-    from mailspool.spool import Spool
+    from mailspool.maildir.spool import Spool
+    from mailspool.processor.loop import QueueProcessor
 
 __all__ = ["observed", "watch"]
 

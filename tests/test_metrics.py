@@ -214,3 +214,33 @@ def test_no_prometheus_import_unless_asked() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"--watch", proc.stdout)
+
+
+def test_histograms_read_as_the_client_library_writes_them() -> None:
+    from prometheus_client import Histogram, generate_latest
+
+    from mailspool.metrics import FAST_BUCKETS, _Histogram
+
+    values = [0.0, 0.0005, 0.0007, 0.001, 0.3, 2.5, 29.9, 30.0, 31.0, 1e6]
+    theirs = CollectorRegistry()
+    reference = Histogram("h_seconds", "h", buckets=FAST_BUCKETS, registry=theirs)
+    ours = _Histogram(FAST_BUCKETS)
+    for v in values:
+        reference.observe(v)
+        ours.observe(v)
+
+    def samples(text: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.name, s.labels.get("le", "")): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if not s.name.endswith("_created")
+        }
+
+    class One:
+        def collect(self) -> Any:
+            yield ours.family("h_seconds", "h")
+
+    mine = CollectorRegistry()
+    mine.register(One())  # type: ignore[arg-type]
+    assert samples(generate_latest(mine).decode()) == samples(generate_latest(theirs).decode())

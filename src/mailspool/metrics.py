@@ -22,17 +22,24 @@ In an application that already exposes a registry::
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import zope.event
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from mailspool.events import MailQuarantined, MailQueued, MailSent
+from mailspool.events import Attempt, MailQuarantined, MailQueued, MailSent
 from mailspool.observe import counts_once, relay_view
 
 if TYPE_CHECKING:
@@ -54,7 +61,30 @@ def _reply_class(code: int | None) -> str:
     return "none" if code is None else f"{code // 100}xx"
 
 
-class Metrics:
+class _Histogram:
+    """Counts per bucket and a sum: what a Prometheus histogram exports."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # le: upper bound included
+        self.sum += value
+
+    def family(self, name: str, text: str) -> HistogramMetricFamily:
+        buckets: list[tuple[str, float]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            buckets.append(("+Inf" if bound == math.inf else repr(float(bound)), total))
+        return HistogramMetricFamily(name, text, buckets=buckets, sum_value=self.sum)
+
+
+class Metrics(Collector):
     """mailspool's metrics in a registry; counts the mail events of this process.
 
     Args:
@@ -67,6 +97,10 @@ class Metrics:
 
     Counters count every processor and delivery of the process: make one
     per process.  :meth:`close` unsubscribes and unregisters.
+
+    The counts are plain integers under one lock, turned into Prometheus
+    families only when scraped: an event costs a dictionary look-up and an
+    addition, not the client library's per-metric locks.
     """
 
     def __init__(
@@ -77,90 +111,80 @@ class Metrics:
         cache: float = 1.0,
     ) -> None:
         self.registry = CollectorRegistry() if registry is None else registry
-        r = self.registry
-        self.sent = Counter(
-            "mailspool_messages_sent",
-            "Messages accepted by the relay for every recipient.",
-            registry=r,
-        )
-        self.deferred = Counter(
-            "mailspool_messages_deferred",
-            "Attempts that left a message deferred, by the class of the reply.",
-            ["reason"],
-            registry=r,
-        )
-        self.failed = Counter(
-            "mailspool_messages_failed",
-            "Messages failed for good, by the class of the reply (or expired).",
-            ["reason"],
-            registry=r,
-        )
-        self.quarantined = Counter(
-            "mailspool_messages_quarantined", "Unreadable spool files set aside.", registry=r
-        )
-        self.queued = Counter(
-            "mailspool_messages_queued", "Messages committed into the spool.", registry=r
-        )
-        self.attempts = Counter(
-            "mailspool_delivery_attempts",
-            "Delivery attempts, by the class of the reply that decided them.",
-            ["reply_class"],
-            registry=r,
-        )
-        self.delivery = Histogram(
-            "mailspool_delivery_seconds",
-            "From the commit that queued a message to the relay's acceptance.",
-            buckets=DELIVERY_BUCKETS,
-            registry=r,
-        )
-        self.transaction = Histogram(
-            "mailspool_smtp_transaction_seconds",
-            "One SMTP transaction, MAIL FROM to the reply to the data.",
-            buckets=FAST_BUCKETS,
-            registry=r,
-        )
-        self.enqueue = Histogram(
-            "mailspool_enqueue_seconds",
-            "Time a commit spent writing its messages durably into the spool.",
-            buckets=FAST_BUCKETS,
-            registry=r,
-        )
-        for reason in ("4xx", "no_reply"):
-            self.deferred.labels(reason)
-        for reason in ("5xx", "expired", "no_reply"):
-            self.failed.labels(reason)
-        for cls in ("2xx", "4xx", "5xx", "none"):
-            self.attempts.labels(cls)
+        self._lock = threading.Lock()
+        self.sent = self.quarantined = self.queued = 0
+        self.deferred = dict.fromkeys(("4xx", "no_reply"), 0)
+        self.failed = dict.fromkeys(("5xx", "expired", "no_reply"), 0)
+        self.attempts = dict.fromkeys(("2xx", "4xx", "5xx", "none"), 0)
+        self.delivery = _Histogram(DELIVERY_BUCKETS)
+        self.transaction = _Histogram(FAST_BUCKETS)
+        self.enqueue = _Histogram(FAST_BUCKETS)
         self._gauges: list[_Gauges] = []
         self._cache = cache
+        self.registry.register(self)
         zope.event.subscribers.append(self)
         if processor is not None:
             self.watch(processor)
 
     def __call__(self, event: object) -> None:
-        """The ``zope.event`` subscriber: count one event."""
-        if isinstance(event, MailQueued):
-            self.queued.inc()
-            if event.enqueue_seconds is not None:
-                self.enqueue.observe(event.enqueue_seconds)
-            return
-        if isinstance(event, MailQuarantined):
-            self.quarantined.inc()
-            return
-        if isinstance(event, MailSent) and event.attempt is not None:
-            self.delivery.observe(event.attempt.since_commit)
-        facts = counts_once(event)
+        """The ``zope.event`` subscriber: count one event (for every message: lean)."""
+        facts: Attempt | None = getattr(event, "attempt", None)
         if facts is None:
+            if isinstance(event, MailQueued):
+                with self._lock:
+                    self.queued += 1
+                    if event.enqueue_seconds is not None:
+                        self.enqueue.observe(event.enqueue_seconds)
+            elif isinstance(event, MailQuarantined):
+                with self._lock:
+                    self.quarantined += 1
             return
-        self.attempts.labels(_reply_class(facts.code)).inc()
-        if facts.smtp_seconds is not None:
-            self.transaction.observe(facts.smtp_seconds)
-        if facts.outcome == "sent":
-            self.sent.inc()
-        elif facts.outcome == "deferred":
-            self.deferred.labels(facts.reason).inc()
-        else:
-            self.failed.labels(facts.reason).inc()
+        sent = isinstance(event, MailSent)
+        once = counts_once(event) is not None  # one event of each attempt counts it
+        if not (sent or once):
+            return
+        code = facts.code
+        with self._lock:
+            if sent:
+                self.delivery.observe(facts.since_commit)
+            if not once:
+                return
+            cls = "none" if code is None else _CLASSES.get(code // 100) or f"{code // 100}xx"
+            self.attempts[cls] = self.attempts.get(cls, 0) + 1
+            if facts.smtp_seconds is not None:
+                self.transaction.observe(facts.smtp_seconds)
+            if facts.outcome == "sent":
+                self.sent += 1
+            else:
+                tally = self.deferred if facts.outcome == "deferred" else self.failed
+                tally[facts.reason] = tally.get(facts.reason, 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        """The counters and histograms, as the registry asks when scraped."""
+        with self._lock:
+            sent, quarantined, queued = self.sent, self.quarantined, self.queued
+            deferred, failed, attempts = dict(self.deferred), dict(self.failed), dict(self.attempts)
+            hists = [
+                h.family(name, text)
+                for h, name, text in (
+                    (self.delivery, "mailspool_delivery_seconds", _DELIVERY),
+                    (self.transaction, "mailspool_smtp_transaction_seconds", _TRANSACTION),
+                    (self.enqueue, "mailspool_enqueue_seconds", _ENQUEUE),
+                )
+            ]
+        yield CounterMetricFamily("mailspool_messages_sent", _SENT, value=sent)
+        for name, text, label, values in (
+            ("mailspool_messages_deferred", _DEFERRED, "reason", deferred),
+            ("mailspool_messages_failed", _FAILED, "reason", failed),
+            ("mailspool_delivery_attempts", _ATTEMPTS, "reply_class", attempts),
+        ):
+            family = CounterMetricFamily(name, text, labels=[label])
+            for key, n in values.items():
+                family.add_metric([key], n)
+            yield family
+        yield CounterMetricFamily("mailspool_messages_quarantined", _QUARANTINED, value=quarantined)
+        yield CounterMetricFamily("mailspool_messages_queued", _QUEUED, value=queued)
+        yield from hists
 
     def watch(self, processor: QueueProcessor) -> None:
         """Export the queue and relay gauges of ``processor`` (one per :class:`Metrics`)."""
@@ -174,20 +198,21 @@ class Metrics:
         """Stop counting and take the metrics out of the registry."""
         if self in zope.event.subscribers:
             zope.event.subscribers.remove(self)
-        for c in (
-            self.sent,
-            self.deferred,
-            self.failed,
-            self.quarantined,
-            self.queued,
-            self.attempts,
-            self.delivery,
-            self.transaction,
-            self.enqueue,
-            *self._gauges,
-        ):
+        for c in (self, *self._gauges):
             self.registry.unregister(c)
         self._gauges.clear()
+
+
+_CLASSES = {2: "2xx", 4: "4xx", 5: "5xx"}
+_SENT = "Messages accepted by the relay for every recipient."
+_DEFERRED = "Attempts that left a message deferred, by the class of the reply."
+_FAILED = "Messages failed for good, by the class of the reply (or expired)."
+_ATTEMPTS = "Delivery attempts, by the class of the reply that decided them."
+_QUARANTINED = "Unreadable spool files set aside."
+_QUEUED = "Messages committed into the spool by this process."
+_DELIVERY = "From the commit that queued a message to the relay's acceptance."
+_TRANSACTION = "One SMTP transaction, MAIL FROM to the reply to the data."
+_ENQUEUE = "Time a commit spent writing its messages durably into the spool."
 
 
 class _Gauges(Collector):

@@ -90,17 +90,22 @@ def attempt_facts(
     reason = "no_reply" if code is None else f"{code // 100}xx"
     if outcome == "failed" and any(t.startswith("expired:") for _, t in reasons.values()):
         reason = "expired"
+    rcpts = claim.envelope.recipients
+    if len(rcpts) == 1:
+        domains: tuple[str, ...] = (rcpts[0].rpartition("@")[2].lower(),)
+    else:
+        domains = tuple(sorted({a.rpartition("@")[2].lower() for a in rcpts}))
     return Attempt(
-        queue_id=claim.id,
-        message_id=claim.message_id,
-        domains=tuple(sorted({a.rpartition("@")[2].lower() for a in claim.envelope.recipients})),
-        outcome=outcome,
-        reason=reason,
-        code=code,
-        relay=relay,
-        smtp_seconds=seconds,
-        since_commit=max(0.0, time.time() - claim.queued_at),
-        attempt=attempt,
+        claim.id,
+        claim.message_id,
+        domains,
+        outcome,
+        reason,
+        code,
+        relay,
+        seconds,
+        max(0.0, time.time() - claim.queued_at),
+        attempt,
     )
 
 

@@ -204,7 +204,7 @@ def test_a_bad_metrics_address_is_one_line_and_exit_2(
 
 def test_no_prometheus_import_unless_asked() -> None:
     code = (
-        "import sys, mailspool, mailspool.cli, mailspool.processor, mailspool.observe;"
+        "import sys, mailspool, mailspool.cli, mailspool.processor, mailspool.processor.observe;"
         "from mailspool.cli import main;"
         "main(['status', '--help']);"
         "assert 'prometheus_client' not in sys.modules, 'imported'"
@@ -244,3 +244,26 @@ def test_histograms_read_as_the_client_library_writes_them() -> None:
     mine = CollectorRegistry()
     mine.register(One())  # type: ignore[arg-type]
     assert samples(generate_latest(mine).decode()) == samples(generate_latest(theirs).decode())
+
+
+def test_every_metric_documented_and_charted_exists(tmp_path: Path) -> None:
+    from prometheus_client import generate_latest
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "observability.md").read_text()
+    dashboard = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
+    charted = json.dumps(dashboard)
+    processor = QueueProcessor(Spool(tmp_path / "spool"), object(), rate_limit=5, watch=False)
+    metrics = Metrics(processor=processor)
+    try:
+        text = generate_latest(metrics.registry).decode()
+    finally:
+        metrics.close()
+    families = {f.name for f in text_string_to_metric_families(text)}
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    named = set(re.findall(r"mailspool_[a-z_]+[a-z]", doc + charted))
+    assert len(named) > 15
+    assert sorted(named - exported - families) == []
+    assert {n for n in families if n.startswith("mailspool_")} <= {
+        n.removesuffix("_total") for n in named
+    } | {n.removesuffix("_bucket") for n in named}

@@ -9,7 +9,7 @@ deliveries and the queue processor dispatch anyway (a ``zope.event``
 subscriber; the processor attaches an :class:`~mailspool.events.Attempt`
 to the events of each attempt); gauges are read when Prometheus scrapes,
 from the spool's own counting (directory listings, no file read) and from
-:func:`~mailspool.observe.relay_view`, cached for a second so that several
+:func:`~mailspool.processor.observe.relay_view`, cached for a second so that several
 scrapers cost one look.  Labels are classes of replies, never addresses.
 
 In an application that already exposes a registry::
@@ -40,7 +40,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from mailspool.events import Attempt, MailQuarantined, MailQueued, MailSent
-from mailspool.observe import counts_once, relay_view
+from mailspool.processor.observe import counts_once, relay_view
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer

@@ -1,7 +1,7 @@
 """What the command shows of a running processor: ``--metrics`` and ``status --watch``.
 
 ``run`` and ``drain`` write their counts and relay state into the spool's
-``stats/`` directory each second (:class:`~mailspool.observe.StatsFile`)
+``stats/`` directory each second (:class:`~mailspool.processor.observe.StatsFile`)
 and, with ``--metrics HOST:PORT``, serve Prometheus metrics
 (:mod:`mailspool.metrics`, imported only then).  ``status --watch`` reads
 the spool's counts and those stats files once a second: the rates per
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from mailspool.cli.common import EXIT_USAGE, STATE_NAMES, fail, when
-from mailspool.observe import StatsFile, read_stats
+from mailspool.processor.observe import StatsFile, read_stats
 
 if TYPE_CHECKING:
     from mailspool.maildir.spool import Spool

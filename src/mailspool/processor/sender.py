@@ -88,7 +88,7 @@ from mailspool.processor.outcome import (
     trouble_kind,
     when,
 )
-from mailspool.observe import attempt_facts
+from mailspool.processor.observe import attempt_facts
 from mailspool.processor.pacing import Pacer
 from mailspool.processor.policy import COHORT, THROTTLE_PERIOD, RelayState, RetryPolicy
 from mailspool.processor.pool import Connection, ConnectionPool, connect, relay_name

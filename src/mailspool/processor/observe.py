@@ -1,8 +1,8 @@
 """What the queue processor lets an operator see: facts, counts, relay state.
 
 Nothing here needs a third-party package; :mod:`mailspool.metrics` (which
-needs ``prometheus_client``), the JSON log format and ``status --watch``
-build on it.
+needs ``prometheus_client``), the JSON log format (:mod:`mailspool.jsonlog`)
+and ``status --watch`` (:mod:`mailspool.cli.observe`) build on it.
 
 * :func:`attempt_facts` turns one settled attempt into an
   :class:`~mailspool.events.Attempt`: the address-free facts the processor

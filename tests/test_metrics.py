@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from _relays import PerRecipient, enqueue, wait_for
 from conftest import RELAY_PASSWORD, RelayFactory
 from mailspool import QueuedMailDelivery, QueueProcessor, RetryPolicy, SMTPMailer, Spool
-from mailspool.cli import main
+from mailspool.cli.main import main
 from mailspool.metrics import Metrics, parse_address, serve
 from test_cli_run import SCRIPT, relay_env
 
@@ -205,7 +205,7 @@ def test_a_bad_metrics_address_is_one_line_and_exit_2(
 def test_no_prometheus_import_unless_asked() -> None:
     code = (
         "import sys, mailspool, mailspool.cli, mailspool.processor, mailspool.processor.observe;"
-        "from mailspool.cli import main;"
+        "from mailspool.cli.main import main;"
         "main(['status', '--help']);"
         "assert 'prometheus_client' not in sys.modules, 'imported'"
     )

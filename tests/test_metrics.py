@@ -196,7 +196,9 @@ def test_a_bad_metrics_address_is_one_line_and_exit_2(
     with pytest.raises(ValueError):
         parse_address(address)
     Spool(tmp_path / "spool")
-    code = main(["run", "--once", "--queue", str(tmp_path / "spool"), "--metrics", address])
+    # drain: its logging stays at WARNING (run's INFO would stay set on the
+    # root logger for the tests after this one).
+    code = main(["drain", "--queue", str(tmp_path / "spool"), "--metrics", address])
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and "--metrics" in err and "HOST:PORT" in err

@@ -269,3 +269,52 @@ def test_every_metric_documented_and_charted_exists(tmp_path: Path) -> None:
     assert {n for n in families if n.startswith("mailspool_")} <= {
         n.removesuffix("_total") for n in named
     } | {n.removesuffix("_bucket") for n in named}
+
+
+def test_a_paused_relay_shows_in_the_gauges(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spool = Spool(tmp_path / "spool")
+    enqueue(spool, 2)
+    mailer = SMTPMailer(host="127.0.0.1", port=port, tls="none", connect_timeout=2)
+    processor = QueueProcessor(spool, mailer, watch=False)
+    metrics = Metrics(processor=processor, cache=0)
+    try:
+        assert processor.drain().relay_paused
+        r = metrics.registry
+        assert r.get_sample_value("mailspool_relay_paused") == 1
+        assert r.get_sample_value("mailspool_relay_failures") == 1
+        assert r.get_sample_value("mailspool_relay_rate_limit") is None  # no limit set
+        assert r.get_sample_value("mailspool_queue_messages", {"state": "ready"}) == 2
+        assert r.get_sample_value("mailspool_oldest_ready_age_seconds") >= 0
+        # Nothing was attempted for the messages: the relay's trouble is not theirs.
+        assert (
+            sum(
+                r.get_sample_value("mailspool_delivery_attempts_total", {"reply_class": c}) or 0
+                for c in ("2xx", "4xx", "5xx", "none")
+            )
+            == 0
+        )
+    finally:
+        metrics.close()
+        processor.stop()
+
+
+def test_metrics_without_prometheus_client_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    import sys
+
+    Spool(tmp_path / "spool")
+    code = (
+        "import sys; sys.modules['prometheus_client'] = None;"
+        "from mailspool.cli.main import main;"
+        f"sys.exit(main(['drain', '--queue', {str(tmp_path / 'spool')!r},"
+        " '--metrics', '127.0.0.1:9464']))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr == (
+        "mailspool: --metrics needs prometheus_client: pip install 'mailspool[metrics]'\n"
+    )

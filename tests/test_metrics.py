@@ -95,6 +95,8 @@ def test_scrape_during_a_drain_matches_relay_and_status(
         assert before["mailspool_messages_queued_total"] == 14
         assert before["mailspool_enqueue_seconds_count"] == 2  # two commits
         assert before["mailspool_relay_rate_limit"] == 500
+        assert before["mailspool_relay_send_rate"] == 500  # nothing learned: the limit
+        assert before["mailspool_relay_rate_learned"] == 0
 
         done = threading.Event()
         worker = threading.Thread(target=lambda: (processor.drain(), done.set()))
@@ -288,6 +290,7 @@ def test_a_paused_relay_shows_in_the_gauges(tmp_path: Path) -> None:
         assert r.get_sample_value("mailspool_relay_paused") == 1
         assert r.get_sample_value("mailspool_relay_failures") == 1
         assert r.get_sample_value("mailspool_relay_rate_limit") is None  # no limit set
+        assert r.get_sample_value("mailspool_relay_send_rate") is None  # not paced
         assert r.get_sample_value("mailspool_queue_messages", {"state": "ready"}) == 2
         assert r.get_sample_value("mailspool_oldest_ready_age_seconds") >= 0
         # Nothing was attempted for the messages: the relay's trouble is not theirs.
@@ -318,3 +321,31 @@ def test_metrics_without_prometheus_client_is_one_line_and_exit_2(tmp_path: Path
     assert proc.stderr == (
         "mailspool: --metrics needs prometheus_client: pip install 'mailspool[metrics]'\n"
     )
+
+
+def test_a_rate_learned_from_the_relay_shows_in_the_gauges(
+    smtp_relay: RelayFactory, tmp_path: Path
+) -> None:
+    from _scripted_relays import TokenBucket
+
+    bucket = TokenBucket(rate=40, burst=4, close=False)
+    relay = smtp_relay(bucket)
+    spool = Spool(tmp_path / "spool")
+    enqueue(spool, 40)
+    processor = QueueProcessor(
+        spool, SMTPMailer(**relay.mailer_kwargs()), connections=4, watch=False
+    )
+    metrics = Metrics(processor=processor, cache=0)
+    try:
+        assert processor.process_once().sent == 40
+        r = metrics.registry
+        assert bucket.refused >= 1
+        assert r.get_sample_value("mailspool_relay_rate_learned") == 1
+        assert r.get_sample_value("mailspool_relay_send_rate") == processor.pacer.rate
+        assert r.get_sample_value("mailspool_relay_rate_limit") is None
+        # A "too fast" refusal puts the message back untouched: not an attempt.
+        assert r.get_sample_value("mailspool_messages_sent_total") == 40
+        assert r.get_sample_value("mailspool_delivery_attempts_total", {"reply_class": "4xx"}) == 0
+    finally:
+        metrics.close()
+        processor.stop()

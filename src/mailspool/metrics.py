@@ -265,10 +265,21 @@ class _Gauges(Collector):
         )
         if view.rate is not None:
             yield GaugeMetricFamily(
-                "mailspool_relay_rate_limit",
-                "Messages per second the processor allows itself.",
+                "mailspool_relay_send_rate",
+                "Messages per second the processor paces at now (configured or learned).",
                 value=view.rate,
             )
+        if view.rate_limit is not None:
+            yield GaugeMetricFamily(
+                "mailspool_relay_rate_limit",
+                "The configured limit, messages per second.",
+                value=view.rate_limit,
+            )
+        yield GaugeMetricFamily(
+            "mailspool_relay_rate_learned",
+            "1 when the sending rate was learned from the relay's 'too fast' replies.",
+            value=view.rate_learned,
+        )
         yield GaugeMetricFamily(
             "mailspool_relay_connections_allowed",
             "Connections to the relay the processor may use now.",

@@ -111,7 +111,8 @@ def _relay(stats: list[dict[str, Any]], now: float) -> str:
         until = max(float(v.get("paused_until", 0)) for v in paused)
         return f"{name} PAUSED until {when(until)} (in {max(0.0, until - now):.0f}s)"
     rate = views[0].get("rate")
-    limit = f", limit {rate:g}/s" if rate else ""
+    learned = " learned from the relay" if views[0].get("rate_learned") else ""
+    limit = f", pacing {rate:.3g}/s{learned}" if rate else ""
     conns = sum(int(v.get("open_connections", 0)) for v in views)
     return f"{name} ok ({len(stats)} processor(s), {conns} connection(s){limit})"
 

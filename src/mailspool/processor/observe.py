@@ -8,9 +8,10 @@ and ``status --watch`` (:mod:`mailspool.cli.observe`) build on it.
   :class:`~mailspool.events.Attempt`: the address-free facts the processor
   attaches to the attempt's events and to its log record.
 * :func:`relay_view` says what a processor knows of its relay now: paused
-  or not, the sending rate it allows itself, the connections it holds.  It
-  is the one place that reads those from a processor, so a processor that
-  learns its rate feeds it here and every view follows.
+  or not, the sending rate it paces at (configured, or learned by its
+  :class:`~mailspool.processor.pacing.Pacer`), the connections it holds.
+  It is the one place the metrics and the stats file read those from a
+  processor.
 * :class:`Tally` counts outcomes from the events, and :class:`StatsFile`
   writes them with the relay view into the spool's ``stats/`` directory
   once a second, where ``mailspool status --watch`` reads them (one small
@@ -119,7 +120,11 @@ class RelayView:
             ``paused_until``).
         paused_until: a ``time.time()`` value, 0 when not paused.
         failures: failed probes in a row.
-        rate: messages per second the processor allows itself (None: no limit).
+        rate: messages per second the processor paces at now: the configured
+            limit, or lower, learned from the relay's "too fast" replies
+            (None: not paced).
+        rate_limit: the configured limit (None: none).
+        rate_learned: ``rate`` was learned from the relay.
         connections: connections it may use now.
         open_connections: connections open now.
     """
@@ -129,6 +134,8 @@ class RelayView:
     paused_until: float
     failures: int
     rate: float | None
+    rate_limit: float | None
+    rate_learned: bool
     connections: int
     open_connections: int
 
@@ -143,7 +150,9 @@ def relay_view(processor: QueueProcessor, now: float | None = None) -> RelayView
         paused=paused,
         paused_until=relay.paused_until if paused else 0.0,
         failures=relay.failures,
-        rate=processor.rate_limit,
+        rate=processor.pacer.rate,
+        rate_limit=processor.rate_limit,
+        rate_learned=processor.pacer.learned,
         connections=relay.parallelism(now),
         open_connections=processor.pool.open,
     )

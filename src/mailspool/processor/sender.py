@@ -77,6 +77,7 @@ from typing import Any
 
 from mailspool.errors import DeliveryError, SpoolError
 from mailspool.events import Attempt, MailEvent, MailQuarantined
+from mailspool.processor.observe import attempt_facts
 from mailspool.processor.outcome import (
     Verdict,
     classify,
@@ -88,7 +89,6 @@ from mailspool.processor.outcome import (
     trouble_kind,
     when,
 )
-from mailspool.processor.observe import attempt_facts
 from mailspool.processor.pacing import Pacer
 from mailspool.processor.policy import COHORT, THROTTLE_PERIOD, RelayState, RetryPolicy
 from mailspool.processor.pool import Connection, ConnectionPool, connect, relay_name

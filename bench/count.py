@@ -9,7 +9,9 @@ gives the same count twice for the same inputs.
 
 Each measure runs twice, with N and 2N messages, in a fresh process under
 Valgrind; the difference divided by N is the cost of one message, without
-the interpreter's start-up, the imports and the set-up.  The relay (Postfix's
+the interpreter's start-up, the imports and the set-up.  The drain is
+counted twice: as it is, and with Prometheus metrics on (a
+``mailspool.metrics.Metrics`` subscribed, as ``run --metrics`` has it).  The relay (Postfix's
 ``smtp-sink`` when installed, else an aiosmtpd sink) runs in a process of
 its own and is not counted.
 
@@ -60,6 +62,9 @@ if mode == "fill":
         for i in range(n):
             delivery.send("app@example.org", ["jane@example.org"], body)
 else:
+    if mode == "drain-metrics":  # as `run --metrics` counts
+        from mailspool.metrics import Metrics
+        Metrics()
     mailer = SMTPMailer("127.0.0.1", port, tls="none")
     with QueueProcessor(spool, mailer, connections=1, watch=False) as p:
         summary = p.process_once()
@@ -99,14 +104,14 @@ def enqueue_per_message(n: int, tmp: str) -> float:
     return (counts[1] - counts[0]) / n
 
 
-def drain_per_message(n: int, tmp: str, port: int) -> float:
+def drain_per_message(n: int, tmp: str, port: int, mode: str = "drain") -> float:
     counts = []
     for k in (n, 2 * n):
         spool = tempfile.mkdtemp(dir=tmp)
         subprocess.run(
             [sys.executable, "-c", FILL_AND_DRAIN, str(k), spool, str(port), "fill"], check=True
         )
-        counts.append(_irefs(FILL_AND_DRAIN, str(k), spool, str(port), "drain"))
+        counts.append(_irefs(FILL_AND_DRAIN, str(k), spool, str(port), mode))
         shutil.rmtree(spool)
     return (counts[1] - counts[0]) / n
 
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-count-") as tmp:
             enqueue = enqueue_per_message(a.messages, tmp)
             drain = drain_per_message(a.messages, tmp, relay.port)
+            metrics = drain_per_message(a.messages, tmp, relay.port, "drain-metrics")
     finally:
         relay.stop()
     v = sys.version_info
@@ -134,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             Python {v.major}.{v.minor}.{v.micro}, {a.messages} and {2 * a.messages} messages,
             relay: {relay.description}
             instructions per enqueued message (send + commit, 1 per transaction): {enqueue:,.0f}
-            instructions per drained message (claim, send, settle):              {drain:,.0f}"""
+            instructions per drained message (claim, send, settle):              {drain:,.0f}
+            the same with Prometheus metrics on (mailspool.metrics.Metrics):     {metrics:,.0f}
+            metrics cost: {100 * (metrics / drain - 1):+.2f} %"""
         )
     )
     return 0

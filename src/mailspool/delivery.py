@@ -36,6 +36,7 @@ import datetime
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -99,6 +100,7 @@ class _MailDataManager:
         self.messages: list[tuple[Prepared, float | None]] = []
         self.staged: Sequence[Staged] = ()
         self.results: list[MailEvent] = []
+        self.took = 0.0  # seconds spent writing the messages into the spool
         _open_managers.add(self)
 
     # -- IDataManager ---------------------------------------------------------
@@ -255,10 +257,13 @@ class QueuedMailDelivery(_Delivery):
     def _vote(self, dm: _MailDataManager) -> None:
         # On failure stage_many() removes every file of the batch and
         # raises SpoolError; tpc_abort then has nothing left to remove.
+        began = time.monotonic()
         dm.staged = self.spool.stage_many(dm.messages)
+        dm.took = time.monotonic() - began
 
     def _finish(self, dm: _MailDataManager) -> None:
         staged, dm.staged = dm.staged, ()
+        began = time.monotonic()
         try:
             self.spool.publish(staged)
         except Exception as exc:
@@ -274,9 +279,14 @@ class QueuedMailDelivery(_Delivery):
                 ", ".join(s.id for s in staged),
             )
             raise
-        for prepared, _ in dm.messages:
-            env = prepared.envelope
-            dm.results.append(MailQueued(prepared.message_id, env.sender, env.recipients))
+        took = dm.took + time.monotonic() - began
+        queued = [
+            MailQueued(p.message_id, p.envelope.sender, p.envelope.recipients)
+            for p, _ in dm.messages
+        ]
+        if queued:
+            queued[0].enqueue_seconds = took
+        dm.results.extend(queued)
         if self.on_commit is not None:
             try:
                 self.on_commit()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import zope.event
 from zope.interface import implementer
@@ -34,10 +34,12 @@ if TYPE_CHECKING:
     from mailspool.smtp.result import Reply
 
 __all__ = [
+    "Attempt",
     "MailDeferred",
     "MailError",
     "MailEvent",
     "MailFailed",
+    "MailQuarantined",
     "MailQueued",
     "MailSent",
     "notify",
@@ -47,8 +49,48 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class Attempt(NamedTuple):
+    """The facts of one settled delivery attempt, without any address.
+
+    The processor attaches one to each event of an attempt (``event.attempt``)
+    for metrics and structured logs.  A named tuple: made for every message,
+    it must cost next to nothing.
+
+    Attributes:
+        queue_id: the spool id.
+        message_id: the Message-Id (None for a legacy file without one).
+        domains: the domains of the attempt's recipients, sorted, once each.
+        outcome: ``"sent"``, ``"deferred"`` or ``"failed"``: the message's.
+        reason: the class of the reply that decided it: ``"2xx"``,
+            ``"4xx"``, ``"5xx"``, ``"expired"`` (too old to try again) or
+            ``"no_reply"`` (a timeout, a lost connection, an error).
+        code: that reply's code, when there was one.
+        relay: ``host:port`` of the relay.
+        smtp_seconds: how long the SMTP transaction took (None: not measured).
+        since_commit: seconds from the commit that queued it to this outcome.
+        attempt: which attempt this was (1 for the first).
+    """
+
+    queue_id: str
+    message_id: str | None
+    domains: tuple[str, ...]
+    outcome: str
+    reason: str
+    code: int | None
+    relay: str
+    smtp_seconds: float | None
+    since_commit: float
+    attempt: int
+
+
 class MailEvent:
-    """Base of all mail events: which message, from whom, to whom."""
+    """Base of all mail events: which message, from whom, to whom.
+
+    ``attempt`` is the :class:`Attempt` that caused the event, when the
+    queue processor dispatched it (None otherwise).
+    """
+
+    attempt: Attempt | None = None
 
     def __init__(self, message_id: str | None, fromaddr: str, toaddrs: Sequence[str]) -> None:
         self.message_id = message_id
@@ -65,7 +107,26 @@ class MailEvent:
 
 @implementer(IMailQueuedEvent)
 class MailQueued(MailEvent):
-    """The message is in the spool: its transaction committed."""
+    """The message is in the spool: its transaction committed.
+
+    ``enqueue_seconds``: on the first event of a commit, the seconds that
+    commit spent writing its messages durably into the spool; None on the
+    others.
+    """
+
+    enqueue_seconds: float | None = None
+
+
+class MailQuarantined(MailEvent):
+    """The processor found the spool file ``queue_id`` unreadable and moved it
+    to ``quarantine/``; nothing is known of its message."""
+
+    def __init__(self, queue_id: str) -> None:
+        super().__init__(None, "", ())
+        self.queue_id = queue_id
+
+    def __repr__(self) -> str:
+        return f"<MailQuarantined {self.queue_id}>"
 
 
 @implementer(IMailSentEvent)

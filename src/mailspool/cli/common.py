@@ -115,6 +115,18 @@ common_options = _options(
         help="Read settings from this TOML file. [env MAILSPOOL_CONFIG]",
     ),
     click.option("-v", "--verbose", count=True, help="Log more (-vv: debug)."),
+    click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        envvar="MAILSPOOL_LOG_FORMAT",
+        help="Log lines as text (default) or one JSON object each. [env MAILSPOOL_LOG_FORMAT]",
+    ),
+    click.option(
+        "--log-addresses",
+        is_flag=True,
+        default=None,
+        help="Show full email addresses in JSON logs (default: only their domains).",
+    ),
 )
 
 #: How to reach the relay: on the verbs that deliver.
@@ -172,7 +184,8 @@ processor_options = _options(
 )
 
 _SETTING_FLAGS = {f.name for f in FIELDS} | {"password_file"}
-_COMMON = ("queue", "config", "verbose")
+_COMMON = ("queue", "config", "verbose", "log_format", "log_addresses")
+_LOGGING = ("verbose", "log_format", "log_addresses")
 
 
 def resolve(ctx: click.Context, /, kw: dict[str, Any]) -> LoadedSettings:
@@ -186,17 +199,25 @@ def resolve(ctx: click.Context, /, kw: dict[str, Any]) -> LoadedSettings:
     """
     group: dict[str, Any] = ctx.find_root().obj or {}
     flags: dict[str, object] = {}
+    logging_kw: dict[str, Any] = {}
     for name in list(kw):
         if name in _SETTING_FLAGS or name in _COMMON:
             value = kw.pop(name)
             if name in _COMMON and not value:
                 value = group.get(name)
-            if name not in ("config", "verbose"):
+            if name in _LOGGING:
+                logging_kw[name] = value
+            elif name != "config":
                 flags[name] = value
-            elif name == "verbose":
-                setup_logging(int(value or 0), ctx)
             else:
                 group["config"] = value
+    if "verbose" in logging_kw:
+        setup_logging(
+            int(logging_kw["verbose"] or 0),
+            ctx,
+            json_lines=logging_kw.get("log_format") == "json",
+            addresses=bool(logging_kw.get("log_addresses")),
+        )
     try:
         return resolve_settings(flags, config_file=group.get("config"))
     except ConfigError as exc:
@@ -208,11 +229,15 @@ def settings(ctx: click.Context, /, kw: dict[str, Any]) -> Settings:
     return resolve(ctx, kw).settings
 
 
-def setup_logging(verbose: int, ctx: click.Context) -> None:
+def setup_logging(
+    verbose: int, ctx: click.Context, *, json_lines: bool = False, addresses: bool = False
+) -> None:
     """Log to stderr: INFO for ``run``, WARNING for the others; each ``-v`` one level more.
 
     Tracebacks are shown only with ``-vv``; below that an error logged with
     its exception stays one line (the exception's type and text appended).
+    ``json_lines``: one JSON object per line (:mod:`mailspool.jsonlog`),
+    addresses reduced to their domain unless ``addresses``.
     """
     base = logging.INFO if ctx.info_name == "run" else logging.WARNING
     level = max(logging.DEBUG, base - 10 * verbose)
@@ -221,7 +246,12 @@ def setup_logging(verbose: int, ctx: click.Context) -> None:
     if handler is None:
         handler = _StderrHandler()
         root.addHandler(handler)
-    handler.setFormatter(OneLineFormatter(tracebacks=verbose >= 2))
+    if json_lines:
+        from mailspool.jsonlog import JsonFormatter
+
+        handler.setFormatter(JsonFormatter(addresses=addresses, tracebacks=verbose >= 2))
+    else:
+        handler.setFormatter(OneLineFormatter(tracebacks=verbose >= 2))
     root.setLevel(level)
 
 

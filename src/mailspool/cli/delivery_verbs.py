@@ -50,6 +50,7 @@ from mailspool.cli.common import (
     summary_code,
     summary_line,
 )
+from mailspool.cli.observe import observed
 from mailspool.errors import InvalidAddress, InvalidMessage
 from mailspool.message import parse_mailbox, prepare
 
@@ -147,11 +148,16 @@ def _in_background(processor: QueueProcessor, work: Callable[[], Summary]) -> tu
     is_flag=True,
     help="Create the spool (mode 0700) if it does not exist yet, instead of exit code 3.",
 )
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (needs mailspool[metrics]).",
+)
 @common_options
 @relay_options
 @processor_options
 @click.pass_context
-def run(ctx: click.Context, /, once: bool, create: bool, **kw: Any) -> int:
+def run(ctx: click.Context, /, once: bool, create: bool, metrics: str | None, **kw: Any) -> int:
     """Run the queue processor in the foreground (for systemd, containers).
 
     Delivers what is due, then keeps watching the queue. SIGTERM or SIGINT
@@ -163,6 +169,7 @@ def run(ctx: click.Context, /, once: bool, create: bool, **kw: Any) -> int:
     a mistyped path then does not silently make a queue nobody writes to.
     """
     processor = make_processor(settings(ctx, kw), create=create)
+    ctx.with_resource(observed(processor, metrics))
     if once:
         summary, stopped = _in_background(processor, processor.process_once)
         if stopped:
@@ -175,11 +182,16 @@ def run(ctx: click.Context, /, once: bool, create: bool, **kw: Any) -> int:
 
 
 @click.command()
+@click.option(
+    "--metrics",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (needs mailspool[metrics]).",
+)
 @common_options
 @relay_options
 @processor_options
 @click.pass_context
-def drain(ctx: click.Context, /, **kw: Any) -> int:
+def drain(ctx: click.Context, /, metrics: str | None, **kw: Any) -> int:
     """Deliver everything that is due now, then exit.
 
     Shows a progress bar on a terminal (plain lines otherwise) and a summary.
@@ -188,6 +200,7 @@ def drain(ctx: click.Context, /, **kw: Any) -> int:
     finishes the messages being sent and stops (exit code 130).
     """
     processor = make_processor(settings(ctx, kw))
+    ctx.with_resource(observed(processor, metrics))
     spool = processor.spool
     with reading(spool):
         total = sum(1 for _ in spool.due())

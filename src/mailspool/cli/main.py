@@ -86,7 +86,15 @@ log = logging.getLogger("mailspool.cli")
     package_name="mailspool", prog_name="mailspool", message="%(prog)s %(version)s"
 )
 @click.pass_context
-def cli(ctx: click.Context, /, queue: str | None, config: str | None, verbose: int) -> None:
+def cli(
+    ctx: click.Context,
+    /,
+    queue: str | None,
+    config: str | None,
+    verbose: int,
+    log_format: str | None,
+    log_addresses: bool | None,
+) -> None:
     """Deliver, inspect and repair a mailspool queue.
 
     Settings come from flags, then the environment (MAILSPOOL_QUEUE,
@@ -102,7 +110,13 @@ def cli(ctx: click.Context, /, queue: str | None, config: str | None, verbose: i
 
     Try `mailspool demo` to see the whole path on this machine.
     """
-    ctx.obj = {"queue": queue, "config": config, "verbose": verbose}
+    ctx.obj = {
+        "queue": queue,
+        "config": config,
+        "verbose": verbose,
+        "log_format": log_format,
+        "log_addresses": log_addresses,
+    }
 
 
 for _command in (

@@ -155,9 +155,10 @@ def _oldest_first(entries: Iterator[SpoolEntry]) -> list[SpoolEntry]:
 
 @click.command(short_help="Counts per state, oldest message, next retry.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--watch", is_flag=True, help="A live view, refreshed each second, until Ctrl-C.")
 @common_options
 @click.pass_context
-def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
+def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
     """Counts per state, the oldest message's age, the next retry time.
 
     With --json: one object with integer counts under ready, in_flight,
@@ -165,8 +166,20 @@ def status(ctx: click.Context, /, as_json: bool, **kw: Any) -> int:
     oldest_age, next_retry_at and next_retry_in (seconds; null when none),
     and under relay what a processor last learned about its relay (the
     rate it paces at, its connection limit, a pause), or null.
+
+    With --watch: the counts, the messages sent and deferred per minute by
+    the running processors, their relay, and the oldest message, each
+    second (one line per second when the output is not a terminal).
     """
     spool = open_spool(settings(ctx, kw))
+    if watch:
+        if as_json:
+            fail("status: --watch and --json cannot be combined", EXIT_USAGE)
+        from mailspool.cli.observe import watch as watching
+
+        with reading(spool):
+            spool.counts()
+        return watching(spool)
     now = time.time()
     with reading(spool):
         counts = spool.counts()

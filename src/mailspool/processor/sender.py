@@ -76,7 +76,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mailspool.errors import DeliveryError, SpoolError
-from mailspool.events import MailEvent
+from mailspool.events import Attempt, MailEvent, MailQuarantined
+from mailspool.processor.observe import attempt_facts
 from mailspool.processor.outcome import (
     Verdict,
     classify,
@@ -138,6 +139,7 @@ class _Unwritten:
     failures: int = 1  # times writing it failed
     busy: bool = False  # being written now
     warned: bool = False  # a stop said that it may be sent again
+    facts: Attempt | None = None  # for the events and the log record
 
 
 class _Waiting:
@@ -251,8 +253,11 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
             u.why = one_line(exc.strerror or str(exc))
             _WAITING.put_back(u)
             return None
+    for event in told.events:
+        event.attempt = u.facts
+    extra = {"attempt": u.facts}
     if first:
-        log.log(told.level, "%s", told)  # the line is made only if it is logged
+        log.log(told.level, "%s", told, extra=extra)  # the line is made only if it is logged
     else:
         _WAITING.drop(key, u)
         log.log(
@@ -260,6 +265,7 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
             "%s (written to the spool now, after %d failed write(s))",
             told.line,
             u.failures,
+            extra=extra,
         )
     outcome = {"removed": "sent"}.get(outcome, outcome)
     return Done(outcome, told.events, partly=bool(v.sent) and outcome != "sent")
@@ -477,6 +483,7 @@ class Sender:
             conn = self._connect(now)
         waited = getattr(conn, "waited", None)
         self._local.started = self.pacer.clock()
+        self._local.began = time.monotonic()
         try:
             result = conn.send(claim.envelope, claim.data)
             if waited is not None:
@@ -659,8 +666,17 @@ class Sender:
             if retry_at is None:
                 verdict = verdict.expired(self.retry.give_up_after)
         u = _Unwritten(claim, verdict, retry_at, reply, error, attempt, why="")
+        u.facts = self._facts(claim, verdict, reply, attempt)
         # None: the spool cannot take the outcome yet; the claim stays held.
         return _write(self._key, u, first=True) or Done(None)
+
+    def _facts(
+        self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int
+    ) -> Attempt:
+        began: float | None = getattr(self._local, "began", None)
+        self._local.began = None
+        took = None if began is None else time.monotonic() - began
+        return attempt_facts(claim, verdict, reply, attempt, relay=self.where, seconds=took)
 
     # -- outcomes waiting to be written ------------------------------------------------
 
@@ -758,7 +774,7 @@ class Sender:
     def _lost(self, id: str) -> Done:
         """What became of ``id`` when claiming it failed: quarantined, or taken."""
         if self._quarantined(id):
-            return Done("quarantined")
+            return Done("quarantined", (MailQuarantined(id),))
         self.lost_run += 1
         return Done(None)
 

@@ -305,6 +305,8 @@ class MemoryQueue:
             if item is None:
                 raise KeyError(id)
             if item.state not in sources:
+                if action == "unhold":  # in the words of `mailspool release`, as the spool says it
+                    raise SpoolError(f"not held (it is {item.state.value}): nothing to release")
                 raise SpoolError(f"cannot {action} a message that is {item.state.value}")
             if target is None:
                 del self._items[id]

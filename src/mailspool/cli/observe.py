@@ -22,8 +22,8 @@ from mailspool.cli.common import EXIT_USAGE, STATE_NAMES, fail, when
 from mailspool.processor.observe import StatsFile, read_stats
 
 if TYPE_CHECKING:
-    from mailspool.queue import QueueBackend as Spool
     from mailspool.processor.loop import QueueProcessor
+    from mailspool.queue import QueueBackend as Spool
 
 __all__ = ["observed", "watch"]
 

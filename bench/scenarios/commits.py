@@ -9,8 +9,7 @@ and the median and 99th percentile of a commit's latency.
 
 zope.sendmail and repoze.sendmail never fsync, so their rows are shown for
 reference only: they do not make a message durable before the commit
-returns.  mailspool's group commit (one directory fsync for every rename
-made before it began) shows in the fsyncs per commit it prints.
+returns.
 """
 
 from __future__ import annotations
@@ -96,18 +95,10 @@ def commit_trial(
     if queued != workers * each or len(latencies) != workers * each:
         raise TrialError(f"{queued} messages in the spool, {workers * each} were committed")
     latencies.sort()
-    fsyncs = None
-    if system == MAILSPOOL and not processes:
-        from mailspool.maildir import groupsync
-
-        group = next(iter(groupsync._dirs.values()), None)
-        if group is not None:
-            fsyncs = group.fsyncs / max(1, group.commits)
     return {
         "rate": len(latencies) / elapsed,
         "p50": statistics.median(latencies),
         "p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
-        "dir_fsyncs_per_commit": fsyncs,
     }
 
 
@@ -183,9 +174,7 @@ def _trial(
     rate.values.append(out["rate"])
     p50.values.append(out["p50"] * 1e3)
     p99.values.append(out["p99"] * 1e3)
-    extra = out["dir_fsyncs_per_commit"]
-    more = f", {extra:.2f} directory fsyncs per commit" if extra is not None else ""
     print(
         f"  {scenario} / {what} / {label}: {out['rate']:,.0f} commits/s, "
-        f"p50 {out['p50'] * 1e3:.2f} ms, p99 {out['p99'] * 1e3:.2f} ms{more}"
+        f"p50 {out['p50'] * 1e3:.2f} ms, p99 {out['p99'] * 1e3:.2f} ms"
     )

@@ -14,7 +14,7 @@ import atexit
 import os
 import threading
 
-from mailspool.maildir import claim, directory, groupsync, locks, trash
+from mailspool.maildir import claim, directory, locks, trash
 
 __all__ = ["install"]
 
@@ -45,6 +45,5 @@ def install() -> None:
             os.register_at_fork(after_in_child=directory._after_fork_in_child)
             os.register_at_fork(after_in_child=claim._after_fork_in_child)
             os.register_at_fork(after_in_child=trash._after_fork_in_child)
-            os.register_at_fork(after_in_child=groupsync.forget)
         atexit.register(trash.stop_reapers, 1.0)
         _installed = True

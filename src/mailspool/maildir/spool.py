@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mailspool.errors import SpoolError
-from mailspool.maildir import groupsync, process, trash
+from mailspool.maildir import process, trash
 from mailspool.maildir.admin import SpoolAdmin, SpoolEntry
 from mailspool.maildir.claim import Claim
 from mailspool.maildir.directory import (
@@ -267,8 +267,7 @@ class Spool(SpoolAdmin):
                 touched.append(s.area)
         for area in touched:  # also after a failure: what was renamed is visible
             try:
-                # With other threads' commits at once (group commit).
-                groupsync.sync(self._dirs[area], lambda: self._fsync_dir(area))  # noqa: B023
+                self._fsync_dir(area)
             except OSError as exc:
                 error = error or self._error(f"fsync {self._dirs[area]}", exc)
         if error is not None:

@@ -33,6 +33,7 @@ from mailspool.message import Envelope, Prepared
 from mailspool.queue import (
     FAILED,
     PENDING,
+    OperatorMoves,
     QueueEntry,
     RecipientStatus,
     Record,
@@ -105,7 +106,7 @@ class _Waker:
         self._w.close()
 
 
-class MemoryQueue:
+class MemoryQueue(OperatorMoves):
     """A queue that lives in this process only; see the module's documentation.
 
     Args:
@@ -281,24 +282,7 @@ class MemoryQueue:
         with self._lock:
             return self._items[id].data
 
-    def retry(self, id: str) -> None:
-        """Make a deferred, failed or quarantined message ready; failed recipients
-        become pending again."""
-        self._move("retry", id)
-
-    def hold(self, id: str) -> None:
-        """Keep a ready or deferred message out of the processor's way."""
-        self._move("hold", id)
-
-    def release(self, id: str) -> None:
-        """Make a held message ready again."""
-        self._move("unhold", id)
-
-    def delete(self, id: str) -> None:
-        """Remove a message for good (not while it is being sent)."""
-        self._move("delete", id)
-
-    def _move(self, action: str, id: str) -> None:
+    def _admin(self, action: str, id: str) -> None:
         sources, target = _MOVES[action]
         with self._lock:
             item = self._items.get(id)

@@ -28,6 +28,7 @@ __all__ = [
     "PENDING",
     "SENT",
     "STATUSES",
+    "OperatorMoves",
     "Outcome",
     "QueueBackend",
     "QueueClaim",
@@ -187,6 +188,55 @@ class RecordFields:
     def recipients(self) -> tuple[RecipientStatus, ...]:
         """Every recipient with its state."""
         return self._record.recipients
+
+
+class OperatorMoves:
+    """The operator's four moves, for a backend that carries each out in its
+    own ``_admin(action, id)`` (``action`` one of the lifecycle's ``retry``,
+    ``hold``, ``unhold``, ``delete``)."""
+
+    __slots__ = ()
+
+    def _admin(self, action: str, id: str) -> None:
+        raise NotImplementedError
+
+    def retry(self, id: str) -> None:
+        """Make a deferred, failed or quarantined message ready now.
+
+        Failed recipients become pending again (their last reply is kept).
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is in a state that cannot be retried.
+        """
+        self._admin("retry", id)
+
+    def hold(self, id: str) -> None:
+        """Keep a ready or deferred message out of the processor's way.
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is being sent or in another state.
+        """
+        self._admin("hold", id)
+
+    def release(self, id: str) -> None:
+        """Make a held message ready again.
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is not held.
+        """
+        self._admin("unhold", id)
+
+    def delete(self, id: str) -> None:
+        """Remove a message for good (not while it is being sent).
+
+        Raises:
+            KeyError: no such message.
+            SpoolError: the message is being sent.
+        """
+        self._admin("delete", id)
 
 
 # --- the per-recipient rules every backend applies --------------------------------------

@@ -38,6 +38,7 @@ from mailspool.maildir.fileformat import (
 )
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.maildir.locks import RFLAGS, close_held, lock_file
+from mailspool.queue import OperatorMoves
 from mailspool.queue import QueueEntry as SpoolEntry
 
 __all__ = ["SpoolAdmin", "SpoolEntry"]
@@ -63,7 +64,7 @@ def _name_time(name: str) -> tuple[int, int] | None:
 _HEAD_READ = 16384  # bytes read to list a message; more when the envelope is longer
 
 
-class SpoolAdmin(SpoolDir):
+class SpoolAdmin(OperatorMoves, SpoolDir):
     """Listing, inspection and repair of a spool directory.
 
     :class:`mailspool.spool.Spool` inherits it; see there for the arguments.
@@ -366,44 +367,6 @@ class SpoolAdmin(SpoolDir):
         os.rename(tmp, self._dirs["new"] + id)
         self._fsync_dir("new")
         self._trash(self._dirs[area] + id)
-
-    def retry(self, id: str) -> None:
-        """Make a deferred, failed or quarantined message ready now.
-
-        Failed recipients become pending again (their last reply is kept).
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is in a state that cannot be retried.
-        """
-        self._admin("retry", id)
-
-    def hold(self, id: str) -> None:
-        """Keep a ready or deferred message out of the processor's way.
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent or in another state.
-        """
-        self._admin("hold", id)
-
-    def release(self, id: str) -> None:
-        """Make a held message ready again.
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is not held.
-        """
-        self._admin("unhold", id)
-
-    def delete(self, id: str) -> None:
-        """Remove a message for good (not while it is being sent).
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent.
-        """
-        self._admin("delete", id)
 
     def _quarantine_reason(self, id: str) -> str | None:
         try:

@@ -37,7 +37,7 @@ from mailspool.postgres.schema import (
     current_version,
     quote_ident,
 )
-from mailspool.queue import FAILED, PENDING, QueueEntry, RecipientStatus
+from mailspool.queue import FAILED, PENDING, OperatorMoves, QueueEntry, RecipientStatus
 
 __all__ = ["PostgresAdmin"]
 
@@ -46,7 +46,7 @@ _VISIBLE = ("ready", "deferred", "held", "failed", "quarantined")
 _BATCH = 500
 
 
-class PostgresAdmin:
+class PostgresAdmin(OperatorMoves):
     """Connection, schema check, listing and repair of a PostgreSQL queue.
 
     :class:`mailspool.postgres.queue.PostgresQueue` inherits it; see there
@@ -335,41 +335,3 @@ class PostgresAdmin:
             conn.execute(sql + " WHERE seq = %s", params)
             if new_state == "ready":
                 conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
-
-    def retry(self, id: str) -> None:
-        """Make a deferred, failed or quarantined message ready now.
-
-        Failed recipients become pending again (their last reply is kept).
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is in a state that cannot be retried.
-        """
-        self._admin("retry", id)
-
-    def hold(self, id: str) -> None:
-        """Keep a ready or deferred message out of the processor's way.
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent or in another state.
-        """
-        self._admin("hold", id)
-
-    def release(self, id: str) -> None:
-        """Make a held message ready again.
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is not held.
-        """
-        self._admin("unhold", id)
-
-    def delete(self, id: str) -> None:
-        """Remove a message for good (not while it is being sent).
-
-        Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent.
-        """
-        self._admin("delete", id)

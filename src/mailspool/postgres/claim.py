@@ -45,7 +45,7 @@ from mailspool.maildir.fileformat import MAX_TEXT
 from mailspool.maildir.lifecycle import OUTCOME_ACTION, next_area
 from mailspool.message import Envelope
 from mailspool.postgres.rows import RECORD_COLUMNS, encode_recipients, lock_key, record_from_row
-from mailspool.queue import RecipientStatus, Record, all_sent, settle_record
+from mailspool.queue import RecipientStatus, Record, RecordFields, all_sent, settle_record
 
 if TYPE_CHECKING:
     from mailspool.postgres.queue import PostgresQueue
@@ -55,7 +55,7 @@ __all__ = ["PostgresClaim"]
 _INTRANS = psycopg.pq.TransactionStatus.INTRANS
 
 
-class PostgresClaim:
+class PostgresClaim(RecordFields):
     """A message held for sending; settle it, or it goes back to ready.
 
     The same surface as :class:`mailspool.maildir.claim.Claim`: use it as a
@@ -101,44 +101,9 @@ class PostgresClaim:
         self.envelope = Envelope(self._record.sender, self._record.pending)
 
     @property
-    def message_id(self) -> str | None:
-        """The Message-Id without angle brackets, if known."""
-        return self._record.message_id
-
-    @property
-    def attempts(self) -> int:
-        """Delivery attempts so far."""
-        return self._record.attempts
-
-    @property
-    def queued_at(self) -> float:
-        """When the message was queued (a ``time.time()`` value)."""
-        return self._record.queued_at
-
-    @property
-    def not_before(self) -> float | None:
-        """The time it was scheduled for, when later than ``queued_at``."""
-        return self._record.not_before
-
-    @property
-    def due_since(self) -> float:
-        """The later of ``queued_at`` and ``not_before``: ``give_up_after`` counts from here."""
-        return self._record.due_since
-
-    @property
     def held(self) -> bool:
         """True while this claim holds the message in this process."""
         return self._done is None and self._pid == os.getpid()
-
-    @property
-    def legacy(self) -> bool:
-        """Whether it was imported from a zope.sendmail / repoze.sendmail file."""
-        return self._record.legacy
-
-    @property
-    def recipients(self) -> tuple[RecipientStatus, ...]:
-        """Every recipient with its state."""
-        return self._record.recipients
 
     def __repr__(self) -> str:
         return f"<PostgresClaim {self.id} {self._done or 'held'}>"

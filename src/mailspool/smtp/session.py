@@ -137,9 +137,6 @@ class _Poller:
             return True
 
 
-_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
-
-
 class _Stale(Exception):
     """The relay dropped a reused session before the transaction began.
 
@@ -435,7 +432,7 @@ class SMTPConnection:
             if stale_ok and failed.error.phase == "mail" and failed.error.code == 421:
                 return _Stale(failed.error)  # a 421 to MAIL on a reused session
         elif failed.then == "rset":
-            self._reset(0)
+            self._reset()
         return failed.error
 
     def _write(self, smtp: smtplib.SMTP, data: bytes, phase: Phase, stale_ok: bool) -> None:
@@ -506,11 +503,8 @@ class SMTPConnection:
                 result.reply,
             )
 
-    def _reset(self, code: int) -> None:
-        """After a refused step: RSET, or close when the session cannot go on."""
-        if code == 421 or code < 0:
-            self._drop()
-            return
+    def _reset(self) -> None:
+        """After a refused transaction: RSET, or close when the relay does not take it."""
         smtp = self._smtp
         if smtp is None:
             return

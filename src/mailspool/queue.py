@@ -40,6 +40,7 @@ __all__ = [
     "State",
     "Waker",
     "all_sent",
+    "is_postgres_url",
     "open_queue",
     "settle_record",
 ]
@@ -505,6 +506,11 @@ class QueueBackend(Protocol):
     def release(self, id: str) -> None: ...
 
     def delete(self, id: str) -> None: ...
+
+
+def is_postgres_url(value: str) -> bool:
+    """Whether ``value`` names a PostgreSQL queue rather than a spool directory."""
+    return value.startswith(("postgresql://", "postgres://"))
 
 
 def open_queue(

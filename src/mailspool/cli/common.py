@@ -27,6 +27,7 @@ import click
 
 from mailspool.cli.settings import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
 from mailspool.errors import SpoolError
+from mailspool.queue import is_postgres_url
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import QueueProcessor, Summary
@@ -323,7 +324,7 @@ def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
             "in the config file",
             EXIT_USAGE,
         )
-    if path.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(path):
         from mailspool.cli.db_verbs import open_postgres
 
         return open_postgres(path)

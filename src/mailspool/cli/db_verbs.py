@@ -28,6 +28,7 @@ from mailspool.cli.common import (
     settings,
 )
 from mailspool.errors import SpoolError
+from mailspool.queue import is_postgres_url
 
 if TYPE_CHECKING:
     from mailspool.postgres.connect import Target
@@ -79,7 +80,7 @@ def open_postgres(url: str) -> PostgresQueue:
 
 def _url(ctx: click.Context, kw: dict[str, Any]) -> str:
     url = settings(ctx, kw).queue
-    if not url or not url.startswith(("postgresql://", "postgres://")):
+    if not url or not is_postgres_url(url):
         fail("db: --queue must be a postgresql:// URL", EXIT_USAGE)
     return url
 

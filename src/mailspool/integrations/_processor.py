@@ -25,6 +25,7 @@ from mailspool.cli.settings import (
     Settings,
     resolve_settings,
 )
+from mailspool.queue import is_postgres_url
 
 if TYPE_CHECKING:
     from mailspool.queue import QueueBackend
@@ -119,7 +120,7 @@ def make_processor(settings: Settings) -> QueueProcessor:
         raise ConfigError("relay", str(exc)) from None
     path = settings.queue or ""
     spool: QueueBackend
-    if path.startswith(("postgresql://", "postgres://")):  # a PostgreSQL queue
+    if is_postgres_url(path):  # a PostgreSQL queue
         from mailspool.postgres.queue import PostgresQueue
 
         try:

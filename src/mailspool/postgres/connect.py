@@ -28,6 +28,7 @@ from psycopg import conninfo as _conninfo
 
 from mailspool.errors import SpoolError
 from mailspool.postgres.schema import DEFAULT_SCHEMA, check_schema_name
+from mailspool.queue import is_postgres_url
 
 __all__ = [
     "PASSWORD_FILE_ENV",
@@ -41,11 +42,6 @@ __all__ = [
 
 #: The environment variable naming a file that holds the database password.
 PASSWORD_FILE_ENV = "MAILSPOOL_DB_PASSWORD_FILE"
-
-
-def is_postgres_url(value: str) -> bool:
-    """Whether ``value`` names a PostgreSQL queue rather than a spool directory."""
-    return value.startswith(("postgresql://", "postgres://"))
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ from django.db import transaction as db_transaction
 from mailspool import QueuedMailDelivery
 from mailspool.errors import InvalidAddress, SpoolError
 from mailspool.message import Prepared, parse_mailbox, prepare
+from mailspool.queue import is_postgres_url
 
 __all__ = ["EmailBackend", "message_envelope"]
 
@@ -125,7 +126,7 @@ def _pg_schema(queue_path: str) -> str | None:
     Raises:
         ImproperlyConfigured: the URL's schema is not a plain name.
     """
-    if not queue_path.startswith(("postgresql://", "postgres://")):
+    if not is_postgres_url(queue_path):
         return None
     from mailspool.postgres.schema import DEFAULT_SCHEMA, check_schema_name
 

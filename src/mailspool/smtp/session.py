@@ -56,7 +56,7 @@ import socket
 import ssl
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailspool.errors import ConnectionFailed, DeliveryError
 from mailspool.message import Envelope
@@ -67,7 +67,7 @@ from mailspool.smtp.esmtp import (
     size_limit,
     wire_bytes,
 )
-from mailspool.smtp.handshake import Credentials, network_error, open_session
+from mailspool.smtp.handshake import Credentials, SessionSettings, network_error, open_session
 from mailspool.smtp.protocol import (
     MAX_LINE,
     Failed,
@@ -82,9 +82,6 @@ from mailspool.smtp.protocol import (
     WriteMessage,
 )
 from mailspool.smtp.result import Reply, SendResult, with_result
-
-if TYPE_CHECKING:
-    from mailspool.smtp.mailer import SMTPMailer
 
 __all__ = ["SMTPConnection"]
 
@@ -156,7 +153,9 @@ class SMTPConnection:
     between threads.  Use it as a context manager, or call :meth:`close`.
 
     Args:
-        mailer: the :class:`~mailspool.mailer.SMTPMailer` whose settings to use.
+        mailer: the settings to use: the :class:`~mailspool.smtp.mailer.SMTPMailer`
+            that makes the connection (any
+            :class:`~mailspool.smtp.handshake.SessionSettings`).
         credentials: for AUTH (also when reconnecting), or ``None``.
 
     Raises:
@@ -173,7 +172,7 @@ class SMTPConnection:
             transactions, in all (what the processor grows connections by).
     """
 
-    def __init__(self, mailer: SMTPMailer, credentials: Credentials | None = None) -> None:
+    def __init__(self, mailer: SessionSettings, credentials: Credentials | None = None) -> None:
         self._mailer = mailer
         self._credentials = credentials
         self.host = mailer.host

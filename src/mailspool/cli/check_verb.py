@@ -27,13 +27,12 @@ from mailspool.cli.common import (
     STATE_NAMES,
     common_options,
     fail,
-    open_spool,
-    reading,
     relay_options,
     relay_state,
     resolve,
     when,
 )
+from mailspool.cli.opening import open_spool, reading
 from mailspool.cli.queue_verbs import age_text
 from mailspool.cli.settings import ConfigError, Settings, parse_duration
 from mailspool.queue import QueueBackend

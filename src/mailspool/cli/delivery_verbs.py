@@ -39,10 +39,7 @@ from mailspool.cli.common import (
     EXIT_USAGE,
     common_options,
     fail,
-    make_processor,
-    open_spool,
     processor_options,
-    reading,
     reason,
     relay_options,
     settings,
@@ -51,6 +48,7 @@ from mailspool.cli.common import (
     summary_line,
 )
 from mailspool.cli.observe import observed
+from mailspool.cli.opening import make_processor, open_spool, reading
 from mailspool.errors import InvalidAddress, InvalidMessage
 from mailspool.message import parse_mailbox, prepare
 

@@ -26,13 +26,12 @@ from mailspool.cli.common import (
     STATE_NAMES,
     common_options,
     fail,
-    open_spool,
-    reading,
     reason,
     relay_state,
     settings,
     when,
 )
+from mailspool.cli.opening import open_spool, reading
 from mailspool.processor.outcome import per_second
 
 if TYPE_CHECKING:

@@ -48,7 +48,7 @@ from mailspool.postgres.rows import RECORD_COLUMNS, encode_recipients, lock_key,
 from mailspool.queue import RecipientStatus, Record, RecordFields, all_sent, settle_record
 
 if TYPE_CHECKING:
-    from mailspool.postgres.queue import PostgresQueue
+    from mailspool.postgres.admin import PostgresAdmin
 
 __all__ = ["PostgresClaim"]
 
@@ -85,7 +85,7 @@ class PostgresClaim(RecordFields):
 
     def __init__(
         self,
-        queue: PostgresQueue,
+        queue: PostgresAdmin,
         conn: psycopg.Connection[Any],
         row: tuple[Any, ...],
     ) -> None:

@@ -44,11 +44,12 @@ from typing import Any
 import transaction as _transaction
 from zope.interface import implementer
 
+from mailspool.backends import open_queue
 from mailspool.errors import DeliveryError, RecipientsRefused
 from mailspool.events import MailEvent, MailFailed, MailQueued, MailSent, notify_after_commit
 from mailspool.interfaces import IDirectMailDelivery, IMailer, IQueuedMailDelivery
 from mailspool.message import MessageInput, Prepared, prepare
-from mailspool.queue import QueueBackend, Staged, open_queue
+from mailspool.queue import QueueBackend, Staged
 
 __all__ = ["DirectMailDelivery", "QueuedMailDelivery"]
 
@@ -198,9 +199,11 @@ class QueuedMailDelivery(_Delivery):
     """Writes mail durably into a queue when the transaction commits.
 
     Args:
-        spool_path: the spool directory (created, mode 0700, if missing), or
-            any :class:`~mailspool.queue.QueueBackend` (e.g. the in-memory
-            queue of :mod:`mailspool.memory` in an application's tests).
+        spool_path: the spool directory (created, mode 0700, if missing), a
+            PostgreSQL queue's ``postgresql://`` URL, or any
+            :class:`~mailspool.queue.QueueBackend` (e.g. the in-memory queue
+            of :mod:`mailspool.memory` in an application's tests); see
+            :func:`mailspool.backends.open_queue`.
         transaction_manager: the manager whose current transaction ``send()``
             joins; default ``transaction.manager`` (thread-local).
         msgid_domain: the domain of generated Message-Ids (default: this

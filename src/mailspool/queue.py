@@ -516,18 +516,7 @@ def is_postgres_url(value: str) -> bool:
 def open_queue(
     where: str | os.PathLike[str] | QueueBackend, *, create: bool = True
 ) -> QueueBackend:
-    """The backend for ``where``: a backend as it is, or a directory's Maildir spool.
+    """Deprecated here: :func:`mailspool.backends.open_queue`, where the backends are named."""
+    from mailspool.backends import open_queue
 
-    Args:
-        where: a :class:`QueueBackend`, or the path of a spool directory.
-        create: for a path, create the spool when it is missing.
-
-    Raises:
-        SpoolError: the spool does not exist (``create=False``) or cannot be
-            created.
-    """
-    if isinstance(where, (str, os.PathLike)):
-        from mailspool.maildir.spool import Spool  # the default backend
-
-        return Spool(where, create=create)
-    return where
+    return open_queue(where, create=create)

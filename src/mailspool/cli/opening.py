@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from mailspool.backends import url_scheme
 from mailspool.cli.common import EXIT_NO_QUEUE, EXIT_USAGE, fail, reason
 from mailspool.errors import SpoolError
 from mailspool.queue import is_postgres_url
@@ -36,8 +37,9 @@ def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
             error (a PostgreSQL queue is made by ``mailspool db init`` only).
 
     Raises:
-        CommandError: no queue given (exit code 2); not found, not a
-            directory, unreadable or not creatable (exit code 3).
+        CommandError: no queue given, or a URL of another scheme than
+            ``postgresql`` (exit code 2); not found, not a directory,
+            unreadable or not creatable (exit code 3).
     """
     from mailspool.maildir.spool import Spool
 
@@ -50,6 +52,9 @@ def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
         )
     if is_postgres_url(path):
         return open_postgres(path)
+    scheme = url_scheme(path)
+    if scheme is not None:  # never a directory named like a URL
+        fail(f"queue {scheme}://...: not a spool directory or a postgresql:// URL", EXIT_USAGE)
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"queue {path}: not a directory", EXIT_NO_QUEUE)
     if not create:

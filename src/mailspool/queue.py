@@ -207,8 +207,8 @@ class OperatorMoves:
         Failed recipients become pending again (their last reply is kept).
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is in a state that cannot be retried.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is in a state that cannot be retried.
         """
         self._admin("retry", id)
 
@@ -216,8 +216,8 @@ class OperatorMoves:
         """Keep a ready or deferred message out of the processor's way.
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent or in another state.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is being sent or in another state.
         """
         self._admin("hold", id)
 
@@ -225,8 +225,8 @@ class OperatorMoves:
         """Make a held message ready again.
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is not held.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is not held.
         """
         self._admin("unhold", id)
 
@@ -234,8 +234,8 @@ class OperatorMoves:
         """Remove a message for good (not while it is being sent).
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is being sent.
         """
         self._admin("delete", id)
 

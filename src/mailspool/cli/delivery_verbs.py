@@ -49,7 +49,7 @@ from mailspool.cli.common import (
 )
 from mailspool.cli.observe import observed
 from mailspool.cli.opening import make_processor, open_spool, reading
-from mailspool.errors import InvalidAddress, InvalidMessage
+from mailspool.errors import InvalidAddress, InvalidMessage, SpoolError
 from mailspool.message import parse_mailbox, prepare
 
 if TYPE_CHECKING:
@@ -445,11 +445,11 @@ def send(
     # in the queue.
     try:
         staged = spool.stage(prepared)
-    except OSError as exc:  # SpoolError: nothing left behind
+    except (SpoolError, OSError) as exc:  # nothing left behind
         fail(f"send: not queued: {reason(exc)}")
     try:
         spool.publish([staged])
-    except OSError as exc:
+    except (SpoolError, OSError) as exc:
         tmp = getattr(staged, "tmp_path", None)  # a spool's file; a database rolls back
         if tmp is None or os.path.lexists(tmp):  # not made visible: take it back
             spool.discard([staged])

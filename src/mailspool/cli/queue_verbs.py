@@ -32,6 +32,7 @@ from mailspool.cli.common import (
     when,
 )
 from mailspool.cli.opening import open_spool, reading
+from mailspool.errors import SpoolError
 from mailspool.processor.outcome import per_second
 
 if TYPE_CHECKING:
@@ -123,7 +124,7 @@ def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
     """
     try:
         return spool.message(entry.id)
-    except (KeyError, ValueError, OSError):
+    except (KeyError, ValueError, SpoolError, OSError):
         return None
 
 
@@ -301,7 +302,7 @@ def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw
         fail(f"{message_id}: not in the queue")
     except ValueError as exc:
         fail(f"{message_id}: {exc}")
-    except OSError as exc:  # SpoolError too
+    except (SpoolError, OSError) as exc:
         fail(f"{message_id}: {reason(exc)}")
     data = _read_message(spool, entry)
     headers = _headers(data) if data is not None else []
@@ -360,7 +361,7 @@ def _each(spool: Spool, ids: Sequence[str], action: Callable[[str], None], done:
         except KeyError:
             click.echo(f"mailspool: {id}: not in the queue", err=True)
             code = EXIT_FAILED
-        except (OSError, ValueError) as exc:
+        except (SpoolError, OSError, ValueError) as exc:
             click.echo(f"mailspool: {id}: {reason(exc)}", err=True)
             code = EXIT_FAILED
         else:

@@ -40,7 +40,7 @@ import time
 import weakref
 from collections.abc import Iterator, Sequence
 
-from mailspool.errors import SpoolError
+from mailspool.errors import SpoolError, SpoolIOError
 from mailspool.maildir import trash
 from mailspool.maildir.lifecycle import NEWER_THAN_CUR
 from mailspool.maildir.locks import (
@@ -241,7 +241,7 @@ class SpoolDir:
             try:
                 self._fsync_path(d)
             except OSError as exc:
-                raise SpoolError(exc.errno, f"cannot fsync {d}: {errname(exc)}") from exc
+                raise SpoolIOError(exc.errno, f"cannot fsync {d}: {errname(exc)}") from exc
         # Finished files are renamed relative to this descriptor, so they land
         # in the real trash/ even if the name is later replaced by a symlink.
         self._trash_fd = -1
@@ -274,7 +274,7 @@ class SpoolDir:
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise SpoolError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
+                raise SpoolIOError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
         if self._mkdir(root):
             made.append(parent)
         return made
@@ -287,7 +287,7 @@ class SpoolDir:
             if os.path.isdir(d):
                 continue
             if not create and area in ("tmp", "new", "cur"):
-                raise SpoolError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
+                raise SpoolIOError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
             try:
                 if self._mkdir(d):
                     made.append(root)
@@ -304,12 +304,12 @@ class SpoolDir:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot create spool {path}: {errname(exc)}") from exc
+            raise SpoolIOError(exc.errno, f"cannot create spool {path}: {errname(exc)}") from exc
         os.chmod(path, 0o700)  # whatever the umask
         return True
 
-    def _error(self, what: str, exc: OSError) -> SpoolError:
-        err = SpoolError(exc.errno, f"spool {self.path}: cannot {what}: {errname(exc)}")
+    def _error(self, what: str, exc: OSError) -> SpoolIOError:
+        err = SpoolIOError(exc.errno, f"spool {self.path}: cannot {what}: {errname(exc)}")
         err.__cause__ = exc
         return err
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 
-from mailspool.errors import SpoolError
+from mailspool.errors import MessageStateError, NoSuchMessage, SpoolError, SpoolIOError
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.postgres.connect import (
@@ -130,7 +130,7 @@ class PostgresAdmin(OperatorMoves):
             except psycopg.Error as exc:
                 if conn.broken:
                     self._conn = None
-                raise SpoolError(f"queue {self.location}: {self.why(exc)}") from exc
+                raise SpoolIOError(f"queue {self.location}: {self.why(exc)}") from exc
 
     def close(self) -> None:
         """Close the queue's connections (claims keep theirs until they end)."""
@@ -265,7 +265,7 @@ class PostgresAdmin(OperatorMoves):
         """Everything known about one message.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
             ValueError: ``id`` is not a valid id.
         """
         check_id(id)
@@ -277,14 +277,14 @@ class PostgresAdmin(OperatorMoves):
             ).fetchone()
             locked = self._locked(conn) if row is not None else []
         if row is None:
-            raise KeyError(id)
+            raise NoSuchMessage(id)
         return entry_from_row(row, row[0] in locked and row[2] in ("ready", "deferred"))
 
     def message(self, id: str) -> bytes:
         """The message ``id`` as it would be sent, without the envelope.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
         """
         check_id(id)
         with self._main() as conn:
@@ -293,7 +293,7 @@ class PostgresAdmin(OperatorMoves):
                 (id,),
             ).fetchone()
         if row is None:
-            raise KeyError(id)
+            raise NoSuchMessage(id)
         return bytes(row[0])
 
     # -- repairs -------------------------------------------------------------------
@@ -310,9 +310,9 @@ class PostgresAdmin(OperatorMoves):
                 ).fetchone()
             except psycopg.errors.LockNotAvailable:
                 next_area(action, "cur")  # "cannot hold a message that is in_flight"
-                raise SpoolError(f"cannot {action} {id}: it is being sent") from None
+                raise MessageStateError(f"cannot {action} {id}: it is being sent") from None
             if row is None:
-                raise KeyError(id)
+                raise NoSuchMessage(id)
             seq, state, recipients = row
             target = next_area(action, AREAS[state])
             if target is None:

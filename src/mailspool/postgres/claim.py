@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from mailspool.errors import SpoolError
+from mailspool.errors import MessageStateError, SpoolIOError
 from mailspool.maildir.fileformat import MAX_TEXT
 from mailspool.maildir.lifecycle import OUTCOME_ACTION, next_area
 from mailspool.message import Envelope
@@ -129,9 +129,9 @@ class PostgresClaim(RecordFields):
 
     def _start(self, action: str) -> None:
         if self._done is not None:
-            raise SpoolError(f"cannot {action} {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot {action} {self.id}: already {self._done}")
         if self._pid != os.getpid():
-            raise SpoolError(f"cannot {action} {self.id}: claimed by process {self._pid}")
+            raise MessageStateError(f"cannot {action} {self.id}: claimed by process {self._pid}")
         next_area(action, "cur")  # the lifecycle allows it from "in flight"
 
     def _finish(self, outcome: str) -> None:
@@ -160,12 +160,12 @@ class PostgresClaim(RecordFields):
             row = None
         except psycopg.Error as exc:
             conn.close()
-            raise SpoolError(f"cannot {action} {self.id}: {queue.why(exc)}") from exc
+            raise SpoolIOError(f"cannot {action} {self.id}: {queue.why(exc)}") from exc
         if row is None or record_from_row(row) != self._record:
             conn.rollback()
             queue._pool.put(conn)
             self._done = "lost"
-            raise SpoolError(
+            raise SpoolIOError(  # the connection was lost: as the processor handles I/O
                 f"cannot {action} {self.id}: the claim was lost with its database "
                 "connection and the message has been taken or changed since"
             )
@@ -186,7 +186,7 @@ class PostgresClaim(RecordFields):
                 if retry and conn.broken:  # found broken only now: take the row again
                     continue
                 why = self._queue.why(exc)
-                raise SpoolError(f"cannot {action} {self.id}: {why}") from exc
+                raise SpoolIOError(f"cannot {action} {self.id}: {why}") from exc
             break
         self._finish(outcome)
 
@@ -231,7 +231,7 @@ class PostgresClaim(RecordFields):
                 outcome (the claim is still held; settle again or release).
         """
         if self._done is not None:
-            raise SpoolError(f"cannot settle {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot settle {self.id}: already {self._done}")
         sent = tuple(sent)
         if not failed and not deferred and all_sent(self._record, sent):
             record = replace(

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as _conninfo
 
-from mailspool.errors import SpoolError
+from mailspool.errors import SpoolIOError
 from mailspool.postgres.schema import DEFAULT_SCHEMA, check_schema_name
 from mailspool.queue import is_postgres_url
 
@@ -69,7 +69,7 @@ class Target:
         try:
             return psycopg.Connection.connect(self.conninfo, **kwargs)
         except psycopg.Error as exc:
-            raise SpoolError(
+            raise SpoolIOError(
                 f"queue {display_name(self)}: cannot connect: {_one_line(exc)}"
             ) from exc
 

@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from mailspool.errors import SpoolError
+from mailspool.errors import SpoolError, SpoolIOError
 from mailspool.postgres.connect import Target
 
 __all__ = ["Listener"]
@@ -69,7 +69,7 @@ class Listener:
         except psycopg.Error as exc:
             conn.close()
             why = " ".join(str(exc).split())
-            raise SpoolError(f"cannot listen on {self.channel}: {why}") from exc
+            raise SpoolIOError(f"cannot listen on {self.channel}: {why}") from exc
         return conn
 
     def _run(self) -> None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from mailspool.errors import SpoolError
+from mailspool.errors import SpoolError, SpoolIOError
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.spool import TMP_MAX_AGE
 from mailspool.message import Prepared
@@ -286,7 +286,8 @@ class PostgresQueue(PostgresAdmin):
             conn.rollback()
         except psycopg.Error as exc:
             conn.close()
-            raise SpoolError(f"queue {self.location}: cannot claim {id}: {self.why(exc)}") from exc
+            why = self.why(exc)
+            raise SpoolIOError(f"queue {self.location}: cannot claim {id}: {why}") from exc
         self._pool.put(conn)
         return None
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from mailspool.bell import Bell
 from mailspool.errors import MessageStateError, NoSuchMessage
 from mailspool.message import Envelope, Prepared
 from mailspool.queue import (
@@ -77,33 +77,18 @@ class _Item:
     next_at: float | None  # when a deferred message is due
 
 
-class _Waker:
-    """Readable after each publish: wakes a processor sleeping on this queue."""
+class _Waker(Bell):
+    """Rung after each publish: wakes a processor sleeping on this queue."""
 
     kind = "in-memory queue"
 
     def __init__(self, queue: MemoryQueue) -> None:
+        super().__init__()
         self._queue = queue
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
-
-    def fileno(self) -> int:
-        return self._r.fileno()
-
-    def poke(self) -> None:
-        with contextlib.suppress(OSError):  # full: already readable
-            self._w.send(b"\0")
-
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while self._r.recv(4096):
-                pass
 
     def close(self) -> None:
         self._queue._forget(self)
-        self._r.close()
-        self._w.close()
+        super().close()
 
 
 class MemoryQueue(OperatorMoves):
@@ -159,7 +144,7 @@ class MemoryQueue(OperatorMoves):
                 self._items[s.id] = _Item(s.record, s.data, state, later)
             wakers = list(self._wakers)
         for w in wakers:
-            w.poke()
+            w.ring()
 
     def discard(self, staged: Sequence[Any]) -> None:
         """Forget staged messages (nothing was visible)."""

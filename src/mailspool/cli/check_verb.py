@@ -25,6 +25,7 @@ from mailspool.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     STATE_NAMES,
+    age_text,
     common_options,
     fail,
     relay_options,
@@ -33,7 +34,6 @@ from mailspool.cli.common import (
     when,
 )
 from mailspool.cli.opening import open_spool, reading
-from mailspool.cli.queue_verbs import age_text
 from mailspool.cli.settings import ConfigError, Settings, parse_duration
 from mailspool.queue import QueueBackend
 

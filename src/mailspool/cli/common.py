@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from mailspool.cli.settings import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
+from mailspool.queue import State
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import Summary
@@ -40,6 +41,7 @@ __all__ = [
     "STATE_NAMES",
     "CommandError",
     "OneLineFormatter",
+    "age_text",
     "common_options",
     "fail",
     "processor_options",
@@ -61,7 +63,7 @@ EXIT_NO_QUEUE = 3
 EXIT_INTERRUPTED = 130
 
 #: The states of a spooled message, in the order the command shows them.
-STATE_NAMES = ("ready", "in_flight", "deferred", "held", "failed", "quarantined")
+STATE_NAMES = tuple(str(s) for s in State)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -322,6 +324,18 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 
 # --- formatting -------------------------------------------------------------------
+
+
+def age_text(seconds: float) -> str:
+    """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def when(ts: float) -> str:

@@ -24,6 +24,7 @@ from mailspool.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     STATE_NAMES,
+    age_text,
     common_options,
     fail,
     reason,
@@ -39,19 +40,7 @@ if TYPE_CHECKING:
     from mailspool.queue import QueueBackend as Spool
     from mailspool.queue import QueueEntry as SpoolEntry
 
-__all__ = ["COMMANDS", "age_text", "entry_json"]
-
-
-def age_text(seconds: float) -> str:
-    """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
+__all__ = ["COMMANDS", "entry_json"]
 
 
 def _size(n: int) -> str:

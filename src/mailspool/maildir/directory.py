@@ -217,6 +217,12 @@ def _abandon(fds: list[int], paths: list[str]) -> None:
 # --- the directory ----------------------------------------------------------------------
 
 
+class _LastQuarantined(threading.local):
+    """Per thread: the id it set aside in quarantine last."""
+
+    id: str | None = None
+
+
 class SpoolDir:
     """A spool directory's areas and the system calls on them.
 
@@ -234,7 +240,7 @@ class SpoolDir:
         self.path = os.fspath(path)
         root = os.path.abspath(self.path)  # immune to a later chdir()
         self._dirs = {a: os.path.join(root, a) + os.sep for a in _AREAS}
-        self._last_quarantined = threading.local()  # per thread: the id it set aside last
+        self._last_quarantined = _LastQuarantined()
         made = self._make_root(root) if create and not os.path.isdir(root) else []
         made += self._make_areas(root, create)
         for d in dict.fromkeys(made):  # new directory entries must survive a power cut
@@ -500,7 +506,7 @@ class SpoolDir:
         Tells why a claim by this thread came back empty without a system
         call: set aside, or (otherwise) taken or finished by someone else.
         """
-        return getattr(self._last_quarantined, "id", None) == id
+        return self._last_quarantined.id == id
 
     def _quarantine(self, area: str, id: str, reason: str) -> bool:
         """Move ``area/id`` to quarantine/ with its reason; log once.

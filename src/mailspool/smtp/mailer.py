@@ -86,6 +86,12 @@ def _client_cert(
     return os.fspath(certfile), os.fspath(keyfile) if keyfile is not None else None
 
 
+class _ThreadConnection(threading.local):
+    """Each thread's connection, ``None`` until it opens one."""
+
+    conn: SMTPConnection | None = None
+
+
 @implementer(ISMTPMailer)
 class SMTPMailer:
     """Sends mail to an SMTP relay: TLS, AUTH, connection reuse, per-recipient outcomes.
@@ -246,7 +252,7 @@ class SMTPMailer:
                 "port 465 is usually SMTPS (implicit TLS), but tls='starttls' waits for "
                 "a plain greeting there: did you mean tls='implicit'?"
             )
-        self._local = threading.local()
+        self._local = _ThreadConnection()
 
     @property
     def hostname(self) -> str:
@@ -297,7 +303,7 @@ class SMTPMailer:
 
     def _thread_connection(self) -> tuple[SMTPConnection, bool]:
         """This thread's connection, alive, and whether it was opened just now."""
-        conn: SMTPConnection | None = getattr(self._local, "conn", None)
+        conn = self._local.conn
         if conn is not None:
             if conn.alive:
                 return conn, False
@@ -313,7 +319,7 @@ class SMTPMailer:
         if conn.alive and self.reuse_connections:
             return
         conn.close()
-        if getattr(self._local, "conn", None) is conn:
+        if self._local.conn is conn:
             self._local.conn = None
 
     # -- IMailer ------------------------------------------------------------
@@ -386,7 +392,7 @@ class SMTPMailer:
 
     def abort(self) -> None:
         """Close and forget the connection :meth:`vote` opened in this thread."""
-        conn: SMTPConnection | None = getattr(self._local, "conn", None)
+        conn = self._local.conn
         self._local.conn = None
         if conn is not None:
             conn.close()

@@ -14,7 +14,6 @@ attempt's outcome per recipient into the message's next record and outcome.
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from types import TracebackType
@@ -41,7 +40,6 @@ __all__ = [
     "Waker",
     "all_sent",
     "is_postgres_url",
-    "open_queue",
     "settle_record",
 ]
 
@@ -511,12 +509,3 @@ class QueueBackend(Protocol):
 def is_postgres_url(value: str) -> bool:
     """Whether ``value`` names a PostgreSQL queue rather than a spool directory."""
     return value.startswith(("postgresql://", "postgres://"))
-
-
-def open_queue(
-    where: str | os.PathLike[str] | QueueBackend, *, create: bool = True
-) -> QueueBackend:
-    """Deprecated here: :func:`mailspool.backends.open_queue`, where the backends are named."""
-    from mailspool.backends import open_queue
-
-    return open_queue(where, create=create)

@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from mailspool import events
 from mailspool.processor.outcome import Done
@@ -152,9 +152,8 @@ class Crew:
                     return False
                 self.put(id, p)
         finally:
-            close = getattr(ids, "close", None)
-            if close is not None:
-                close()
+            if isinstance(ids, Generator):  # a backend's generator: let go of what it holds
+                ids.close()
         return False
 
     def start(self) -> None:

@@ -59,6 +59,7 @@ from typing import Any
 from zope.interface import implementer
 
 from mailspool import events
+from mailspool.backends import open_queue
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.processor import relayfile
 from mailspool.processor.crew import INITIAL_CONNECTIONS, Crew
@@ -69,7 +70,8 @@ from mailspool.processor.policy import RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
 from mailspool.processor.sender import Sender
 from mailspool.processor.wakeup import Waiter
-from mailspool.queue import QueueBackend, open_queue
+from mailspool.queue import QueueBackend
+from mailspool.smtp.seams import Mailer
 
 __all__ = ["QueueProcessor", "RetryPolicy", "Summary"]
 
@@ -85,7 +87,9 @@ class QueueProcessor:
     """Delivers the spool's messages through a mailer; any number may share a spool.
 
     Args:
-        spool: the spool directory, or a :class:`~mailspool.spool.Spool`.
+        spool: the spool directory, a PostgreSQL queue's ``postgresql://``
+            URL, or any :class:`~mailspool.queue.QueueBackend` (see
+            :func:`mailspool.backends.open_queue`).
         mailer: an :class:`~mailspool.SMTPMailer` or anything with
             ``connect()`` returning a connection with ``send(envelope, data)``,
             ``alive`` and ``close()``; a mailer with only ``send_envelope`` or
@@ -111,7 +115,7 @@ class QueueProcessor:
     def __init__(
         self,
         spool: str | os.PathLike[str] | QueueBackend,
-        mailer: Any,
+        mailer: Mailer,
         *,
         connections: int = 16,
         interval: float = 3.0,

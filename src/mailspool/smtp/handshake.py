@@ -467,7 +467,7 @@ def _login(settings: SessionSettings, smtp: smtplib.SMTP, credentials: Credentia
     where = _where(settings)
     encrypted = isinstance(smtp.sock, ssl.SSLSocket)
     if not encrypted and not settings.allow_plaintext_auth:
-        # Unreachable through SessionSettings's checks; kept as the last guard.
+        # Unreachable through SMTPMailer's checks; kept as the last guard.
         raise TLSFailure(f"refusing to send AUTH to {where} without TLS")
     if not smtp.has_extn("auth"):
         raise AuthenticationError(
@@ -485,7 +485,12 @@ def _login(settings: SessionSettings, smtp: smtplib.SMTP, credentials: Credentia
     # mechanism after a refusal, sending a wrong password again (and
     # counting twice towards the account's lockout).
     smtp.user, smtp.password = credentials.username, credentials.reveal()
-    answer = getattr(smtp, "auth_" + mechanism.lower().replace("-", "_"))
+    answers: dict[str, Callable[..., str]] = {
+        "PLAIN": smtp.auth_plain,
+        "LOGIN": smtp.auth_login,
+        "CRAM-MD5": smtp.auth_cram_md5,
+    }
+    answer = answers[mechanism]
     try:
         smtp.auth(mechanism, answer)
     except smtplib.SMTPResponseException as exc:

@@ -378,21 +378,7 @@ def prepare(
     block = _HEADER_BLOCK.match(data)
     end = block.end() if block else 0
     headers = data[:end]
-    added = b""
-    values = _MESSAGE_ID.findall(headers)
-    if len(values) > 1:
-        raise InvalidMessage(f"{len(values)} Message-Id header fields; one at most")
-    if values:
-        value = values[0].replace(b"\r\n", b"")
-        m = _MSG_ID.match(value)
-        if m is None:
-            shown = value.strip().decode("utf-8", "replace")[:200]
-            raise InvalidMessage(f"malformed Message-Id: {shown!r}")
-        message_id = m.group(1).decode("ascii")
-    else:
-        msgid = make_msgid(msgid_domain)
-        added += b"Message-Id: " + msgid.encode("ascii") + b"\r\n"
-        message_id = msgid[1:-1]
+    message_id, added = _message_id(headers, msgid_domain)
     if _DATE.search(headers) is None:
         added += b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n"
     if added:
@@ -400,3 +386,24 @@ def prepare(
             added += b"\r\n"  # no header block at all: the text is the body
         data = data[:end] + added + data[end:]
     return Prepared(envelope, message_id, data)
+
+
+def _message_id(headers: bytes, msgid_domain: str | None) -> tuple[str, bytes]:
+    """The message's Message-Id (without angle brackets), and the field to add when
+    it has none (else ``b""``).
+
+    Raises:
+        InvalidMessage: a malformed or repeated Message-Id.
+    """
+    values = _MESSAGE_ID.findall(headers)
+    if len(values) > 1:
+        raise InvalidMessage(f"{len(values)} Message-Id header fields; one at most")
+    if not values:
+        msgid = make_msgid(msgid_domain)
+        return msgid[1:-1], b"Message-Id: " + msgid.encode("ascii") + b"\r\n"
+    value = values[0].replace(b"\r\n", b"")
+    m = _MSG_ID.match(value)
+    if m is None:
+        shown = value.strip().decode("utf-8", "replace")[:200]
+        raise InvalidMessage(f"malformed Message-Id: {shown!r}")
+    return m.group(1).decode("ascii"), b""

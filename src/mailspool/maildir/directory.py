@@ -32,8 +32,6 @@ import itertools
 import logging
 import os
 import random
-import re
-import socket
 import stat
 import threading
 import time
@@ -50,6 +48,7 @@ from mailspool.maildir.locks import (
     lock_file,
     open_held,
 )
+from mailspool.message import host_name
 
 __all__ = [
     "DFLAGS",
@@ -81,7 +80,12 @@ _AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "tras
 
 _seq = itertools.count(1)
 _pid = os.getpid()
-_host = re.sub(r"[^A-Za-z0-9\-_]", "-", socket.gethostname().split(".")[0]) or "localhost"
+_host = host_name().split(".")[0]  # Maildir names end in the first label
+
+
+def host_label() -> str:
+    """The host part of the names :func:`new_name` makes."""
+    return _host
 
 
 def new_name() -> str:

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import zope.event
 
 from mailspool.events import Attempt, MailDeferred, MailFailed, MailQuarantined, MailSent
+from mailspool.message import host_name
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import QueueProcessor
@@ -175,7 +175,7 @@ class StatsFile:
         self.interval = interval
         self.tally = Tally()
         self.dir = os.path.join(processor.spool.location, STATS_DIR)
-        self.path = os.path.join(self.dir, f"{socket.gethostname()}-{os.getpid()}.json")
+        self.path = os.path.join(self.dir, f"{host_name()}-{os.getpid()}.json")
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -27,6 +27,7 @@ from mailspool import QueuedMailDelivery, QueueProcessor, SMTPMailer, Summary
 from mailspool.backends import open_queue
 from mailspool.maildir.spool import Spool
 from mailspool.memory import MemoryQueue
+from mailspool.queue import InDirectory
 
 MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 
@@ -34,8 +35,9 @@ MESSAGE = b"Subject: hi\r\n\r\nhello\r\n"
 def test_a_path_is_a_spool_and_a_backend_is_itself(tmp_path: Path) -> None:
     spool = open_queue(tmp_path / "spool")
     assert isinstance(spool, Spool) and (tmp_path / "spool" / "new").is_dir()
+    assert isinstance(spool, InDirectory) and spool.path == str(tmp_path / "spool")
     memory = MemoryQueue()
-    assert open_queue(memory) is memory
+    assert open_queue(memory) is memory and not isinstance(memory, InDirectory)
 
 
 @pytest.mark.usefixtures("queue")  # the schema, as `mailspool db init` makes it
@@ -47,6 +49,7 @@ def test_a_delivery_given_a_postgres_url_queues_in_the_database(
     monkeypatch.chdir(tmp_path)
     delivery = QueuedMailDelivery(pg_url)
     assert isinstance(delivery.spool, PostgresQueue)
+    assert not isinstance(delivery.spool, InDirectory)  # no relay state file, no stats dir
     with transaction.manager:
         mid = delivery.send("app@example.org", ["jane@example.org"], MESSAGE)
     (entry,) = delivery.spool.entries()

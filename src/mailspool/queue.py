@@ -40,6 +40,7 @@ __all__ = [
     "PENDING",
     "SENT",
     "STATUSES",
+    "InDirectory",
     "OperatorMoves",
     "Outcome",
     "QueueBackend",
@@ -131,6 +132,16 @@ class Waker(Protocol):
         """Consume what made it readable."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class InDirectory(Protocol):
+    """A queue that lives in a directory (the Maildir spool): the processors
+    keep what they learned of the relay, and their stats, beside the mail.
+    Other backends have no ``path``; ``isinstance`` tells them apart."""
+
+    @property
+    def path(self) -> str: ...
 
 
 @runtime_checkable

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from mailspool.cli.settings import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
-from mailspool.queue import State
+from mailspool.queue import InDirectory, State
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import Summary
@@ -382,5 +382,4 @@ def relay_state(spool: QueueBackend) -> dict[str, Any] | None:
     in ``.relay-state.json``); None for other queues or when none wrote it."""
     from mailspool.processor import relayfile
 
-    path = getattr(spool, "path", None)
-    return relayfile.read(path) if isinstance(path, str) else None
+    return relayfile.read(spool.path) if isinstance(spool, InDirectory) else None

@@ -20,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from mailspool.cli.common import EXIT_USAGE, STATE_NAMES, age_text, fail, when
 from mailspool.processor.observe import StatsFile, read_stats
+from mailspool.queue import InDirectory
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import QueueProcessor
@@ -121,8 +122,8 @@ def _look(spool: Spool, rates: _Rates) -> dict[str, Any]:
     now = time.time()
     counts = spool.counts()
     oldest = spool.oldest()
-    path = getattr(spool, "path", None)  # processors write stats into a Maildir spool
-    stats = read_stats(path, now) if isinstance(path, str) else []
+    # processors write stats into a Maildir spool
+    stats = read_stats(spool.path, now) if isinstance(spool, InDirectory) else []
     return {
         "now": now,
         "counts": counts,

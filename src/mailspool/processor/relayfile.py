@@ -17,6 +17,8 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mailspool.queue import InDirectory
+
 if TYPE_CHECKING:
     from mailspool.processor.pacing import Pacer
     from mailspool.processor.sender import Sender
@@ -111,6 +113,7 @@ class Publisher:
             small = abs(state["rate"] - prev["rate"]) < 0.05 * prev["rate"]
             if small and {**state, "rate": 0} == {**prev, "rate": 0}:
                 return  # a small step of the rate: not worth a write
-        path = getattr(self._spool, "path", None)  # a Maildir spool; other queues: nowhere
-        if isinstance(path, str) and write(path, {**state, "written_at": self._clock()}):
+        if not isinstance(self._spool, InDirectory):  # other queues: nowhere to write
+            return
+        if write(self._spool.path, {**state, "written_at": self._clock()}):
             self._published = state

@@ -28,7 +28,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from functools import lru_cache
-from typing import Any, Protocol
+from typing import Any
 
 from mailspool.errors import (
     AuthenticationError,
@@ -40,12 +40,11 @@ from mailspool.errors import (
     error_for_reply,
     reply_text,
 )
-from mailspool.smtp.compat import TLSMode
+from mailspool.smtp.seams import SessionSettings
 
 __all__ = [
     "AUTH_MECHANISMS",
     "Credentials",
-    "SessionSettings",
     "certificate_error",
     "certificate_names",
     "default_local_hostname",
@@ -56,35 +55,6 @@ __all__ = [
 #: AUTH mechanisms in order of preference.  Under TLS, PLAIN is the standard;
 #: CRAM-MD5 (historic, RFC 8314 era) only when nothing else is offered.
 AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
-
-
-class SessionSettings(Protocol):
-    """What opening and carrying a session needs to know: the relay and how to talk to it.
-
-    :class:`~mailspool.smtp.mailer.SMTPMailer` has these; the session code
-    takes this, not the mailer, so that it never imports the mailer.
-    """
-
-    @property
-    def host(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def tls(self) -> TLSMode: ...
-    @property
-    def ssl_context(self) -> ssl.SSLContext | None: ...
-    @property
-    def allow_plaintext_auth(self) -> bool: ...
-    @property
-    def local_hostname(self) -> str | None: ...
-    @property
-    def connect_timeout(self) -> float: ...
-    @property
-    def timeout(self) -> float: ...
-    @property
-    def data_timeout(self) -> float: ...
-    @property
-    def pipelining(self) -> bool: ...
 
 
 class Credentials:
@@ -266,7 +236,7 @@ def open_session(settings: SessionSettings, credentials: Credentials | None) -> 
     Args:
         settings: the relay and how to talk to it (host, port, TLS mode and
             context, timeouts...): an ``SMTPMailer``, or any
-            :class:`SessionSettings`.
+            :class:`~mailspool.smtp.seams.SessionSettings`.
         credentials: for AUTH, or ``None``.
 
     Returns:

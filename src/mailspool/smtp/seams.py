@@ -15,6 +15,9 @@ of probing attributes:
 :class:`RelayAddress`    ``host`` and ``port``: where the relay is, for logs
 =======================  ====================================================
 
+And the other way round, :class:`SessionSettings` is what the session code
+needs of the mailer that opens a session: its settings, not the mailer.
+
 :class:`~mailspool.smtp.mailer.SMTPMailer` has all of them,
 :class:`~mailspool.smtp.sendmail.SendmailMailer` and
 :class:`~mailspool.testing.InMemoryMailer` most.  The Protocols are
@@ -24,10 +27,12 @@ mypy's to check.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from mailspool.message import Envelope
+from mailspool.smtp.compat import TLSMode
 from mailspool.smtp.result import SendResult
 
 __all__ = [
@@ -37,6 +42,7 @@ __all__ = [
     "EnvelopeMailer",
     "Mailer",
     "RelayAddress",
+    "SessionSettings",
     "TimedConnection",
     "VotingMailer",
 ]
@@ -112,3 +118,33 @@ class RelayAddress(Protocol):
 
     @property
     def port(self) -> int: ...
+
+
+class SessionSettings(Protocol):
+    """What opening and carrying a session needs to know: the relay and how to talk to it.
+
+    :class:`~mailspool.smtp.mailer.SMTPMailer` has these; the session code
+    (:mod:`~mailspool.smtp.handshake`, :mod:`~mailspool.smtp.session`) takes
+    this, not the mailer, so that it never imports the mailer.
+    """
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tls(self) -> TLSMode: ...
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None: ...
+    @property
+    def allow_plaintext_auth(self) -> bool: ...
+    @property
+    def local_hostname(self) -> str | None: ...
+    @property
+    def connect_timeout(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    @property
+    def data_timeout(self) -> float: ...
+    @property
+    def pipelining(self) -> bool: ...

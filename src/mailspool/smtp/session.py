@@ -63,7 +63,7 @@ from mailspool.smtp.esmtp import (
     size_limit,
     wire_bytes,
 )
-from mailspool.smtp.handshake import Credentials, SessionSettings, network_error, open_session
+from mailspool.smtp.handshake import Credentials, network_error, open_session
 from mailspool.smtp.protocol import (
     Failed,
     Finished,
@@ -77,6 +77,7 @@ from mailspool.smtp.protocol import (
     WriteMessage,
 )
 from mailspool.smtp.result import Reply, SendResult, with_result
+from mailspool.smtp.seams import SessionSettings
 from mailspool.smtp.wire import Poller, read_reply, set_timeout, write_data
 
 __all__ = ["SMTPConnection"]
@@ -111,7 +112,7 @@ class SMTPConnection:
     Args:
         mailer: the settings to use: the :class:`~mailspool.smtp.mailer.SMTPMailer`
             that makes the connection (any
-            :class:`~mailspool.smtp.handshake.SessionSettings`).
+            :class:`~mailspool.smtp.seams.SessionSettings`).
         credentials: for AUTH (also when reconnecting), or ``None``.
 
     Raises:

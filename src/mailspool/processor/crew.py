@@ -92,7 +92,7 @@ class ThreadClock:
 
 
 class Crew:
-    """The sender threads of one processor: started, grown, and ended.
+    """The sender threads of one processor: fed, started, grown, and ended.
 
     Args:
         sender: what handles each message.
@@ -150,7 +150,7 @@ class Crew:
                     return True
                 if not p.queue(self._blocked):
                     return False
-                self.put(id, p)
+                self.jobs.put((id, p))
         finally:
             close = getattr(ids, "close", None)
             if close is not None:

@@ -125,10 +125,6 @@ class Crew:
         # The CPU time per message a sender thread measured last, seconds.
         self._busy = 0.0
 
-    def put(self, id: str, p: Pass) -> None:
-        """Hand ``id`` of pass ``p`` to the threads."""
-        self.jobs.put((id, p))
-
     def dispatch(self, p: Pass, spool: QueueBackend) -> None:
         """Hand the ids due in pass ``p`` to the threads, as fast as they take them."""
         # Another processor on the spool may be working through the same

@@ -60,8 +60,10 @@ from typing import Any
 from zope.interface import implementer
 
 from mailspool import events
+from mailspool.errors import QueueUnavailable
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.processor import relayfile
+from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import Summary
 from mailspool.processor.pacing import Pacer
 from mailspool.processor.policy import RelayState, RetryPolicy
@@ -160,6 +162,7 @@ class _Pass:
         self.dispatcher_waits = False
         self.starters_wait = 0  # sender threads waiting for a free slot
         self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined", "partly"), 0)
+        self.mark = 0  # the queue's outage mark when the listing began
 
     def queue(self, blocked: Callable[[float], bool]) -> bool:
         """Wait until another id may be queued; False when none may be (``blocked``)."""
@@ -295,6 +298,8 @@ class QueueProcessor:
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
         self._stop_event = threading.Event()  # for sleeps that stop() must cut short
+        #: Whether the queue can be reached (a database queue may be down).
+        self.outage = Outage(self.spool.location)
         self._sender = Sender(
             self.spool,
             mailer,
@@ -304,6 +309,7 @@ class QueueProcessor:
             pacer=self.pacer,
             stopping=self._stopping,
             sleep=self._stop_event.wait,
+            outage=self.outage,
         )
         self._jobs: queue.SimpleQueue[tuple[str, _Pass] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -355,8 +361,11 @@ class QueueProcessor:
             self._write_waiting(p)
             if not self.relay.paused(now) and not self._sender.waiting():
                 self._start_threads()
+                p.mark = self.outage.mark()
                 try:
                     self._dispatch(p)
+                except QueueUnavailable as exc:  # a database down: wait for it, quietly
+                    self.outage.failed(exc)
                 except Exception:  # the spool could not be listed (e.g. it was removed)
                     log.exception("spool %s: cannot list what is due", self.spool.location)
                 finally:
@@ -432,6 +441,7 @@ class QueueProcessor:
         ids = self.spool.due(p.now)
         try:
             for id in ids:
+                self.outage.worked(p.mark)  # it answered: over, unless a claim failed since
                 if sender.skipped(id, p.now):
                     continue
                 if sender.lost_run >= LOST_RUN:
@@ -443,11 +453,17 @@ class QueueProcessor:
             close = getattr(ids, "close", None)
             if close is not None:
                 close()
+        self.outage.worked(p.mark)
         return False
 
     def _blocked(self, now: float) -> bool:
         """True when nothing new may be started: stopping, relay paused, spool full."""
-        return self._stopping() or self.relay.paused(now) or bool(self._sender.waiting())
+        return (
+            self._stopping()
+            or self.relay.paused(now)
+            or bool(self._sender.waiting())
+            or self.outage.down()
+        )
 
     def drain(self, *, progress: Callable[[Summary], None] | None = None) -> Summary:
         """Deliver everything that is due now, pass after pass, then return.
@@ -614,6 +630,9 @@ class QueueProcessor:
     def _sweep(self) -> None:
         try:
             n = self.spool.sweep()
+        except QueueUnavailable as exc:  # the first pass waits for it
+            self.outage.failed(exc)
+            return
         except Exception:  # a spool that cannot be swept can still be drained
             log.exception("spool %s: sweep failed", self.spool.location)
             return
@@ -719,6 +738,9 @@ class QueueProcessor:
                     summary = self.process_once(now)
                     if self._stopping():
                         break
+                    if self.outage.down():  # look again later, or when the waker says
+                        waiter.wait(self.outage.left())
+                        continue
                     if summary.total and not summary.relay_paused:
                         continue  # more may have become due meanwhile
                     waiter.wait(self._timeout(now))
@@ -742,6 +764,9 @@ class QueueProcessor:
         candidates = [self.interval]
         try:
             next_due = self.spool.next_due()
+        except QueueUnavailable as exc:
+            self.outage.failed(exc)
+            next_due = None
         except Exception:
             log.exception("spool %s: cannot find the next due time", self.spool.location)
             next_due = None

@@ -75,9 +75,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from mailspool.errors import DeliveryError, SpoolError
+from mailspool.errors import ClaimLost, DeliveryError, QueueUnavailable, SpoolError
 from mailspool.events import Attempt, MailEvent, MailQuarantined
 from mailspool.processor.observe import attempt_facts
+from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import (
     Verdict,
     classify,
@@ -229,6 +230,16 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
         outcome = claim.settle(
             sent=v.sent, failed=v.failed, deferred=v.deferred, retry_at=u.retry_at, reply=said
         )
+    except ClaimLost as exc:  # a database queue: another holder has the message now
+        _WAITING.drop(key, u)
+        accepted = ", ".join(v.sent)
+        log.error(
+            "%s; but this outcome is not recorded: %s%s",
+            told.line,
+            one_line(str(exc)),
+            f"; {accepted} may get it a second time" if accepted else "",
+        )
+        return None
     except OSError as exc:  # SpoolError is an OSError
         if not claim.held:
             # The new state was renamed into place; only syncing its
@@ -238,15 +249,7 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
         elif first:
             u.why = one_line(exc.strerror or str(exc))
             _WAITING.add(key, u)
-            accepted = ", ".join(v.sent)
-            log.error(
-                "%s; but the spool cannot record this outcome (%s): the message stays "
-                "claimed by this process and the same outcome is written as soon as the "
-                "spool takes it; no new message is sent until then%s",
-                told.line,
-                u.why,
-                f"; if the process ends before, {accepted} will get it again" if accepted else "",
-            )
+            _tell_waiting(told.line, u, exc)
             return None
         else:
             u.failures += 1
@@ -269,6 +272,30 @@ def _write(key: str, u: _Unwritten, *, first: bool) -> Done | None:
         )
     outcome = {"removed": "sent"}.get(outcome, outcome)
     return Done(outcome, told.events, partly=bool(v.sent) and outcome != "sent")
+
+
+def _tell_waiting(line: str, u: _Unwritten, exc: OSError) -> None:
+    """Log, once, that an attempt's outcome waits to be written, and what that risks."""
+    accepted = ", ".join(u.verdict.sent)
+    if isinstance(exc, QueueUnavailable):  # its claim may not outlast the outage
+        log.error(
+            "%s; but the queue cannot record this outcome now (%s): it is written "
+            "as soon as the queue is back; no new message is sent until then%s",
+            line,
+            u.why,
+            f"; if another processor takes the message first, {accepted} will get it again"
+            if accepted
+            else "",
+        )
+        return
+    log.error(
+        "%s; but the spool cannot record this outcome (%s): the message stays "
+        "claimed by this process and the same outcome is written as soon as the "
+        "spool takes it; no new message is sent until then%s",
+        line,
+        u.why,
+        f"; if the process ends before, {accepted} will get it again" if accepted else "",
+    )
 
 
 def _write_before_exit() -> None:
@@ -333,6 +360,7 @@ class Sender:
         pacer: the sending rate (configured limit, and what the relay accepts).
         stopping: true once the processor is asked to stop.
         sleep: waits the given seconds; returns True when cut short by a stop.
+        outage: told when the queue cannot be reached while claiming.
     """
 
     def __init__(
@@ -346,6 +374,7 @@ class Sender:
         pacer: Pacer,
         stopping: Callable[[], bool],
         sleep: Callable[[float], bool],
+        outage: Outage | None = None,
     ) -> None:
         if not _hooked:
             _hook_exit()
@@ -358,6 +387,7 @@ class Sender:
         self.where = relay_name(mailer)
         self._stopping = stopping
         self._sleep = sleep
+        self.outage = outage if outage is not None else Outage(spool.location)
         self._connect_lock = threading.Lock()
         self._skip: dict[str, float] = {}  # messages that could not even be deferred
         self._skip_lock = threading.Lock()
@@ -394,11 +424,17 @@ class Sender:
 
         Raises:
             SpoolError: the spool itself failed while claiming (e.g. too
-                many open files); the message is untouched.
+                many open files); the message is untouched.  A queue that
+                cannot be reached (:class:`~mailspool.errors.QueueUnavailable`)
+                is told to ``outage`` instead.
         """
         if self._stopping() or self.relay.paused(now) or self.waiting():
             return Done(None)  # not started: stays where it is
-        claim = self.spool.claim(id)
+        try:
+            claim = self.spool.claim(id)
+        except QueueUnavailable as exc:  # an outage: no message's fault
+            self.outage.failed(exc)
+            return Done(None)
         if claim is None:
             return self._lost(id)
         self.lost_run = 0

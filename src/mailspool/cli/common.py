@@ -460,8 +460,11 @@ def summary_code(summary: Summary) -> int:
 
 def relay_state(spool: QueueBackend) -> dict[str, Any] | None:
     """What the last processor wrote about the relay (a Maildir spool keeps it
-    in ``.relay-state.json``); None for other queues or when none wrote it."""
+    in ``.relay-state.json``, a PostgreSQL queue in its ``relay_state``
+    table); None when none wrote it, or it cannot be read."""
     from mailspool.processor import relayfile
 
-    path = getattr(spool, "path", None)
-    return relayfile.read(path) if isinstance(path, str) else None
+    try:
+        return relayfile.latest(spool)
+    except SpoolError:
+        return None

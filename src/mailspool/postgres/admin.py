@@ -13,6 +13,8 @@ the lifecycle table allows (:func:`mailspool.maildir.lifecycle.next_area`).
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +69,7 @@ class PostgresAdmin(OperatorMoves):
         self.schema = self.target.schema
         self._location = display_name(self.target)
         self.table = f"{quote_ident(self.schema)}.message"
+        self._relay_table = f"{quote_ident(self.schema)}.relay_state"
         self.channel = f"mailspool.{self.schema}"
         self.keep_sent = self.target.keep_sent if keep_sent is None else keep_sent
         self.lock_sql = "SELECT pg_try_advisory_xact_lock(%s, %s)"
@@ -340,6 +343,36 @@ class PostgresAdmin(OperatorMoves):
         if row is None:
             raise KeyError(id)
         return bytes(row[0])
+
+    # -- what the processors learned about the relay ------------------------------------
+
+    def relay_state(self) -> dict[str, Any] | None:
+        """What a processor last wrote about its relay (any host), or None.
+
+        Raises:
+            SpoolError: the database failed.
+        """
+        with self._main() as conn:
+            row = conn.execute(
+                f"SELECT state FROM {self._relay_table} ORDER BY written_at DESC LIMIT 1"
+            ).fetchone()
+        return row[0] if row is not None and isinstance(row[0], dict) else None
+
+    def set_relay_state(self, state: dict[str, Any]) -> bool:
+        """Replace the row of ``state["relay"]`` (the host is added); False when
+        the database cannot take it (the processor tries again after its next pass)."""
+        state = {**state, "host": state.get("host") or socket.gethostname()}
+        try:
+            with self._main() as conn:
+                conn.execute(
+                    f"INSERT INTO {self._relay_table} (relay, state) "
+                    "VALUES (%s, CAST(%s AS jsonb)) ON CONFLICT (relay) "
+                    "DO UPDATE SET state = EXCLUDED.state, written_at = now()",
+                    (str(state.get("relay")), json.dumps(state)),
+                )
+        except SpoolError:
+            return False
+        return True
 
     # -- repairs -------------------------------------------------------------------
 

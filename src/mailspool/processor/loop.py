@@ -406,8 +406,7 @@ class QueueProcessor:
             small = abs(state["rate"] - prev["rate"]) < 0.05 * prev["rate"]
             if small and {**state, "rate": 0} == {**prev, "rate": 0}:
                 return  # a small step of the rate: not worth a write
-        path = getattr(self.spool, "path", None)  # a Maildir spool; other queues: nowhere
-        if isinstance(path, str) and relayfile.write(path, {**state, "written_at": self._clock()}):
+        if relayfile.publish(self.spool, {**state, "written_at": self._clock()}):
             self._published = state
 
     def _write_waiting(self, p: _Pass | None, *, stopping: bool = False) -> None:

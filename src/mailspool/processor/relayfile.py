@@ -1,5 +1,9 @@
 """What a processor learned about its relay, in a small file in the spool.
 
+(A queue that keeps it itself -- a database shared by processors on
+several hosts, :class:`~mailspool.queue.RelayStateStore` -- is given it
+instead: :func:`publish` and :func:`latest` choose.)
+
 ``mailspool status`` reads the spool, not the processor: so the processor
 leaves there, after a pass that changed it, the rate it learned from the
 relay's "too fast" replies, its connection limit and any relay pause (and why)
@@ -16,7 +20,9 @@ import logging
 import os
 from typing import Any
 
-__all__ = ["FILE_NAME", "read", "write"]
+from mailspool.queue import QueueBackend, RelayStateStore
+
+__all__ = ["FILE_NAME", "latest", "publish", "read", "write"]
 
 log = logging.getLogger("mailspool.processor")
 
@@ -48,3 +54,20 @@ def read(spool_path: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
+
+
+def publish(queue: QueueBackend, state: dict[str, Any]) -> bool:
+    """Leave ``state`` where ``status`` reads it: in the queue when it keeps it,
+    else in the spool directory's file; False when it could not (or nowhere)."""
+    if isinstance(queue, RelayStateStore):
+        return queue.set_relay_state(state)
+    path = getattr(queue, "path", None)
+    return isinstance(path, str) and write(path, state)
+
+
+def latest(queue: QueueBackend) -> dict[str, Any] | None:
+    """The state a processor last left for ``queue`` (see :func:`publish`), or None."""
+    if isinstance(queue, RelayStateStore):
+        return queue.relay_state()
+    path = getattr(queue, "path", None)
+    return read(path) if isinstance(path, str) else None

@@ -105,7 +105,9 @@ def test_send_and_drain_through_the_command(
     relay: Relay,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     data = b"From: app@example.org\nSubject: cli\n\nhello\n"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     code, _, err = run(capsys, "send", "--queue", pg_url, A)
@@ -126,6 +128,7 @@ def test_send_and_drain_through_the_command(
     assert code == 0, err
     assert "1 sent" in out and [m.rcpt_tos for m in relay.messages] == [[A]]
     assert sum(queue.counts().values()) == 0
+    assert list(tmp_path.iterdir()) == []  # no stats directory named after the URL
 
 
 def test_a_password_in_the_url_is_refused_and_never_echoed(

@@ -33,8 +33,10 @@ The rules (docs/guarantees.md states them as promises):
   final dot, the one after it only once the message is settled); or,
   when the process logged that the spool was full as it wrote that
   message's outcome, any time until it logged the outcome written; or,
-  with a PostgreSQL queue, a restart of the database while it was sent
-  (the claim is a lock of the database session the restart ends);
+  with a PostgreSQL queue, a restart of the database while one of the
+  copies was being sent, or a processor that logged its claim lost with
+  its database session (the claim is a lock of that session: the other
+  copy may come first);
 * a message taken whole: the relay checks each body against its checksum.
 """
 
@@ -245,6 +247,7 @@ def judge(
     quarantined: Sequence[str] = (),
     window: float = 2.0,
     outages: Sequence[tuple[float, float]] = (),
+    lost_claims: Mapping[str, str] | None = None,
 ) -> Verdict:
     """Judge a run.
 
@@ -260,11 +263,14 @@ def judge(
         window: seconds around the relay's 250 in which a kill explains a copy.
         outages: (down, up) times of each restart of a PostgreSQL queue's
             database; a copy sent across one is explained (:func:`_restarted`).
+        lost_claims: Message-Id -> the processor that logged its claim lost
+            with its database session (it sent, another took the message).
 
     Returns:
         The :class:`Verdict`.
     """
     v = Verdict()
+    lost_claims = lost_claims or {}
     failed = failed or {}
     left = left or {}
     committed: dict[str, list[str]] = {}
@@ -358,9 +364,24 @@ def judge(
         if len(events) < 2:
             continue
         ordered = sorted(events, key=lambda e: float(e["t"]))
+        # A claim lost with its database session explains the copies of its
+        # message, whichever came first: the other holder's may be earlier.
+        group = next(
+            (
+                why
+                for e in ordered
+                for why in [
+                    _restarted(e, outages, window, _before(mails.get(e.get("sess")), e["t"]))
+                ]
+                if why
+            ),
+            "",
+        )
+        if not group and mids[r] in lost_claims:
+            group = f"{lost_claims[mids[r]]} lost its claim with its database session"
         causes = tuple(
             _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"], 2))
-            or _restarted(e, outages, window, _before(mails.get(e.get("sess")), e["t"]))
+            or group
             for e in ordered[:-1]
         )
         v.duplicates.append(Duplicate(r, mids[r], len(ordered), causes))

@@ -349,6 +349,8 @@ class _Harness:
         self.fs: Path | None = None
         self.stop_filling = threading.Event()
         self.cluster: Cluster | None = None  # the PostgreSQL server (backend postgres)
+        #: Message-Id -> the processor that logged its claim lost (PostgreSQL)
+        self.lost_claims: dict[str, str] = {}
 
     def queue(self) -> QueueBackend:
         """The queue under test, opened anew (a spool, or the database's queue)."""
@@ -614,6 +616,8 @@ class _Harness:
                 if m is not None and "cannot record this outcome" in first:
                     waiting[(c.label, m.group(1))].append(t)
                     self.report.internal_errors[f"outcome waited for {waited_for}"] += 1
+                elif m is not None and "this outcome is not recorded" in first:
+                    self.lost_claims[m.group(1)] = c.label
                 elif m is not None and "written to the spool now, after" in first:
                     written[(c.label, m.group(1))].append(t)
                 elif " ERROR " in first and "unexpected" in first:
@@ -652,6 +656,7 @@ class _Harness:
             left=left,
             quarantined=quarantined,
             outages=self.report.restarts,
+            lost_claims=self.lost_claims,
         )
         close = getattr(spool, "close", None)
         if close is not None:

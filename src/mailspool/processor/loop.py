@@ -87,7 +87,11 @@ class QueueProcessor:
     """Delivers the spool's messages through a mailer; any number may share a spool.
 
     Args:
-        spool: the spool directory, or a :class:`~mailspool.spool.Spool`.
+        spool: the spool directory, or a queue backend (a
+            :class:`~mailspool.spool.Spool`, a
+            :class:`~mailspool.postgres.PostgresQueue`; one made with
+            ``connect=False`` may be down when the processor starts: it
+            waits for it, as for a database that goes away while it runs).
         mailer: an :class:`~mailspool.SMTPMailer` or anything with
             ``connect()`` returning a connection with ``send(envelope, data)``,
             ``alive`` and ``close()``; a mailer with only ``send_envelope`` or

@@ -378,7 +378,7 @@ def judge(
             "",
         )
         if not group and mids[r] in lost_claims:
-            group = f"{lost_claims[mids[r]]} lost its claim with its database session"
+            group = f"{lost_claims[mids[r]]} cut off from its claim with its database session"
         causes = tuple(
             _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"], 2))
             or group

@@ -150,7 +150,7 @@ def test_a_database_restart_explains_a_copy_sent_across_it_and_nothing_else() ->
                   mail(31.0, 2), {**accept(31.1, by="p2i0.torture"), "sess": 2}]  # fmt: skip
     assert judge([committed()], long_after, kills=[], outages=[(10.0, 10.5)]).unexplained
     lost = judge([committed()], long_after, kills=[], lost_claims={M: "p1i0.torture"})
-    assert lost.problems == [] and "lost its claim" in lost.duplicates[0].causes[0]
+    assert lost.problems == [] and "cut off from its claim" in lost.duplicates[0].causes[0]
 
 
 def test_a_commit_in_doubt_may_be_delivered_once_or_not_at_all() -> None:

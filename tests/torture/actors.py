@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import transaction
@@ -229,7 +230,6 @@ def pg_writer(args: argparse.Namespace) -> int:
     """
     import psycopg
 
-    from mailspool.postgres import enqueue
     from mailspool.postgres.connect import parse_target
 
     stop = False
@@ -244,10 +244,8 @@ def pg_writer(args: argparse.Namespace) -> int:
     target = parse_target(args.spool)
     rng = random.Random(args.seed)
     journal = os.open(args.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    prefix = f"w{args.slot}i{args.incarnation}n"
-    counter = 0
+    tokens = (f"w{args.slot}i{args.incarnation}n{n}" for n in itertools.count(1))
     conn: Any = None
-    names, weights = list(_PG_SCENARIOS), list(_PG_SCENARIOS.values())
     while not stop:
         if conn is None or conn.closed or conn.broken:
             try:
@@ -255,48 +253,50 @@ def pg_writer(args: argparse.Namespace) -> int:
             except psycopg.Error:
                 time.sleep(0.2)  # the database is down: the application waits too
                 continue
-        scenario = rng.choices(names, weights)[0]
-        count = {"many": rng.randint(4, 8), "commit": rng.randint(1, 3)}.get(scenario, 1)
-        kept: list[tuple[str, list[str]]] = []
-        events: list[dict[str, Any]] = []
-        try:
-            for _ in range(count):
-                counter += 1
-                mid, rcpts, data = make_message(f"{prefix}{counter}", rng)
-                later = time.time() + rng.uniform(0.2, 2.0) if scenario == "later" else None
-                enqueue(conn, f"writer@{DOMAIN}", rcpts, data, not_before=later,
-                        schema=target.schema)  # fmt: skip
-                kept.append((mid, rcpts))
-            if scenario == "rollback":
-                counter += 1
-                mid, rcpts, data = make_message(f"{prefix}{counter}", rng)
-                with contextlib.suppress(_Rollback), conn.transaction():  # a savepoint
-                    enqueue(conn, f"writer@{DOMAIN}", rcpts, data, schema=target.schema)
-                    raise _Rollback
-                events.append({"e": "A", "mid": mid, "why": "rolled back to a savepoint"})
-        except psycopg.Error as exc:  # before COMMIT: nothing of it is committed
-            with contextlib.suppress(psycopg.Error):
-                conn.rollback()
-            why = f"failed before commit: {type(exc).__name__}"
-            events = [{"e": "A", "mid": m, "why": why} for m, _ in kept] + events
-            _journal(journal, events)
-            continue
-        if scenario == "abort":
-            conn.rollback()
-            events += [{"e": "A", "mid": m, "why": "transaction rolled back"} for m, _ in kept]
-        else:
-            try:
-                conn.commit()
-            except psycopg.Error as exc:
-                why = f"commit raised {type(exc).__name__}: {exc}"[-300:]
-                events += [{"e": "U", "mid": m, "why": why} for m, _ in kept]
-            else:
-                t = time.monotonic()
-                done = [{"e": "C", "mid": m, "rcpts": r, "t": t, "crit": 0} for m, r in kept]
-                events = done + events
-        _journal(journal, events)
+        _journal(journal, _pg_transaction(conn, target.schema, rng, tokens))
         time.sleep(rng.expovariate(1.0 / args.pace) if args.pace > 0 else 0)
     return 0
+
+
+def _pg_transaction(
+    conn: Any, schema: str, rng: random.Random, tokens: Iterator[str]
+) -> list[dict[str, Any]]:
+    """One transaction of the application, as a scenario says; its journal events."""
+    import psycopg
+
+    from mailspool.postgres import enqueue
+
+    scenario = rng.choices(list(_PG_SCENARIOS), list(_PG_SCENARIOS.values()))[0]
+    count = {"many": rng.randint(4, 8), "commit": rng.randint(1, 3)}.get(scenario, 1)
+    kept: list[tuple[str, list[str]]] = []
+    events: list[dict[str, Any]] = []
+    try:
+        for _ in range(count):
+            mid, rcpts, data = make_message(next(tokens), rng)
+            later = time.time() + rng.uniform(0.2, 2.0) if scenario == "later" else None
+            enqueue(conn, f"writer@{DOMAIN}", rcpts, data, not_before=later, schema=schema)
+            kept.append((mid, rcpts))
+        if scenario == "rollback":
+            mid, rcpts, data = make_message(next(tokens), rng)
+            with contextlib.suppress(_Rollback), conn.transaction():  # a savepoint
+                enqueue(conn, f"writer@{DOMAIN}", rcpts, data, schema=schema)
+                raise _Rollback
+            events.append({"e": "A", "mid": mid, "why": "rolled back to a savepoint"})
+    except psycopg.Error as exc:  # before COMMIT: nothing of it is committed
+        with contextlib.suppress(psycopg.Error):
+            conn.rollback()
+        why = f"failed before commit: {type(exc).__name__}"
+        return [{"e": "A", "mid": m, "why": why} for m, _ in kept] + events
+    if scenario == "abort":
+        conn.rollback()
+        return events + [{"e": "A", "mid": m, "why": "transaction rolled back"} for m, _ in kept]
+    try:
+        conn.commit()
+    except psycopg.Error as exc:
+        why = f"commit raised {type(exc).__name__}: {exc}"[-300:]
+        return events + [{"e": "U", "mid": m, "why": why} for m, _ in kept]
+    t = time.monotonic()
+    return [{"e": "C", "mid": m, "rcpts": r, "t": t, "crit": 0} for m, r in kept] + events
 
 
 class _Rollback(Exception):

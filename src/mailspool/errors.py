@@ -5,11 +5,12 @@
   a transaction.
 * Queue errors (:class:`SpoolError`) split the same way: the queue could
   not be read or written (:class:`SpoolIOError`, an ``OSError``: a disk, a
-  directory, a database out of reach; worth retrying), or the operation
-  makes no sense as asked: :class:`NoSuchMessage` (also a ``KeyError``),
+  directory, a database refusing; :class:`QueueUnavailable` when it cannot
+  be reached for now; worth retrying), or the operation makes no sense as
+  asked: :class:`NoSuchMessage` (also a ``KeyError``),
   :class:`MessageStateError` (retry a message that is being sent, settle
-  a claim twice), :class:`SpoolCorrupt`.  Those are logic errors, not
-  ``OSError``: retrying them changes nothing.
+  a claim twice), :class:`ClaimLost`, :class:`SpoolCorrupt`.  Those are
+  not ``OSError``: retrying them changes nothing.
 * Delivery errors (:class:`DeliveryError`) carry the relay's reply: the
   three-digit ``code``, the enhanced status code (RFC 3463) and the text, and
   the recipient where the error is about one.  They split into
@@ -29,6 +30,7 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "ClaimLost",
     "ConnectionFailed",
     "DeliveryError",
     "InvalidAddress",
@@ -38,6 +40,7 @@ __all__ = [
     "MessageTooLarge",
     "NoSuchMessage",
     "PermanentError",
+    "QueueUnavailable",
     "RecipientsRefused",
     "RelayUnavailable",
     "SMTPTimeout",
@@ -383,6 +386,22 @@ class NoSuchMessage(SpoolError, KeyError):
 class MessageStateError(SpoolError):
     """The message is not in a state that allows this: retrying a message that
     is being sent, releasing one that is not held, settling a claim twice."""
+
+
+class QueueUnavailable(SpoolIOError, ConnectionError):
+    """The queue cannot be reached for now (its database is down or restarting).
+
+    Nothing is wrong with the queue or the message: a processor waits and
+    tries again, and fails no message for it.  A queue that refuses for a
+    reason of its own configuration raises another :class:`SpoolIOError`
+    (a login refused) or a plain :class:`SpoolError` (no schema).
+    """
+
+
+class ClaimLost(SpoolError):
+    """A claim ended before its outcome could be written: the message was taken
+    by another holder (or changed) meanwhile, so the outcome is not recorded
+    and whoever holds the message now sends it again."""
 
 
 class SpoolCorrupt(SpoolError):

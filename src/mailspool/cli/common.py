@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from mailspool.cli.settings import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
-from mailspool.queue import InDirectory, State
+from mailspool.errors import SpoolError
+from mailspool.queue import State
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import Summary
@@ -379,7 +380,11 @@ def summary_code(summary: Summary) -> int:
 
 def relay_state(spool: QueueBackend) -> dict[str, Any] | None:
     """What the last processor wrote about the relay (a Maildir spool keeps it
-    in ``.relay-state.json``); None for other queues or when none wrote it."""
+    in ``.relay-state.json``, a PostgreSQL queue in its ``relay_state``
+    table); None when none wrote it, or it cannot be read."""
     from mailspool.processor import relayfile
 
-    return relayfile.read(spool.path) if isinstance(spool, InDirectory) else None
+    try:
+        return relayfile.latest(spool)
+    except SpoolError:
+        return None

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from mailspool.backends import url_scheme
-from mailspool.cli.common import EXIT_NO_QUEUE, EXIT_USAGE, fail, reason
+from mailspool.cli.common import EXIT_NO_QUEUE, EXIT_OK, EXIT_USAGE, fail, reason, stop_on_signals
 from mailspool.errors import SpoolError
 from mailspool.queue import is_postgres_url
 
@@ -28,13 +28,15 @@ if TYPE_CHECKING:
 __all__ = ["make_processor", "open_postgres", "open_spool", "postgres_target", "reading"]
 
 
-def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
+def open_spool(settings: Settings, *, create: bool = False, wait: bool = False) -> QueueBackend:
     """The queue named by the settings: a spool directory, or a ``postgresql://`` URL.
 
     Args:
         settings: where ``queue`` is.
         create: make a spool when missing; otherwise a missing spool is an
             error (a PostgreSQL queue is made by ``mailspool db init`` only).
+        wait: a PostgreSQL queue whose database is down is waited for
+            (``mailspool run``), not an error.
 
     Raises:
         CommandError: no queue given, or a URL of another scheme than
@@ -51,7 +53,7 @@ def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
             EXIT_USAGE,
         )
     if is_postgres_url(path):
-        return open_postgres(path)
+        return open_postgres(path, wait=wait)
     scheme = url_scheme(path)
     if scheme is not None:  # never a directory named like a URL
         fail(f"queue {scheme}://...: not a spool directory or a postgresql:// URL", EXIT_USAGE)
@@ -94,21 +96,61 @@ def postgres_target(url: str) -> Target:
     return target
 
 
-def open_postgres(url: str) -> PostgresQueue:
+def open_postgres(url: str, *, wait: bool = False) -> PostgresQueue:
     """The PostgreSQL queue at ``url``, for any verb.
+
+    Args:
+        url: the queue's URL.
+        wait: while the database cannot be reached, wait for it (logging
+            one line when the wait begins, one when it ends) instead of
+            exit code 3; SIGTERM or SIGINT ends the wait (exit code 0).
+            ``mailspool run`` waits: a service started before its database
+            must not give up.
 
     Raises:
         CommandError: psycopg missing, a malformed URL or a password in it
-            (exit code 2); the database unreachable or without the schema
-            (exit code 3).
+            (exit code 2); the database unreachable (unless ``wait``),
+            refusing the login, or without the schema (exit code 3).
     """
     target = postgres_target(url)
     from mailspool.postgres.queue import PostgresQueue
 
+    queue = PostgresQueue(target, connect=False)
     try:
-        return PostgresQueue(target)
+        if wait:
+            _wait_for(queue)
+        else:
+            queue.opened()
     except SpoolError as exc:
+        queue.close()
         fail(reason(exc), EXIT_NO_QUEUE)
+    return queue
+
+
+def _wait_for(queue: PostgresQueue) -> None:
+    """Open ``queue``, waiting as long as its database cannot be reached.
+
+    Raises:
+        SpoolError: the database answers and refuses (a login, no schema).
+        CommandError: a signal ended the wait (exit code 0: nothing was done).
+    """
+    from mailspool.errors import QueueUnavailable
+    from mailspool.processor.outage import Outage
+
+    outage = Outage(queue.location)
+    with stop_on_signals() as stopped:
+        while True:
+            mark = outage.mark()
+            try:
+                queue.opened()
+            except QueueUnavailable as exc:
+                outage.failed(exc)
+                if stopped.wait(outage.left()):
+                    queue.close()
+                    fail("stopped while waiting for the queue's database", EXIT_OK)
+                continue
+            outage.worked(mark)
+            return
 
 
 @contextlib.contextmanager
@@ -127,7 +169,9 @@ def reading(spool: QueueBackend) -> Iterator[None]:
         fail(f"queue {spool.location}: cannot read: {detail}", EXIT_NO_QUEUE)
 
 
-def make_processor(settings: Settings, *, create: bool = False) -> QueueProcessor:
+def make_processor(
+    settings: Settings, *, create: bool = False, wait: bool = False
+) -> QueueProcessor:
     """A :class:`~mailspool.processor.QueueProcessor` with an SMTP mailer, as set.
 
     The mailer and the retry policy are built first, so that a setting they
@@ -136,6 +180,7 @@ def make_processor(settings: Settings, *, create: bool = False) -> QueueProcesso
     Args:
         settings: the relay, processor and retry settings, and the queue.
         create: create the spool when missing (see :func:`open_spool`).
+        wait: wait for a queue whose database is down (see :func:`open_spool`).
 
     Raises:
         CommandError: the mailer or the processor refuses a setting (exit
@@ -149,7 +194,7 @@ def make_processor(settings: Settings, *, create: bool = False) -> QueueProcesso
         retry = RetryPolicy(**settings.retry_options())
     except ValueError as exc:
         fail(f"relay: {exc}", EXIT_USAGE)
-    spool = open_spool(settings, create=create)
+    spool = open_spool(settings, create=create, wait=wait)
     try:
         return QueueProcessor(spool, mailer, retry=retry, **settings.processor_options())
     except ValueError as exc:

@@ -84,25 +84,27 @@ def _message(tag: str, i: int) -> bytes:
     )
 
 
-def _file_names(spool: Path) -> dict[str, str]:
-    """message id -> spool file name, for what is in ``new/``."""
-    return {e.message_id or "": e.id for e in Spool(spool, create=False).entries("ready")}
+def _file_names(spool: Path, state: str) -> dict[str, str]:
+    """message id -> spool file name, for what is in the area of ``state``."""
+    return {e.message_id or "": e.id for e in Spool(spool, create=False).entries(state)}
 
 
 def check_order(
     spool: Path,
     events: list[tuple[str, str, str, int, int]],
     returned: dict[str, int],
+    area: str = "new",
 ) -> None:
     """Assert the durability order for every commit in ``returned``.
 
     ``returned`` maps a message id to the monotonic time its commit
     returned.  For each: its file was fsynced in ``tmp/`` before the rename
-    into ``new/`` began, and an fsync of ``new/`` that began after the
-    rename ended finished before the commit returned.
+    into ``area`` (``new/``, or ``deferred/`` for a later time) began, and
+    an fsync of that directory that began after the rename ended finished
+    before the commit returned.
     """
-    names = _file_names(spool)
-    new_dir = os.path.realpath(spool / "new")
+    names = _file_names(spool, "ready" if area == "new" else "deferred")
+    new_dir = os.path.realpath(spool / area)
     tmp_dir = os.path.realpath(spool / "tmp")
     file_synced: dict[str, int] = {}  # name -> end of its fsync in tmp/
     renamed: dict[str, tuple[int, int]] = {}  # name -> (began, ended)
@@ -114,14 +116,14 @@ def check_order(
             dir_syncs.append((began, ended))
         elif kind == "rename" and os.path.dirname(os.path.realpath(target)) == new_dir:
             renamed[os.path.basename(target)] = (began, ended)
-    assert sorted(names) == sorted(returned), "every commit that returned is in new/, no other"
+    assert sorted(names) == sorted(returned), f"every commit that returned is in {area}/, no other"
     for message_id, done in returned.items():
         name = names[message_id]
         assert name in file_synced, f"{name} was never fsynced in tmp/"
         r_began, r_ended = renamed[name]
         assert file_synced[name] <= r_began, f"{name} renamed before its fsync ended"
         covering = [e for b, e in dir_syncs if b >= r_ended and e <= done]
-        assert covering, f"{name}: the commit returned without an fsync of new/ after its rename"
+        assert covering, f"{name}: the commit returned without an fsync of {area}/ after its rename"
 
 
 def _commit_many(
@@ -158,6 +160,21 @@ def test_a_transaction_of_several_messages_is_ordered_too(tmp_path: Path, spy: A
         ]
     returned = dict.fromkeys(ids, time.monotonic_ns())
     check_order(spool, spy.events, returned)
+
+
+def test_a_message_for_later_is_ordered_in_deferred(tmp_path: Path, spy: Any) -> None:
+    spool = tmp_path / "spool"
+    tm = transaction.TransactionManager()
+    delivery = QueuedMailDelivery(spool, transaction_manager=tm)
+    returned = {}
+    for i in range(3):
+        with tm:
+            mid = delivery.send(
+                "a@example.org", ["b@example.org"], _message("d", i), not_before=time.time() + 3600
+            )
+        returned[mid] = time.monotonic_ns()
+    check_order(spool, spy.events, returned, "deferred")
+    assert os.listdir(spool / "new") == []
 
 
 @pytest.mark.parametrize("threads", [4, 16])

@@ -19,6 +19,7 @@ Messages are settled per recipient by the same rules as the Maildir spool
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import socket
 import threading
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailspool.errors import SpoolError
 from mailspool.message import Envelope, Prepared
+from mailspool.priority import PRIORITIES, Priority, interleave
 from mailspool.queue import (
     FAILED,
     PENDING,
@@ -67,6 +69,7 @@ class _Staged:
     message_id: str
     record: Record
     data: bytes
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass
@@ -75,6 +78,7 @@ class _Item:
     data: bytes
     state: State
     next_at: float | None  # when a deferred message is due
+    priority: Priority = Priority.NORMAL
 
 
 class _Waker:
@@ -144,7 +148,7 @@ class MemoryQueue(OperatorMoves):
             not_before=later,
         )
         id = f"{int(now * 1e6):x}.{next(_serial)}"
-        return _Staged(id, prepared.message_id, record, bytes(prepared.data))
+        return _Staged(id, prepared.message_id, record, bytes(prepared.data), prepared.priority)
 
     def stage_many(self, batch: Sequence[tuple[Prepared, float | None]]) -> list[_Staged]:
         """:meth:`stage` for several messages."""
@@ -156,7 +160,7 @@ class MemoryQueue(OperatorMoves):
             for s in staged:
                 later = s.record.not_before
                 state = State.DEFERRED if later is not None else State.READY
-                self._items[s.id] = _Item(s.record, s.data, state, later)
+                self._items[s.id] = _Item(s.record, s.data, state, later, s.priority)
             wakers = list(self._wakers)
         for w in wakers:
             w.poke()
@@ -167,12 +171,18 @@ class MemoryQueue(OperatorMoves):
     # -- processing -----------------------------------------------------------------
 
     def due(self, now: float | None = None) -> Iterator[str]:
-        """The ids of ready messages, then of deferred ones whose time has come."""
+        """The ids that can be claimed: per class, ready messages then deferred
+        ones whose time has come; the classes interleaved by the rule of
+        :mod:`mailspool.priority`."""
         now = self._clock() if now is None else now
+        return interleave({p: functools.partial(self._due_class, p, now) for p in PRIORITIES})
+
+    def _due_class(self, priority: Priority, now: float) -> list[str]:
         with self._lock:
-            ready = [i for i, it in self._items.items() if it.state is State.READY]
-            later = [i for i, it in self._items.items() if self._due_deferred(it, now)]
-        return iter(ready + later)
+            mine = [(i, it) for i, it in self._items.items() if it.priority is priority]
+            ready = [i for i, it in mine if it.state is State.READY]
+            later = [i for i, it in mine if self._due_deferred(it, now)]
+        return ready + later
 
     @staticmethod
     def _due_deferred(item: _Item, now: float) -> bool:
@@ -270,6 +280,7 @@ class MemoryQueue(OperatorMoves):
             item.next_at if item.state is State.DEFERRED else None,
             len(item.data),
             r.last_error,
+            priority=item.priority.value,
         )
 
     def get(self, id: str) -> QueueEntry:

@@ -143,6 +143,7 @@ class QueueEntry:
     size: int
     last_error: str | None
     legacy: bool = False
+    priority: str = "normal"  # "urgent", "normal" or "bulk" (mailspool.priority)
 
 
 class RecordFields:

@@ -22,6 +22,7 @@ from mailspool.maildir.directory import (
     SpoolDir,
     check_id,
     errname,
+    name_priority,
     new_name,
     open_failure,
     read_all,
@@ -76,7 +77,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         check_id(id)
         for area in LOCATE_ORDER:
             try:
-                os.lstat(self._dirs[area] + id)
+                os.lstat(self._path(area, id))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
@@ -119,23 +120,30 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         """
         out = dict.fromkeys(AREAS, 0)
         for area, state in STATES.items():
-            try:
-                it = os.scandir(self._dirs[area])
-            except FileNotFoundError:
-                continue
-            with it:
-                for e in it:
-                    if e.name[0] == ".":
-                        continue
-                    if now is not None and area == "deferred":
-                        try:
-                            if e.stat(follow_symlinks=False).st_mtime <= now:
-                                out["ready"] += 1
-                                continue
-                        except OSError:
-                            continue
-                    out[state] += 1
+            for d in self._area_dirs(area):
+                self._count_dir(d, state, now if area == "deferred" else None, out)
         return out
+
+    @staticmethod
+    def _count_dir(d: str, state: str, due_by: float | None, out: dict[str, int]) -> None:
+        """Add the entries of directory ``d`` to ``out[state]`` (those due by
+        ``due_by``, when given, to ``out["ready"]``)."""
+        try:
+            it = os.scandir(d)
+        except FileNotFoundError:
+            return
+        with it:
+            for e in it:
+                if e.name[0] == ".":
+                    continue
+                if due_by is not None:
+                    try:
+                        if e.stat(follow_symlinks=False).st_mtime <= due_by:
+                            out["ready"] += 1
+                            continue
+                    except OSError:
+                        continue
+                out[state] += 1
 
     def oldest(
         self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
@@ -216,7 +224,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         area = self._locate(id)
         if area is None:
             raise KeyError(id)
-        path = self._dirs[area] + id
+        path = self._path(area, id)
         try:
             fd = os.open(path, RFLAGS)
         except FileNotFoundError:
@@ -235,7 +243,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         return decode_file(raw, verify=False, mtime=st.st_mtime)[1]
 
     def _entry(self, area: str, id: str, full: bool) -> SpoolEntry | None:
-        path = self._dirs[area] + id
+        path = self._path(area, id)
         state = STATES[area]
         error: str | None = None
         record: Record | None = None
@@ -273,7 +281,9 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         if area == "quarantine":
             error = self._quarantine_reason(id) or error
         if record is None:
-            return SpoolEntry(id, state, None, "", (), None, 0, None, size, error)
+            return SpoolEntry(
+                id, state, None, "", (), None, 0, None, size, error, False, name_priority(id).value
+            )
         return SpoolEntry(
             id,
             state,
@@ -286,6 +296,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
             size,
             error or record.last_error,
             record.legacy,
+            name_priority(id).value,
         )
 
     def _admin(self, action: str, id: str) -> None:
@@ -296,7 +307,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 break
             target = next_area(action, area)
             try:
-                fd = lock_file(self._dirs[area] + id)
+                fd = lock_file(self._path(area, id))
             except FileNotFoundError:
                 continue
             except BlockingIOError:
@@ -314,7 +325,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         raise KeyError(id)
 
     def _move(self, action: str, area: str, target: str | None, id: str, fd: int) -> None:
-        path = self._dirs[area] + id
+        path = self._path(area, id)
         try:
             if area in ("failed", "deferred") and target == "new":
                 self._retry_failed(area, id, fd)
@@ -323,8 +334,8 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 if area != "cur":
                     self._drop_stale_cur(id)
             else:
-                os.rename(path, self._dirs[target] + id)
-                self._fsync_dir(target)
+                os.rename(path, self._path(target, id))
+                self._fsync_dir(target, id)
             if area == "quarantine":
                 unlink_quietly(f"{self._dirs['quarantine']}.{id}.reason")
         except SpoolError:
@@ -351,8 +362,8 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         st = os.fstat(fd)
         record, data = decode_file(read_all(fd, st.st_size), mtime=st.st_mtime)
         if not any(r.status == FAILED for r in record.recipients):
-            os.rename(self._dirs[area] + id, self._dirs["new"] + id)
-            self._fsync_dir("new")
+            os.rename(self._path(area, id), self._path("new", id))
+            self._fsync_dir("new", id)
             return
         record = replace(
             record,
@@ -364,9 +375,9 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         head, data = encode_file(record, data)
         tmp = self._dirs["tmp"] + new_name()
         self._write(tmp, head, data, None, False)
-        os.rename(tmp, self._dirs["new"] + id)
-        self._fsync_dir("new")
-        self._trash(self._dirs[area] + id)
+        os.rename(tmp, self._path("new", id))
+        self._fsync_dir("new", id)
+        self._trash(self._path(area, id))
 
     def _quarantine_reason(self, id: str) -> str | None:
         try:

@@ -50,15 +50,20 @@ from mailspool.maildir.locks import (
     lock_file,
     open_held,
 )
+from mailspool.priority import PRIORITIES, Priority
 
 __all__ = [
     "DFLAGS",
     "LOCATE_ORDER",
+    "READY_AREA",
+    "READY_DIRS",
     "WFLAGS",
     "SpoolDir",
+    "area_dir",
     "check_id",
     "errname",
     "log",
+    "name_priority",
     "new_name",
     "open_failure",
     "read_all",
@@ -69,13 +74,44 @@ __all__ = [
 # filter on "mailspool.maildir.spool" (docs/operations.md).
 log = logging.getLogger("mailspool.spool")
 
+#: The directories of ready mail besides ``new/`` (see :func:`area_dir`).
+READY_DIRS = ("urgent", "bulk")
+
 WFLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 #: Every area, in the order a message is looked for: newer states before a
 #: ``cur/`` copy that a crash may have left behind.
 LOCATE_ORDER = ("new", "deferred", "hold", "failed", "quarantine", "cur")
-_AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash")
+_AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash", *READY_DIRS)
+
+# --- priority classes -----------------------------------------------------------
+# A message's class is in its name, which never changes, so every move keeps
+# it without reading the file.  Ready mail of each class has a directory of
+# its own, so the due listing finds urgent mail without reading the others:
+# ``new/`` is the normal class's (and every name without a mark: files of
+# earlier releases, of zope.sendmail and repoze.sendmail), ``urgent/`` and
+# ``bulk/`` the others'.  The lifecycle speaks of "new" for all three.
+
+#: Class -> the mark its names end with (normal mail's names have none).
+_MARKS = {Priority.URGENT: ",P=urgent", Priority.BULK: ",P=bulk"}
+#: Class -> the directory its ready mail is in.
+READY_AREA = {Priority.URGENT: "urgent", Priority.NORMAL: "new", Priority.BULK: "bulk"}
+
+
+def name_priority(name: str) -> Priority:
+    """The class a spool name carries (normal for a name without a mark)."""
+    if name.endswith(",P=urgent"):
+        return Priority.URGENT
+    if name.endswith(",P=bulk"):
+        return Priority.BULK
+    return Priority.NORMAL
+
+
+def area_dir(area: str, id: str) -> str:
+    """The directory (area name) that holds ``id`` in ``area``: ready mail by class."""
+    return READY_AREA[name_priority(id)] if area == "new" else area
+
 
 # --- names --------------------------------------------------------------------
 
@@ -84,12 +120,13 @@ _pid = os.getpid()
 _host = re.sub(r"[^A-Za-z0-9\-_]", "-", socket.gethostname().split(".")[0]) or "localhost"
 
 
-def new_name() -> str:
-    """A Maildir unique name: time, microseconds, pid, counter, random, host."""
+def new_name(priority: Priority = Priority.NORMAL) -> str:
+    """A Maildir unique name: time, microseconds, pid, counter, random, host,
+    and the mark of a class other than normal (``,P=urgent``, ``,P=bulk``)."""
     us = time.time_ns() // 1000
     return (
         f"{us // 1_000_000}.M{us % 1_000_000}P{_pid}Q{next(_seq)}"
-        f"R{random.getrandbits(32):08x}.{_host}"
+        f"R{random.getrandbits(32):08x}.{_host}{_MARKS.get(priority, '')}"
     )
 
 
@@ -406,8 +443,19 @@ class SpoolDir:
         finally:
             os.close(fd)
 
-    def _fsync_dir(self, area: str) -> None:
-        self._fsync_path(self._dirs[area])
+    def _fsync_dir(self, area: str, id: str = "") -> None:
+        """fsync the directory of ``area`` (of ``id``'s class, for ready mail)."""
+        self._fsync_path(self._dirs[area_dir(area, id)])
+
+    def _path(self, area: str, id: str) -> str:
+        """Where message ``id`` is when it is in ``area`` (a lifecycle area)."""
+        return self._dirs[area_dir(area, id)] + id
+
+    def _area_dirs(self, area: str) -> tuple[str, ...]:
+        """The directories of a lifecycle area: ready mail has one per class."""
+        if area == "new":
+            return tuple(self._dirs[READY_AREA[p]] for p in PRIORITIES)
+        return (self._dirs[area],)
 
     # -- locks ---------------------------------------------------------------------
 
@@ -434,17 +482,18 @@ class SpoolDir:
 
     def _superseded(self, id: str) -> bool:
         """Whether a newer state of a ``cur/`` message exists elsewhere."""
-        return any(os.path.lexists(self._dirs[a] + id) for a in NEWER_THAN_CUR)
+        return any(os.path.lexists(self._path(a, id)) for a in NEWER_THAN_CUR)
 
     def _names(self, area: str) -> Iterator[str]:
-        try:
-            it = os.scandir(self._dirs[area])
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        with it:
-            for e in it:
-                if e.name[0] != ".":
-                    yield e.name
+        for d in self._area_dirs(area):
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for e in it:
+                    if e.name[0] != ".":
+                        yield e.name
 
     # -- trash and quarantine -------------------------------------------------------
 
@@ -515,7 +564,7 @@ class SpoolDir:
         while os.path.lexists(self._dirs["quarantine"] + target):
             target = f"{id}.{random.getrandbits(32):08x}"
         try:
-            os.rename(self._dirs[area] + id, self._dirs["quarantine"] + target)
+            os.rename(self._path(area, id), self._dirs["quarantine"] + target)
         except FileNotFoundError:
             return False
         except OSError as exc:

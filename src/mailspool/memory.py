@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import heapq
 import itertools
 import socket
 import threading
@@ -41,6 +42,7 @@ from mailspool.queue import (
     Record,
     RecordFields,
     State,
+    age_order,
     all_sent,
     settle_record,
 )
@@ -265,6 +267,10 @@ class MemoryQueue(OperatorMoves):
         with self._lock:
             listed = [self._entry(i, it) for i, it in self._items.items()]
         return iter([e for e in listed if state is None or e.state == state])
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest entries (of one state, or all), oldest first."""
+        return heapq.nsmallest(limit, self.entries(state), key=age_order)
 
     @staticmethod
     def _entry(id: str, item: _Item) -> QueueEntry:

@@ -39,6 +39,7 @@ __all__ = [
     "Staged",
     "State",
     "Waker",
+    "age_order",
     "all_sent",
     "is_postgres_url",
     "open_queue",
@@ -496,6 +497,10 @@ class QueueBackend(Protocol):
 
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]: ...
 
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest messages (of one state, or all), in :func:`age_order`;
+        read without holding or reading every message of a large queue."""
+
     def get(self, id: str) -> QueueEntry: ...
 
     def message(self, id: str) -> bytes: ...
@@ -507,6 +512,11 @@ class QueueBackend(Protocol):
     def release(self, id: str) -> None: ...
 
     def delete(self, id: str) -> None: ...
+
+
+def age_order(entry: QueueEntry) -> tuple[bool, float, str]:
+    """The sort key of listings: oldest queued first, unreadable ones last, by id."""
+    return (entry.queued_at is None, entry.queued_at or 0.0, entry.id)
 
 
 def is_postgres_url(value: str) -> bool:

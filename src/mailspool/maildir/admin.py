@@ -11,6 +11,7 @@ the lifecycle table allows (:func:`mailspool.lifecycle.next_area`).
 
 from __future__ import annotations
 
+import heapq
 import os
 import stat
 from collections.abc import Iterator
@@ -39,7 +40,7 @@ from mailspool.maildir.fileformat import (
 )
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.maildir.locks import RFLAGS, close_held, lock_file
-from mailspool.queue import OperatorMoves
+from mailspool.queue import OperatorMoves, age_order
 from mailspool.queue import QueueEntry as SpoolEntry
 
 __all__ = ["SpoolAdmin", "SpoolEntry"]
@@ -191,6 +192,32 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 entry = self._entry(area, name, full=False)
                 if entry is not None:
                     yield entry
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[SpoolEntry]:
+        """The ``limit`` oldest messages (all states, or one), oldest first.
+
+        Chosen by the time at the start of each file name (Maildir's rule:
+        when the file was made, which is when the message was queued), so
+        however large the spool, at most ``limit`` names are held and only
+        the heads of the chosen files are read.  Names that do not start
+        with a time come last.
+
+        Raises:
+            ValueError: ``state`` is not one of :data:`AREAS`.
+        """
+        if state is not None and state not in AREAS:
+            raise ValueError(f"unknown state {state!r}; one of {sorted(AREAS)}")
+        areas = [AREAS[state]] if state else list(STATES)
+
+        def named() -> Iterator[tuple[tuple[bool, tuple[int, int], str], str]]:
+            for area in areas:
+                for name in self._names(area):
+                    t = _name_time(name)
+                    yield (t is None, t or (0, 0), name), area
+
+        chosen = heapq.nsmallest(limit, named(), key=lambda k: k[0])
+        found = [self._entry(area, key[2], full=False) for key, area in chosen]
+        return sorted([e for e in found if e is not None], key=age_order)
 
     def get(self, id: str) -> SpoolEntry:
         """Everything known about one message, its checksum verified.

@@ -13,6 +13,7 @@ the lifecycle table allows (:func:`mailspool.maildir.lifecycle.next_area`).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -37,7 +38,14 @@ from mailspool.postgres.schema import (
     current_version,
     quote_ident,
 )
-from mailspool.queue import FAILED, PENDING, OperatorMoves, QueueEntry, RecipientStatus
+from mailspool.queue import (
+    FAILED,
+    PENDING,
+    OperatorMoves,
+    QueueEntry,
+    RecipientStatus,
+    age_order,
+)
 
 __all__ = ["PostgresAdmin"]
 
@@ -260,6 +268,36 @@ class PostgresAdmin(OperatorMoves):
             if len(rows) < _BATCH:
                 return
             after = rows[-1][0]
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest messages (of one state, or all), oldest first.
+
+        At most ``limit`` rows and the claimed ones are read, by the
+        ``(state, queued_at)`` index; in flight, the claimed rows only.
+
+        Raises:
+            ValueError: ``state`` is not a state.
+        """
+        if state is not None and state not in AREAS:
+            raise ValueError(f"unknown state {state!r}; one of {sorted(AREAS)}")
+        if state == "in_flight":
+            return heapq.nsmallest(limit, self._entries(state), key=age_order)
+        states = [state] if state else [s for s in STATES.values() if s != "in_flight"]
+        with self._main() as conn:
+            locked = self._locked(conn)
+            rows = conn.execute(
+                f"SELECT {ENTRY_COLUMNS} FROM {self.table} WHERE state = ANY(%s) "
+                "ORDER BY queued_at, id LIMIT %s",
+                (states, limit + len(locked)),
+            ).fetchall()
+        flying = set(locked)
+        out: list[QueueEntry] = []
+        for row in rows:
+            in_flight = row[0] in flying and row[2] in ("ready", "deferred")
+            if in_flight and state is not None:
+                continue
+            out.append(entry_from_row(row, in_flight))
+        return sorted(out, key=age_order)[:limit]
 
     def get(self, id: str) -> QueueEntry:
         """Everything known about one message.

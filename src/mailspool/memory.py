@@ -36,6 +36,7 @@ from mailspool.priority import PRIORITIES, Priority, interleave
 from mailspool.queue import (
     FAILED,
     PENDING,
+    Census,
     OperatorMoves,
     QueueEntry,
     RecipientStatus,
@@ -259,6 +260,16 @@ class MemoryQueue(OperatorMoves):
         with self._lock:
             times = [it.record.queued_at for it in self._items.values() if it.state in states]
         return min(times) if times else None
+
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` and the oldest message of each state."""
+        with self._lock:
+            oldest: dict[str, float | None] = {s.value: None for s in State}
+            for it in self._items.values():
+                t, key = it.record.queued_at, it.state.value
+                if oldest[key] is None or t < (oldest[key] or 0.0):
+                    oldest[key] = t
+        return Census(self.counts(now), oldest)
 
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]:
         """One entry per message (of one state, or all), oldest first."""

@@ -28,6 +28,8 @@ __all__ = [
     "PENDING",
     "SENT",
     "STATUSES",
+    "WAITING",
+    "Census",
     "OperatorMoves",
     "Outcome",
     "QueueBackend",
@@ -145,6 +147,29 @@ class QueueEntry:
     last_error: str | None
     legacy: bool = False
     priority: str = "normal"  # "urgent", "normal" or "bulk" (mailspool.priority)
+
+
+#: The states whose messages still wait to be sent (what ``oldest()`` looks at).
+WAITING = ("ready", "in_flight", "deferred", "held")
+
+
+@dataclass(frozen=True)
+class Census:
+    """How many messages each state holds and when its oldest was queued:
+    what ``status``, ``check`` and the metrics need, in one look at the queue.
+
+    ``counts`` has the keys of :meth:`QueueBackend.counts`; ``oldest`` the
+    same keys, each the ``queued_at`` of that state's oldest message (None
+    when empty or unknown).
+    """
+
+    counts: Mapping[str, int]
+    oldest: Mapping[str, float | None]
+
+    def oldest_of(self, states: Iterable[str] = WAITING) -> float | None:
+        """When the oldest message in one of ``states`` was queued."""
+        times = [t for s in states if (t := self.oldest.get(s)) is not None]
+        return min(times) if times else None
 
 
 class RecordFields:
@@ -494,6 +519,9 @@ class QueueBackend(Protocol):
     def oldest(
         self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
     ) -> float | None: ...
+
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` (with ``now`` as there) and the oldest per state, in one look."""
 
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]: ...
 

@@ -126,8 +126,8 @@ def _age(seconds: float) -> str:
 
 def _look(spool: Spool, rates: _Rates) -> dict[str, Any]:
     now = time.time()
-    counts = spool.counts()
-    oldest = spool.oldest()
+    census = spool.census()
+    counts, oldest = dict(census.counts), census.oldest_of()
     path = getattr(spool, "path", None)  # processors write stats into a Maildir spool
     stats = read_stats(path, now) if isinstance(path, str) else []
     return {

@@ -188,9 +188,9 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
         return watching(spool)
     now = time.time()
     with reading(spool):
-        counts = spool.counts()
+        census = spool.census()  # one look at each area, however large the queue
         next_retry = spool.next_due()
-        oldest = spool.oldest()
+    counts, oldest = census.counts, census.oldest_of()
     relay = relay_state(spool)
     pause = _pause(relay, now)
     if as_json:

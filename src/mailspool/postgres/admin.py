@@ -41,6 +41,7 @@ from mailspool.postgres.schema import (
 from mailspool.queue import (
     FAILED,
     PENDING,
+    Census,
     OperatorMoves,
     QueueEntry,
     RecipientStatus,
@@ -233,6 +234,10 @@ class PostgresAdmin(OperatorMoves):
                 if row and row[0] is not None and (best is None or row[0] < best):
                     best = row[0]
         return best
+
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` and the oldest message of each state (an index probe each)."""
+        return Census(self.counts(now), {s: self.oldest((s,)) for s in AREAS})
 
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]:
         """Stream one :class:`QueueEntry` per message (all states, or one).

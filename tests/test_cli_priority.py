@@ -89,3 +89,31 @@ def test_list_limit_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["list", "--queue", str(tmp_path / "spool"), "--limit", "0"]) == 2
     err = capsys.readouterr().err
     assert "--limit" in err and "Traceback" not in err
+
+
+def test_status_reads_one_file_per_state_however_many_are_queued(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    queue = tmp_path / "spool"
+    spool = Spool(queue)
+    enqueue(spool, 150)
+    enqueue(spool, 50, priority=Priority.BULK)
+    ids = [e.id for e in spool.entries()]
+    for id in ids[:3]:
+        spool.hold(id)
+    opened: list[str] = []
+    real_open = os.open
+    monkeypatch.setattr(
+        admin.os, "open", lambda p, *a, **k: (opened.append(p), real_open(p, *a, **k))[1]
+    )
+    census = spool.census()
+    assert census.counts["ready"] == 197 and census.counts["held"] == 3
+    assert len(opened) == 2  # the oldest ready file and the oldest held one
+    assert census.oldest_of() == min(e.queued_at for e in spool.entries() if e.queued_at)
+    opened.clear()
+    capsys.readouterr()
+    assert main(["status", "--queue", str(queue), "--json"]) == 0
+    monkeypatch.undo()
+    out = json.loads(capsys.readouterr().out)
+    assert out["ready"] == 197 and out["held"] == 3 and out["total"] == 200
+    assert len([p for p in opened if os.path.basename(p) in ids]) == 2

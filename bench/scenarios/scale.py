@@ -26,6 +26,7 @@ minutes.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -113,11 +114,19 @@ def status_command(path: str, *verb: str) -> list[str]:
     return [*base, "--queue", path, *(verb or ("status",))]
 
 
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def _time_status(path: str, *verb: str) -> tuple[float, str]:
     cmd = status_command(path, *verb)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     elapsed = time.perf_counter() - t0
+    # The CPU time beside the wall time: on a loaded machine the wall time
+    # is mostly waiting for a core.
+    print(f"    ({' '.join(verb) or 'status'}: {_children_cpu() - c0:.2f} s of CPU)")
     if proc.returncode != 0:
         raise TrialError(f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[:300]}")
     return elapsed, proc.stdout

@@ -11,7 +11,6 @@ the lifecycle table allows (:func:`mailspool.lifecycle.next_area`).
 
 from __future__ import annotations
 
-import heapq
 import os
 import stat
 from collections.abc import Iterator
@@ -40,27 +39,18 @@ from mailspool.maildir.fileformat import (
 )
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.maildir.locks import RFLAGS, close_held, lock_file
-from mailspool.queue import Census, OperatorMoves, age_order
+from mailspool.maildir.scan import name_time, scan_dir
+from mailspool.queue import Census, OperatorMoves, State, age_order
 from mailspool.queue import QueueEntry as SpoolEntry
 
 __all__ = ["SpoolAdmin", "SpoolEntry"]
 
 
-def _name_time(name: str) -> tuple[int, int] | None:
-    """(seconds, microseconds) from a Maildir name ``SECONDS.M<us>...``.
-
-    Names without the ``M<us>`` part (zope.sendmail's) give 0 microseconds;
-    names not starting with a time give None.
-    """
-    head, _, rest = name.partition(".")
-    if not head.isdigit():
-        return None
-    us = 0
-    if rest[:1] == "M":
-        digits = rest[1:8]
-        n = len(digits) - len(digits.lstrip("0123456789"))
-        us = int(digits[:n]) if n else 0
-    return int(head), us
+def _earlier(
+    a: tuple[tuple[int, int] | None, str, str], b: tuple[tuple[int, int] | None, str, str]
+) -> bool:
+    """Whether name ``a`` was made before ``b`` (undated names last)."""
+    return (a[0] is None, a[0] or (0, 0), a[1]) < (b[0] is None, b[0] or (0, 0), b[1])
 
 
 _HEAD_READ = 16384  # bytes read to list a message; more when the envelope is longer
@@ -119,74 +109,37 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         needs one stat per deferred entry; without ``now`` no file is
         opened or stat'ed).
         """
-        out = dict.fromkeys(AREAS, 0)
-        for area, state in STATES.items():
-            for d in self._area_dirs(area):
-                self._count_dir(d, state, now if area == "deferred" else None, out)
-        return out
+        return dict(self.census(now, oldest=False).counts)
 
-    def census(self, now: float | None = None) -> Census:
+    def census(self, now: float | None = None, *, oldest: bool = True) -> Census:
         """:meth:`counts` and each state's oldest message, in one listing of each area.
 
         The oldest is the file whose name (Maildir's rule: it begins with
-        the time it was made) is the smallest; that one file is read for
-        its exact queued time.  So a spool of a million answers in one pass
-        over its directories, holding one name per state.  Names that do
-        not begin with a time are counted, not dated.
+        the time it was made) is the earliest; that one file is read for its
+        exact queued time.  So a spool of a million answers in one pass
+        over its directories of one string comparison per entry, holding one
+        name per state (see :mod:`mailspool.maildir.scan`).
         """
         out = dict.fromkeys(AREAS, 0)
-        first: dict[str, tuple[str, str]] = {}  # state -> (smallest name, area)
+        due = [0]
+        first: dict[str, tuple[tuple[int, int] | None, str, str]] = {}
         for area, state in STATES.items():
             for d in self._area_dirs(area):
-                name = self._count_dir(d, state, now if area == "deferred" else None, out)
-                if name is not None and (state not in first or name < first[state][0]):
-                    first[state] = (name, area)
-        oldest: dict[str, float | None] = dict.fromkeys(AREAS)
-        for key, (name, area) in first.items():
+                n, names = scan_dir(d, int(oldest), now if area == "deferred" else None, due)
+                out[state] += n
+                for name in names:
+                    seen = (name_time(name), name, area)
+                    if state not in first or _earlier(seen, first[state]):
+                        first[state] = seen
+        out[State.READY] += due[0]
+        when: dict[str, float | None] = dict.fromkeys(AREAS)
+        for st, (t, name, area) in first.items():
             entry = self._entry(area, name, full=False)
             if entry is not None and entry.queued_at is not None:
-                oldest[key] = entry.queued_at
-            elif (t := _name_time(name)) is not None:
-                oldest[key] = t[0] + t[1] / 1e6
-        return Census(out, oldest)
-
-    @staticmethod
-    def _count_dir(d: str, state: str, due_by: float | None, out: dict[str, int]) -> str | None:
-        """Add the entries of directory ``d`` to ``out[state]`` (those due by
-        ``due_by``, when given, to ``out["ready"]``); the smallest name that
-        begins with a time."""
-        try:
-            it = os.scandir(d)
-        except FileNotFoundError:
-            return None
-        first = "~"  # after every digit
-        n = 0
-        with it:
-            if due_by is not None:
-                for e in it:
-                    if e.name[0] == ".":
-                        continue
-                    first = min(first, e.name) if e.name[0].isdigit() else first
-                    try:
-                        if e.stat(follow_symlinks=False).st_mtime <= due_by:
-                            out["ready"] += 1
-                            continue
-                    except OSError:
-                        continue
-                    n += 1
-            else:
-                # The loop of a million entries: one comparison each.  Dot
-                # names sort before digits, so they all take the rare branch.
-                for e in it:
-                    name = e.name
-                    if name < first:
-                        if name[0] == ".":
-                            n -= 1
-                        elif name[0].isdigit():
-                            first = name
-                    n += 1
-        out[state] += n
-        return None if first == "~" else first
+                when[st] = entry.queued_at
+            elif t is not None:
+                when[st] = t[0] + t[1] / 1e6
+        return Census(out, when)
 
     def oldest(
         self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
@@ -204,7 +157,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         for state in states:
             area = AREAS[state]
             for name in self._names(area):
-                key = _name_time(name)
+                key = name_time(name)
                 if key is None:
                     unnamed.append((area, name))
                 elif best is None or key < best[0]:
@@ -239,22 +192,23 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         """The ``limit`` oldest messages (all states, or one), oldest first.
 
         Chosen by the time at the start of each file name (Maildir's rule:
-        when the file was made, which is when the message was queued),
-        compared as text, which orders them to the second; so however large
-        the spool, one listing of each area picks them, at most ``limit``
-        names are held, and only the heads of the chosen files are read.
-        Names that do not start with a time come last.
+        when the file was made, which is when the message was queued); so
+        however large the spool, one listing of each area picks them (see
+        :mod:`mailspool.maildir.scan`), at most ``limit`` names per
+        directory are held, and only the heads of the chosen files are
+        read.  Names that do not start with a time come last.
 
         Raises:
             ValueError: ``state`` is not one of :data:`AREAS`.
         """
         if state is not None and state not in AREAS:
             raise ValueError(f"unknown state {state!r}; one of {sorted(AREAS)}")
-        chosen: list[tuple[bool, str, str]] = []  # (not dated, name, area)
+        chosen: list[tuple[tuple[int, int] | None, str, str]] = []
         for area in [AREAS[state]] if state else list(STATES):
-            for name in heapq.nsmallest(limit, self._names(area)):  # compared in C: quick
-                chosen.append((not name[0].isdigit(), name, area))
-        found = [self._entry(area, name, full=False) for _, name, area in sorted(chosen)[:limit]]
+            for d in self._area_dirs(area):
+                chosen += [(name_time(n), n, area) for n in scan_dir(d, limit)[1]]
+        chosen.sort(key=lambda k: (k[0] is None, k[0] or (0, 0), k[1]))
+        found = [self._entry(area, name, full=False) for _, name, area in chosen[:limit]]
         return sorted([e for e in found if e is not None], key=age_order)
 
     def get(self, id: str) -> SpoolEntry:

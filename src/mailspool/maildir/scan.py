@@ -7,7 +7,9 @@ they were made (``SECONDS.M<microseconds>...``), so the oldest messages are
 found from the names alone: the loop below does one string comparison per
 entry against a bound (the second of the newest name kept so far), and
 parses a name only when it may belong among the oldest.  Nothing but the
-``limit`` names kept is held.
+``limit`` names kept is held.  The bound compares seconds as text, which
+holds for names whose seconds have ten digits (every name made between 2001
+and 2286); an older name with fewer digits may be missed.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ __all__ = ["fast_fill"]
 def fast_fill(path: str, n: int, tag: str, priority: str = "normal") -> float:
     """Write ``n`` distinct ready messages of class ``priority`` into the spool at
     ``path`` (created); return the seconds it took."""
-    from mailspool.maildir.directory import READY_AREA, new_name
+    from mailspool.maildir.classes import READY_AREA
+    from mailspool.maildir.directory import new_name
     from mailspool.maildir.fileformat import encode_head
     from mailspool.maildir.spool import Spool
     from mailspool.message import prepare

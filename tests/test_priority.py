@@ -15,7 +15,7 @@ import transaction
 
 from _relays import body, enqueue
 from mailspool import QueuedMailDelivery
-from mailspool.maildir.directory import name_priority
+from mailspool.maildir.classes import name_priority
 from mailspool.maildir.spool import Spool
 from mailspool.memory import MemoryQueue
 from mailspool.message import prepare

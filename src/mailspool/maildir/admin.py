@@ -17,12 +17,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 from mailspool.errors import SpoolError
+from mailspool.maildir.classes import name_priority
 from mailspool.maildir.directory import (
     LOCATE_ORDER,
     SpoolDir,
     check_id,
     errname,
-    name_priority,
     new_name,
     open_failure,
     read_all,

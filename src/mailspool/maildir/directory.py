@@ -42,6 +42,7 @@ from collections.abc import Iterator, Sequence
 
 from mailspool.errors import SpoolError
 from mailspool.maildir import trash
+from mailspool.maildir.classes import MARKS, READY_AREA, READY_DIRS, area_dir
 from mailspool.maildir.lifecycle import NEWER_THAN_CUR
 from mailspool.maildir.locks import (
     LOCK,
@@ -55,15 +56,11 @@ from mailspool.priority import PRIORITIES, Priority
 __all__ = [
     "DFLAGS",
     "LOCATE_ORDER",
-    "READY_AREA",
-    "READY_DIRS",
     "WFLAGS",
     "SpoolDir",
-    "area_dir",
     "check_id",
     "errname",
     "log",
-    "name_priority",
     "new_name",
     "open_failure",
     "read_all",
@@ -74,9 +71,6 @@ __all__ = [
 # filter on "mailspool.maildir.spool" (docs/operations.md).
 log = logging.getLogger("mailspool.spool")
 
-#: The directories of ready mail besides ``new/`` (see :func:`area_dir`).
-READY_DIRS = ("urgent", "bulk")
-
 WFLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -84,34 +78,6 @@ DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: ``cur/`` copy that a crash may have left behind.
 LOCATE_ORDER = ("new", "deferred", "hold", "failed", "quarantine", "cur")
 _AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash", *READY_DIRS)
-
-# --- priority classes -----------------------------------------------------------
-# A message's class is in its name, which never changes, so every move keeps
-# it without reading the file.  Ready mail of each class has a directory of
-# its own, so the due listing finds urgent mail without reading the others:
-# ``new/`` is the normal class's (and every name without a mark: files of
-# earlier releases, of zope.sendmail and repoze.sendmail), ``urgent/`` and
-# ``bulk/`` the others'.  The lifecycle speaks of "new" for all three.
-
-#: Class -> the mark its names end with (normal mail's names have none).
-_MARKS = {Priority.URGENT: ",P=urgent", Priority.BULK: ",P=bulk"}
-#: Class -> the directory its ready mail is in.
-READY_AREA = {Priority.URGENT: "urgent", Priority.NORMAL: "new", Priority.BULK: "bulk"}
-
-
-def name_priority(name: str) -> Priority:
-    """The class a spool name carries (normal for a name without a mark)."""
-    if name.endswith(",P=urgent"):
-        return Priority.URGENT
-    if name.endswith(",P=bulk"):
-        return Priority.BULK
-    return Priority.NORMAL
-
-
-def area_dir(area: str, id: str) -> str:
-    """The directory (area name) that holds ``id`` in ``area``: ready mail by class."""
-    return READY_AREA[name_priority(id)] if area == "new" else area
-
 
 # --- names --------------------------------------------------------------------
 
@@ -126,7 +92,7 @@ def new_name(priority: Priority = Priority.NORMAL) -> str:
     us = time.time_ns() // 1000
     return (
         f"{us // 1_000_000}.M{us % 1_000_000}P{_pid}Q{next(_seq)}"
-        f"R{random.getrandbits(32):08x}.{_host}{_MARKS.get(priority, '')}"
+        f"R{random.getrandbits(32):08x}.{_host}{MARKS.get(priority, '')}"
     )
 
 

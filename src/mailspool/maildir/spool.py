@@ -50,13 +50,11 @@ from mailspool.errors import SpoolError
 from mailspool.maildir import process, trash
 from mailspool.maildir.admin import SpoolAdmin, SpoolEntry
 from mailspool.maildir.claim import Claim
+from mailspool.maildir.classes import READY_AREA, area_dir, name_priority
 from mailspool.maildir.directory import (
-    READY_AREA,
-    area_dir,
     check_id,
     errname,
     log,
-    name_priority,
     new_name,
     open_failure,
     read_all,

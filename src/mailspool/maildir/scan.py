@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import os
+from collections.abc import Iterator
 
 __all__ = ["name_time", "scan_dir"]
 
@@ -87,35 +88,48 @@ def scan_dir(
         begin with a time come last).
     """
     keep = _Oldest(limit) if limit else None
-    n = 0
     try:
         it = os.scandir(d)
     except FileNotFoundError:
         return 0, []
     with it:
         if due_by is not None:
-            for e in it:
-                if e.name[0] == ".":
-                    continue
-                if keep is not None:
-                    keep.offer(e.name)
-                try:
-                    if e.stat(follow_symlinks=False).st_mtime <= due_by:
-                        if ready is not None:
-                            ready[0] += 1
-                        continue
-                except OSError:
-                    continue
-                n += 1
+            n = _scan_deferred(it, keep, due_by, ready if ready is not None else [0])
         elif keep is None:
-            for e in it:
-                n += e.name[0] != "."
+            n = sum(1 for e in it if e.name[0] != ".")
         else:
-            for e in it:  # the loop of a million entries: one comparison each
-                name = e.name
-                if name < keep.bound:  # dot names too: "." sorts before the digits
-                    if name[0] == ".":
-                        continue
-                    keep.offer(name)
-                n += 1
+            n = _scan_oldest(it, keep)
     return n, keep.names() if keep is not None else []
+
+
+def _scan_oldest(it: Iterator[os.DirEntry[str]], keep: _Oldest) -> int:
+    """Count and keep the oldest: the loop of a million entries, one comparison each."""
+    n = 0
+    for e in it:
+        name = e.name
+        if name < keep.bound:  # dot names too: "." sorts before the digits
+            if name[0] == ".":
+                continue
+            keep.offer(name)
+        n += 1
+    return n
+
+
+def _scan_deferred(
+    it: Iterator[os.DirEntry[str]], keep: _Oldest | None, due_by: float, ready: list[int]
+) -> int:
+    """Count the entries not due by ``due_by``; those due go to ``ready[0]``."""
+    n = 0
+    for e in it:
+        if e.name[0] == ".":
+            continue
+        if keep is not None:
+            keep.offer(e.name)
+        try:
+            if e.stat(follow_symlinks=False).st_mtime <= due_by:
+                ready[0] += 1
+                continue
+        except OSError:
+            continue
+        n += 1
+    return n

@@ -64,7 +64,7 @@ def test_rows_of_the_first_schema_are_normal_after_the_upgrade(pg_url: str) -> N
             (MSG,),
         )
     with psycopg.connect(target.conninfo, autocommit=True) as conn:
-        assert apply_migrations(conn, target.schema, create=False) == [2]  # `db upgrade`
+        assert apply_migrations(conn, target.schema, create=False) == [2, 3]  # `db upgrade`
     upgraded = PostgresQueue(pg_url)
     try:
         assert [(e.id, e.priority) for e in upgraded.entries()] == [("1.M1P1Q1R0.old", "normal")]

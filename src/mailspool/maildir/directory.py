@@ -36,7 +36,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from mailspool.errors import SpoolError
 from mailspool.maildir import trash
@@ -247,10 +247,15 @@ class SpoolDir:
 
     # -- writing -----------------------------------------------------------------
 
-    #: Make a new file durable (:func:`mailspool.maildir.durable.write_file`).
-    _write = staticmethod(write_file)
-    #: Make a batch of new files durable (:func:`mailspool.maildir.durable.write_files`).
-    _write_many = staticmethod(write_files)
+    def _write(self, path: str, head: bytes, data: bytes, mtime: float | None, lock: bool) -> int:
+        """Make a new file durable (:func:`mailspool.maildir.durable.write_file`)."""
+        return write_file(path, head, data, mtime, lock)
+
+    def _write_many(
+        self, files: Sequence[tuple[str, bytes, bytes, float | None]]
+    ) -> tuple[int, OSError] | None:
+        """Make new files durable (:func:`mailspool.maildir.durable.write_files`)."""
+        return write_files(files)
 
     def _fsync_path(self, path: str) -> None:
         fd = os.open(path, DFLAGS)

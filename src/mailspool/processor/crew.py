@@ -140,6 +140,7 @@ class Crew:
         ids = spool.due(p.now)
         try:
             for id in ids:
+                sender.outage.worked(p.mark)  # it answered: over, unless a claim failed since
                 if sender.skipped(id, p.now):
                     continue
                 if sender.lost_run >= LOST_RUN:
@@ -151,6 +152,7 @@ class Crew:
             close = getattr(ids, "close", None)
             if close is not None:
                 close()
+        sender.outage.worked(p.mark)
         return False
 
     def start(self) -> None:

@@ -182,6 +182,8 @@ processor_options = _options(
     click.option("--give-up-after", metavar="DURATION", help=_env_help("give_up_after")),
     click.option("--relay-first-delay", metavar="DURATION", help=_env_help("relay_first_delay")),
     click.option("--relay-max-delay", metavar="DURATION", help=_env_help("relay_max_delay")),
+    click.option("--quick-retry", metavar="DURATION", help=_env_help("quick_retry")),
+    click.option("--jitter", metavar="FRACTION", help=_env_help("jitter")),
 )
 
 _SETTING_FLAGS = {f.name for f in FIELDS} | {"password_file"}

@@ -462,3 +462,12 @@ def relay_state(spool: QueueBackend) -> dict[str, Any] | None:
 
     path = getattr(spool, "path", None)
     return relayfile.read(path) if isinstance(path, str) else None
+
+
+def relay_states(spool: QueueBackend) -> list[dict[str, Any]]:
+    """What each processor wrote about the relay, the latest first (see
+    :func:`relay_state`); empty for other queues or when none wrote."""
+    from mailspool.processor import relayfile
+
+    path = getattr(spool, "path", None)
+    return relayfile.read_all(path) if isinstance(path, str) else []

@@ -313,6 +313,7 @@ class QueueProcessor:
         self._waiter: Waiter | None = None
         self._thread: threading.Thread | None = None
         self._published: dict[str, Any] | None = None  # the last relay state written
+        self._relay_key = relayfile.new_key()  # this processor's entry in the relay file
 
     def __repr__(self) -> str:
         return f"<QueueProcessor {self.spool.location} -> {self._sender.where}>"
@@ -398,7 +399,9 @@ class QueueProcessor:
             if small and {**state, "rate": 0} == {**prev, "rate": 0}:
                 return  # a small step of the rate: not worth a write
         path = getattr(self.spool, "path", None)  # a Maildir spool; other queues: nowhere
-        if isinstance(path, str) and relayfile.write(path, {**state, "written_at": self._clock()}):
+        if isinstance(path, str) and relayfile.write(
+            path, {**state, "written_at": self._clock()}, key=self._relay_key
+        ):
             self._published = state
 
     def _write_waiting(self, p: _Pass | None, *, stopping: bool = False) -> None:

@@ -15,7 +15,8 @@ processors silent for :data:`FORGET_AFTER` whose pause is over, writes the
 whole to a temporary file and renames it into place; a reader takes no
 lock and never sees half a file.  :func:`read` gives the latest word (the
 entry written last), which is what the queue verbs show as *the* relay's
-state; :func:`read_all` every processor's.
+state; :func:`read_all` every processor's.  :class:`Publisher` is the
+processor's side: it writes when what it would say changed.
 
 A file of the earlier layout (one processor's state, not keyed) reads as
 that processor's entry.
@@ -31,9 +32,24 @@ import logging
 import os
 import socket
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["FILE_NAME", "FORGET_AFTER", "LOCK_NAME", "new_key", "read", "read_all", "write"]
+if TYPE_CHECKING:
+    from mailspool.processor.pacing import Pacer
+    from mailspool.processor.policy import RelayState
+    from mailspool.queue import QueueBackend
+
+__all__ = [
+    "FILE_NAME",
+    "FORGET_AFTER",
+    "LOCK_NAME",
+    "Publisher",
+    "new_key",
+    "read",
+    "read_all",
+    "write",
+]
 
 log = logging.getLogger("mailspool.processor")
 
@@ -145,3 +161,69 @@ def _prune(entries: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str
         ((k, v) for k, v in entries.items() if live(v)), key=lambda kv: _stamp(kv[1]), reverse=True
     )
     return dict(kept[:MAX_ENTRIES])
+
+
+class Publisher:
+    """Writes what a processor learned about its relay, when it changed.
+
+    Nothing is written while all is well (no rate learned, no pause), nor
+    for a small step of the learned rate; only a Maildir spool has a place
+    for the file (other queues: nowhere).
+
+    Args:
+        spool: the processor's queue.
+        relay: the relay's pause and parallelism.
+        pacer: the sending rate it learned.
+        rate_limit: the configured limit.
+        relay_name: where the relay is, for the reader.
+        trouble: the failure that paused the relay last.
+        clock: the ``time.time``-like clock.
+    """
+
+    def __init__(
+        self,
+        spool: QueueBackend,
+        relay: RelayState,
+        pacer: Pacer,
+        *,
+        rate_limit: float | None,
+        relay_name: str,
+        trouble: Callable[[], str],
+        clock: Callable[[], float],
+    ) -> None:
+        self._spool = spool
+        self._relay = relay
+        self._pacer = pacer
+        self._rate_limit = rate_limit
+        self._where = relay_name
+        self._trouble = trouble
+        self._clock = clock
+        self._published: dict[str, Any] | None = None  # the last relay state written
+        self._key = new_key()  # this processor's entry in the file
+
+    def __call__(self, now: float) -> None:
+        """Write the state at ``now`` if it is worth a write."""
+        paused = self._relay.paused(now)
+        state: dict[str, Any] = {
+            "relay": self._where,
+            "pid": os.getpid(),
+            "rate": self._pacer.rate if self._pacer.learned else None,
+            "rate_limit": self._rate_limit,
+            "connections": self._relay.parallelism(now),
+            "paused_until": self._relay.paused_until if paused else None,
+            "reason": self._trouble() if paused else None,
+        }
+        prev = self._published
+        if prev is None:
+            if state["rate"] is None and not paused:
+                return  # nothing learned, nothing to tell
+        elif state == prev:
+            return
+        elif state["rate"] is not None and prev["rate"] is not None:
+            small = abs(state["rate"] - prev["rate"]) < 0.05 * prev["rate"]
+            if small and {**state, "rate": 0} == {**prev, "rate": 0}:
+                return  # a small step of the rate: not worth a write
+        path = getattr(self._spool, "path", None)  # a Maildir spool; other queues: nowhere
+        written = {**state, "written_at": self._clock()}
+        if isinstance(path, str) and write(path, written, key=self._key):
+            self._published = state

@@ -20,7 +20,7 @@ from _relays import enqueue, message_id
 from _scripted_relays import BreaksEveryTransaction, EveryFifth, GoesAway, TokenBucket
 from conftest import Relay, RelayFactory
 from mailspool import QueueProcessor, RetryPolicy, SMTPMailer, Spool, Summary
-from mailspool.processor.pacing import Pacer
+from mailspool.processor.pacing import FIRST_HOLD_MAX, Pacer
 from mailspool.processor.policy import COHORT
 from mailspool.processor.relayfile import read as read_relay_state
 
@@ -66,6 +66,25 @@ def test_a_rate_limit_is_paced_not_obeyed_by_stopping(
     assert any("says too fast" in r.getMessage() for r in caplog.records)
     state = read_relay_state(spool.path)  # what `mailspool status` shows
     assert state is not None and state["rate"] == pytest.approx(p.pacer.rate, rel=0.06)
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["421-and-close", "454-and-stay"])
+def test_a_short_burst_learns_the_rate_with_few_refusals(
+    spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture, close: bool
+) -> None:
+    caplog.set_level(logging.DEBUG, "mailspool")
+    bucket = TokenBucket(rate=40, burst=4, close=close)
+    relay = smtp_relay(bucket)
+    ids = enqueue(spool, 40)
+    with processor(spool, relay, connections=4) as p:
+        assert p.process_once(time.time()) == Summary(sent=40)
+    assert delivered(relay) == Counter(ids)
+    # Every refusal reached the pacer: none was followed by the same
+    # message sent again at once on a new session, unseen.
+    busy = [r for r in caplog.records if "relay busy" in r.getMessage()]
+    assert len(busy) == bucket.refused
+    # Learning costs a few refusals, not a third of the burst.
+    assert bucket.refused <= 10
 
 
 @pytest.mark.parametrize("kind", ["rcpt421", "data451", "drop_mid", "drop_reply"])
@@ -277,10 +296,27 @@ def test_the_pacer_never_passes_the_configured_limit_and_gives_up_in_the_end() -
         cuts.append(cut)
         if cut.give_up:
             break
-    assert [c.hold for c in cuts[1:4]] == pytest.approx(
-        [1 / cuts[0].rate, 2 / cuts[0].rate, 4 / cuts[0].rate]
-    )
+    # The first hold is as long as the relay took messages before it first
+    # refused (1 s here: the clock moved once), then each one doubles.
+    first = max(1 / cuts[0].rate, FIRST_HOLD_MAX)
+    assert [c.hold for c in cuts[1:4]] == pytest.approx([first, 2 * first, 4 * first])
     assert len(cuts) < 15
+
+
+def test_the_first_hold_is_as_long_as_the_relay_took_messages() -> None:
+    now = [0.0]
+    pacer = Pacer(None, clock=lambda: now[0])
+    for _ in range(10):  # ten taken in 20 ms, then refused: an anvil-like window
+        assert pacer.reserve() == 0
+        now[0] += 0.002
+        pacer.accepted()
+    cut = pacer.refused(now[0])
+    assert cut is not None and cut.hold == 0 and cut.rate == pytest.approx(400)
+    now[0] += 1 / cut.rate
+    held = pacer.refused(now[0])
+    # Not 1/400 s, which the relay would refuse again: the 20 ms it took the
+    # burst in.  Every hold it saves is one refusal fewer.
+    assert held is not None and held.hold == pytest.approx(0.02)
 
 
 def test_status_shows_what_the_processor_learned_about_its_relay(

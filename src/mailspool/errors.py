@@ -146,6 +146,9 @@ class DeliveryError(MailspoolError):
     #: True when the error says nothing about this message: the relay is
     #: down, refuses us, or our configuration (TLS, AUTH) is wrong.
     about_relay: bool = False
+    #: True when the session was lost after the message's final dot: the
+    #: relay may have taken it (the lost-reply window).
+    maybe_sent: bool = False
     #: True when trying again later may succeed.
     transient: bool = True
     #: The command the reply answered (``"mail"``, ``"rcpt"``, ``"data"``,

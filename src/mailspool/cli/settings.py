@@ -98,7 +98,7 @@ class Settings:
     give_up_after: float = 5 * 86400.0
     relay_first_delay: float = 30.0
     relay_max_delay: float = 600.0
-    quick_retry: float = 0.5
+    quick_retry: float = 0.1
     jitter: float = 0.1
 
     @property

@@ -157,6 +157,23 @@ class Crew:
                 close()
         return False
 
+    def finish(self, p: Pass) -> None:
+        """Wait until pass ``p`` is settled, making its quick retries meanwhile.
+
+        A message deferred after a one-off fault is queued again when its
+        time comes, unless nothing may be started any more (stopping, the
+        relay paused): then it stays deferred, and is counted so.
+        """
+        while True:
+            due = p.due()
+            if not due:
+                return
+            for id, partly in due:
+                if p.requeue(self._blocked):
+                    self.put(id, p)
+                else:
+                    p.count("deferred", partly)
+
     def start(self) -> None:
         """Start the first threads, unless they run."""
         with self._lock:
@@ -196,13 +213,16 @@ class Crew:
             if job is None:
                 return
             id, p = job
-            done = Done(None)
+            done = counted = Done(None)
             try:
                 if p.start(self.relay.parallelism, self._blocked):
                     if not told:
                         started, (cpu, delay) = time.monotonic(), clock.read()
-                    done = self._sender.handle(id, p.now)
+                    done = self._sender.handle(id, p.now, p.tries.get(id, 0))
                     waited = self._sender.relay_wait()
+                    if done.retry_in is not None:
+                        p.retry_later(id, done.retry_in, done.partly)
+                        counted = Done(None)  # by its last attempt in this pass
                     if done.outcome is not None:
                         if not told and waited is not None:
                             told, mark = True, cpu  # from this message on
@@ -221,11 +241,13 @@ class Crew:
                                 self._observe(waited, None, p)
                     elif done.again and p.requeue(self._blocked):
                         self.jobs.put((id, p))  # refused for now: again in this pass
+                    if done.retry_in is None:
+                        counted = done
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
             finally:
-                p.done(done.outcome, done.partly)
+                p.done(counted.outcome, counted.partly)
 
     def _new_thread(self) -> None:
         t = threading.Thread(target=self._work, name=f"{_SENDER}{len(self.threads)}", daemon=True)

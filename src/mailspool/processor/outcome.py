@@ -275,6 +275,9 @@ class Done:
     again: bool = False
     #: deferred or failed, but some recipients accepted it in this attempt
     partly: bool = False
+    #: deferred after a one-off fault: to be tried again in this pass, this
+    #: many seconds from now (None: by a later pass, when it is due)
+    retry_in: float | None = None
 
 
 @dataclass(frozen=True)

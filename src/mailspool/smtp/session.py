@@ -500,6 +500,7 @@ class SMTPConnection:
             error = ConnectionFailed(
                 f"{self._where} sent a malformed reply to {phase}: {exc.line!r}{maybe}"
             )
+            error.maybe_sent = after_dot
             raise _Stale(error) if stale_ok else error from exc
 
     def _debug_result(self, tx: Transaction, result: SendResult) -> None:

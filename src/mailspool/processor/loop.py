@@ -83,6 +83,16 @@ log = logging.getLogger("mailspool.processor")
 ABANDONED_CHECK = 1.0
 
 
+def _check(connections: int, interval: float, rate_limit: float | None) -> None:
+    """Refuse the processor's arguments that make no sense."""
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, got {connections!r}")
+    if not interval > 0:
+        raise ValueError(f"interval must be greater than 0, got {interval!r}")
+    if rate_limit is not None and not rate_limit > 0:
+        raise ValueError(f"rate_limit must be greater than 0, got {rate_limit!r}")
+
+
 @implementer(IMailQueueProcessor)
 class QueueProcessor:
     """Delivers the spool's messages through a mailer; any number may share a spool.
@@ -123,12 +133,7 @@ class QueueProcessor:
         clock: Callable[[], float] = time.time,
         watch: bool = True,
     ) -> None:
-        if connections < 1:
-            raise ValueError(f"connections must be at least 1, got {connections!r}")
-        if not interval > 0:
-            raise ValueError(f"interval must be greater than 0, got {interval!r}")
-        if rate_limit is not None and not rate_limit > 0:
-            raise ValueError(f"rate_limit must be greater than 0, got {rate_limit!r}")
+        _check(connections, interval, rate_limit)
         self.spool = open_queue(spool)
         self.mailer = mailer
         self.connections = connections
@@ -157,13 +162,7 @@ class QueueProcessor:
         )
         #: Leaves what was learned about the relay where ``status`` reads it.
         self._publish = relayfile.Publisher(
-            self.spool,
-            self.relay,
-            self.pacer,
-            rate_limit=rate_limit,
-            relay_name=self._sender.where,
-            trouble=lambda: self._sender.trouble,
-            clock=clock,
+            self.spool, self._sender, self.pacer, rate_limit=rate_limit, clock=clock
         )
         self._crew = Crew(
             self._sender,

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mailspool.processor.pacing import Pacer
-    from mailspool.processor.policy import RelayState
+    from mailspool.processor.sender import Sender
     from mailspool.queue import QueueBackend
 
 __all__ = [
@@ -172,31 +172,27 @@ class Publisher:
 
     Args:
         spool: the processor's queue.
-        relay: the relay's pause and parallelism.
+        sender: its sender: where the relay is, the relay's pause and
+            parallelism, the failure that paused it last.
         pacer: the sending rate it learned.
         rate_limit: the configured limit.
-        relay_name: where the relay is, for the reader.
-        trouble: the failure that paused the relay last.
         clock: the ``time.time``-like clock.
     """
 
     def __init__(
         self,
         spool: QueueBackend,
-        relay: RelayState,
+        sender: Sender,
         pacer: Pacer,
         *,
         rate_limit: float | None,
-        relay_name: str,
-        trouble: Callable[[], str],
         clock: Callable[[], float],
     ) -> None:
         self._spool = spool
-        self._relay = relay
+        self._sender = sender
+        self._relay = sender.relay
         self._pacer = pacer
         self._rate_limit = rate_limit
-        self._where = relay_name
-        self._trouble = trouble
         self._clock = clock
         self._published: dict[str, Any] | None = None  # the last relay state written
         self._key = new_key()  # this processor's entry in the file
@@ -205,13 +201,13 @@ class Publisher:
         """Write the state at ``now`` if it is worth a write."""
         paused = self._relay.paused(now)
         state: dict[str, Any] = {
-            "relay": self._where,
+            "relay": self._sender.where,
             "pid": os.getpid(),
             "rate": self._pacer.rate if self._pacer.learned else None,
             "rate_limit": self._rate_limit,
             "connections": self._relay.parallelism(now),
             "paused_until": self._relay.paused_until if paused else None,
-            "reason": self._trouble() if paused else None,
+            "reason": self._sender.trouble if paused else None,
         }
         prev = self._published
         if prev is None:

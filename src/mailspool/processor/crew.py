@@ -220,9 +220,7 @@ class Crew:
                         started, (cpu, delay) = time.monotonic(), clock.read()
                     done = self._sender.handle(id, p.now, p.tries.get(id, 0))
                     waited = self._sender.relay_wait()
-                    if done.retry_in is not None:
-                        p.retry_later(id, done.retry_in, done.partly)
-                        counted = Done(None)  # by its last attempt in this pass
+                    counted = self._again(id, p, done)
                     if done.outcome is not None:
                         if not told and waited is not None:
                             told, mark = True, cpu  # from this message on
@@ -239,15 +237,21 @@ class Crew:
                                 sent, mark = 0, now
                             if waited is not None:  # None: not sent, nothing to learn
                                 self._observe(waited, None, p)
-                    elif done.again and p.requeue(self._blocked):
-                        self.jobs.put((id, p))  # refused for now: again in this pass
-                    if done.retry_in is None:
-                        counted = done
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
             finally:
                 p.done(counted.outcome, counted.partly)
+
+    def _again(self, id: str, p: Pass, done: Done) -> Done:
+        """Queue ``id`` again in pass ``p`` when ``done`` says so; return what
+        to count for it now (nothing while it is to be tried again)."""
+        if done.retry_in is not None:  # a one-off fault: a quick retry, soon
+            p.retry_later(id, done.retry_in, done.partly)
+            return Done(None)  # counted by its last attempt in this pass
+        if done.again and p.requeue(self._blocked):
+            self.jobs.put((id, p))  # refused for now: again in this pass
+        return done
 
     def _new_thread(self) -> None:
         t = threading.Thread(target=self._work, name=f"{_SENDER}{len(self.threads)}", daemon=True)

@@ -149,23 +149,25 @@ class GoesAway:
 
 
 class FaultsOne:
-    """Faults every transaction of the message whose body holds ``marker``
-    (``kind``: ``"data451"``, or ``"drop_reply"``: taken, then the reply
-    lost), and takes every other; ``tries`` counts its transactions."""
+    """Faults the transactions of the message whose body holds ``marker``, in
+    turn, as ``kinds`` says (``"data451"``, or ``"drop_reply"``: taken, then
+    the reply lost), and takes the rest; ``tries`` counts its transactions."""
 
-    def __init__(self, marker: bytes, kind: str) -> None:
+    def __init__(self, marker: bytes, kinds: tuple[str, ...]) -> None:
         self.marker = marker
-        self.kind = kind
+        self.kinds = kinds
         self.tries = 0
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         if self.marker not in (envelope.original_content or envelope.content or b""):
             return "250 2.0.0 OK"
         self.tries += 1
-        if self.kind == "data451":
+        kind = self.kinds[self.tries - 1] if self.tries <= len(self.kinds) else "ok"
+        if kind == "data451":
             return "451 4.3.0 local error in processing"
-        server.transport.abort()  # taken (the test relay records it), no reply
-        return "250 2.0.0 (never read)"
+        if kind == "drop_reply":
+            server.transport.abort()  # taken (the test relay records it), no reply
+        return "250 2.0.0 OK"
 
 
 class RefusesSomeSessions:

@@ -178,14 +178,17 @@ def test_one_off_faults_are_tried_again_in_the_same_pass(
         assert duplicates == 0
 
 
-@pytest.mark.parametrize(("kind", "tries"), [("data451", QUICK_TRIES), ("drop_reply", 2)])
+@pytest.mark.parametrize(
+    ("kinds", "tries"),
+    [(("data451",) * QUICK_TRIES, QUICK_TRIES), (("drop_reply", "drop_reply"), 2)],
+)
 def test_a_message_that_keeps_failing_gets_the_usual_schedule(
-    spool: Spool, smtp_relay: RelayFactory, kind: str, tries: int
+    spool: Spool, smtp_relay: RelayFactory, kinds: tuple[str, ...], tries: int
 ) -> None:
     # Its fault is its own, not a one-off: after the quick tries it waits
     # first_delay (the quick tries count as one step).  A reply lost after
-    # the final dot (it may have been delivered) is tried again once only.
-    handler = FaultsOne(b"Subject: test 3\r\n", kind)
+    # the final dot (it may have been delivered) is resent at once only once.
+    handler = FaultsOne(b"Subject: test 3\r\n", kinds)
     relay = smtp_relay(handler)
     ids = enqueue(spool, 6)
     t0 = time.time()
@@ -194,6 +197,19 @@ def test_a_message_that_keeps_failing_gets_the_usual_schedule(
     [entry] = spool.entries()
     assert entry.message_id == ids[3] and entry.attempts == tries == handler.tries
     assert entry.next_attempt == pytest.approx(t0 + IN_PASS.first_delay)
+
+
+def test_a_lost_reply_after_another_fault_still_gets_its_quick_retry(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    handler = FaultsOne(b"Subject: test 3\r\n", ("data451", "drop_reply"))
+    relay = smtp_relay(handler)
+    ids = enqueue(spool, 6)
+    with processor(spool, relay, retry=IN_PASS) as p:
+        assert p.process_once(time.time()) == Summary(sent=6)
+    assert handler.tries == 3
+    # The lost reply's message had been taken: the one duplicate its window allows.
+    assert delivered(relay) == Counter(ids) + Counter([ids[3]])
 
 
 def test_one_refused_session_is_tried_again_at_once_not_a_pause(

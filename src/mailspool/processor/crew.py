@@ -218,7 +218,7 @@ class Crew:
                 if p.start(self.relay.parallelism, self._blocked):
                     if not told:
                         started, (cpu, delay) = time.monotonic(), clock.read()
-                    done = self._sender.handle(id, p.now, p.tries.get(id, 0))
+                    done = self._sender.handle(id, p.now, p.tries.get(id, 0), id in p.lost)
                     waited = self._sender.relay_wait()
                     counted = self._again(id, p, done)
                     if done.outcome is not None:
@@ -247,7 +247,7 @@ class Crew:
         """Queue ``id`` again in pass ``p`` when ``done`` says so; return what
         to count for it now (nothing while it is to be tried again)."""
         if done.retry_in is not None:  # a one-off fault: a quick retry, soon
-            p.retry_later(id, done.retry_in, done.partly)
+            p.retry_later(id, done.retry_in, done.partly, done.lost)
             return Done(None)  # counted by its last attempt in this pass
         if done.again and p.requeue(self._blocked):
             self.jobs.put((id, p))  # refused for now: again in this pass

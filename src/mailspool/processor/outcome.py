@@ -278,6 +278,8 @@ class Done:
     #: deferred after a one-off fault: to be tried again in this pass, this
     #: many seconds from now (None: by a later pass, when it is due)
     retry_in: float | None = None
+    #: that fault lost the reply after the final dot (it may have been sent)
+    lost: bool = False
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ class Pass:
         self.later: list[tuple[float, int, str, bool]] = []
         #: Attempts made in this pass at the messages tried again.
         self.tries: dict[str, int] = {}
+        #: Those of them whose reply was lost after the final dot once.
+        self.lost: set[str] = set()
         self._order = itertools.count()
 
     def queue(self, blocked: Callable[[float], bool]) -> bool:
@@ -108,10 +110,13 @@ class Pass:
         (call with ``cond`` held)."""
         return self.in_flight == 0 and self.queued == 0 and not self.later
 
-    def retry_later(self, id: str, delay: float, partly: bool) -> None:
-        """Try ``id`` again in this pass, ``delay`` seconds from now (see :meth:`due`)."""
+    def retry_later(self, id: str, delay: float, partly: bool, lost: bool = False) -> None:
+        """Try ``id`` again in this pass, ``delay`` seconds from now (see :meth:`due`);
+        ``lost``: its reply was lost after the final dot."""
         with self.cond:
             self.tries[id] = self.tries.get(id, 0) + 1
+            if lost:
+                self.lost.add(id)
             heapq.heappush(self.later, (time.monotonic() + delay, next(self._order), id, partly))
             self.cond.notify_all()  # the dispatcher may wait without a time limit
 

@@ -144,7 +144,7 @@ class Sender:
         self._local.relay_wait = None
         return wait
 
-    def handle(self, id: str, now: float, retried: int = 0) -> Done:
+    def handle(self, id: str, now: float, retried: int = 0, resent: bool = False) -> Done:
         """Claim, send and settle the message ``id``; never raises for its sake.
 
         Args:
@@ -152,6 +152,7 @@ class Sender:
             now: the time of the pass (the processor's clock).
             retried: attempts this pass made at it before (it met one-off
                 faults: see :meth:`_settle`).
+            resent: one of those lost the reply after the final dot.
 
         Returns:
             What became of it (see :class:`Done`).
@@ -167,6 +168,7 @@ class Sender:
             return self._lost(id)
         self.lost_run = 0
         self._local.retried = retried
+        self._local.resent = resent
         try:
             done = self._handle(claim, now)
         except BaseException:
@@ -338,19 +340,21 @@ class Sender:
 
         After a one-off fault (``quick``), a message that this pass tried
         every time is tried again in this pass, soon (``retry_in``), up to
-        :data:`QUICK_TRIES` attempts; a reply lost after the final dot
-        (``lost``: it may have been delivered) only as the first of them.
-        Otherwise the usual schedule, the quick tries counting as one step.
+        :data:`QUICK_TRIES` attempts; after a reply lost after the final dot
+        (``lost``: it may have been delivered) once per pass at most: a
+        second lost reply sends it to the usual schedule.  Otherwise the
+        usual schedule, the quick tries counting as one step.
         """
         attempt = claim.attempts + 1
         retried: int = getattr(self._local, "retried", 0)
+        resent: bool = getattr(self._local, "resent", False)
         retry_at: float | None = None
         retry_in: float | None = None
         if verdict.deferred:
             # Only a message this pass tried every time gets quick retries:
             # one deferred before waits for its schedule.
             fresh = claim.attempts == retried
-            quick = quick and fresh and retried + 1 < QUICK_TRIES and not (lost and retried)
+            quick = quick and fresh and retried + 1 < QUICK_TRIES and not (lost and resent)
             # The quick tries of one pass count as one step of the schedule.
             step = retried + 1 if quick else attempt - retried if fresh else attempt
             # give_up_after counts from when the message became due: the
@@ -369,7 +373,7 @@ class Sender:
         if done is None:
             return Done(None)
         if retry_in is not None and done.outcome == "deferred":
-            return dataclasses.replace(done, retry_in=retry_in)
+            return dataclasses.replace(done, retry_in=retry_in, lost=lost)
         return done
 
     def _facts(

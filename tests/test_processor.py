@@ -41,7 +41,7 @@ from mailspool.maildir.spool import Claim, Spool
 from mailspool.memory import MemoryQueue
 from mailspool.processor.crew import LOST_RUN, RECENT
 from mailspool.processor.loop import QueueProcessor, RetryPolicy, Summary
-from mailspool.processor.policy import THROTTLE_PERIOD
+from mailspool.processor.policy import QUICK_TRIES, THROTTLE_PERIOD
 from mailspool.smtp.mailer import SMTPMailer
 
 QUICK = RetryPolicy(
@@ -222,19 +222,19 @@ def test_always_451_until_expiry(spool: Spool, smtp_relay: RelayFactory, fired: 
         seen.append((round(now - t0), p.process_once(now)))
         now = spool.next_due()
     p.stop()
-    # The first pass tries it three times (a 451 to the data may be a
+    # The first pass tries it QUICK_TRIES times (a 451 to the data may be a
     # one-off), then the schedule: +10 (the quick tries count as one step),
-    # then by the attempts (the 4th: 40 s), then at the give-up time.
+    # then by the attempts (40 s, the longest), then at the give-up time.
     assert seen == [(0, Summary(deferred=1)), (10, Summary(deferred=1)),
                     (50, Summary(deferred=1)), (90, Summary(deferred=1)),
                     (100, Summary(failed=1))]  # fmt: skip
-    assert relay.commands.count("DATA") == 7 and relay.messages == []
+    assert relay.commands.count("DATA") == QUICK_TRIES + 4 and relay.messages == []
     entry = spool.get(id)
-    assert entry.state == "failed" and entry.attempts == 7
+    assert entry.state == "failed" and entry.attempts == QUICK_TRIES + 4
     [r] = entry.recipients
     assert r.status == "failed" and r.code == 451
     assert r.text is not None and r.text.startswith("expired") and "4.3.0 try again" in r.text
-    assert [type(e) for e in fired.about(ids)] == [MailDeferred] * 6 + [MailFailed]
+    assert [type(e) for e in fired.about(ids)] == [MailDeferred] * (QUICK_TRIES + 3) + [MailFailed]
 
 
 def test_drop_mid_data_defers_and_loses_nothing(spool: Spool) -> None:

@@ -44,10 +44,11 @@ THROTTLE_PERIOD = 600.0
 #: again; a longer wait is left to a later pass.
 QUICK_IN_PASS = 10.0
 #: Attempts one pass makes at most at a message whose attempts all met
-#: one-off faults (the first and two quick retries): with faults that
-#: strike a fraction f of transactions at random, f**3 of the messages
-#: wait for the usual schedule, not f.
-QUICK_TRIES = 3
+#: one-off faults (the first and four quick retries, within about 1.5 s
+#: with the default ``quick_retry``): with faults that strike a fraction f
+#: of the transactions at random (quick retries included), f**5 of the
+#: messages wait for the usual schedule, not f.
+QUICK_TRIES = 5
 #: Transactions in a row whose session broke (no reply, or a 421) after
 #: which the relay as a whole is paused, as Postfix does when a cohort of
 #: sessions fails: one broken session is a message's bad luck, several in a

@@ -125,7 +125,7 @@ class Pass:
         return those (id, partly delivered) whose time has come (none: settled)."""
         with self.cond:
             while True:
-                if self.in_flight == 0 and self.queued == 0 and not self.later:
+                if self.settled():
                     return []
                 if self.later:
                     wait = self.later[0][0] - time.monotonic()

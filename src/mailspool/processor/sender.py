@@ -225,8 +225,11 @@ class Sender:
             else:
                 self.relay.worked()
                 # A 4xx to MAIL or to the data is most often a passing fault
-                # of the relay; one at RCPT (greylisting) wants the usual wait.
-                quick = getattr(exc, "phase", "") in ("mail", "data")
+                # of the relay; one at RCPT (greylisting) wants the usual
+                # wait, and so does a recipient deferred at RCPT when the
+                # data got a 5xx.
+                transient = getattr(exc, "transient", False) is True
+                quick = transient and getattr(exc, "phase", "") in ("mail", "data")
             error = exc
             carried = getattr(exc, "result", None)
             result = carried if isinstance(carried, SendResult) else None

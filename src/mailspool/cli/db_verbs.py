@@ -5,8 +5,8 @@
 SPOOLDIR`` moves a Maildir spool's messages into the database (see
 :mod:`mailspool.postgres.importer`).  All three take the queue from
 ``--queue postgresql://...`` (or ``MAILSPOOL_QUEUE``, or the config file),
-like every other verb; :func:`open_postgres` is also how the other verbs
-open such a queue.  The password never comes from the command line: libpq
+like every other verb, opened as every verb opens it
+(:mod:`mailspool.cli.opening`).  The password never comes from the command line: libpq
 reads ``PGPASSWORD`` or ``~/.pgpass``, mailspool the file named by
 ``MAILSPOOL_DB_PASSWORD_FILE``.
 """
@@ -27,55 +27,14 @@ from mailspool.cli.common import (
     reason,
     settings,
 )
+from mailspool.cli.opening import open_postgres, postgres_target
 from mailspool.errors import SpoolError
 from mailspool.queue import is_postgres_url
 
 if TYPE_CHECKING:
-    from mailspool.postgres.connect import Target
-    from mailspool.postgres.queue import PostgresQueue
+    pass
 
-__all__ = ["COMMANDS", "open_postgres"]
-
-
-def _target(url: str) -> Target:
-    """The database named by ``url``, or one line saying what is wrong (exit code 2)."""
-    try:
-        from mailspool.postgres.connect import parse_target
-    except ImportError:
-        fail(
-            "queue: a PostgreSQL queue needs psycopg: pip install 'mailspool[postgres]'",
-            EXIT_USAGE,
-        )
-    from psycopg import conninfo
-
-    try:
-        target = parse_target(url)
-    except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    if "password" in conninfo.conninfo_to_dict(target.conninfo):
-        fail(
-            "queue: no password in the URL (ps and logs would show it); use PGPASSWORD, "
-            "~/.pgpass or MAILSPOOL_DB_PASSWORD_FILE",
-            EXIT_USAGE,
-        )
-    return target
-
-
-def open_postgres(url: str) -> PostgresQueue:
-    """The PostgreSQL queue at ``url``, for any verb.
-
-    Raises:
-        CommandError: psycopg missing, a malformed URL or a password in it
-            (exit code 2); the database unreachable or without the schema
-            (exit code 3).
-    """
-    target = _target(url)
-    from mailspool.postgres.queue import PostgresQueue
-
-    try:
-        return PostgresQueue(target)
-    except SpoolError as exc:
-        fail(reason(exc), EXIT_NO_QUEUE)
+__all__ = ["COMMANDS"]
 
 
 def _url(ctx: click.Context, kw: dict[str, Any]) -> str:
@@ -89,7 +48,7 @@ def _migrate(url: str, *, create: bool) -> int:
     from mailspool.postgres.connect import display_name
     from mailspool.postgres.schema import SCHEMA_VERSION, SchemaError, apply_migrations
 
-    target = _target(url)
+    target = postgres_target(url)
     name = display_name(target)
     try:
         conn = target.connect(autocommit=True)

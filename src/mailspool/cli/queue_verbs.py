@@ -24,35 +24,24 @@ from mailspool.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     STATE_NAMES,
+    age_text,
     common_options,
     fail,
-    open_spool,
-    reading,
     reason,
     relay_state,
     relay_states,
     settings,
     when,
 )
+from mailspool.cli.opening import open_spool, reading
+from mailspool.errors import SpoolError
 from mailspool.processor.outcome import per_second
 
 if TYPE_CHECKING:
     from mailspool.queue import QueueBackend as Spool
     from mailspool.queue import QueueEntry as SpoolEntry
 
-__all__ = ["COMMANDS", "age_text", "entry_json"]
-
-
-def age_text(seconds: float) -> str:
-    """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
+__all__ = ["COMMANDS", "entry_json"]
 
 
 def _size(n: int) -> str:
@@ -125,7 +114,7 @@ def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
     """
     try:
         return spool.message(entry.id)
-    except (KeyError, ValueError, OSError):
+    except (KeyError, ValueError, SpoolError, OSError):
         return None
 
 
@@ -231,7 +220,11 @@ def _relay_line(relay: dict[str, Any], now: float) -> str:
     parts.append(f"{relay.get('connections')} connection(s)")
     written = relay.get("written_at")
     age = f", {age_text(now - written)} ago" if isinstance(written, (int, float)) else ""
-    return f"  relay {relay.get('relay')}: {', '.join(parts)} (processor {relay.get('pid')}{age})"
+    host = f" on {relay['host']}" if relay.get("host") else ""
+    return (
+        f"  relay {relay.get('relay')}: {', '.join(parts)} "
+        f"(processor {relay.get('pid')}{host}{age})"
+    )
 
 
 @click.command("list")
@@ -332,7 +325,7 @@ def _get(spool: Spool, message_id: str) -> SpoolEntry:
         fail(f"{message_id}: not in the queue")
     except ValueError as exc:
         fail(f"{message_id}: {exc}")
-    except OSError as exc:  # SpoolError too
+    except (SpoolError, OSError) as exc:
         fail(f"{message_id}: {reason(exc)}")
 
 
@@ -375,7 +368,7 @@ def _each(spool: Spool, ids: Sequence[str], action: Callable[[str], None], done:
         except KeyError:
             click.echo(f"mailspool: {id}: not in the queue", err=True)
             code = EXIT_FAILED
-        except (OSError, ValueError) as exc:
+        except (SpoolError, OSError, ValueError) as exc:
             click.echo(f"mailspool: {id}: {reason(exc)}", err=True)
             code = EXIT_FAILED
         else:

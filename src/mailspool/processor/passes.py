@@ -47,6 +47,7 @@ class Pass:
         #: Those of them whose reply was lost after the final dot once.
         self.lost: set[str] = set()
         self._order = itertools.count()
+        self.mark = 0  # the queue's outage mark when the listing began (see outage.py)
 
     def queue(self, blocked: Callable[[float], bool]) -> bool:
         """Wait until another id may be queued; False when none may be (``blocked``)."""

@@ -20,6 +20,11 @@ processor's side: it writes when what it would say changed.
 
 A file of the earlier layout (one processor's state, not keyed) reads as
 that processor's entry.
+
+A queue that keeps it itself -- a database shared by processors on
+several hosts, :class:`~mailspool.queue.RelayStateStore` -- is given it
+instead (the latest word per relay): :func:`publish`, :func:`latest` and
+:func:`everyone` choose.
 """
 
 from __future__ import annotations
@@ -35,17 +40,21 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mailspool.queue import InDirectory, QueueBackend, RelayStateStore
+
 if TYPE_CHECKING:
     from mailspool.processor.pacing import Pacer
     from mailspool.processor.sender import Sender
-    from mailspool.queue import QueueBackend
 
 __all__ = [
     "FILE_NAME",
     "FORGET_AFTER",
     "LOCK_NAME",
     "Publisher",
+    "everyone",
+    "latest",
     "new_key",
+    "publish",
     "read",
     "read_all",
     "write",
@@ -163,12 +172,38 @@ def _prune(entries: dict[str, dict[str, Any]], now: float) -> dict[str, dict[str
     return dict(kept[:MAX_ENTRIES])
 
 
+def publish(queue: QueueBackend, state: dict[str, Any], *, key: str | None = None) -> bool:
+    """Leave ``state`` where ``status`` reads it: in the queue when it keeps it,
+    else in the spool directory's file (as the entry ``key``, see :func:`write`);
+    False when it could not (or nowhere)."""
+    if isinstance(queue, RelayStateStore):
+        return queue.set_relay_state(state)
+    return isinstance(queue, InDirectory) and write(queue.path, state, key=key)
+
+
+def latest(queue: QueueBackend) -> dict[str, Any] | None:
+    """The state a processor last left for ``queue`` (see :func:`publish`), or None."""
+    if isinstance(queue, RelayStateStore):
+        return queue.relay_state()
+    return read(queue.path) if isinstance(queue, InDirectory) else None
+
+
+def everyone(queue: QueueBackend) -> list[dict[str, Any]]:
+    """What each processor left for ``queue``, the latest first (a queue that
+    keeps it itself: its latest word); empty when none did."""
+    if isinstance(queue, RelayStateStore):
+        state = queue.relay_state()
+        return [state] if state is not None else []
+    return read_all(queue.path) if isinstance(queue, InDirectory) else []
+
+
 class Publisher:
     """Writes what a processor learned about its relay, when it changed.
 
     Nothing is written while all is well (no rate learned, no pause), nor
-    for a small step of the learned rate; only a Maildir spool has a place
-    for the file (other queues: nowhere).
+    for a small step of the learned rate; a Maildir spool keeps it in its
+    file, a queue that keeps it itself in the queue (:func:`publish`),
+    other queues nowhere.
 
     Args:
         spool: the processor's queue.
@@ -219,7 +254,6 @@ class Publisher:
             small = abs(state["rate"] - prev["rate"]) < 0.05 * prev["rate"]
             if small and {**state, "rate": 0} == {**prev, "rate": 0}:
                 return  # a small step of the rate: not worth a write
-        path = getattr(self._spool, "path", None)  # a Maildir spool; other queues: nowhere
         written = {**state, "written_at": self._clock()}
-        if isinstance(path, str) and write(path, written, key=self._key):
+        if publish(self._spool, written, key=self._key):
             self._published = state

@@ -51,13 +51,13 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-from mailspool.errors import DeliveryError, SpoolError
+from mailspool.errors import DeliveryError, QueueUnavailable, SpoolError
 from mailspool.events import Attempt, MailQuarantined
 from mailspool.processor import unwritten
 from mailspool.processor.connector import Connector, NotNow, RelayTrouble
-from mailspool.processor.observe import attempt_facts
+from mailspool.processor.facts import attempt_facts
+from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import (
     Done,
     Verdict,
@@ -72,7 +72,8 @@ from mailspool.processor.policy import QUICK_IN_PASS, QUICK_TRIES, RelayState, R
 from mailspool.processor.pool import ConnectionPool
 from mailspool.processor.unwritten import WAITING, Unwritten
 from mailspool.queue import QueueBackend, QueueClaim
-from mailspool.smtp.mailer import Reply, SendResult
+from mailspool.smtp.result import Reply, SendResult
+from mailspool.smtp.seams import Mailer, TimedConnection
 
 __all__ = ["Done", "Sender"]
 
@@ -82,6 +83,14 @@ log = logging.getLogger("mailspool.processor")
 #: A wait for the rate is cut into steps this long (seconds), each followed
 #: by closing the pooled connections idle too long.
 _WAIT_STEP = 5.0
+
+
+class _ThreadTimes(threading.local):
+    """What one sender thread measures of its current message (monotonic seconds)."""
+
+    started: float | None = None  # the pacer's clock when the transaction began
+    began: float | None = None  # time.monotonic() then, for the attempt's facts
+    relay_wait: float | None = None  # waited for the relay's replies, if the connection tells
 
 
 class Sender:
@@ -98,12 +107,13 @@ class Sender:
         pacer: the sending rate (configured limit, and what the relay accepts).
         stopping: true once the processor is asked to stop.
         sleep: waits the given seconds; returns True when cut short by a stop.
+        outage: told when the queue cannot be reached while claiming.
     """
 
     def __init__(
         self,
         spool: QueueBackend,
-        mailer: Any,
+        mailer: Mailer,
         *,
         retry: RetryPolicy,
         relay: RelayState,
@@ -111,6 +121,7 @@ class Sender:
         pacer: Pacer,
         stopping: Callable[[], bool],
         sleep: Callable[[float], bool],
+        outage: Outage | None = None,
     ) -> None:
         unwritten.hook_exit()
         self.spool = spool
@@ -123,10 +134,11 @@ class Sender:
         self.where = self._connector.where
         self._stopping = stopping
         self._sleep = sleep
+        self.outage = outage if outage is not None else Outage(spool.location)
         self._skip: dict[str, float] = {}  # messages that could not even be deferred
         self._skip_lock = threading.Lock()
         self._key = os.path.realpath(spool.location)  # whose waiting outcomes are ours
-        self._local = threading.local()
+        self._local = _ThreadTimes()
         #: Claims lost in a row (taken by another processor, or gone); reset
         #: by each claim made.  Read by the dispatcher, written by every
         #: sender thread: a hint, not a count.
@@ -140,7 +152,7 @@ class Sender:
         None when its connection does not tell (a mailer without
         ``connect()``) or the message was not sent.  Read and forgotten.
         """
-        wait: float | None = getattr(self._local, "relay_wait", None)
+        wait = self._local.relay_wait
         self._local.relay_wait = None
         return wait
 
@@ -159,11 +171,17 @@ class Sender:
 
         Raises:
             SpoolError: the spool itself failed while claiming (e.g. too
-                many open files); the message is untouched.
+                many open files); the message is untouched.  A queue that
+                cannot be reached (:class:`~mailspool.errors.QueueUnavailable`)
+                is told to ``outage`` instead.
         """
         if self._stopping() or self.relay.paused(now) or self.waiting():
             return Done(None)  # not started: stays where it is
-        claim = self.spool.claim(id)
+        try:
+            claim = self.spool.claim(id)
+        except QueueUnavailable as exc:  # an outage: no message's fault
+            self.outage.failed(exc)
+            return Done(None)
         if claim is None:
             return self._lost(id)
         self.lost_run = 0
@@ -228,10 +246,13 @@ class Sender:
                 # of the relay; one at RCPT (greylisting) wants the usual
                 # wait, and so does a recipient deferred at RCPT when the
                 # data got a 5xx.
-                transient = getattr(exc, "transient", False) is True
-                quick = transient and getattr(exc, "phase", "") in ("mail", "data")
+                quick = (
+                    isinstance(exc, DeliveryError)
+                    and exc.transient
+                    and exc.phase in ("mail", "data")
+                )
             error = exc
-            carried = getattr(exc, "result", None)
+            carried = exc.result if isinstance(exc, DeliveryError) else None
             result = carried if isinstance(carried, SendResult) else None
         else:
             self.relay.accepted()
@@ -254,13 +275,14 @@ class Sender:
         conn = self.pool.take()
         if conn is None:
             conn = self._connector.open(now)
-        waited = getattr(conn, "waited", None)
+        timed = conn if isinstance(conn, TimedConnection) else None
+        waited = timed.waited if timed is not None else None
         self._local.started = self.pacer.clock()
         self._local.began = time.monotonic()
         try:
             result = conn.send(claim.envelope, claim.data)
-            if waited is not None:
-                self._local.relay_wait = getattr(conn, "waited", waited) - waited
+            if timed is not None and waited is not None:
+                self._local.relay_wait = timed.waited - waited
         except (DeliveryError, OSError) as exc:
             if too_fast(exc):
                 # A fresh session for the next message: a relay counts the
@@ -299,7 +321,7 @@ class Sender:
 
     def _too_fast(self, claim: QueueClaim, now: float, exc: BaseException) -> Done:
         """The relay refused for rate: slow down; the message goes back, not counted."""
-        started = getattr(self._local, "started", None)
+        started = self._local.started
         if self._connector.too_fast(now, exc, started):
             return self._untouched(claim, exc)
         return self._untouched(claim, exc, again=True, level=logging.DEBUG)
@@ -382,7 +404,7 @@ class Sender:
     def _facts(
         self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int
     ) -> Attempt:
-        began: float | None = getattr(self._local, "began", None)
+        began = self._local.began
         self._local.began = None
         took = None if began is None else time.monotonic() - began
         return attempt_facts(claim, verdict, reply, attempt, relay=self.where, seconds=took)

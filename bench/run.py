@@ -5,8 +5,9 @@ One command::
     python -m pip install -e '.[bench]' && python bench/run.py
 
 runs every scenario several times, alternating the systems, prints a table of
-medians with min-max and the ratio mailspool/peer, checks the targets of
-issue 6, and writes the same as JSON and as a PNG plot into bench/results/.
+medians with min-max and the ratio mailspool/peer, checks the targets
+(docs/benchmarks.md lists them), and writes the same as JSON and as a PNG
+plot into bench/results/.
 Options: ``--quick`` (a smoke run), ``--scenario NAME`` (repeatable),
 ``--messages N``, ``--runs N``.  See docs/benchmarks.md.
 """
@@ -136,7 +137,7 @@ def _median(results: Results, scenario: str, metric: str, system: str) -> float 
 
 
 def targets(results: Results) -> list[dict[str, Any]]:
-    """Issue 6's targets, each with the measured value and whether it is met."""
+    """The targets, each with the measured value and whether it is met."""
     out: list[dict[str, Any]] = []
 
     def ratio(
@@ -310,7 +311,7 @@ def targets(results: Results) -> list[dict[str, Any]]:
 
 
 def realistic_targets(results: Results, out: list[dict[str, Any]]) -> None:
-    """Issue 14's targets for the drains against realistic relays."""
+    """The targets of the drains against realistic relays."""
 
     def check(name: str, scenario: str, metric: str, ok: Callable[[float], bool], fmt: str) -> None:
         s = results.find(scenario, metric, MAILSPOOL)
@@ -418,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
     if opts.quick:
         # Too few messages for a verdict: a slow relay's drain of 200 ends
         # before the processor has grown its connections, for one.
-        print("\nTargets (issue 6), not judged in a --quick run (too few messages):")
+        print("\nTargets, not judged in a --quick run (too few messages):")
     else:
-        print("\nTargets (issue 6):")
+        print("\nTargets:")
     for t in checks:
         if t.get("info"):
             mark = "info  "

@@ -60,7 +60,8 @@ class TokenBucket:
 class EveryFifth:
     """A one-off fault at one phase for every fifth transaction.
 
-    ``kind``: ``"rcpt421"`` (421 at RCPT, then the session is closed),
+    ``kind``: ``"mail451"`` (451 at MAIL FROM), ``"rcpt421"`` (421 at
+    RCPT, then the session is closed),
     ``"data451"`` (451 after the data), ``"drop_mid"`` (the connection cut
     while the data arrives), ``"drop_reply"`` (the message is taken, then
     the connection cut before the reply: the lost-reply window).  Set
@@ -83,6 +84,8 @@ class EveryFifth:
             if self.kind == "drop_mid":
                 assert self.relay is not None
                 self.relay.drops_in_data += 1
+            if self.kind == "mail451":
+                return "451 4.3.0 temporary failure, try again"
         return accept_mail(envelope, address, options)
 
     async def handle_RCPT(
@@ -143,3 +146,43 @@ class GoesAway:
             return "421 4.3.2 (never read)"
         self.taken += 1
         return "250 2.0.0 OK"
+
+
+class FaultsOne:
+    """Faults the transactions of the message whose body holds ``marker``, in
+    turn, as ``kinds`` says (``"data451"``, or ``"drop_reply"``: taken, then
+    the reply lost), and takes the rest; ``tries`` counts its transactions."""
+
+    def __init__(self, marker: bytes, kinds: tuple[str, ...]) -> None:
+        self.marker = marker
+        self.kinds = kinds
+        self.tries = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.marker not in (envelope.original_content or envelope.content or b""):
+            return "250 2.0.0 OK"
+        self.tries += 1
+        kind = self.kinds[self.tries - 1] if self.tries <= len(self.kinds) else "ok"
+        if kind == "data451":
+            return "451 4.3.0 local error in processing"
+        if kind == "drop_reply":
+            server.transport.abort()  # taken (the test relay records it), no reply
+        return "250 2.0.0 OK"
+
+
+class RefusesSomeSessions:
+    """Answers EHLO with 421 on every ``nth`` connection (a passing refusal)."""
+
+    def __init__(self, nth: int) -> None:
+        self.nth = nth
+        self.connections = 0
+        self.refused = 0
+
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        self.connections += 1
+        if self.connections % self.nth == 0:
+            self.refused += 1
+            return ["421 4.3.2 service not available, closing"]
+        return responses

@@ -121,6 +121,52 @@ def test_config_with_a_bad_setting_is_exit_2(
     assert err == f"mailspool: {want}\n"
 
 
+def test_quick_retry_and_jitter_from_each_source_reach_the_retry_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = str(tmp_path / "spool")
+    Spool(queue)
+    conf = tmp_path / "m.toml"
+    conf.write_text(f'queue = "{queue}"\n[retry]\nquick_retry = "2s"\njitter = 0.25\n')
+    loaded = resolve_settings({}, {}, config_file=str(conf))
+    assert loaded.origin("quick_retry") == f"{conf} [retry] quick_retry"
+    policy = make_processor(loaded.settings).retry
+    assert (policy.quick_retry, policy.jitter) == (2.0, 0.25)
+
+    s = load_settings(
+        {"quick_retry": "1500ms"}, {"MAILSPOOL_JITTER": "0", "MAILSPOOL_QUEUE": queue}
+    )
+    policy = make_processor(s).retry
+    assert (policy.quick_retry, policy.jitter) == (1.5, 0.0)
+
+    code, out, err = run(capsys, "config", "--json", "--quick-retry", "3", "--jitter", "0.5")
+    assert code == 0, err
+    shown = json.loads(out)["settings"]
+    assert shown["quick_retry"] == {"value": 3.0, "origin": "--quick-retry"}
+    assert shown["jitter"] == {"value": 0.5, "origin": "--jitter"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "want"),
+    [
+        (["--jitter", "2"], "jitter: must be between 0 and 1, got 2 (from --jitter)"),
+        (
+            ["--quick-retry", "1h"],
+            "quick_retry: must be between 0 and first_delay (300s), got 3600s (from --quick-retry)",
+        ),
+    ],
+)
+def test_run_with_a_bad_quick_retry_or_jitter_is_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], want: str
+) -> None:
+    queue = tmp_path / "spool"
+    Spool(str(queue))
+    code, out, err = run(capsys, "run", "--queue", str(queue), "--once", *argv)
+    assert (code, out) == (2, "")
+    assert err == f"mailspool: {want}\n"
+    assert list(queue.iterdir())  # the spool is still there, untouched
+
+
 def test_resolve_settings_names_the_config_flag(tmp_path: Path) -> None:
     conf = tmp_path / "m.toml"
     conf.write_text("[processor]\nconnections = 2\n")
@@ -160,6 +206,12 @@ def test_retry_and_relay_pause_settings_reach_the_processor(tmp_path: Path) -> N
         ({"relay_max_delay": "soon"}, "relay_max_delay"),
         ({"backoff_factor": "0.9"}, "backoff_factor"),
         ({"backoff_factor": "twice"}, "backoff_factor"),
+        ({"quick_retry": "-1s"}, "quick_retry"),
+        ({"quick_retry": "10m"}, "quick_retry"),  # longer than first_delay (5m)
+        ({"quick_retry": "now"}, "quick_retry"),
+        ({"jitter": "1.5"}, "jitter"),
+        ({"jitter": "-0.1"}, "jitter"),
+        ({"jitter": "some"}, "jitter"),
     ],
 )
 def test_bad_retry_settings(flags: dict[str, object], setting: str) -> None:

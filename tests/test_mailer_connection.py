@@ -58,8 +58,16 @@ class CloseAtMail:
     """Answers ``MAIL`` number ``nth`` of each session (or every one after the
     first overall, with ``every_later``) with a 421, or a bare drop, and closes."""
 
-    def __init__(self, how: str = "421", *, nth: int = 2, every_later: bool = False) -> None:
+    def __init__(
+        self,
+        how: str = "421",
+        *,
+        nth: int = 2,
+        every_later: bool = False,
+        text: str = "4.4.2 idle for too long",
+    ) -> None:
         self.how = how
+        self.text = text
         self.nth = nth
         self.every_later = every_later
         self.per_session: dict[int, int] = {}
@@ -74,7 +82,7 @@ class CloseAtMail:
             asyncio.get_running_loop().call_soon(server.transport.close)
             if self.how == "drop":
                 await asyncio.sleep(5)  # cancelled when the connection is gone
-            return "421 4.4.2 idle for too long"
+            return f"421 {self.text}"
         return accept_mail(envelope, address, options)
 
 
@@ -160,6 +168,22 @@ def test_a_fresh_connection_closed_at_mail_is_not_retried(
         conn.send(envelope("a@example.org"), DATA)
     assert info.value.code == 421
     assert conn.reconnects == 0 and relay.connections == 1 and not conn.alive
+
+
+def test_a_reused_connection_refused_as_too_fast_at_mail_is_not_retried(
+    smtp_relay: RelayFactory, connect: Any
+) -> None:
+    # Gmail's way to say "too fast": 421 and close.  Sent again at once on a
+    # new session, the message would only be refused a second time.
+    handler = CloseAtMail("421", text="4.7.0 Try again later, closing connection")
+    relay = smtp_relay(handler)
+    conn = connect(relay)
+    conn.send(envelope("a@example.org"), DATA)
+    with pytest.raises(RelayUnavailable) as info:
+        conn.send(envelope("b@example.org"), DATA)
+    assert info.value.code == 421 and info.value.phase == "mail"
+    assert conn.reconnects == 0 and relay.connections == 1 and handler.total == 2
+    assert not conn.alive and len(relay.messages) == 1
 
 
 def test_when_reconnecting_fails_the_error_is_about_the_relay(

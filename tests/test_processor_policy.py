@@ -84,6 +84,9 @@ def test_retry_at_never_passes_the_give_up_time() -> None:
         {"give_up_after": 0},
         {"relay_first_delay": -1},
         {"relay_max_delay": 1.0},
+        {"quick_retry": -1},
+        {"jitter": 1.5},
+        {"jitter": -0.5},
     ],
 )
 def test_retry_policy_refuses_nonsense(kw: dict[str, float]) -> None:

@@ -17,11 +17,19 @@ from typing import Any
 import pytest
 
 from _relays import enqueue, message_id
-from _scripted_relays import BreaksEveryTransaction, EveryFifth, GoesAway, TokenBucket
+from _scripted_relays import (
+    BreaksEveryTransaction,
+    EveryFifth,
+    FaultsOne,
+    GoesAway,
+    RefusesSomeSessions,
+    TokenBucket,
+)
 from conftest import Relay, RelayFactory
 from mailspool import QueueProcessor, RetryPolicy, SMTPMailer, Spool, Summary
-from mailspool.processor.pacing import Pacer
-from mailspool.processor.policy import COHORT
+from mailspool.events import MailDeferred, MailEvent, MailSent
+from mailspool.processor.pacing import FIRST_HOLD_MAX, Pacer
+from mailspool.processor.policy import COHORT, QUICK_TRIES
 from mailspool.processor.relayfile import read as read_relay_state
 
 QUICK = RetryPolicy(
@@ -68,6 +76,25 @@ def test_a_rate_limit_is_paced_not_obeyed_by_stopping(
     assert state is not None and state["rate"] == pytest.approx(p.pacer.rate, rel=0.06)
 
 
+@pytest.mark.parametrize("close", [True, False], ids=["421-and-close", "454-and-stay"])
+def test_a_short_burst_learns_the_rate_with_few_refusals(
+    spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture, close: bool
+) -> None:
+    caplog.set_level(logging.DEBUG, "mailspool")
+    bucket = TokenBucket(rate=40, burst=4, close=close)
+    relay = smtp_relay(bucket)
+    ids = enqueue(spool, 40)
+    with processor(spool, relay, connections=4) as p:
+        assert p.process_once(time.time()) == Summary(sent=40)
+    assert delivered(relay) == Counter(ids)
+    # Every refusal reached the pacer: none was followed by the same
+    # message sent again at once on a new session, unseen.
+    busy = [r for r in caplog.records if "relay busy" in r.getMessage()]
+    assert len(busy) == bucket.refused
+    # Learning costs a few refusals, not a third of the burst.
+    assert bucket.refused <= 10
+
+
 @pytest.mark.parametrize("kind", ["rcpt421", "data451", "drop_mid", "drop_reply"])
 def test_one_off_faults_defer_only_their_message(
     spool: Spool, smtp_relay: RelayFactory, kind: str
@@ -99,6 +126,108 @@ def test_one_off_faults_defer_only_their_message(
         assert duplicates <= handler.faults
     else:
         assert duplicates == 0
+
+
+#: Quick retries in the pass (a few milliseconds), the rest as QUICK.
+IN_PASS = RetryPolicy(
+    first_delay=60, factor=2, max_delay=240, give_up_after=3600, relay_first_delay=10,
+    relay_max_delay=40, quick_retry=0.01, jitter=0,
+)  # fmt: skip
+
+
+@pytest.fixture
+def fired() -> Any:
+    """The mail events dispatched during the test."""
+    import zope.event
+
+    seen: list[MailEvent] = []
+    zope.event.subscribers.append(seen.append)
+    yield seen
+    zope.event.subscribers.remove(seen.append)
+
+
+@pytest.mark.parametrize("kind", ["mail451", "rcpt421", "data451", "drop_mid", "drop_reply"])
+def test_one_off_faults_are_tried_again_in_the_same_pass(
+    spool: Spool, smtp_relay: RelayFactory, fired: list[MailEvent], kind: str
+) -> None:
+    handler = EveryFifth(kind)
+    relay = smtp_relay(handler)
+    handler.relay = relay
+    ids = enqueue(spool, 40)
+    with processor(spool, relay, connections=2, retry=IN_PASS) as p:
+        # Each faulted message was deferred (its attempt counted), then tried
+        # again in the same pass; each counts once, by its last outcome.  A
+        # retry is a transaction too, and meets every fifth fault: a message
+        # may run out of quick tries, rarely, and wait for a later pass.
+        first = p.process_once(time.time())
+        assert first.sent + first.deferred == 40 and first.deferred <= 2
+        assert p.relay.paused_until == 0  # a fault of one message pauses nothing
+        while (due := spool.next_due()) is not None:
+            assert not p.process_once(due).relay_paused
+    assert sum(spool.counts().values()) == 0
+    mine = [e for e in fired if e.message_id in ids]
+    deferrals = [e for e in mine if isinstance(e, MailDeferred)]
+    assert len(deferrals) == handler.faults >= 8  # one per fault, retries' faults too
+    assert sum(isinstance(e, MailSent) for e in mine) == 40
+    got = delivered(relay)
+    assert set(got) == set(ids)
+    duplicates = sum(got.values()) - len(ids)
+    if kind == "drop_reply":  # taken, reply lost: the one window for a duplicate
+        assert duplicates <= handler.faults
+    else:
+        assert duplicates == 0
+
+
+@pytest.mark.parametrize(
+    ("kinds", "tries"),
+    [(("data451",) * QUICK_TRIES, QUICK_TRIES), (("drop_reply", "drop_reply"), 2)],
+)
+def test_a_message_that_keeps_failing_gets_the_usual_schedule(
+    spool: Spool, smtp_relay: RelayFactory, kinds: tuple[str, ...], tries: int
+) -> None:
+    # Its fault is its own, not a one-off: after the quick tries it waits
+    # first_delay (the quick tries count as one step).  A reply lost after
+    # the final dot (it may have been delivered) is resent at once only once.
+    handler = FaultsOne(b"Subject: test 3\r\n", kinds)
+    relay = smtp_relay(handler)
+    ids = enqueue(spool, 6)
+    t0 = time.time()
+    with processor(spool, relay, retry=IN_PASS) as p:
+        assert p.process_once(t0) == Summary(sent=5, deferred=1)
+    [entry] = spool.entries()
+    assert entry.message_id == ids[3] and entry.attempts == tries == handler.tries
+    assert entry.next_attempt == pytest.approx(t0 + IN_PASS.first_delay)
+
+
+def test_a_lost_reply_after_another_fault_still_gets_its_quick_retry(
+    spool: Spool, smtp_relay: RelayFactory
+) -> None:
+    handler = FaultsOne(b"Subject: test 3\r\n", ("data451", "drop_reply"))
+    relay = smtp_relay(handler)
+    ids = enqueue(spool, 6)
+    with processor(spool, relay, retry=IN_PASS) as p:
+        assert p.process_once(time.time()) == Summary(sent=6)
+    assert handler.tries == 3
+    # The lost reply's message had been taken: the one duplicate its window allows.
+    assert delivered(relay) == Counter(ids) + Counter([ids[3]])
+
+
+def test_one_refused_session_is_tried_again_at_once_not_a_pause(
+    spool: Spool, smtp_relay: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "mailspool")
+    refusing = RefusesSomeSessions(nth=3)
+
+    class Both(EveryFifth):  # each fault closes the session: many are opened
+        handle_EHLO = refusing.handle_EHLO
+
+    relay = smtp_relay(Both("rcpt421"))
+    ids = enqueue(spool, 30)
+    with processor(spool, relay, connections=1, retry=IN_PASS) as p:
+        assert p.process_once(time.time()) == Summary(sent=30)
+    assert refusing.refused >= 2  # the relay did refuse sessions
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]  # never paused
+    assert delivered(relay) == Counter(ids)
 
 
 def test_a_relay_that_breaks_every_transaction_is_paused_after_a_cohort(
@@ -277,10 +406,27 @@ def test_the_pacer_never_passes_the_configured_limit_and_gives_up_in_the_end() -
         cuts.append(cut)
         if cut.give_up:
             break
-    assert [c.hold for c in cuts[1:4]] == pytest.approx(
-        [1 / cuts[0].rate, 2 / cuts[0].rate, 4 / cuts[0].rate]
-    )
+    # The first hold is as long as the relay took messages before it first
+    # refused (1 s here: the clock moved once), then each one doubles.
+    first = max(1 / cuts[0].rate, FIRST_HOLD_MAX)
+    assert [c.hold for c in cuts[1:4]] == pytest.approx([first, 2 * first, 4 * first])
     assert len(cuts) < 15
+
+
+def test_the_first_hold_is_as_long_as_the_relay_took_messages() -> None:
+    now = [0.0]
+    pacer = Pacer(None, clock=lambda: now[0])
+    for _ in range(10):  # ten taken in 20 ms, then refused: an anvil-like window
+        assert pacer.reserve() == 0
+        now[0] += 0.002
+        pacer.accepted()
+    cut = pacer.refused(now[0])
+    assert cut is not None and cut.hold == 0 and cut.rate == pytest.approx(400)
+    now[0] += 1 / cut.rate
+    held = pacer.refused(now[0])
+    # Not 1/400 s, which the relay would refuse again: the 20 ms it took the
+    # burst in.  Every hold it saves is one refusal fewer.
+    assert held is not None and held.hold == pytest.approx(0.02)
 
 
 def test_status_shows_what_the_processor_learned_about_its_relay(

@@ -53,6 +53,7 @@ __all__ = [
     "enhanced_code",
     "error_for_reply",
     "is_transient",
+    "rate_refusal",
     "reply_text",
 ]
 
@@ -115,6 +116,31 @@ def enhanced_code(text: str) -> str | None:
     return m.group(0) if m else None
 
 
+#: Reply codes a relay uses to say "too fast" (with the codes or texts below).
+_RATE_CODES = frozenset({421, 450, 451, 452, 454})
+_RATE_ENHANCED = ("4.3.2", "4.5.3")
+_RATE_TEXT = re.compile(r"\brate\b|throttl|too many|slow down|try again later", re.IGNORECASE)
+
+
+def rate_refusal(code: int | None, enhanced: str | None, text: str) -> bool:
+    """True when a reply to ``MAIL FROM`` is the relay saying "too fast".
+
+    That is a 421, 450, 451, 452 or 454 with an enhanced code 4.7.x, 4.3.2
+    or 4.5.3, or a text that speaks of a rate, throttling, "too many", "slow
+    down" or "try again later" (Postfix's anvil: ``450 4.7.1 Error: too much
+    mail from ...``; Amazon SES: ``454 Throttling failure``; Gmail: ``421
+    4.7.0 ... try again later``).  An authentication failure is never one.
+    """
+    if code not in _RATE_CODES or "authenticat" in text.lower():
+        return False
+    enhanced = enhanced or ""
+    return (
+        enhanced.startswith("4.7.")
+        or enhanced in _RATE_ENHANCED
+        or _RATE_TEXT.search(text) is not None
+    )
+
+
 class DeliveryError(MailspoolError):
     """Delivery failed; carries the relay's reply when there was one.
 
@@ -133,6 +159,9 @@ class DeliveryError(MailspoolError):
     #: True when the error says nothing about this message: the relay is
     #: down, refuses us, or our configuration (TLS, AUTH) is wrong.
     about_relay: bool = False
+    #: True when the session was lost after the message's final dot: the
+    #: relay may have taken it (the lost-reply window).
+    maybe_sent: bool = False
     #: True when trying again later may succeed.
     transient: bool = True
     #: The command the reply answered (``"mail"``, ``"rcpt"``, ``"data"``,

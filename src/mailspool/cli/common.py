@@ -180,6 +180,8 @@ processor_options = _options(
     click.option("--give-up-after", metavar="DURATION", help=_env_help("give_up_after")),
     click.option("--relay-first-delay", metavar="DURATION", help=_env_help("relay_first_delay")),
     click.option("--relay-max-delay", metavar="DURATION", help=_env_help("relay_max_delay")),
+    click.option("--quick-retry", metavar="DURATION", help=_env_help("quick_retry")),
+    click.option("--jitter", metavar="FRACTION", help=_env_help("jitter")),
 )
 
 _SETTING_FLAGS = {f.name for f in FIELDS} | {"password_file"}
@@ -388,3 +390,14 @@ def relay_state(spool: QueueBackend) -> dict[str, Any] | None:
         return relayfile.latest(spool)
     except SpoolError:
         return None
+
+
+def relay_states(spool: QueueBackend) -> list[dict[str, Any]]:
+    """What each processor wrote about the relay, the latest first (see
+    :func:`relay_state`); empty when none wrote, or it cannot be read."""
+    from mailspool.processor import relayfile
+
+    try:
+        return relayfile.everyone(spool)
+    except SpoolError:
+        return []

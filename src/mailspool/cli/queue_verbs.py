@@ -29,6 +29,7 @@ from mailspool.cli.common import (
     fail,
     reason,
     relay_state,
+    relay_states,
     settings,
     when,
 )
@@ -180,7 +181,8 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
         census = spool.census()  # one look at each area, however large the queue
         next_retry = spool.next_due()
     counts, oldest = census.counts, census.oldest_of()
-    relay = relay_state(spool)
+    relays = relay_states(spool)
+    relay = relays[0] if relays else None  # the latest word: what the relay is now
     pause = _pause(relay, now)
     if as_json:
         out: dict[str, Any] = {"queue": spool.location}
@@ -191,6 +193,7 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
         out["next_retry_at"] = next_retry
         out["next_retry_in"] = None if next_retry is None else round(max(0.0, next_retry - now), 3)
         out["relay"] = relay
+        out["relays"] = relays
         click.echo(json.dumps(out))
         return EXIT_OK
     click.echo(f"queue {spool.location}")
@@ -205,8 +208,8 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
         click.echo(
             f"  oldest waiting message: queued {age_text(now - oldest)} ago ({when(oldest)})"
         )
-    if relay is not None:
-        click.echo(_relay_line(relay, now))
+    for each in relays:  # one line per processor that wrote, the latest first
+        click.echo(_relay_line(each, now))
     return EXIT_OK
 
 

@@ -98,6 +98,8 @@ class Settings:
     give_up_after: float = 5 * 86400.0
     relay_first_delay: float = 30.0
     relay_max_delay: float = 600.0
+    quick_retry: float = 0.1
+    jitter: float = 0.1
 
     @property
     def relay_port(self) -> int:
@@ -165,6 +167,14 @@ class Settings:
                 f"must not be shorter than relay_first_delay ({self.relay_max_delay:g}s "
                 f"< {self.relay_first_delay:g}s)",
             )
+        if not 0 <= self.quick_retry <= self.first_delay:
+            raise ConfigError(
+                "quick_retry",
+                f"must be between 0 and first_delay ({self.first_delay:g}s), "
+                f"got {self.quick_retry:g}s",
+            )
+        if not 0 <= self.jitter <= 1:
+            raise ConfigError("jitter", f"must be between 0 and 1, got {self.jitter:g}")
         if not self.backoff_factor >= 1:
             raise ConfigError("backoff_factor", f"must be at least 1, got {self.backoff_factor:g}")
 
@@ -218,6 +228,8 @@ class Settings:
             "give_up_after": self.give_up_after,
             "relay_first_delay": self.relay_first_delay,
             "relay_max_delay": self.relay_max_delay,
+            "quick_retry": self.quick_retry,
+            "jitter": self.jitter,
         }
 
     def processor_options(self) -> dict[str, Any]:

@@ -227,6 +227,11 @@ FIELDS: tuple[Field, ...] = (
           help="pause of the relay after it could not be used (no connection, 421, TLS, AUTH)"),
     Field("relay_max_delay", "retry", "MAILSPOOL_RELAY_MAX_DELAY", "--relay-max-delay",
           float, _to_duration, help="longest pause of an unavailable relay"),
+    Field("quick_retry", "retry", "MAILSPOOL_QUICK_RETRY", "--quick-retry",
+          float, _to_duration,
+          help="wait before the retry, in the same pass, after a one-off fault"),
+    Field("jitter", "retry", "MAILSPOOL_JITTER", "--jitter", float, _to_float,
+          help="retries are spread over up to this fraction of their delay (0 to 1)"),
 )  # fmt: skip
 
 

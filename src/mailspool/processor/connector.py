@@ -9,7 +9,9 @@ in docs/operations.md):
 * opening a session fails (connect, greeting, EHLO, STARTTLS, AUTH, or a
   refusal about our configuration): the relay is paused
   (:class:`~mailspool.processor.policy.RelayState`); but a 421 greeting
-  while other sessions work only lowers the number of connections;
+  while other sessions work only lowers the number of connections, and a
+  4xx greeting or EHLO is tried once more at once (one refused session is
+  the relay's passing trouble; two in a row, an outage);
 * the relay says "too fast" at ``MAIL``: the learned rate is cut
   (:class:`~mailspool.processor.pacing.Pacer`);
 * the session breaks in a transaction: a new connection is opened at once.
@@ -101,10 +103,26 @@ class Connector:
                 if others:  # "too many connections": fewer, but no pause
                     self._crowded(now, exc, others)
                     raise RelayTrouble(exc, again=True) from exc
-                self.pause(now, exc)  # before the next sender may try
-                raise RelayTrouble(exc) from exc
+                try:
+                    conn = self._once_more(exc)
+                except Exception as again:
+                    self.pause(now, again)  # before the next sender may try
+                    raise RelayTrouble(again) from again
             self.pool.add(conn)
             return conn
+
+    def _once_more(self, exc: BaseException) -> Connection:
+        """After a failed session: a second one at once when the relay answered
+        4xx to the greeting or EHLO (it is there, and busy for a moment);
+        otherwise raise ``exc`` again (it cannot be reached, or TLS or AUTH
+        failed: trying again at once would tell nothing new)."""
+        code = getattr(exc, "code", None)
+        busy = isinstance(code, int) and 400 <= code < 500
+        if not busy or getattr(exc, "phase", "") not in ("greeting", "ehlo", "helo"):
+            raise exc
+        why = one_line(str(exc))
+        log.info("relay %s refused a session (%s); trying once more", self.where, why)
+        return connect(self.mailer)
 
     def replace(self, now: float) -> bool:
         """After a session broke in a transaction: replace it, and see whether
@@ -113,7 +131,10 @@ class Connector:
             if self.relay.paused(now):
                 return False
             try:
-                conn = connect(self.mailer)
+                try:
+                    conn = connect(self.mailer)
+                except Exception as exc:
+                    conn = self._once_more(exc)
             except Exception as exc:  # whatever it is, the relay is the trouble
                 self.pause(now, exc)
                 return False

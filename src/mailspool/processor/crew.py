@@ -154,6 +154,23 @@ class Crew:
         sender.outage.worked(p.mark)
         return False
 
+    def finish(self, p: Pass) -> None:
+        """Wait until pass ``p`` is settled, making its quick retries meanwhile.
+
+        A message deferred after a one-off fault is queued again when its
+        time comes, unless nothing may be started any more (stopping, the
+        relay paused): then it stays deferred, and is counted so.
+        """
+        while True:
+            due = p.due()
+            if not due:
+                return
+            for id, partly in due:
+                if p.requeue(self._blocked):
+                    self.jobs.put((id, p))
+                else:
+                    p.count("deferred", partly)
+
     def start(self) -> None:
         """Start the first threads, unless they run."""
         with self._lock:
@@ -193,13 +210,14 @@ class Crew:
             if job is None:
                 return
             id, p = job
-            done = Done(None)
+            done = counted = Done(None)
             try:
                 if p.start(self.relay.parallelism, self._blocked):
                     if not told:
                         started, (cpu, delay) = time.monotonic(), clock.read()
-                    done = self._sender.handle(id, p.now)
+                    done = self._sender.handle(id, p.now, p.tries.get(id, 0), id in p.lost)
                     waited = self._sender.relay_wait()
+                    counted = self._again(id, p, done)
                     if done.outcome is not None:
                         if not told and waited is not None:
                             told, mark = True, cpu  # from this message on
@@ -216,13 +234,21 @@ class Crew:
                                 sent, mark = 0, now
                             if waited is not None:  # None: not sent, nothing to learn
                                 self._observe(waited, None, p)
-                    elif done.again and p.requeue(self._blocked):
-                        self.jobs.put((id, p))  # refused for now: again in this pass
                     events.notify(done.events)  # outside any transaction; never raises
             except Exception:  # the sender catches per message; this is the last guard
                 log.exception("mail %s: unexpected error in the sender", id)
             finally:
-                p.done(done.outcome, done.partly)
+                p.done(counted.outcome, counted.partly)
+
+    def _again(self, id: str, p: Pass, done: Done) -> Done:
+        """Queue ``id`` again in pass ``p`` when ``done`` says so; return what
+        to count for it now (nothing while it is to be tried again)."""
+        if done.retry_in is not None:  # a one-off fault: a quick retry, soon
+            p.retry_later(id, done.retry_in, done.partly, done.lost)
+            return Done(None)  # counted by its last attempt in this pass
+        if done.again and p.requeue(self._blocked):
+            self.jobs.put((id, p))  # refused for now: again in this pass
+        return done
 
     def _new_thread(self) -> None:
         t = threading.Thread(target=self._work, name=f"{_SENDER}{len(self.threads)}", daemon=True)

@@ -10,8 +10,11 @@ one while probing a relay that failed, fewer after a 421 "too many
 connections" or a "too fast"), so memory stays flat whatever the size of
 the queue.  A message the relay refused for now without fault of its own
 (too fast, too many connections) is queued again in the same pass, paced
-(:class:`~mailspool.processor.pacing.Pacer`): a pass ends only when every
-due message was settled, or early while the relay is paused.  A few
+(:class:`~mailspool.processor.pacing.Pacer`), and one deferred after a
+one-off fault (a 4xx to ``MAIL`` or the data, a broken session) is tried
+again in the same pass a moment later (quick retries,
+:meth:`~mailspool.processor.sender.Sender._settle`): a pass ends only when
+every due message was settled, or early while the relay is paused.  A few
 ids are queued ahead of the threads, which start one only when a slot is
 free: the dispatcher is then woken once per few messages, not per message.  Each
 thread hands its message to the :class:`~mailspool.sender.Sender`, which
@@ -235,8 +238,7 @@ class QueueProcessor:
                 except Exception:  # the spool could not be listed (e.g. it was removed)
                     log.exception("spool %s: cannot list what is due", self.spool.location)
                 finally:
-                    with p.cond:
-                        p.cond.wait_for(p.settled)
+                    self._crew.finish(p)  # with the quick retries of one-off faults
             self._publish(now)
             c = p.counts
             return Summary(

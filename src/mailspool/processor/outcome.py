@@ -15,12 +15,17 @@ from __future__ import annotations
 
 import datetime
 import logging
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from mailspool.errors import ConnectionFailed, DeliveryError, SMTPTimeout, is_transient
+from mailspool.errors import (
+    ConnectionFailed,
+    DeliveryError,
+    SMTPTimeout,
+    is_transient,
+    rate_refusal,
+)
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.smtp.mailer import Reply, SendResult
 
@@ -74,34 +79,21 @@ class Verdict:
         return Verdict(self.sent, MappingProxyType(failed), MappingProxyType({}))
 
 
-#: Reply codes a relay uses to say "too fast" (with the codes or texts below).
-_RATE_CODES = frozenset({421, 450, 451, 452, 454})
-_RATE_ENHANCED = ("4.3.2", "4.5.3")
-_RATE_TEXT = re.compile(r"\brate\b|throttl|too many|slow down|try again later", re.IGNORECASE)
 #: The phases of a mail transaction (``DeliveryError.phase``).
 _TRANSACTION = frozenset({"mail", "rcpt", "data"})
 
 
 def too_fast(exc: BaseException) -> bool:
-    """True when ``exc`` is the relay saying "too fast" at ``MAIL FROM``.
-
-    That is a 421, 450, 451, 452 or 454 to ``MAIL`` with an enhanced code
-    4.7.x, 4.3.2 or 4.5.3, or a text that speaks of a rate, throttling, "too
-    many", "slow down" or "try again later" (Postfix's anvil: ``450 4.7.1
-    Error: too much mail from ...``; Amazon SES: ``454 Throttling failure``;
-    Gmail: ``421 4.7.0 ... try again later``).  An authentication failure
-    is never one.
-    """
-    if not isinstance(exc, DeliveryError) or exc.phase != "mail" or exc.code not in _RATE_CODES:
+    """True when ``exc`` is the relay saying "too fast" at ``MAIL FROM``
+    (:func:`~mailspool.errors.rate_refusal` tells which replies are)."""
+    if getattr(exc, "phase", "") != "mail":
         return False
-    text = exc.text or ""
-    if "authenticat" in text.lower():
-        return False
-    enhanced = exc.enhanced or ""
-    return (
-        enhanced.startswith("4.7.")
-        or enhanced in _RATE_ENHANCED
-        or _RATE_TEXT.search(text) is not None
+    code = getattr(exc, "code", None)
+    enhanced = getattr(exc, "enhanced", None)
+    return rate_refusal(
+        code if isinstance(code, int) else None,
+        str(enhanced) if enhanced else None,
+        str(getattr(exc, "text", "") or ""),
     )
 
 
@@ -291,6 +283,11 @@ class Done:
     again: bool = False
     #: deferred or failed, but some recipients accepted it in this attempt
     partly: bool = False
+    #: deferred after a one-off fault: to be tried again in this pass, this
+    #: many seconds from now (None: by a later pass, when it is due)
+    retry_in: float | None = None
+    #: that fault lost the reply after the final dot (it may have been sent)
+    lost: bool = False
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["CUT", "IDLE_RESET", "MAX_HOLD", "MIN_RATE", "STEP", "Cut", "Pacer"]
+__all__ = ["CUT", "FIRST_HOLD_MAX", "IDLE_RESET", "MAX_HOLD", "MIN_RATE", "STEP", "Cut", "Pacer"]
 
 #: The lowest rate the pacer goes down to, in messages per second.
 MIN_RATE = 1 / 60
@@ -29,6 +29,8 @@ CUT = 0.8
 STEP = 0.02
 #: Longest wait imposed after refusals in a row with nothing accepted, s.
 MAX_HOLD = 60.0
+#: The longest first hold (see :class:`Pacer`), seconds.
+FIRST_HOLD_MAX = 1.0
 #: After this many idle seconds the pacer starts measuring afresh.
 IDLE_RESET = 30.0
 
@@ -60,7 +62,11 @@ class Pacer:
     Refused again with nothing accepted in between (a relay that counts per
     minute, say), the rate stays and a hold is added before the next
     message, doubling up to :data:`MAX_HOLD`; refused after that, the
-    caller pauses the relay.  All times come from ``clock`` (monotonic).
+    caller pauses the relay.  The first hold after the first refusal is at
+    least as long as the relay took messages before it (its burst, or its
+    window's worth; at most :data:`FIRST_HOLD_MAX`): a relay that took ten
+    in 20 ms and then refused will not take the next one in 3 ms, and each
+    shorter hold would only be one more refusal.  All times come from ``clock`` (monotonic).
 
     Args:
         ceiling: messages per second at most, or None for no limit.
@@ -83,6 +89,7 @@ class Pacer:
         self._hold = 0.0
         self._mark: float | None = None  # the last refusal counted
         self._last = -IDLE_RESET  # the last reserve()
+        self._burst = 0.0  # how long the relay took messages before it first refused
 
     @property
     def rate(self) -> float | None:
@@ -132,6 +139,8 @@ class Pacer:
             self._mark = now
             cut_at = self._cut_at if self._cut_at is not None else started
             if self._accepted or self._rate is None:
+                if not self._step:
+                    self._burst = min(now - cut_at, FIRST_HOLD_MAX)
                 # What the relay took since the last cut, holds included.
                 seen = self._accepted / max(now - cut_at, 1e-3)
                 if not self._accepted:
@@ -145,6 +154,8 @@ class Pacer:
                 self._hold = 0.0
                 return Cut(self._rate, MAX_HOLD, give_up=True)
             else:
-                self._hold = min(MAX_HOLD, max(1.0 / self._rate, 2 * self._hold))
+                floor = max(1.0 / self._rate, self._burst)
+                self._burst = 0.0  # the first hold only
+                self._hold = min(MAX_HOLD, max(floor, 2 * self._hold))
             self._next = now + max(self._hold, 1.0 / self._rate)
             return Cut(self._rate, self._hold)

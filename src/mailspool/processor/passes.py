@@ -2,13 +2,16 @@
 
 The dispatcher hands the due ids of one pass to the sender threads through
 a :class:`Pass`, which keeps a few of them queued ahead and never lets more
-be in flight than the relay allows; the pass ends when nothing is queued or
-in flight.
+be in flight than the relay allows; the pass ends when nothing is queued,
+in flight, or waiting for a quick retry in this pass (a one-off fault).
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
+import time
 from collections.abc import Callable
 
 __all__ = ["Pass"]
@@ -36,6 +39,14 @@ class Pass:
         self.dispatcher_waits = False
         self.starters_wait = 0  # sender threads waiting for a free slot
         self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined", "partly"), 0)
+        #: Messages to try again in this pass after a one-off fault:
+        #: (when, on the monotonic clock; a tie-breaker; id; partly delivered).
+        self.later: list[tuple[float, int, str, bool]] = []
+        #: Attempts made in this pass at the messages tried again.
+        self.tries: dict[str, int] = {}
+        #: Those of them whose reply was lost after the final dot once.
+        self.lost: set[str] = set()
+        self._order = itertools.count()
         self.mark = 0  # the queue's outage mark when the listing began (see outage.py)
 
     def queue(self, blocked: Callable[[float], bool]) -> bool:
@@ -96,8 +107,40 @@ class Pass:
                 self.cond.notify_all()
 
     def settled(self) -> bool:
-        """True when nothing is queued or in flight (call with ``cond`` held)."""
-        return self.in_flight == 0 and self.queued == 0
+        """True when nothing is queued, in flight or to be tried again
+        (call with ``cond`` held)."""
+        return self.in_flight == 0 and self.queued == 0 and not self.later
+
+    def retry_later(self, id: str, delay: float, partly: bool, lost: bool = False) -> None:
+        """Try ``id`` again in this pass, ``delay`` seconds from now (see :meth:`due`);
+        ``lost``: its reply was lost after the final dot."""
+        with self.cond:
+            self.tries[id] = self.tries.get(id, 0) + 1
+            if lost:
+                self.lost.add(id)
+            heapq.heappush(self.later, (time.monotonic() + delay, next(self._order), id, partly))
+            self.cond.notify_all()  # the dispatcher may wait without a time limit
+
+    def due(self) -> list[tuple[str, bool]]:
+        """Wait until the pass is settled or a message is to be tried again;
+        return those (id, partly delivered) whose time has come (none: settled)."""
+        with self.cond:
+            while True:
+                if self.settled():
+                    return []
+                if self.later:
+                    wait = self.later[0][0] - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self.cond.wait(wait)
+                else:
+                    self.cond.wait()
+            now = time.monotonic()
+            out = []
+            while self.later and self.later[0][0] <= now:
+                _, _, id, partly = heapq.heappop(self.later)
+                out.append((id, partly))
+            return out
 
     def count(self, outcome: str | None, partly: bool = False) -> None:
         """Count an outcome settled outside the sender threads."""

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "COHORT",
+    "QUICK_IN_PASS",
+    "QUICK_TRIES",
     "THROTTLE_PERIOD",
     "Pause",
     "RelayState",
@@ -37,6 +39,16 @@ __all__ = [
 
 #: Seconds the parallelism stays lowered after a 421 "too many connections".
 THROTTLE_PERIOD = 600.0
+#: The longest wait before a quick retry that a pass makes itself, seconds:
+#: a pass lasts at most about this much longer for the messages it tries
+#: again; a longer wait is left to a later pass.
+QUICK_IN_PASS = 10.0
+#: Attempts one pass makes at most at a message whose attempts all met
+#: one-off faults (the first and four quick retries, within about 1.5 s
+#: with the default ``quick_retry``): with faults that strike a fraction f
+#: of the transactions at random (quick retries included), f**5 of the
+#: messages wait for the usual schedule, not f.
+QUICK_TRIES = 5
 #: Transactions in a row whose session broke (no reply, or a 421) after
 #: which the relay as a whole is paused, as Postfix does when a cohort of
 #: sessions fails: one broken session is a message's bad luck, several in a
@@ -81,20 +93,25 @@ class RetryPolicy:
         relay_first_delay: how long the relay is paused after its first
             relay-level failure (cannot connect, 421, TLS, AUTH).
         relay_max_delay: the longest relay pause.
-        quick_retry: the wait after a first attempt whose session broke in
-            the transaction (connection lost, no reply, a 421) while the
-            relay itself still takes connections, or that got a 4xx to
-            ``MAIL`` or to the data: most likely a one-off fault, so the
-            message is tried again soon; later attempts follow the usual
-            schedule (a 4xx at ``RCPT``, greylisting, always does).  Never
-            longer than ``first_delay``.
+        quick_retry: the wait after a first attempt that met a one-off
+            fault: its session broke in the transaction (connection lost,
+            no reply, a 421) while the relay itself still takes
+            connections, or it got a 4xx to ``MAIL`` or to the data.  The
+            attempt is counted and the message tried again this long after,
+            in the same pass (when it is at most :data:`QUICK_IN_PASS`;
+            otherwise by a later pass); a second one-off fault waits
+            ``factor`` times as long, and after :data:`QUICK_TRIES`
+            attempts the usual schedule follows, from ``first_delay``.  A
+            4xx at ``RCPT`` (greylisting, most often) always gets the usual
+            schedule.  Never longer than ``first_delay``.
         jitter: each retry time is moved later by up to this fraction of
             its delay, at random, so that messages deferred together are
-            not all tried again in the same second.
+            not all tried again in the same second.  0 to 1.
 
     Raises:
-        ValueError: a delay is not positive, ``factor`` is below 1, or a
-            maximum is shorter than its first delay.
+        ValueError: a delay is not positive, ``factor`` is below 1, a
+            maximum is shorter than its first delay, ``quick_retry`` is
+            negative or ``jitter`` not between 0 and 1.
     """
 
     first_delay: float = 300.0
@@ -103,13 +120,13 @@ class RetryPolicy:
     give_up_after: float = 5 * 86400.0
     relay_first_delay: float = 30.0
     relay_max_delay: float = 600.0
-    quick_retry: float = 60.0
+    quick_retry: float = 0.1
     jitter: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter must be between 0 and 1, got {self.jitter!r}")
-        for name in ("first_delay", "give_up_after", "relay_first_delay", "quick_retry"):
+        for name in ("first_delay", "give_up_after", "relay_first_delay"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be greater than 0, got {getattr(self, name)!r}")
         if not self.factor >= 1:
@@ -118,10 +135,18 @@ class RetryPolicy:
             raise ValueError("max_delay must not be shorter than first_delay")
         if not self.relay_max_delay >= self.relay_first_delay:
             raise ValueError("relay_max_delay must not be shorter than relay_first_delay")
+        if not self.quick_retry >= 0:
+            raise ValueError(f"quick_retry must not be negative, got {self.quick_retry!r}")
 
     def delay(self, attempts: int) -> float:
         """Seconds to wait after the ``attempts``-th failed attempt (1 for the first)."""
         return backoff(self.first_delay, self.factor, self.max_delay, attempts)
+
+    def quick_delay(self, tries: int) -> float:
+        """Seconds to wait after the ``tries``-th attempt of a pass that met a
+        one-off fault: ``quick_retry``, then ``factor`` times as long, never
+        longer than ``first_delay``."""
+        return backoff(self.quick_retry, self.factor, self.first_delay, tries)
 
     def relay_delay(self, failures: int) -> float:
         """Seconds to pause the relay after its ``failures``-th failure in a row."""
@@ -144,8 +169,9 @@ class RetryPolicy:
             queued_at: when the message was queued.
             spread: a number in [0, 1) (``random.random()``): the delay is
                 lengthened by ``spread * jitter`` of itself.
-            quick: a fault that is likely a one-off (see ``quick_retry``):
-                the first retry comes after ``quick_retry``.
+            quick: a quick retry after a one-off fault (see ``quick_retry``):
+                ``attempts`` counts the attempts of this pass, and the
+                delay is :meth:`quick_delay`'s.
 
         Returns:
             The time of the next attempt, never later than the give-up time;
@@ -154,9 +180,7 @@ class RetryPolicy:
         expires = queued_at + self.give_up_after
         if now >= expires:
             return None
-        delay = self.delay(attempts)
-        if quick and attempts <= 1:
-            delay = min(delay, self.quick_retry)
+        delay = self.quick_delay(attempts) if quick else self.delay(attempts)
         return min(now + delay * (1.0 + self.jitter * spread), expires)
 
 

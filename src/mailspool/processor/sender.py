@@ -9,9 +9,10 @@ connection, and settles it recipient by recipient (:mod:`mailspool.processor.out
 * accepted: sent for good, never sent to again;
 * 5xx: failed, with the relay's code and text;
 * 4xx: deferred until the :class:`~mailspool.processor.policy.RetryPolicy`
-  says (with jitter; a quick first retry for a 4xx to ``MAIL`` or the
-  data), counted as an attempt; once the message is older than
-  ``give_up_after`` its pending recipients fail as expired.
+  says (with jitter; after a 4xx to ``MAIL`` or the data, quick retries in
+  the same pass: see :meth:`Sender._settle`), counted as an attempt; once
+  the message is older than ``give_up_after`` its pending recipients fail
+  as expired.
 
 What is whose trouble, and what it does to the relay's state, is
 :mod:`mailspool.processor.connector`'s: when a session cannot be opened
@@ -19,8 +20,9 @@ the message goes back untouched (but a 421 greeting while other sessions
 work lowers only the number of connections, and the message is tried again
 in the same pass); when the relay says "too fast" it goes back untouched
 and is tried again in the same pass, paced; when the session breaks in a
-transaction the message is deferred with a quick first retry, unless the
-relay is gone or paused as a whole, and then it goes back untouched.
+transaction the message is deferred, with quick retries in the pass,
+unless the relay is gone or paused as a whole, and then it goes back
+untouched.
 
 The wait for the rate comes before a transaction, with no connection held,
 and nothing of the next message is sent with a message's final dot (that
@@ -42,6 +44,7 @@ kept and the same outcome written again until the spool takes it
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -65,7 +68,7 @@ from mailspool.processor.outcome import (
     when,
 )
 from mailspool.processor.pacing import Pacer
-from mailspool.processor.policy import RelayState, RetryPolicy
+from mailspool.processor.policy import QUICK_IN_PASS, QUICK_TRIES, RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
 from mailspool.processor.unwritten import WAITING, Unwritten
 from mailspool.queue import QueueBackend, QueueClaim
@@ -153,12 +156,15 @@ class Sender:
         self._local.relay_wait = None
         return wait
 
-    def handle(self, id: str, now: float) -> Done:
+    def handle(self, id: str, now: float, retried: int = 0, resent: bool = False) -> Done:
         """Claim, send and settle the message ``id``; never raises for its sake.
 
         Args:
             id: the spool id.
             now: the time of the pass (the processor's clock).
+            retried: attempts this pass made at it before (it met one-off
+                faults: see :meth:`_settle`).
+            resent: one of those lost the reply after the final dot.
 
         Returns:
             What became of it (see :class:`Done`).
@@ -179,6 +185,8 @@ class Sender:
         if claim is None:
             return self._lost(id)
         self.lost_run = 0
+        self._local.retried = retried
+        self._local.resent = resent
         try:
             done = self._handle(claim, now)
         except BaseException:
@@ -211,7 +219,7 @@ class Sender:
         env = claim.envelope
         result: SendResult | None = None
         error: BaseException | None = None
-        quick = False
+        quick = lost = False
         self._local.started = None
         try:
             result = self._send(claim, now)
@@ -229,11 +237,20 @@ class Sender:
                 if not self._connector.replace(now) or self._connector.cohort(now, exc):
                     return self._untouched(claim, exc)
                 quick = True
+                # Lost after the final dot, it may have been delivered: one
+                # quick retry at most (see _settle), never a second one.
+                lost = getattr(exc, "maybe_sent", False) is True
             else:
                 self.relay.worked()
                 # A 4xx to MAIL or to the data is most often a passing fault
-                # of the relay; one at RCPT (greylisting) wants the usual wait.
-                quick = isinstance(exc, DeliveryError) and exc.phase in ("mail", "data")
+                # of the relay; one at RCPT (greylisting) wants the usual
+                # wait, and so does a recipient deferred at RCPT when the
+                # data got a 5xx.
+                quick = (
+                    isinstance(exc, DeliveryError)
+                    and exc.transient
+                    and exc.phase in ("mail", "data")
+                )
             error = exc
             carried = exc.result if isinstance(exc, DeliveryError) else None
             result = carried if isinstance(carried, SendResult) else None
@@ -245,7 +262,7 @@ class Sender:
             log.info("relay %s is back after %d failed probe(s)", self.where, back - 1)
         verdict = classify(env.recipients, result, error)
         reply = result.reply if result is not None and error is None else None
-        return self._settle(claim, now, verdict, reply, error, quick=quick)
+        return self._settle(claim, now, verdict, reply, error, quick=quick, lost=lost)
 
     def _send(self, claim: QueueClaim, now: float) -> SendResult:
         # The wait for the rate comes before the transaction, with no
@@ -342,21 +359,47 @@ class Sender:
         error: BaseException | None,
         *,
         quick: bool = False,
+        lost: bool = False,
     ) -> Done:
+        """Write the attempt's outcome; a deferred one gets its retry time.
+
+        After a one-off fault (``quick``), a message that this pass tried
+        every time is tried again in this pass, soon (``retry_in``), up to
+        :data:`QUICK_TRIES` attempts; after a reply lost after the final dot
+        (``lost``: it may have been delivered) once per pass at most: a
+        second lost reply sends it to the usual schedule.  Otherwise the
+        usual schedule, the quick tries counting as one step.
+        """
         attempt = claim.attempts + 1
+        retried: int = getattr(self._local, "retried", 0)
+        resent: bool = getattr(self._local, "resent", False)
         retry_at: float | None = None
+        retry_in: float | None = None
         if verdict.deferred:
+            # Only a message this pass tried every time gets quick retries:
+            # one deferred before waits for its schedule.
+            fresh = claim.attempts == retried
+            quick = quick and fresh and retried + 1 < QUICK_TRIES and not (lost and resent)
+            # The quick tries of one pass count as one step of the schedule.
+            step = retried + 1 if quick else attempt - retried if fresh else attempt
             # give_up_after counts from when the message became due: the
             # commit, or the later time it was scheduled for.
             retry_at = self.retry.retry_at(
-                now, attempt, claim.due_since, spread=random.random(), quick=quick
+                now, step, claim.due_since, spread=random.random(), quick=quick
             )
             if retry_at is None:
                 verdict = verdict.expired(self.retry.give_up_after)
+            elif quick and retry_at - now <= QUICK_IN_PASS:
+                retry_in = retry_at - now
         u = Unwritten(claim, verdict, retry_at, reply, error, attempt, why="")
         u.facts = self._facts(claim, verdict, reply, attempt)
         # None: the spool cannot take the outcome yet; the claim stays held.
-        return unwritten.write(self._key, u, first=True) or Done(None)
+        done = unwritten.write(self._key, u, first=True)
+        if done is None:
+            return Done(None)
+        if retry_in is not None and done.outcome == "deferred":
+            return dataclasses.replace(done, retry_in=retry_in, lost=lost)
+        return done
 
     def _facts(
         self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int

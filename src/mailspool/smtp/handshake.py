@@ -220,14 +220,18 @@ def network_error(
         return certificate_error(exc, where)
     if timed_out:
         text = f"{where} did not answer {phase} within {limit:g} s{note}"
-        return RelayUnavailable(text) if relay else SMTPTimeout(text)
+        timeout = RelayUnavailable(text) if relay else SMTPTimeout(text)
+        timeout.maybe_sent = maybe_sent
+        return timeout
     if isinstance(exc, smtplib.SMTPResponseException):
         text = f"{where} sent a malformed reply to {phase}: {reply_text(exc.smtp_error)}{note}"
     elif isinstance(exc, smtplib.SMTPServerDisconnected):
         text = f"{where} closed the connection during {phase}{note}"
     else:
         text = f"connection to {where} failed during {phase}: {exc}{note}"
-    return RelayUnavailable(text) if relay else ConnectionFailed(text)
+    error = RelayUnavailable(text) if relay else ConnectionFailed(text)
+    error.maybe_sent = maybe_sent
+    return error
 
 
 def open_session(settings: SessionSettings, credentials: Credentials | None) -> smtplib.SMTP:

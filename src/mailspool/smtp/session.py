@@ -55,7 +55,7 @@ import socket
 import time
 from types import TracebackType
 
-from mailspool.errors import ConnectionFailed, DeliveryError
+from mailspool.errors import ConnectionFailed, DeliveryError, rate_refusal
 from mailspool.message import Envelope
 from mailspool.smtp.esmtp import (
     ascii_headers,
@@ -385,8 +385,17 @@ class SMTPConnection:
         """What the session does after a failed transaction; the error to raise."""
         if failed.then == "close":
             self._drop()
-            if stale_ok and failed.error.phase == "mail" and failed.error.code == 421:
-                return _Stale(failed.error)  # a 421 to MAIL on a reused session
+            error = failed.error
+            # A 421 to MAIL on a reused session: closed while idle, most
+            # likely; but not when it says "too fast" (sent again at once,
+            # the message would only be refused a second time).
+            if (
+                stale_ok
+                and error.phase == "mail"
+                and error.code == 421
+                and not rate_refusal(error.code, error.enhanced, error.text)
+            ):
+                return _Stale(error)
         elif failed.then == "rset":
             self._reset()
         return failed.error
@@ -435,6 +444,7 @@ class SMTPConnection:
             error = ConnectionFailed(
                 f"{self._where} sent a malformed reply to {phase}: {exc.line!r}{maybe}"
             )
+            error.maybe_sent = after_dot
             raise _Stale(error) if stale_ok else error from exc
 
     def _debug_result(self, tx: Transaction, result: SendResult) -> None:

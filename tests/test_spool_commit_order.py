@@ -323,8 +323,11 @@ def test_sigkill_during_concurrent_commits_keeps_every_returned_commit(
         assert line, child.stderr.read() if child.stderr else ""
         reported.append(line.strip())
     child.kill()
-    rest, _ = child.communicate(timeout=60)
-    reported += rest.split()  # printed before the kill, read after it
+    # Printed before the kill, read after it: through child.stdout, whose
+    # buffer may already hold lines past the last readline().
+    # communicate() would read the pipe itself and lose those.
+    reported += child.stdout.read().split()
+    child.communicate(timeout=60)  # reaped, its pipes closed
     sp = Spool(spool)
     sp.sweep(tmp_max_age=0)  # a processor's start: half-written tmp/ files go
     found = {}

@@ -70,16 +70,16 @@ from mailspool.smtp.esmtp import (
 from mailspool.smtp.handshake import Credentials, network_error, open_session
 from mailspool.smtp.protocol import (
     MAX_LINE,
+    READ,
+    WRITE_MESSAGE,
     Failed,
     Finished,
     Phase,
     ProtocolViolation,
-    Read,
     ReplyReader,
     Step,
     Transaction,
     Write,
-    WriteMessage,
 )
 from mailspool.smtp.result import Reply, SendResult, with_result
 
@@ -135,6 +135,10 @@ class _Poller:
             return bool(self._poll.poll(0))
         except (OSError, ValueError):
             return True
+
+
+# The phases the loop tests, as plain names (an enum member's lookup costs more).
+_MAIL, _DATA, _DOT = Phase.MAIL, Phase.DATA, Phase.DOT
 
 
 class _Stale(Exception):
@@ -380,15 +384,17 @@ class SMTPConnection:
         # A failure up to MAIL's reply means nothing of the message was
         # transmitted (pipelined or not, the data only follows DATA's 354).
         self._write(smtp, tx.start(), tx.phase, stale_ok)
-        step: Step = Read()
+        step: Step = READ
         while True:
-            if isinstance(step, Write) and tx.draining:
+            if step is READ:  # the usual step: replies to pipelined commands
+                pass
+            elif tx.draining:
                 step = self._after_refusal(smtp, reader, tx, step)
                 continue
-            if isinstance(step, Write):
-                self._write(smtp, step.data, tx.phase, False)
-            elif isinstance(step, WriteMessage):
+            elif step is WRITE_MESSAGE:
                 self._write_message(smtp, sock, tx, data)
+            elif isinstance(step, Write):
+                self._write(smtp, step.data, tx.phase, False)
             elif isinstance(step, Finished):
                 self.transactions += 1
                 self._debug_result(tx, step.result)
@@ -400,13 +406,13 @@ class SMTPConnection:
                 continue
             phase = tx.phase
             try:
-                reply = self._reply(smtp, reader, phase, stale_ok and phase is Phase.MAIL)
+                reply = self._reply(smtp, reader, phase, stale_ok and phase is _MAIL)
             except DeliveryError as exc:
-                if phase in (Phase.DATA, Phase.DOT):
+                if phase is _DATA or phase is _DOT:
                     with_result(exc, tx.envelope.recipients, tx.accepted, tx.refused)
                 raise
             step = tx.receive(reply)
-            if phase is Phase.DOT and smtp.sock is not None:
+            if phase is _DOT and smtp.sock is not None:
                 _set_timeout(sock, self._mailer.timeout)
 
     def _after_refusal(
@@ -468,7 +474,7 @@ class SMTPConnection:
 
         With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
         """
-        after_dot = phase is Phase.DOT
+        after_dot = phase is _DOT
         started = time.monotonic()
         try:
             if smtp.file is None:

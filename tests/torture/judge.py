@@ -233,18 +233,55 @@ def judge(
         elif e["e"] == "A":
             aborted[e["mid"]] = str(e.get("why", ""))
     v.not_committed = len(aborted)
-    refused5: set[str] = set()
-    accepts: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
-    mids: dict[str, str] = {}
-    mails: dict[Any, list[float]] = collections.defaultdict(list)  # session -> MAIL times
+    relayed = _read_relay(relay_events, v)
+    v.quarantined = list(quarantined)
+    where_left = {m: state for state, ms in left.items() for m in ms}
+    _check_committed(v, committed, relayed, failed, where_left)
+    # Nothing failed that the relay did not refuse for good.
+    for mid, statuses in failed.items():
+        for r, status in statuses.items():
+            if status == "failed" and r not in relayed.refused5:
+                v.wrongly_failed.append(f"{mid} -> {r}")
+    _check_uncommitted(v, relayed, committed, aborted, kills)
+    # Every extra copy needs a cause in its window.
+    for r, events in sorted(relayed.accepts.items()):
+        if len(events) < 2:
+            continue
+        ordered = sorted(events, key=lambda e: float(e["t"]))
+        mails = relayed.mails
+        causes = tuple(
+            _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"], 2))
+            for e in ordered[:-1]
+        )
+        v.duplicates.append(Duplicate(r, relayed.mids[r], len(ordered), causes))
+    return v
+
+
+@dataclass
+class _Relayed:
+    """What the relay's journal says."""
+
+    refused5: set[str] = field(default_factory=set)  # recipients refused for good
+    accepts: dict[str, list[Mapping[str, Any]]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )  # recipient -> each acceptance
+    mids: dict[str, str] = field(default_factory=dict)  # recipient -> Message-Id
+    mails: dict[Any, list[float]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )  # session -> MAIL times
+
+
+def _read_relay(relay_events: Iterable[Mapping[str, Any]], v: Verdict) -> _Relayed:
+    """Read the relay's journal; count its faults and deliveries into ``v``."""
+    got = _Relayed()
     for e in relay_events:
         kind = e["e"]
         if kind == "fault":
             v.faults[str(e["kind"])] += 1
         elif kind == "mail":
-            mails[e["sess"]].append(float(e["t"]))
+            got.mails[e["sess"]].append(float(e["t"]))
         elif kind == "refuse5":
-            refused5.add(e["rcpt"])
+            got.refused5.add(e["rcpt"])
             if e.get("why") == "bounce":
                 v.faults["550-expected-bounce"] += 1
         elif kind == "accept":
@@ -253,30 +290,37 @@ def judge(
             if not e.get("intact"):
                 v.damaged.append(f"{mid}: body does not match its checksum")
             for r in e["rcpts"]:
-                accepts[r].append(e)
-                mids[r] = str(mid)
-    where_left = {m: state for state, ms in left.items() for m in ms}
-    v.quarantined = list(quarantined)
+                got.accepts[r].append(e)
+                got.mids[r] = str(mid)
+    return got
 
-    # Every committed recipient: delivered, or refused for good and failed.
+
+def _check_committed(
+    v: Verdict,
+    committed: Mapping[str, list[str]],
+    relayed: _Relayed,
+    failed: Mapping[str, Mapping[str, str]],
+    where_left: Mapping[str, str],
+) -> None:
+    """Every committed recipient: delivered, or refused for good and failed."""
     for mid, rcpts in committed.items():
         v.committed_messages += 1
         v.committed_recipients += len(rcpts)
         whole = True
         for r in rcpts:
-            if r in accepts:
+            if r in relayed.accepts:
                 v.delivered_recipients += 1
             elif failed.get(mid, {}).get(r) == "failed":
-                if r in refused5:
+                if r in relayed.refused5:
                     v.expected_failures += 1
                 else:
-                    whole = False  # counted below, as failed without a refusal
+                    whole = False  # counted as failed without a refusal
             else:
                 whole = False
                 state = where_left.get(mid)
                 if state is not None:
                     why = f"still {state} in the spool"
-                elif r in refused5:
+                elif r in relayed.refused5:
                     why = "refused permanently, but not failed in the spool"
                 else:
                     why = "never reached the relay"
@@ -284,17 +328,19 @@ def judge(
         if whole:
             v.delivered_messages += 1
 
-    # Nothing failed that the relay did not refuse for good.
-    for mid, statuses in failed.items():
-        for r, status in statuses.items():
-            if status == "failed" and r not in refused5:
-                v.wrongly_failed.append(f"{mid} -> {r}")
 
-    # What the relay took that was not (known to be) committed.
+def _check_uncommitted(
+    v: Verdict,
+    relayed: _Relayed,
+    committed: Mapping[str, list[str]],
+    aborted: Mapping[str, str],
+    kills: Sequence[Kill],
+) -> None:
+    """What the relay took that was not (known to be) committed."""
     killed_writers = {k.label for k in kills if k.role == "writer"}
     seen: set[str] = set()
-    for r in accepts:
-        mid = mids[r]
+    for r in relayed.accepts:
+        mid = relayed.mids[r]
         if mid in committed or mid in seen:
             continue
         seen.add(mid)
@@ -304,15 +350,3 @@ def judge(
             v.unjournaled_deliveries += 1  # killed between commit and its journal line
         else:
             v.strangers.append(mid)
-
-    # Every extra copy needs a cause in its window.
-    for r, events in sorted(accepts.items()):
-        if len(events) < 2:
-            continue
-        ordered = sorted(events, key=lambda e: float(e["t"]))
-        causes = tuple(
-            _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"], 2))
-            for e in ordered[:-1]
-        )
-        v.duplicates.append(Duplicate(r, mids[r], len(ordered), causes))
-    return v

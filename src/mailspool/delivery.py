@@ -257,8 +257,8 @@ class QueuedMailDelivery(_Delivery):
             InvalidAddress: a bad sender or recipient, or no recipients.
             InvalidMessage: a malformed Message-Id or an over-long line.
         """
-        prepared = self._prepare(fromaddr, toaddrs, message)
-        return self._join(prepared, _timestamp(not_before))
+        prepared = prepare(fromaddr, toaddrs, message, msgid_domain=self.msgid_domain)
+        return self._join(prepared, None if not_before is None else _timestamp(not_before))
 
     def _vote(self, dm: _MailDataManager) -> None:
         # On failure stage_many() removes every file of the batch and

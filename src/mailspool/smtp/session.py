@@ -319,7 +319,8 @@ class SMTPConnection:
     def _send(self, envelope: Envelope, data: bytes, *, stale_ok: bool) -> SendResult:
         smtp = self._smtp
         assert smtp is not None
-        options = self.check(envelope, data)
+        # send() made the headers ASCII already: check() without doing it again.
+        options = mail_parameters(envelope, data, self.features, self.max_size, self._where)
         try:
             tx = Transaction(envelope, options, pipelining=self.pipelining)
             return self._transaction(smtp, tx, data, stale_ok)

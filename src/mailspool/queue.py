@@ -49,6 +49,7 @@ __all__ = [
     "RecipientStatus",
     "Record",
     "RecordFields",
+    "RelayStateStore",
     "Staged",
     "State",
     "Waker",
@@ -280,6 +281,20 @@ class QueueBackend(Protocol):
     def release(self, id: str) -> None: ...
 
     def delete(self, id: str) -> None: ...
+
+
+@runtime_checkable
+class RelayStateStore(Protocol):
+    """A queue that keeps what its processors learned about the relay itself
+    (a database shared by processors on several hosts).  A queue without it
+    keeps that in a file of its directory, if it has one
+    (:mod:`mailspool.processor.relayfile`)."""
+
+    def relay_state(self) -> dict[str, Any] | None:
+        """The latest state a processor wrote, or None."""
+
+    def set_relay_state(self, state: dict[str, Any]) -> bool:
+        """Replace the state of ``state["relay"]``; False when it cannot be written."""
 
 
 def is_postgres_url(value: str) -> bool:

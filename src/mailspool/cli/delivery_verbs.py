@@ -169,8 +169,11 @@ def run(ctx: click.Context, /, once: bool, create: bool, metrics: str | None, **
 
     The spool must exist (exit code 3 otherwise) unless --create is given:
     a mistyped path then does not silently make a queue nobody writes to.
+    A PostgreSQL queue whose database is down is waited for, at start and
+    while running (one line when the wait begins, one when it ends); a
+    database that refuses the login or has no schema is exit code 3.
     """
-    processor = make_processor(settings(ctx, kw), create=create)
+    processor = make_processor(settings(ctx, kw), create=create, wait=not once)
     ctx.with_resource(observed(processor, metrics))
     if once:
         summary, stopped = _in_background(processor, processor.process_once)

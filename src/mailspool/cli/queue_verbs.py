@@ -228,7 +228,11 @@ def _relay_line(relay: dict[str, Any], now: float) -> str:
     parts.append(f"{relay.get('connections')} connection(s)")
     written = relay.get("written_at")
     age = f", {age_text(now - written)} ago" if isinstance(written, (int, float)) else ""
-    return f"  relay {relay.get('relay')}: {', '.join(parts)} (processor {relay.get('pid')}{age})"
+    host = f" on {relay['host']}" if relay.get("host") else ""
+    return (
+        f"  relay {relay.get('relay')}: {', '.join(parts)} "
+        f"(processor {relay.get('pid')}{host}{age})"
+    )
 
 
 @click.command("list")

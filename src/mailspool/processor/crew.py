@@ -92,7 +92,7 @@ class ThreadClock:
 
 
 class Crew:
-    """The sender threads of one processor: started, grown, and ended.
+    """The sender threads of one processor: fed, started, grown, and ended.
 
     Args:
         sender: what handles each message.
@@ -125,10 +125,6 @@ class Crew:
         # The CPU time per message a sender thread measured last, seconds.
         self._busy = 0.0
 
-    def put(self, id: str, p: Pass) -> None:
-        """Hand ``id`` of pass ``p`` to the threads."""
-        self.jobs.put((id, p))
-
     def dispatch(self, p: Pass, spool: QueueBackend) -> None:
         """Hand the ids due in pass ``p`` to the threads, as fast as they take them."""
         # Another processor on the spool may be working through the same
@@ -144,17 +140,19 @@ class Crew:
         ids = spool.due(p.now)
         try:
             for id in ids:
+                sender.outage.worked(p.mark)  # it answered: over, unless a claim failed since
                 if sender.skipped(id, p.now):
                     continue
                 if sender.lost_run >= LOST_RUN:
                     return True
                 if not p.queue(self._blocked):
                     return False
-                self.put(id, p)
+                self.jobs.put((id, p))
         finally:
             close = getattr(ids, "close", None)
             if close is not None:
                 close()
+        sender.outage.worked(p.mark)
         return False
 
     def start(self) -> None:

@@ -59,9 +59,11 @@ from typing import Any
 from zope.interface import implementer
 
 from mailspool import events
+from mailspool.errors import QueueUnavailable
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.processor import relayfile
 from mailspool.processor.crew import INITIAL_CONNECTIONS, Crew
+from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import Summary
 from mailspool.processor.pacing import Pacer
 from mailspool.processor.passes import Pass
@@ -95,7 +97,11 @@ class QueueProcessor:
     """Delivers the spool's messages through a mailer; any number may share a spool.
 
     Args:
-        spool: the spool directory, or a :class:`~mailspool.spool.Spool`.
+        spool: the spool directory, or a queue backend (a
+            :class:`~mailspool.spool.Spool`, a
+            :class:`~mailspool.postgres.PostgresQueue`; one made with
+            ``connect=False`` may be down when the processor starts: it
+            waits for it, as for a database that goes away while it runs).
         mailer: an :class:`~mailspool.SMTPMailer` or anything with
             ``connect()`` returning a connection with ``send(envelope, data)``,
             ``alive`` and ``close()``; a mailer with only ``send_envelope`` or
@@ -147,6 +153,8 @@ class QueueProcessor:
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
         self._stop_event = threading.Event()  # for sleeps that stop() must cut short
+        #: Whether the queue can be reached (a database queue may be down).
+        self.outage = Outage(self.spool.location)
         self._sender = Sender(
             self.spool,
             mailer,
@@ -156,6 +164,7 @@ class QueueProcessor:
             pacer=self.pacer,
             stopping=self._stopping,
             sleep=self._stop_event.wait,
+            outage=self.outage,
         )
         #: Leaves what was learned about the relay where ``status`` reads it.
         self._publish = relayfile.Publisher(
@@ -214,8 +223,11 @@ class QueueProcessor:
             self._write_waiting(p)
             if not self.relay.paused(now) and not self._sender.waiting():
                 self._crew.start()
+                p.mark = self.outage.mark()
                 try:
                     self._crew.dispatch(p, self.spool)
+                except QueueUnavailable as exc:  # a database down: wait for it, quietly
+                    self.outage.failed(exc)
                 except Exception:  # the spool could not be listed (e.g. it was removed)
                     log.exception("spool %s: cannot list what is due", self.spool.location)
                 finally:
@@ -251,8 +263,14 @@ class QueueProcessor:
                 p.count(done.outcome, done.partly)
 
     def _blocked(self, now: float) -> bool:
-        """True when nothing new may be started: stopping, relay paused, spool full."""
-        return self._stopping() or self.relay.paused(now) or bool(self._sender.waiting())
+        """True when nothing new may be started: stopping, relay paused, spool full,
+        queue unreachable."""
+        return (
+            self._stopping()
+            or self.relay.paused(now)
+            or bool(self._sender.waiting())
+            or self.outage.down()
+        )
 
     def drain(self, *, progress: Callable[[Summary], None] | None = None) -> Summary:
         """Deliver everything that is due now, pass after pass, then return.
@@ -306,6 +324,9 @@ class QueueProcessor:
     def _sweep(self) -> None:
         try:
             n = self.spool.sweep()
+        except QueueUnavailable as exc:  # the first pass waits for it
+            self.outage.failed(exc)
+            return
         except Exception:  # a spool that cannot be swept can still be drained
             log.exception("spool %s: sweep failed", self.spool.location)
             return
@@ -411,6 +432,9 @@ class QueueProcessor:
                     summary = self.process_once(now)
                     if self._stopping():
                         break
+                    if self.outage.down():  # look again later, or when the waker says
+                        waiter.wait(self.outage.left())
+                        continue
                     if summary.total and not summary.relay_paused:
                         continue  # more may have become due meanwhile
                     waiter.wait(self._timeout(now))
@@ -434,6 +458,9 @@ class QueueProcessor:
         candidates = [self.interval]
         try:
             next_due = self.spool.next_due()
+        except QueueUnavailable as exc:
+            self.outage.failed(exc)
+            next_due = None
         except Exception:
             log.exception("spool %s: cannot find the next due time", self.spool.location)
             next_due = None

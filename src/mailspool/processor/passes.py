@@ -36,6 +36,7 @@ class Pass:
         self.dispatcher_waits = False
         self.starters_wait = 0  # sender threads waiting for a free slot
         self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined", "partly"), 0)
+        self.mark = 0  # the queue's outage mark when the listing began (see outage.py)
 
     def queue(self, blocked: Callable[[float], bool]) -> bool:
         """Wait until another id may be queued; False when none may be (``blocked``)."""

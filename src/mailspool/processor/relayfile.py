@@ -6,6 +6,10 @@ relay's "too fast" replies, its connection limit and any relay pause (and why)
 (``.relay-state.json`` at the top of the spool, written whole and renamed
 into place, so a reader never sees half of it).  Several processors on one
 spool each overwrite it: it tells the latest word of one of them.
+
+A queue that keeps it itself -- a database shared by processors on
+several hosts, :class:`~mailspool.queue.RelayStateStore` -- is given it
+instead: :func:`publish` and :func:`latest` choose.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from mailspool.queue import QueueBackend, RelayStateStore
+
 if TYPE_CHECKING:
     from mailspool.processor.pacing import Pacer
     from mailspool.processor.sender import Sender
-    from mailspool.queue import QueueBackend
 
-__all__ = ["FILE_NAME", "Publisher", "read", "write"]
+__all__ = ["FILE_NAME", "Publisher", "latest", "publish", "read", "write"]
 
 log = logging.getLogger("mailspool.processor")
 
@@ -56,12 +61,30 @@ def read(spool_path: str) -> dict[str, Any] | None:
     return state if isinstance(state, dict) else None
 
 
+def publish(queue: QueueBackend, state: dict[str, Any]) -> bool:
+    """Leave ``state`` where ``status`` reads it: in the queue when it keeps it,
+    else in the spool directory's file; False when it could not (or nowhere)."""
+    if isinstance(queue, RelayStateStore):
+        return queue.set_relay_state(state)
+    path = getattr(queue, "path", None)
+    return isinstance(path, str) and write(path, state)
+
+
+def latest(queue: QueueBackend) -> dict[str, Any] | None:
+    """The state a processor last left for ``queue`` (see :func:`publish`), or None."""
+    if isinstance(queue, RelayStateStore):
+        return queue.relay_state()
+    path = getattr(queue, "path", None)
+    return read(path) if isinstance(path, str) else None
+
+
 class Publisher:
     """Writes what a processor learned about its relay, when it changed.
 
     Nothing is written while all is well (no rate learned, no pause), nor
-    for a small step of the learned rate; only a Maildir spool has a place
-    for the file (other queues: nowhere).
+    for a small step of the learned rate; a Maildir spool keeps it in its
+    file, a queue that keeps it itself in the queue (:func:`publish`),
+    other queues nowhere.
 
     Args:
         spool: the processor's queue.
@@ -111,6 +134,5 @@ class Publisher:
             small = abs(state["rate"] - prev["rate"]) < 0.05 * prev["rate"]
             if small and {**state, "rate": 0} == {**prev, "rate": 0}:
                 return  # a small step of the rate: not worth a write
-        path = getattr(self._spool, "path", None)  # a Maildir spool; other queues: nowhere
-        if isinstance(path, str) and write(path, {**state, "written_at": self._clock()}):
+        if publish(self._spool, {**state, "written_at": self._clock()}):
             self._published = state

@@ -50,11 +50,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mailspool.errors import DeliveryError, SpoolError
+from mailspool.errors import DeliveryError, QueueUnavailable, SpoolError
 from mailspool.events import Attempt, MailQuarantined
 from mailspool.processor import unwritten
 from mailspool.processor.connector import Connector, NotNow, RelayTrouble
 from mailspool.processor.observe import attempt_facts
+from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import (
     Done,
     Verdict,
@@ -95,6 +96,7 @@ class Sender:
         pacer: the sending rate (configured limit, and what the relay accepts).
         stopping: true once the processor is asked to stop.
         sleep: waits the given seconds; returns True when cut short by a stop.
+        outage: told when the queue cannot be reached while claiming.
     """
 
     def __init__(
@@ -108,6 +110,7 @@ class Sender:
         pacer: Pacer,
         stopping: Callable[[], bool],
         sleep: Callable[[float], bool],
+        outage: Outage | None = None,
     ) -> None:
         unwritten.hook_exit()
         self.spool = spool
@@ -120,6 +123,7 @@ class Sender:
         self.where = self._connector.where
         self._stopping = stopping
         self._sleep = sleep
+        self.outage = outage if outage is not None else Outage(spool.location)
         self._skip: dict[str, float] = {}  # messages that could not even be deferred
         self._skip_lock = threading.Lock()
         self._key = os.path.realpath(spool.location)  # whose waiting outcomes are ours
@@ -153,11 +157,17 @@ class Sender:
 
         Raises:
             SpoolError: the spool itself failed while claiming (e.g. too
-                many open files); the message is untouched.
+                many open files); the message is untouched.  A queue that
+                cannot be reached (:class:`~mailspool.errors.QueueUnavailable`)
+                is told to ``outage`` instead.
         """
         if self._stopping() or self.relay.paused(now) or self.waiting():
             return Done(None)  # not started: stays where it is
-        claim = self.spool.claim(id)
+        try:
+            claim = self.spool.claim(id)
+        except QueueUnavailable as exc:  # an outage: no message's fault
+            self.outage.failed(exc)
+            return Done(None)
         if claim is None:
             return self._lost(id)
         self.lost_run = 0

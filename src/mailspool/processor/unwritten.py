@@ -13,6 +13,12 @@ rest to the next processor of the same spool in this process, and to a
 last try at exit.  Only the end of the process before the spool has room
 can then send the message again (and a stop says so, naming the
 recipients).
+
+A database queue's claim does not survive its session: while the database
+is down the outcome waits the same way (:class:`~mailspool.errors.QueueUnavailable`),
+and if another processor took the message meanwhile, the claim is lost
+(:class:`~mailspool.errors.ClaimLost`): the outcome is not recorded, and the
+log line says who may get the message twice.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailspool.errors import ClaimLost, QueueUnavailable
 from mailspool.events import Attempt
 from mailspool.processor.outcome import Done, Verdict, one_line, report
 from mailspool.queue import QueueClaim
@@ -144,6 +151,16 @@ def write(key: str, u: Unwritten, *, first: bool) -> Done | None:
         outcome = claim.settle(
             sent=v.sent, failed=v.failed, deferred=v.deferred, retry_at=u.retry_at, reply=said
         )
+    except ClaimLost as exc:  # a database queue: another holder has the message now
+        WAITING.drop(key, u)
+        accepted = ", ".join(v.sent)
+        log.error(
+            "%s; but this outcome is not recorded: %s%s",
+            told.line,
+            one_line(str(exc)),
+            f"; {accepted} may get it a second time" if accepted else "",
+        )
+        return None
     except OSError as exc:  # SpoolError is an OSError
         if claim.held:
             _not_taken(key, u, exc, told.line, first=first)
@@ -179,6 +196,17 @@ def _not_taken(key: str, u: Unwritten, exc: OSError, line: str, *, first: bool) 
         return
     WAITING.add(key, u)
     accepted = ", ".join(u.verdict.sent)
+    if isinstance(exc, QueueUnavailable):  # its claim may not outlast the outage
+        log.error(
+            "%s; but the queue cannot record this outcome now (%s): it is written "
+            "as soon as the queue is back; no new message is sent until then%s",
+            line,
+            u.why,
+            f"; if another processor takes the message first, {accepted} will get it again"
+            if accepted
+            else "",
+        )
+        return
     log.error(
         "%s; but the spool cannot record this outcome (%s): the message stays "
         "claimed by this process and the same outcome is written as soon as the "

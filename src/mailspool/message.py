@@ -25,11 +25,11 @@ from __future__ import annotations
 import copy
 import email.errors
 import email.utils
+import itertools
 import os
 import quopri
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -260,8 +260,8 @@ def needs_8bit(data: bytes) -> bool:
 
 # --- headers -----------------------------------------------------------------
 
-_counter_lock = threading.Lock()
-_counter = 0
+# next() of a count is atomic under the interpreter lock: no lock of our own.
+_counter = itertools.count(1)
 _hostname: str | None = None
 
 
@@ -292,14 +292,11 @@ def make_msgid(domain: str | None = None) -> str:
     Raises:
         ValueError: when ``domain`` is not an ASCII dot-atom.
     """
-    global _counter
     if domain is None:
         domain = _host()
     elif not is_ascii_dot_atom(domain):
         raise ValueError(f"Message-Id domain {domain!r} is not an ASCII dot-atom")
-    with _counter_lock:
-        _counter += 1
-        n = _counter
+    n = next(_counter)
     # os.urandom is what secrets.token_hex() reads, without its two calls.
     left = f"{time.time_ns() // 1000:x}.{os.getpid():x}.{n:x}.{os.urandom(8).hex()}"
     return f"<{left}@{domain}>"

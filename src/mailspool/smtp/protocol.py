@@ -68,6 +68,13 @@ class ProtocolViolation(ValueError):
 _CODES = frozenset(str(code).encode() for code in range(100, 600))
 
 
+#: Replies of one line already made, by their line: a relay answers most
+#: commands with the same words each time ("250 2.1.0 Ok"), and a Reply is
+#: immutable.  Bounded: lines that never repeat (a queue id) stop filling it.
+_MADE: dict[bytes, Reply] = {}
+_MADE_MAX = 256
+
+
 class ReplyReader:
     """Bytes from the relay in, complete replies out.
 
@@ -117,7 +124,12 @@ class ReplyReader:
         if code not in _CODES or sep not in (b"", b" ", b"-"):
             raise ProtocolViolation("not an SMTP reply", line)
         if self._code is None and sep != b"-":  # a reply of one line: the usual
-            return Reply(int(code), line[4:].decode("utf-8", "replace"))
+            reply = _MADE.get(line)
+            if reply is None:
+                reply = Reply(int(code), line[4:].decode("utf-8", "replace"))
+                if len(_MADE) < _MADE_MAX:
+                    _MADE[line] = reply
+            return reply
         if self._code is not None and code != self._code:
             raise ProtocolViolation("a continued reply changed its code", line)
         self._lines.append(line[4:])

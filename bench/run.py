@@ -210,6 +210,7 @@ def targets(results: Results) -> list[dict[str, Any]]:
         }
     )
     realistic_targets(results, out)
+    commits.targets(results, out)
     bound("pickup: median <= 20 ms", "pickup", "latency commit -> relay", MAILSPOOL, 20.0001, "ms")
     idle = next((s for s in results.series if s.metric.startswith("idle CPU")), None)
     if idle is not None:

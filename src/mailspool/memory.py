@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -28,7 +27,8 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from mailspool.errors import SpoolError
+from mailspool.bell import Bell
+from mailspool.errors import MessageStateError, NoSuchMessage
 from mailspool.message import Envelope, Prepared
 from mailspool.queue import (
     FAILED,
@@ -77,33 +77,18 @@ class _Item:
     next_at: float | None  # when a deferred message is due
 
 
-class _Waker:
-    """Readable after each publish: wakes a processor sleeping on this queue."""
+class _Waker(Bell):
+    """Rung after each publish: wakes a processor sleeping on this queue."""
 
     kind = "in-memory queue"
 
     def __init__(self, queue: MemoryQueue) -> None:
+        super().__init__()
         self._queue = queue
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
-
-    def fileno(self) -> int:
-        return self._r.fileno()
-
-    def poke(self) -> None:
-        with contextlib.suppress(OSError):  # full: already readable
-            self._w.send(b"\0")
-
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while self._r.recv(4096):
-                pass
 
     def close(self) -> None:
         self._queue._forget(self)
-        self._r.close()
-        self._w.close()
+        super().close()
 
 
 class MemoryQueue(OperatorMoves):
@@ -159,7 +144,7 @@ class MemoryQueue(OperatorMoves):
                 self._items[s.id] = _Item(s.record, s.data, state, later)
             wakers = list(self._wakers)
         for w in wakers:
-            w.poke()
+            w.ring()
 
     def discard(self, staged: Sequence[Any]) -> None:
         """Forget staged messages (nothing was visible)."""
@@ -273,25 +258,32 @@ class MemoryQueue(OperatorMoves):
         )
 
     def get(self, id: str) -> QueueEntry:
-        """Everything known about one message; KeyError when there is none."""
+        """Everything known about one message; NoSuchMessage when there is none."""
         with self._lock:
-            return self._entry(id, self._items[id])
+            return self._entry(id, self._item(id))
 
     def message(self, id: str) -> bytes:
-        """The message as it would be sent; KeyError when there is none."""
+        """The message as it would be sent; NoSuchMessage when there is none."""
         with self._lock:
-            return self._items[id].data
+            return self._item(id).data
+
+    def _item(self, id: str) -> _Item:
+        item = self._items.get(id)
+        if item is None:
+            raise NoSuchMessage(id)
+        return item
 
     def _admin(self, action: str, id: str) -> None:
         sources, target = _MOVES[action]
         with self._lock:
             item = self._items.get(id)
             if item is None:
-                raise KeyError(id)
+                raise NoSuchMessage(id)
             if item.state not in sources:
+                state = item.state.value
                 if action == "unhold":  # in the words of `mailspool release`, as the spool says it
-                    raise SpoolError(f"not held (it is {item.state.value}): nothing to release")
-                raise SpoolError(f"cannot {action} a message that is {item.state.value}")
+                    raise MessageStateError(f"not held (it is {state}): nothing to release")
+                raise MessageStateError(f"cannot {action} a message that is {state}")
             if target is None:
                 del self._items[id]
                 return
@@ -339,7 +331,7 @@ class _Claim(RecordFields):
 
     def _finish(self, how: str) -> None:
         if self._done is not None:
-            raise SpoolError(f"cannot {how} {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot {how} {self.id}: already {self._done}")
         self._done = how
 
     def settle(
@@ -353,7 +345,7 @@ class _Claim(RecordFields):
     ) -> str:
         """Record one attempt per recipient; ``"removed"``, ``"deferred"`` or ``"failed"``."""
         if self._done is not None:
-            raise SpoolError(f"cannot settle {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot settle {self.id}: already {self._done}")
         sent = tuple(sent)
         if not failed and not deferred and all_sent(self._record, sent):
             record, outcome = self._record, "removed"

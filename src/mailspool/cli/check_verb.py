@@ -26,16 +26,15 @@ from mailspool.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     STATE_NAMES,
+    age_text,
     common_options,
     fail,
-    open_spool,
-    reading,
     relay_options,
     relay_state,
     resolve,
     when,
 )
-from mailspool.cli.queue_verbs import age_text
+from mailspool.cli.opening import open_spool, reading
 from mailspool.cli.settings import ConfigError, Settings, parse_duration
 from mailspool.queue import QueueBackend
 

@@ -39,10 +39,7 @@ from mailspool.cli.common import (
     EXIT_USAGE,
     common_options,
     fail,
-    make_processor,
-    open_spool,
     processor_options,
-    reading,
     reason,
     relay_options,
     settings,
@@ -51,7 +48,8 @@ from mailspool.cli.common import (
     summary_line,
 )
 from mailspool.cli.observe import observed
-from mailspool.errors import InvalidAddress, InvalidMessage
+from mailspool.cli.opening import make_processor, open_spool, reading
+from mailspool.errors import InvalidAddress, InvalidMessage, SpoolError
 from mailspool.message import parse_mailbox, prepare
 
 if TYPE_CHECKING:
@@ -466,11 +464,11 @@ def _enqueue(spool: QueueBackend, prepared: Prepared) -> None:
     """
     try:
         staged = spool.stage(prepared)
-    except OSError as exc:  # SpoolError: nothing left behind
+    except (SpoolError, OSError) as exc:  # nothing left behind
         fail(f"send: not queued: {reason(exc)}")
     try:
         spool.publish([staged])
-    except OSError as exc:
+    except (SpoolError, OSError) as exc:
         tmp = getattr(staged, "tmp_path", None)  # a spool's file; a database rolls back
         if tmp is None or os.path.lexists(tmp):  # not made visible: take it back
             spool.discard([staged])

@@ -24,34 +24,23 @@ from mailspool.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     STATE_NAMES,
+    age_text,
     common_options,
     fail,
-    open_spool,
-    reading,
     reason,
     relay_state,
     settings,
     when,
 )
+from mailspool.cli.opening import open_spool, reading
+from mailspool.errors import SpoolError
 from mailspool.processor.outcome import per_second
 
 if TYPE_CHECKING:
     from mailspool.queue import QueueBackend as Spool
     from mailspool.queue import QueueEntry as SpoolEntry
 
-__all__ = ["COMMANDS", "age_text", "entry_json"]
-
-
-def age_text(seconds: float) -> str:
-    """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
+__all__ = ["COMMANDS", "entry_json"]
 
 
 def _size(n: int) -> str:
@@ -124,7 +113,7 @@ def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
     """
     try:
         return spool.message(entry.id)
-    except (KeyError, ValueError, OSError):
+    except (KeyError, ValueError, SpoolError, OSError):
         return None
 
 
@@ -333,7 +322,7 @@ def _get(spool: Spool, message_id: str) -> SpoolEntry:
         fail(f"{message_id}: not in the queue")
     except ValueError as exc:
         fail(f"{message_id}: {exc}")
-    except OSError as exc:  # SpoolError too
+    except (SpoolError, OSError) as exc:
         fail(f"{message_id}: {reason(exc)}")
 
 
@@ -376,7 +365,7 @@ def _each(spool: Spool, ids: Sequence[str], action: Callable[[str], None], done:
         except KeyError:
             click.echo(f"mailspool: {id}: not in the queue", err=True)
             code = EXIT_FAILED
-        except (OSError, ValueError) as exc:
+        except (SpoolError, OSError, ValueError) as exc:
             click.echo(f"mailspool: {id}: {reason(exc)}", err=True)
             code = EXIT_FAILED
         else:

@@ -16,7 +16,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import replace
 
-from mailspool.errors import SpoolError
+from mailspool.errors import MessageStateError, NoSuchMessage, SpoolCorrupt, SpoolError
 from mailspool.maildir.directory import (
     LOCATE_ORDER,
     SpoolDir,
@@ -188,7 +188,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         """Everything known about one message, its checksum verified.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
             ValueError: ``id`` is not a valid name.
         """
         for _ in range(3):  # it may move between lookup and read
@@ -198,7 +198,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
             entry = self._entry(area, id, full=True)
             if entry is not None:
                 return entry
-        raise KeyError(id)
+        raise NoSuchMessage(id)
 
     def message(self, id: str) -> bytes:
         """The message ``id`` as it would be sent, without the envelope.
@@ -208,19 +208,20 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         inspected.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
             ValueError: ``id`` is not a valid name, or the file cannot be
                 decoded.
-            SpoolError: the file is not a regular file or cannot be read.
+            SpoolCorrupt: the file is not a regular file.
+            SpoolIOError: the file cannot be read.
         """
         area = self._locate(id)
         if area is None:
-            raise KeyError(id)
+            raise NoSuchMessage(id)
         path = self._dirs[area] + id
         try:
             fd = os.open(path, RFLAGS)
         except FileNotFoundError:
-            raise KeyError(id) from None
+            raise NoSuchMessage(id) from None
         except OSError as exc:
             raise self._error(f"read {id}", exc) from exc
         try:
@@ -231,7 +232,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         finally:
             os.close(fd)
         if raw is None:
-            raise SpoolError(f"spool {self.path}: {id} is not a regular file")
+            raise SpoolCorrupt(path, "not a regular file")
         return decode_file(raw, verify=False, mtime=st.st_mtime)[1]
 
     def _entry(self, area: str, id: str, full: bool) -> SpoolEntry | None:
@@ -300,7 +301,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
             except FileNotFoundError:
                 continue
             except BlockingIOError:
-                raise SpoolError(f"cannot {action} {id}: it is being sent") from None
+                raise MessageStateError(f"cannot {action} {id}: it is being sent") from None
             except OSError:
                 fd = -1  # a symlink or unreadable entry: no lock to take
             if fd is None:
@@ -311,7 +312,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 if fd >= 0:
                     close_held(fd)
             return
-        raise KeyError(id)
+        raise NoSuchMessage(id)
 
     def _move(self, action: str, area: str, target: str | None, id: str, fd: int) -> None:
         path = self._dirs[area] + id
@@ -332,7 +333,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         except OSError as exc:
             raise self._error(f"{action} {id}", exc) from exc
         except ValueError as exc:  # a failed/ file that is damaged
-            raise SpoolError(f"cannot {action} {id}: {exc}") from exc
+            raise SpoolCorrupt(path, f"cannot {action} {id}: {exc}") from exc
 
     def _drop_stale_cur(self, id: str) -> None:
         """After a delete: a copy a crash left in cur/ must not come back."""

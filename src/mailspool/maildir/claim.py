@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
 
-from mailspool.errors import SpoolError
+from mailspool.errors import MessageStateError, SpoolError
 from mailspool.maildir import trash
 from mailspool.maildir.directory import SpoolDir, log, new_name, unlink_quietly
 from mailspool.maildir.fileformat import Record, encode_file
@@ -110,9 +110,9 @@ class Claim(RecordFields):
 
     def _start(self, action: str) -> str | None:
         if self._done is not None:
-            raise SpoolError(f"cannot {action} {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot {action} {self.id}: already {self._done}")
         if self._pid != _this_process:
-            raise SpoolError(f"cannot {action} {self.id}: claimed by process {self._pid}")
+            raise MessageStateError(f"cannot {action} {self.id}: claimed by process {self._pid}")
         return next_area(action, "cur")
 
     def _finish(self, outcome: str) -> None:
@@ -153,7 +153,7 @@ class Claim(RecordFields):
                 the ``with`` block releases it).
         """
         if self._done is not None:
-            raise SpoolError(f"cannot settle {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot settle {self.id}: already {self._done}")
         sent = tuple(sent)  # read twice below
         if not failed and not deferred and all_sent(self._record, sent):
             # Every recipient accepted: no record to build, the file just goes.

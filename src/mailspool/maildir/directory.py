@@ -31,14 +31,12 @@ import itertools
 import logging
 import os
 import random
-import re
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
 
-from mailspool.errors import SpoolError
+from mailspool.errors import SpoolError, SpoolIOError
 from mailspool.maildir import trash
 from mailspool.maildir.durable import WFLAGS, unlink_quietly, write_file, write_files
 from mailspool.maildir.lifecycle import NEWER_THAN_CUR
@@ -46,6 +44,7 @@ from mailspool.maildir.locks import (
     close_quietly,
     lock_file,
 )
+from mailspool.message import host_name
 
 __all__ = [
     "DFLAGS",
@@ -76,7 +75,12 @@ _AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "tras
 
 _seq = itertools.count(1)
 _pid = os.getpid()
-_host = re.sub(r"[^A-Za-z0-9\-_]", "-", socket.gethostname().split(".")[0]) or "localhost"
+_host = host_name().split(".")[0]  # Maildir names end in the first label
+
+
+def host_label() -> str:
+    """The host part of the names :func:`new_name` makes."""
+    return _host
 
 
 def new_name() -> str:
@@ -146,6 +150,12 @@ def read_all(fd: int, size: int) -> bytes:
 # --- the directory ----------------------------------------------------------------------
 
 
+class _LastQuarantined(threading.local):
+    """Per thread: the id it set aside in quarantine last."""
+
+    id: str | None = None
+
+
 class SpoolDir:
     """A spool directory's areas and the system calls on them.
 
@@ -163,14 +173,14 @@ class SpoolDir:
         self.path = os.fspath(path)
         root = os.path.abspath(self.path)  # immune to a later chdir()
         self._dirs = {a: os.path.join(root, a) + os.sep for a in _AREAS}
-        self._last_quarantined = threading.local()  # per thread: the id it set aside last
+        self._last_quarantined = _LastQuarantined()
         made = self._make_root(root) if create and not os.path.isdir(root) else []
         made += self._make_areas(root, create)
         for d in dict.fromkeys(made):  # new directory entries must survive a power cut
             try:
                 self._fsync_path(d)
             except OSError as exc:
-                raise SpoolError(exc.errno, f"cannot fsync {d}: {errname(exc)}") from exc
+                raise SpoolIOError(exc.errno, f"cannot fsync {d}: {errname(exc)}") from exc
         # Finished files are renamed relative to this descriptor, so they land
         # in the real trash/ even if the name is later replaced by a symlink.
         self._trash_fd = -1
@@ -203,7 +213,7 @@ class SpoolDir:
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise SpoolError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
+                raise SpoolIOError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
         if self._mkdir(root):
             made.append(parent)
         return made
@@ -216,7 +226,7 @@ class SpoolDir:
             if os.path.isdir(d):
                 continue
             if not create and area in ("tmp", "new", "cur"):
-                raise SpoolError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
+                raise SpoolIOError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
             try:
                 if self._mkdir(d):
                     made.append(root)
@@ -233,12 +243,12 @@ class SpoolDir:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot create spool {path}: {errname(exc)}") from exc
+            raise SpoolIOError(exc.errno, f"cannot create spool {path}: {errname(exc)}") from exc
         os.chmod(path, 0o700)  # whatever the umask
         return True
 
-    def _error(self, what: str, exc: OSError) -> SpoolError:
-        err = SpoolError(exc.errno, f"spool {self.path}: cannot {what}: {errname(exc)}")
+    def _error(self, what: str, exc: OSError) -> SpoolIOError:
+        err = SpoolIOError(exc.errno, f"spool {self.path}: cannot {what}: {errname(exc)}")
         err.__cause__ = exc
         return err
 
@@ -355,7 +365,7 @@ class SpoolDir:
         Tells why a claim by this thread came back empty without a system
         call: set aside, or (otherwise) taken or finished by someone else.
         """
-        return getattr(self._last_quarantined, "id", None) == id
+        return self._last_quarantined.id == id
 
     def _quarantine(self, area: str, id: str, reason: str) -> bool:
         """Move ``area/id`` to quarantine/ with its reason; log once.

@@ -21,7 +21,13 @@ from typing import Any
 
 import psycopg
 
-from mailspool.errors import QueueUnavailable, SpoolError
+from mailspool.errors import (
+    MessageStateError,
+    NoSuchMessage,
+    QueueUnavailable,
+    SpoolError,
+    SpoolIOError,
+)
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.postgres.connect import (
@@ -161,7 +167,7 @@ class PostgresAdmin(OperatorMoves):
                 raise SpoolError(f"queue {self.location}: {exc}") from exc
             except psycopg.Error as exc:
                 if not conn.broken:
-                    raise SpoolError(f"queue {self.location}: {self.why(exc)}") from exc
+                    raise SpoolIOError(f"queue {self.location}: {self.why(exc)}") from exc
                 self._conn = None
                 raise QueueUnavailable(
                     f"queue {self.location}: lost the connection: {self.why(exc)}"
@@ -179,6 +185,15 @@ class PostgresAdmin(OperatorMoves):
                 raise
             raise QueueUnavailable(str(exc)) from exc
         return conn
+
+    def _get(self) -> psycopg.Connection[Any]:
+        """A connection of the pool for a claim; a failure to connect is an outage."""
+        try:
+            return self._pool.get()
+        except QueueUnavailable:
+            raise
+        except SpoolError as exc:  # the queue's own login worked: not a refusal
+            raise QueueUnavailable(str(exc)) from exc
 
     def close(self) -> None:
         """Close the queue's connections (claims keep theirs until they end)."""
@@ -313,7 +328,7 @@ class PostgresAdmin(OperatorMoves):
         """Everything known about one message.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
             ValueError: ``id`` is not a valid id.
         """
         check_id(id)
@@ -325,14 +340,14 @@ class PostgresAdmin(OperatorMoves):
             ).fetchone()
             locked = self._locked(conn) if row is not None else []
         if row is None:
-            raise KeyError(id)
+            raise NoSuchMessage(id)
         return entry_from_row(row, row[0] in locked and row[2] in ("ready", "deferred"))
 
     def message(self, id: str) -> bytes:
         """The message ``id`` as it would be sent, without the envelope.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
         """
         check_id(id)
         with self._main() as conn:
@@ -341,7 +356,7 @@ class PostgresAdmin(OperatorMoves):
                 (id,),
             ).fetchone()
         if row is None:
-            raise KeyError(id)
+            raise NoSuchMessage(id)
         return bytes(row[0])
 
     # -- what the processors learned about the relay ------------------------------------
@@ -388,9 +403,9 @@ class PostgresAdmin(OperatorMoves):
                 ).fetchone()
             except psycopg.errors.LockNotAvailable:
                 next_area(action, "cur")  # "cannot hold a message that is in_flight"
-                raise SpoolError(f"cannot {action} {id}: it is being sent") from None
+                raise MessageStateError(f"cannot {action} {id}: it is being sent") from None
             if row is None:
-                raise KeyError(id)
+                raise NoSuchMessage(id)
             seq, state, recipients = row
             target = next_area(action, AREAS[state])
             if target is None:

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from mailspool.errors import QueueUnavailable, SpoolError
+from mailspool.errors import QueueUnavailable, SpoolError, SpoolIOError
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.spool import TMP_MAX_AGE
 from mailspool.message import Prepared
@@ -300,20 +300,11 @@ class PostgresQueue(PostgresAdmin):
                 return claim
             conn.rollback()
         except psycopg.Error as exc:
-            cls = QueueUnavailable if conn.broken else SpoolError
+            cls = QueueUnavailable if conn.broken else SpoolIOError
             conn.close()
             raise cls(f"queue {self.location}: cannot claim {id}: {self.why(exc)}") from exc
         self._pool.put(conn)
         return None
-
-    def _get(self) -> psycopg.Connection[Any]:
-        """A connection of the pool for a claim; a failure to connect is an outage."""
-        try:
-            return self._pool.get()
-        except QueueUnavailable:
-            raise
-        except SpoolError as exc:  # the queue's own login worked: not a refusal
-            raise QueueUnavailable(str(exc)) from exc
 
     def _settle_empty(self, conn: psycopg.Connection[Any], claim: PostgresClaim) -> None:
         failed = any(r.status == "failed" for r in claim.recipients)

@@ -12,11 +12,11 @@ import itertools
 import json
 import os
 import secrets
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from mailspool.maildir.directory import host_label
 from mailspool.maildir.fileformat import MAX_TEXT
 from mailspool.message import Prepared
 from mailspool.queue import QueueEntry, RecipientStatus, Record
@@ -43,10 +43,9 @@ def new_id() -> str:
     process, counter, random bits and host), so that ``mailspool list``
     shows both alike and an imported message keeps its name."""
     us = time.time_ns() // 1000
-    host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
     return (
         f"{us // 1_000_000}.M{us % 1_000_000}P{os.getpid()}Q{next(_counter)}"
-        f"R{secrets.randbits(32):08x}.{host}"
+        f"R{secrets.randbits(32):08x}.{host_label()}"
     )
 
 

@@ -32,6 +32,7 @@ the finished transaction detached from its manager (see :mod:`mailspool.events`)
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import logging
 import os
@@ -50,6 +51,7 @@ from mailspool.errors import DeliveryError, RecipientsRefused
 from mailspool.events import MailEvent, MailFailed, MailQueued, MailSent, notify_after_commit
 from mailspool.interfaces import IDirectMailDelivery, IMailer, IQueuedMailDelivery
 from mailspool.message import MessageInput, Prepared, prepare
+from mailspool.priority import Priority, parse_priority
 from mailspool.queue import QueueBackend, Staged
 from mailspool.smtp.result import SendResult
 from mailspool.smtp.seams import AbortingMailer, EnvelopeMailer, Mailer, VotingMailer
@@ -244,6 +246,7 @@ class QueuedMailDelivery(_Delivery):
         message: MessageInput,
         *,
         not_before: float | datetime.datetime | None = None,
+        priority: str | Priority | None = None,
     ) -> str:
         """Queue ``message`` for delivery when the current transaction commits.
 
@@ -254,6 +257,9 @@ class QueuedMailDelivery(_Delivery):
             message: ``bytes``, ``str`` or ``email.message.Message``.
             not_before: keep the message in the queue until this time (a
                 ``time.time()`` value or a datetime; naive means local time).
+            priority: ``"urgent"``, ``"normal"`` (the default) or ``"bulk"``:
+                the processor takes urgent mail first and bulk mail last,
+                without starving it (see :mod:`mailspool.priority`).
 
         Returns:
             The Message-Id, without angle brackets.
@@ -261,8 +267,12 @@ class QueuedMailDelivery(_Delivery):
         Raises:
             InvalidAddress: a bad sender or recipient, or no recipients.
             InvalidMessage: a malformed Message-Id or an over-long line.
+            ValueError: ``priority`` names no class.
         """
+        cls = parse_priority(priority)
         prepared = prepare(fromaddr, toaddrs, message, msgid_domain=self.msgid_domain)
+        if cls is not Priority.NORMAL:
+            prepared = dataclasses.replace(prepared, priority=cls)
         return self._join(prepared, None if not_before is None else _timestamp(not_before))
 
     def _vote(self, dm: _MailDataManager) -> None:
@@ -339,12 +349,22 @@ class DirectMailDelivery(_Delivery):
             raise TypeError(f"mailer must provide IMailer, got {mailer!r}")
         self.mailer = mailer
 
-    def send(self, fromaddr: str, toaddrs: Iterable[str] | str, message: MessageInput) -> str:
+    def send(
+        self,
+        fromaddr: str,
+        toaddrs: Iterable[str] | str,
+        message: MessageInput,
+        *,
+        priority: str | Priority | None = None,
+    ) -> str:
         """Send ``message`` when the current transaction commits.
 
         Returns the Message-Id (without angle brackets).  Raises
         ``InvalidAddress``/``InvalidMessage`` at once for bad input.
+        ``priority`` is checked (ValueError when it names no class) and
+        otherwise has no effect: every message goes out at the commit.
         """
+        parse_priority(priority)
         return self._join(self._prepare(fromaddr, toaddrs, message), None)
 
     def _vote(self, dm: _MailDataManager) -> None:

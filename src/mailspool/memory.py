@@ -19,6 +19,8 @@ Messages are settled per recipient by the same rules as the Maildir spool
 from __future__ import annotations
 
 import contextlib
+import functools
+import heapq
 import itertools
 import threading
 import time
@@ -30,15 +32,18 @@ from typing import TYPE_CHECKING, Any
 from mailspool.bell import Bell
 from mailspool.errors import MessageStateError, NoSuchMessage
 from mailspool.message import Envelope, Prepared
+from mailspool.priority import PRIORITIES, Priority, interleave
 from mailspool.queue import (
     FAILED,
     PENDING,
+    Census,
     OperatorMoves,
     QueueEntry,
     RecipientStatus,
     Record,
     RecordFields,
     State,
+    age_order,
     all_sent,
     settle_record,
 )
@@ -67,6 +72,7 @@ class _Staged:
     message_id: str
     record: Record
     data: bytes
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass
@@ -75,6 +81,7 @@ class _Item:
     data: bytes
     state: State
     next_at: float | None  # when a deferred message is due
+    priority: Priority = Priority.NORMAL
 
 
 class _Waker(Bell):
@@ -129,7 +136,7 @@ class MemoryQueue(OperatorMoves):
             not_before=later,
         )
         id = f"{int(now * 1e6):x}.{next(_serial)}"
-        return _Staged(id, prepared.message_id, record, bytes(prepared.data))
+        return _Staged(id, prepared.message_id, record, bytes(prepared.data), prepared.priority)
 
     def stage_many(self, batch: Sequence[tuple[Prepared, float | None]]) -> list[_Staged]:
         """:meth:`stage` for several messages."""
@@ -141,7 +148,7 @@ class MemoryQueue(OperatorMoves):
             for s in staged:
                 later = s.record.not_before
                 state = State.DEFERRED if later is not None else State.READY
-                self._items[s.id] = _Item(s.record, s.data, state, later)
+                self._items[s.id] = _Item(s.record, s.data, state, later, s.priority)
             wakers = list(self._wakers)
         for w in wakers:
             w.ring()
@@ -152,12 +159,18 @@ class MemoryQueue(OperatorMoves):
     # -- processing -----------------------------------------------------------------
 
     def due(self, now: float | None = None) -> Iterator[str]:
-        """The ids of ready messages, then of deferred ones whose time has come."""
+        """The ids that can be claimed: per class, ready messages then deferred
+        ones whose time has come; the classes interleaved by the rule of
+        :mod:`mailspool.priority`."""
         now = self._clock() if now is None else now
+        return interleave({p: functools.partial(self._due_class, p, now) for p in PRIORITIES})
+
+    def _due_class(self, priority: Priority, now: float) -> list[str]:
         with self._lock:
-            ready = [i for i, it in self._items.items() if it.state is State.READY]
-            later = [i for i, it in self._items.items() if self._due_deferred(it, now)]
-        return iter(ready + later)
+            mine = [(i, it) for i, it in self._items.items() if it.priority is priority]
+            ready = [i for i, it in mine if it.state is State.READY]
+            later = [i for i, it in mine if self._due_deferred(it, now)]
+        return ready + later
 
     @staticmethod
     def _due_deferred(item: _Item, now: float) -> bool:
@@ -233,6 +246,16 @@ class MemoryQueue(OperatorMoves):
             times = [it.record.queued_at for it in self._items.values() if it.state in states]
         return min(times) if times else None
 
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` and the oldest message of each state."""
+        with self._lock:
+            oldest: dict[str, float | None] = {s.value: None for s in State}
+            for it in self._items.values():
+                t, key = it.record.queued_at, it.state.value
+                if oldest[key] is None or t < (oldest[key] or 0.0):
+                    oldest[key] = t
+        return Census(self.counts(now), oldest)
+
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]:
         """One entry per message (of one state, or all), oldest first."""
         if state is not None and state not in {s.value for s in State}:
@@ -240,6 +263,10 @@ class MemoryQueue(OperatorMoves):
         with self._lock:
             listed = [self._entry(i, it) for i, it in self._items.items()]
         return iter([e for e in listed if state is None or e.state == state])
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest entries (of one state, or all), oldest first."""
+        return heapq.nsmallest(limit, self.entries(state), key=age_order)
 
     @staticmethod
     def _entry(id: str, item: _Item) -> QueueEntry:
@@ -255,6 +282,7 @@ class MemoryQueue(OperatorMoves):
             item.next_at if item.state is State.DEFERRED else None,
             len(item.data),
             r.last_error,
+            priority=item.priority.value,
         )
 
     def get(self, id: str) -> QueueEntry:

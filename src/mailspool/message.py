@@ -37,6 +37,7 @@ from email.message import Message
 
 from mailspool.address import Envelope, is_ascii_dot_atom, make_envelope, parse_mailbox
 from mailspool.errors import InvalidMessage
+from mailspool.priority import Priority
 
 __all__ = [
     "MAX_LINE",
@@ -353,11 +354,13 @@ class Prepared:
         envelope: the validated envelope.
         message_id: the Message-Id without angle brackets.
         data: the message bytes, CRLF line endings, headers complete.
+        priority: its class in the queue (see :mod:`mailspool.priority`).
     """
 
     envelope: Envelope
     message_id: str
     data: bytes
+    priority: Priority = Priority.NORMAL
 
     @property
     def eight_bit(self) -> bool:

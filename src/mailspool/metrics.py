@@ -231,10 +231,9 @@ class _Gauges(Collector):
         with self._lock:
             if time.monotonic() - self._at >= self.cache:
                 spool = self.processor.spool
-                ready = spool.oldest(("ready",))
-                others = spool.oldest(("in_flight", "deferred", "held"))
-                waiting = min((t for t in (ready, others) if t is not None), default=None)
-                self._spool = (spool.counts(), ready, waiting)
+                census = spool.census()  # one look at the queue per scrape
+                ready, waiting = census.oldest_of(("ready",)), census.oldest_of()
+                self._spool = (dict(census.counts), ready, waiting)
                 self._at = time.monotonic()
             return self._spool
 

@@ -22,12 +22,15 @@ from mailspool.records import (
     PENDING,
     SENT,
     STATUSES,
+    WAITING,
+    Census,
     Outcome,
     QueueEntry,
     RecipientStatus,
     Record,
     RecordFields,
     State,
+    age_order,
     all_sent,
     settle_record,
 )
@@ -40,6 +43,8 @@ __all__ = [
     "PENDING",
     "SENT",
     "STATUSES",
+    "WAITING",
+    "Census",
     "InDirectory",
     "OperatorMoves",
     "Outcome",
@@ -53,6 +58,7 @@ __all__ = [
     "Staged",
     "State",
     "Waker",
+    "age_order",
     "all_sent",
     "is_postgres_url",
     "settle_record",
@@ -277,7 +283,14 @@ class QueueBackend(Protocol):
         self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
     ) -> float | None: ...
 
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` (with ``now`` as there) and the oldest per state, in one look."""
+
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]: ...
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest messages (of one state, or all), in :func:`age_order`;
+        read without holding or reading every message of a large queue."""
 
     def get(self, id: str) -> QueueEntry: ...
 

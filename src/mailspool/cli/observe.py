@@ -124,8 +124,8 @@ def _relay(stats: list[dict[str, Any]], now: float) -> str:
 
 def _look(spool: Spool, rates: _Rates) -> dict[str, Any]:
     now = time.time()
-    counts = spool.counts()
-    oldest = spool.oldest()
+    census = spool.census()
+    counts, oldest = dict(census.counts), census.oldest_of()
     # processors write stats into a Maildir spool
     stats = read_stats(spool.path, now) if isinstance(spool, InDirectory) else []
     return {

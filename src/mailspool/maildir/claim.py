@@ -218,7 +218,7 @@ class Claim(RecordFields):
         except OSError as exc:
             raise spool._error(f"write {tmp}", exc) from exc
         try:
-            os.rename(tmp, spool._dirs[target] + self.id)
+            os.rename(tmp, spool._path(target, self.id))
         except OSError as exc:
             close_held(fd)
             unlink_quietly(tmp)
@@ -226,9 +226,9 @@ class Claim(RecordFields):
         # From here on the new state is the message: never release the old one.
         error: SpoolError | None = None
         try:
-            spool._fsync_dir(target)
+            spool._fsync_dir(target, self.id)
         except OSError as exc:
-            error = spool._error(f"fsync {spool._dirs[target]}", exc)
+            error = spool._error(f"fsync {target}/", exc)
         with contextlib.suppress(OSError):
             spool._trash(spool._dirs["cur"] + self.id)
         close_held(fd)
@@ -247,7 +247,7 @@ class Claim(RecordFields):
         assert target is not None
         spool = self._spool
         try:
-            os.rename(spool._dirs["cur"] + self.id, spool._dirs[target] + self.id)
+            os.rename(spool._dirs["cur"] + self.id, spool._path(target, self.id))
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -38,6 +38,7 @@ from collections.abc import Iterator, Sequence
 
 from mailspool.errors import SpoolError, SpoolIOError
 from mailspool.maildir import trash
+from mailspool.maildir.classes import MARKS, READY_AREA, READY_DIRS, area_dir
 from mailspool.maildir.durable import WFLAGS, unlink_quietly, write_file, write_files
 from mailspool.maildir.lifecycle import NEWER_THAN_CUR
 from mailspool.maildir.locks import (
@@ -45,6 +46,7 @@ from mailspool.maildir.locks import (
     lock_file,
 )
 from mailspool.message import host_name
+from mailspool.priority import PRIORITIES, Priority
 
 __all__ = [
     "DFLAGS",
@@ -69,7 +71,7 @@ DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: Every area, in the order a message is looked for: newer states before a
 #: ``cur/`` copy that a crash may have left behind.
 LOCATE_ORDER = ("new", "deferred", "hold", "failed", "quarantine", "cur")
-_AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash")
+_AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash", *READY_DIRS)
 
 # --- names --------------------------------------------------------------------
 
@@ -83,12 +85,13 @@ def host_label() -> str:
     return _host
 
 
-def new_name() -> str:
-    """A Maildir unique name: time, microseconds, pid, counter, random, host."""
+def new_name(priority: Priority = Priority.NORMAL) -> str:
+    """A Maildir unique name: time, microseconds, pid, counter, random, host,
+    and the mark of a class other than normal (``,P=urgent``, ``,P=bulk``)."""
     us = time.time_ns() // 1000
     return (
         f"{us // 1_000_000}.M{us % 1_000_000}P{_pid}Q{next(_seq)}"
-        f"R{random.getrandbits(32):08x}.{_host}"
+        f"R{random.getrandbits(32):08x}.{_host}{MARKS.get(priority, '')}"
     )
 
 
@@ -271,8 +274,19 @@ class SpoolDir:
         finally:
             os.close(fd)
 
-    def _fsync_dir(self, area: str) -> None:
-        self._fsync_path(self._dirs[area])
+    def _fsync_dir(self, area: str, id: str = "") -> None:
+        """fsync the directory of ``area`` (of ``id``'s class, for ready mail)."""
+        self._fsync_path(self._dirs[area_dir(area, id)])
+
+    def _path(self, area: str, id: str) -> str:
+        """Where message ``id`` is when it is in ``area`` (a lifecycle area)."""
+        return self._dirs[area_dir(area, id)] + id
+
+    def _area_dirs(self, area: str) -> tuple[str, ...]:
+        """The directories of a lifecycle area: ready mail has one per class."""
+        if area == "new":
+            return tuple(self._dirs[READY_AREA[p]] for p in PRIORITIES)
+        return (self._dirs[area],)
 
     # -- locks ---------------------------------------------------------------------
 
@@ -299,17 +313,18 @@ class SpoolDir:
 
     def _superseded(self, id: str) -> bool:
         """Whether a newer state of a ``cur/`` message exists elsewhere."""
-        return any(os.path.lexists(self._dirs[a] + id) for a in NEWER_THAN_CUR)
+        return any(os.path.lexists(self._path(a, id)) for a in NEWER_THAN_CUR)
 
     def _names(self, area: str) -> Iterator[str]:
-        try:
-            it = os.scandir(self._dirs[area])
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        with it:
-            for e in it:
-                if e.name[0] != ".":
-                    yield e.name
+        for d in self._area_dirs(area):
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for e in it:
+                    if e.name[0] != ".":
+                        yield e.name
 
     # -- trash and quarantine -------------------------------------------------------
 
@@ -380,7 +395,7 @@ class SpoolDir:
         while os.path.lexists(self._dirs["quarantine"] + target):
             target = f"{id}.{random.getrandbits(32):08x}"
         try:
-            os.rename(self._dirs[area] + id, self._dirs["quarantine"] + target)
+            os.rename(self._path(area, id), self._dirs["quarantine"] + target)
         except FileNotFoundError:
             return False
         except OSError as exc:

@@ -13,6 +13,7 @@ the lifecycle table allows (:func:`mailspool.maildir.lifecycle.next_area`).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import socket
 import threading
@@ -45,7 +46,15 @@ from mailspool.postgres.schema import (
     current_version,
     quote_ident,
 )
-from mailspool.queue import FAILED, PENDING, OperatorMoves, QueueEntry, RecipientStatus
+from mailspool.queue import (
+    FAILED,
+    PENDING,
+    Census,
+    OperatorMoves,
+    QueueEntry,
+    RecipientStatus,
+    age_order,
+)
 
 __all__ = ["PostgresAdmin"]
 
@@ -289,6 +298,10 @@ class PostgresAdmin(OperatorMoves):
                     best = row[0]
         return best
 
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` and the oldest message of each state (an index probe each)."""
+        return Census(self.counts(now), {s: self.oldest((s,)) for s in AREAS})
+
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]:
         """Stream one :class:`QueueEntry` per message (all states, or one).
 
@@ -323,6 +336,38 @@ class PostgresAdmin(OperatorMoves):
             if len(rows) < _BATCH:
                 return
             after = rows[-1][0]
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest messages (of one state, or all), oldest first.
+
+        At most ``limit`` rows and the claimed ones are read, by the
+        ``(state, queued_at)`` index; in flight, the claimed rows only.
+
+        Raises:
+            ValueError: ``state`` is not a state.
+        """
+        if state is not None and state not in AREAS:
+            raise ValueError(f"unknown state {state!r}; one of {sorted(AREAS)}")
+        if state == "in_flight":
+            return heapq.nsmallest(limit, self._entries(state), key=age_order)
+        states = [state] if state else [s for s in STATES.values() if s != "in_flight"]
+        rows = []
+        with self._main() as conn:
+            locked = self._locked(conn)
+            for one in states:  # an index scan each, by (state, queued_at)
+                rows += conn.execute(
+                    f"SELECT {ENTRY_COLUMNS} FROM {self.table} WHERE state = %s "
+                    "ORDER BY queued_at LIMIT %s",
+                    (one, limit + len(locked)),
+                ).fetchall()
+        flying = set(locked)
+        out: list[QueueEntry] = []
+        for row in rows:
+            in_flight = row[0] in flying and row[2] in ("ready", "deferred")
+            if in_flight and state is not None:
+                continue
+            out.append(entry_from_row(row, in_flight))
+        return sorted(out, key=age_order)[:limit]
 
     def get(self, id: str) -> QueueEntry:
         """Everything known about one message.

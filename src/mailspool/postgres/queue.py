@@ -26,6 +26,7 @@ its own from the pool.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,6 +47,7 @@ from mailspool.postgres.connect import Target
 from mailspool.postgres.notify import Listener
 from mailspool.postgres.outbox import enqueue as _enqueue
 from mailspool.postgres.rows import RECORD_COLUMNS, insert_params, insert_sql, lock_key, new_id
+from mailspool.priority import PRIORITIES, Priority, interleave
 from mailspool.queue import QueueBackend
 
 __all__ = ["PostgresQueue", "Staged"]
@@ -134,6 +136,7 @@ class PostgresQueue(PostgresAdmin):
         *,
         not_before: float | datetime | None = None,
         msgid_domain: str | None = None,
+        priority: str | Priority | None = None,
     ) -> str:
         """Queue a message in the transaction open on ``conn``; see
         :func:`mailspool.postgres.outbox.enqueue`.
@@ -149,6 +152,7 @@ class PostgresQueue(PostgresAdmin):
             not_before=not_before,
             msgid_domain=msgid_domain,
             schema=self.schema,
+            priority=priority,
         )
 
     # -- enqueue, two-phase ---------------------------------------------------------
@@ -223,7 +227,9 @@ class PostgresQueue(PostgresAdmin):
     # -- processing ------------------------------------------------------------------
 
     def due(self, now: float | None = None) -> Iterator[str]:
-        """Stream the ids of the messages that can be claimed now, oldest due first.
+        """Stream the ids of the messages that can be claimed now: each class
+        oldest due first, the classes interleaved by the rule of
+        :mod:`mailspool.priority`.
 
         Messages claimed by someone at the time of each batch are left out;
         an id may still be taken by the time it is claimed (claim() then
@@ -238,15 +244,19 @@ class PostgresQueue(PostgresAdmin):
             except SpoolError as exc:
                 log.warning("queue %s: cannot sweep: %s", self.location, exc)
         now = time.time() if now is None else now
+        return interleave({p: functools.partial(self._due_class, p, now) for p in PRIORITIES})
+
+    def _due_class(self, priority: Priority, now: float) -> Iterator[str]:
+        """One class's due ids, oldest due first, :data:`DUE_BATCH` per query."""
         after: tuple[Any, int] | None = None
         while True:
             with self._main() as conn:
                 locked = self._locked(conn)
                 sql = (
-                    f"SELECT id, due_at, seq FROM {self.table} "
-                    "WHERE state IN ('ready', 'deferred') AND due_at <= to_timestamp(%s)"
+                    f"SELECT id, due_at, seq FROM {self.table} WHERE priority = %s "
+                    "AND state IN ('ready', 'deferred') AND due_at <= to_timestamp(%s)"
                 )
-                params: tuple[Any, ...] = (now,)
+                params: tuple[Any, ...] = (priority.rank, now)
                 if after is not None:
                     sql += " AND (due_at, seq) > (%s, %s)"
                     params += after

@@ -512,6 +512,18 @@ def test_missing_date_is_added() -> None:
     assert prepared.data.startswith(b"Message-Id: <a@example.org>\r\nDate: ")
 
 
+def test_added_date_follows_the_clock_second_by_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The field is made once per second: each message of that second gets
+    # it, and the next second makes a new one.
+    fields = []
+    for now in (1_700_000_000.2, 1_700_000_000.9, 1_700_000_001.1):
+        monkeypatch.setattr(time, "time", lambda now=now: now)
+        (value,) = header_values(prepare(FROM, TO, b"Subject: x\n\nbody\n").data, "Date")
+        fields.append(value)
+    assert fields[0] == fields[1] == email.utils.formatdate(1_700_000_000, localtime=True)
+    assert fields[2] == email.utils.formatdate(1_700_000_001, localtime=True)
+
+
 @pytest.mark.parametrize("name", [b"Date", b"DATE", b"date"])
 def test_present_date_is_kept(name: bytes) -> None:
     raw = name + b": Mon, 1 Jan 2024 00:00:00 +0000\nMessage-Id: <a@b>\n\nbody\n"

@@ -45,6 +45,12 @@ ENV = Envelope("app@example.org", ("a@example.org", "b@example.org"))
         ([b"250-first\r\n250-second\r\n250 last\r\n"], [Reply(250, "first\nsecond\nlast")]),
         ([b"25", b"0 o", b"k\r", b"\n"], [Reply(250, "ok")]),  # split anywhere
         ([b"250 a\r\n354 b\r\n"], [Reply(250, "a"), Reply(354, "b")]),  # two in one read
+        ([b"250-one\r\n", b"250 two\r\n"], [Reply(250, "one\ntwo")]),  # line by line
+        ([b"", b"250 ok\r\n"], [Reply(250, "ok")]),  # an empty read completes nothing
+        (  # a line seen before gives the same reply, another line its own
+            [b"250 ok\r\n", b"250 ok\r\n", b"250 ok \r\n", b"550 ok\r\n"],
+            [Reply(250, "ok"), Reply(250, "ok"), Reply(250, "ok "), Reply(550, "ok")],
+        ),
         ([b"250\r\n"], [Reply(250, "")]),  # a bare code
         ([b"421 4.4.2 bye\n"], [Reply(421, "4.4.2 bye")]),  # a bare LF
         ([b"550 \xe4\r\n"], [Reply(550, "\ufffd")]),  # undecodable text is replaced

@@ -134,3 +134,13 @@ def test_the_enqueue_fast_path_writes_what_encode_file_writes(
     assert head == encode_file(record, data)[0]
     assert head_size(head + data[:3]) == (len(head), len(data))
     assert head_size(b"Subject: not ours\r\n") is None
+
+
+@given(st.one_of(ADDRESS, st.sampled_from(["", "-", "a", "x y"])), ADDRESS, st.text(max_size=40))
+def test_the_one_recipient_path_quotes_as_encode_file(
+    sender: str, rcpt: str, message_id: str
+) -> None:
+    # One recipient in a tuple (what the delivery passes) is checked in one search.
+    record = Record(sender, (RecipientStatus(rcpt),), 7.5, 0, message_id)
+    head = encode_head(sender, (rcpt,), message_id, 7.5, b"x\r\n")
+    assert head == encode_file(record, b"x\r\n")[0]

@@ -57,7 +57,12 @@ class Envelope:
     @property
     def smtputf8(self) -> bool:
         """True when an address is not ASCII and the relay must offer SMTPUTF8."""
-        return not all(a.isascii() for a in (self.sender, *self.recipients))
+        if not self.sender.isascii():
+            return True
+        for address in self.recipients:  # noqa: SIM110 (a loop: no generator per message)
+            if not address.isascii():
+                return True
+        return False
 
 
 def _check_characters(value: str) -> None:
@@ -230,6 +235,8 @@ def make_envelope(fromaddr: str, toaddrs: Iterable[str] | str) -> Envelope:
             raise InvalidAddress(
                 toaddrs, "recipients must be a str or an iterable of str"
             ) from None
+    if len(given) == 1:  # the usual case: nothing to keep once
+        return Envelope(sender, (parse_mailbox(given[0]),))
     recipients: dict[str, str] = {}
     for addr in given:
         mailbox = parse_mailbox(addr)  # checks that addr is a str

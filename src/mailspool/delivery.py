@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import transaction as _transaction
+import zope.event
 from zope.interface import implementer
 
 from mailspool.backends import open_queue
@@ -155,17 +156,22 @@ class _Delivery:
     def __init__(self, *, transaction_manager: Any = None, msgid_domain: str | None = None):
         self.transaction_manager = transaction_manager or _transaction.manager
         self.msgid_domain = msgid_domain
+        self._joined: weakref.WeakKeyDictionary[Any, _MailDataManager]
+        self._joined = weakref.WeakKeyDictionary()
         if not _exit_hooked:
             _hook_exit()
 
     def _join(self, prepared: Prepared, not_before: float | None) -> str:
         txn = self.transaction_manager.get()
-        try:
-            dm: _MailDataManager = txn.data(self)
-        except KeyError:
+        # This delivery's data manager in each transaction it joined.  Not
+        # txn.data(self): for a transaction not yet joined (the first
+        # message of each) it raises twice, which cost more than the rest of
+        # joining.
+        dm = self._joined.get(txn)
+        if dm is None:
             dm = _MailDataManager(self, self.transaction_manager)
             txn.join(dm)
-            txn.set_data(self, dm)
+            self._joined[txn] = dm
             notify_after_commit(txn, lambda: self._events(dm))
         dm.messages.append((prepared, not_before))
         return prepared.message_id
@@ -264,10 +270,10 @@ class QueuedMailDelivery(_Delivery):
             ValueError: ``priority`` names no class.
         """
         cls = parse_priority(priority)
-        prepared = self._prepare(fromaddr, toaddrs, message)
+        prepared = prepare(fromaddr, toaddrs, message, msgid_domain=self.msgid_domain)
         if cls is not Priority.NORMAL:
             prepared = dataclasses.replace(prepared, priority=cls)
-        return self._join(prepared, _timestamp(not_before))
+        return self._join(prepared, None if not_before is None else _timestamp(not_before))
 
     def _vote(self, dm: _MailDataManager) -> None:
         # On failure stage_many() removes every file of the batch and
@@ -294,14 +300,15 @@ class QueuedMailDelivery(_Delivery):
                 ", ".join(s.id for s in staged),
             )
             raise
-        took = dm.took + time.monotonic() - began
-        queued = [
-            MailQueued(p.message_id, p.envelope.sender, p.envelope.recipients)
-            for p, _ in dm.messages
-        ]
-        if queued:
-            queued[0].enqueue_seconds = took
-        dm.results.extend(queued)
+        if zope.event.subscribers:  # else nobody would see the events
+            took = dm.took + time.monotonic() - began
+            queued = [
+                MailQueued(p.message_id, p.envelope.sender, p.envelope.recipients)
+                for p, _ in dm.messages
+            ]
+            if queued:
+                queued[0].enqueue_seconds = took
+            dm.results.extend(queued)
         if self.on_commit is not None:
             try:
                 self.on_commit()

@@ -239,8 +239,8 @@ def notify_after_commit(
     """
 
     def hook(status: bool) -> None:
-        if not status:
-            return
+        if not status or not zope.event.subscribers:
+            return  # nobody listens: nothing to make, detach or dispatch
         evs = events() if callable(events) else events
         if not evs:
             return

@@ -25,12 +25,11 @@ from __future__ import annotations
 import copy
 import email.errors
 import email.utils
+import itertools
 import os
 import quopri
 import re
-import secrets
 import socket
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -267,8 +266,8 @@ def needs_8bit(data: bytes) -> bool:
 
 # --- headers -----------------------------------------------------------------
 
-_counter_lock = threading.Lock()
-_counter = 0
+# next() of a count is atomic under the interpreter lock: no lock of our own.
+_counter = itertools.count(1)
 _hostname: str | None = None
 
 
@@ -305,16 +304,34 @@ def make_msgid(domain: str | None = None) -> str:
     Raises:
         ValueError: when ``domain`` is not an ASCII dot-atom.
     """
-    global _counter
     if domain is None:
         domain = host_name()
     elif not is_ascii_dot_atom(domain):
         raise ValueError(f"Message-Id domain {domain!r} is not an ASCII dot-atom")
-    with _counter_lock:
-        _counter += 1
-        n = _counter
-    left = f"{time.time_ns() // 1000:x}.{os.getpid():x}.{n:x}.{secrets.token_hex(8)}"
+    n = next(_counter)
+    # os.urandom is what secrets.token_hex() reads, without its two calls.
+    left = f"{time.time_ns() // 1000:x}.{os.getpid():x}.{n:x}.{os.urandom(8).hex()}"
     return f"<{left}@{domain}>"
+
+
+#: The last Date field made: (the second it is for, the field).
+_last_date: tuple[int, bytes] = (-1, b"")
+
+
+def _date_field() -> bytes:
+    """``Date: <now, local time>`` and CRLF, made once per second.
+
+    The field names whole seconds, so every message of the same second
+    gets the same text; formatting it costs more than the rest of the
+    headers' work together.
+    """
+    global _last_date
+    second = int(time.time())
+    last = _last_date
+    if last[0] != second:
+        text = email.utils.formatdate(second, localtime=True)
+        last = _last_date = (second, b"Date: " + text.encode() + b"\r\n")
+    return last[1]
 
 
 # The header block: header fields (a name, optional white space, a colon) and
@@ -394,7 +411,7 @@ def prepare(
     headers = data[:end]
     message_id, added = _message_id(headers, msgid_domain)
     if _DATE.search(headers) is None:
-        added += b"Date: " + email.utils.formatdate(localtime=True).encode() + b"\r\n"
+        added += _date_field()
     if added:
         if end == 0 and not data.startswith(b"\r\n"):
             added += b"\r\n"  # no header block at all: the text is the body

@@ -153,6 +153,23 @@ def encode_head(
     the record: the enqueue path calls it once per message.
     """
     later = "" if not_before is None else f"X-Mailspool-Not-Before: {not_before:.6f}\r\n"
+    if isinstance(recipients, tuple) and len(recipients) == 1:
+        # The usual message: every value checked by one search, and when
+        # none needs quoting (no unsafe character, none empty or "-"),
+        # each is its own token.
+        (rcpt,) = recipients
+        plain = _UNSAFE.search(f"{message_id}{sender}{rcpt}") is None
+        if not (plain and len(message_id) > 1 and len(sender) > 1 and len(rcpt) > 1):
+            message_id, sender, rcpt = map(quote_value, (message_id, sender, rcpt))
+        env = (
+            f"X-Mailspool-Message-Id: {message_id}\r\n"
+            f"X-Mailspool-Queued: {queued_at:.6f}\r\n"
+            f"{later}"
+            f"X-Mailspool-Attempts: 0\r\n"
+            f"X-Mailspool-From: {sender}\r\n"
+            f"X-Mailspool-To: pending {rcpt}\r\n"
+        ).encode("ascii")
+        return _first_line(env, data) + env
     lines = [
         f"X-Mailspool-Message-Id: {quote_value(message_id)}\r\n"
         f"X-Mailspool-Queued: {queued_at:.6f}\r\n"

@@ -236,8 +236,11 @@ class Spool(SpoolSweep, SpoolAdmin):
             SpoolError: as stage(), for the first message that failed;
                 none of the batch is left behind.
         """
-        if len(batch) < 2:
-            return [self.stage(p, not_before=nb) for p, nb in batch]
+        if len(batch) == 1:  # one message a transaction: the usual commit
+            prepared, not_before = batch[0]
+            return [self.stage(prepared, not_before=not_before)]
+        if not batch:
+            return []
         staged: list[Staged] = []
         files: list[tuple[str, bytes, bytes, float | None]] = []
         for prepared, not_before in batch:

@@ -229,6 +229,8 @@ def ascii_headers(data: bytes, features: Mapping[str, str], where: str) -> bytes
         PermanentError: a header is not UTF-8, or an address in a header
             has a non-ASCII local part: only a relay with SMTPUTF8 can take it.
     """
+    if data.isascii():  # the usual message: no copy of its head to look at
+        return data
     end = data.find(b"\r\n\r\n")
     head = data if end < 0 else data[: end + 2]
     if head.isascii() or "smtputf8" in features:

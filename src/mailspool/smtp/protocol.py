@@ -26,7 +26,7 @@ The rules it keeps, in one place:
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -36,6 +36,8 @@ from mailspool.smtp.esmtp import wire_address
 from mailspool.smtp.result import Reply, SendResult, all_refused, with_result
 
 __all__ = [
+    "READ",
+    "WRITE_MESSAGE",
     "Failed",
     "Finished",
     "Phase",
@@ -60,6 +62,17 @@ class ProtocolViolation(ValueError):
     def __init__(self, why: str, line: bytes) -> None:
         super().__init__(f"{why}: {line[:200]!r}")
         self.line = line
+
+
+#: Every valid reply code, so that one lookup checks a line's first three bytes.
+_CODES = frozenset(str(code).encode() for code in range(100, 600))
+
+
+#: Replies of one line already made, by their line: a relay answers most
+#: commands with the same words each time ("250 2.1.0 Ok"), and a Reply is
+#: immutable.  Bounded: lines that never repeat (a queue id) stop filling it.
+_MADE: dict[bytes, Reply] = {}
+_MADE_MAX = 256
 
 
 class ReplyReader:
@@ -87,6 +100,10 @@ class ReplyReader:
             ProtocolViolation: a line is not a reply line, a continuation
                 changes the code, or a line or reply is absurdly long.
         """
+        if not self._buffer and 0 <= data.find(b"\n") == len(data) - 1:
+            # The usual read: exactly one line (the transport reads by line).
+            reply = self._line(data.rstrip(b"\r\n"))
+            return [] if reply is None else [reply]
         self._buffer += data
         replies: list[Reply] = []
         while True:
@@ -101,14 +118,21 @@ class ReplyReader:
                 replies.append(reply)
 
     def _line(self, line: bytes) -> Reply | None:
-        code, sep, text = line[:3], line[3:4], line[4:]
+        code, sep = line[:3], line[3:4]
         if len(line) > MAX_LINE:
             raise ProtocolViolation("a reply line too long", line)
-        if not (code.isdigit() and code[:1] in b"12345") or sep not in (b"", b" ", b"-"):
+        if code not in _CODES or sep not in (b"", b" ", b"-"):
             raise ProtocolViolation("not an SMTP reply", line)
+        if self._code is None and sep != b"-":  # a reply of one line: the usual
+            reply = _MADE.get(line)
+            if reply is None:
+                reply = Reply(int(code), line[4:].decode("utf-8", "replace"))
+                if len(_MADE) < _MADE_MAX:
+                    _MADE[line] = reply
+            return reply
         if self._code is not None and code != self._code:
             raise ProtocolViolation("a continued reply changed its code", line)
-        self._lines.append(text)
+        self._lines.append(line[4:])
         if sep == b"-":
             self._code = code
             if len(self._lines) > MAX_LINES:
@@ -180,14 +204,18 @@ class Phase(enum.Enum):
         return self.value
 
 
-def _commands(envelope: Envelope, options: Sequence[str], pipelining: bool) -> list[str]:
+#: The steps that carry nothing, made once (a transaction asks for them often).
+READ = Read()
+WRITE_MESSAGE = WriteMessage()
+
+
+def _commands(envelope: Envelope, options: tuple[str, ...]) -> str:
+    """``MAIL``, every ``RCPT`` and ``DATA``, as one text of CRLF-ended lines."""
     # Without SMTPUTF8 a non-ASCII domain goes as its A-label (esmtp.wire_address).
     sender = wire_address(envelope.sender, options)
-    mail = f"MAIL FROM:<{sender}>{''.join(f' {o}' for o in options)}\r\n"
-    if not pipelining:
-        return [mail]
-    rcpts = (f"RCPT TO:<{wire_address(r, options)}>\r\n" for r in envelope.recipients)
-    return [mail, *rcpts, "DATA\r\n"]
+    params = "".join(f" {o}" for o in options) if options else ""
+    rcpts = "".join(f"RCPT TO:<{wire_address(r, options)}>\r\n" for r in envelope.recipients)
+    return f"MAIL FROM:<{sender}>{params}\r\n{rcpts}DATA\r\n"
 
 
 class Transaction:
@@ -201,7 +229,8 @@ class Transaction:
 
     Use: write :meth:`start`'s bytes; feed each reply to :meth:`receive`
     and do what the returned step says, until :class:`Finished` or
-    :class:`Failed`.
+    :class:`Failed`.  :attr:`phase` is the reply awaited; :attr:`draining`
+    is true while the replies due after a refusal are read.
 
     Raises:
         ValueError: an address would break a command line (CR or LF);
@@ -211,13 +240,18 @@ class Transaction:
     def __init__(self, envelope: Envelope, options: Sequence[str], *, pipelining: bool) -> None:
         self.envelope = envelope
         self.pipelining = pipelining
-        self.encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         self.options = tuple(options)
-        self._lines = _commands(envelope, options, pipelining)
-        for line in self._lines if pipelining else _commands(envelope, options, True):
-            if line.count("\r") != 1 or line.count("\n") != 1:
-                raise ValueError("an SMTP command may not contain CR or LF")
+        self.encoding = "utf-8" if "SMTPUTF8" in self.options else "ascii"
+        group = _commands(envelope, self.options)
+        lines = len(envelope.recipients) + 2
+        if group.count("\r") != lines or group.count("\n") != lines:
+            # Each line ends with CRLF: any other CR or LF came with an address.
+            raise ValueError("an SMTP command may not contain CR or LF")
+        self._start = group if pipelining else group[: group.index("\n") + 1]
         self.phase = Phase.MAIL
+        self.draining = False
+        # The handler of the phase's reply (a function, so that no cycle holds self).
+        self._on: Callable[[Transaction, Reply], Step] = Transaction._on_mail
         self.accepted: list[str] = []
         self.refused: dict[str, Reply] = {}
         self._next_rcpt = 0
@@ -226,7 +260,7 @@ class Transaction:
 
     def start(self) -> bytes:
         """The bytes to write first: ``MAIL`` (with PIPELINING, every command)."""
-        return "".join(self._lines).encode(self.encoding)
+        return self._start.encode(self.encoding)
 
     def _rcpt_command(self) -> Write:
         rcpt = wire_address(self.envelope.recipients[self._next_rcpt], self.options)
@@ -234,31 +268,25 @@ class Transaction:
 
     def receive(self, reply: Reply) -> Step:
         """Take the next reply; return what to do now."""
-        handler = {
-            Phase.MAIL: self._on_mail,
-            Phase.RCPT: self._on_rcpt,
-            Phase.DATA: self._on_data,
-            Phase.DOT: self._on_dot,
-            Phase.DRAIN: self._on_drain,
-            Phase.EMPTY: self._on_empty,
-        }.get(self.phase)
-        if handler is None:
-            raise RuntimeError(f"no reply is expected now ({self.phase.name})")
-        return handler(reply)
+        return self._on(self, reply)
+
+    def _unexpected(self, r: Reply) -> Step:
+        raise RuntimeError(f"no reply is expected now ({self.phase.name})")
 
     def _over(self, step: Finished | Failed) -> Finished | Failed:
-        self.phase = Phase.OVER
+        self.phase, self.draining, self._on = Phase.OVER, False, Transaction._unexpected
         return step
 
     def _on_mail(self, r: Reply) -> Step:
         if 200 <= r.code < 300:
-            self.phase = Phase.RCPT
-            return Read() if self.pipelining else self._rcpt_command()
+            self.phase, self._on = Phase.RCPT, Transaction._on_rcpt
+            return READ if self.pipelining else self._rcpt_command()
         error = error_for_reply(r.code, r.text, phase="mail")
         return self._refused_before_data(error, r, len(self.envelope.recipients) + 1)
 
     def _on_rcpt(self, r: Reply) -> Step:
-        rcpt = self.envelope.recipients[self._next_rcpt]
+        recipients = self.envelope.recipients
+        rcpt = recipients[self._next_rcpt]
         self._next_rcpt += 1
         if 200 <= r.code < 300:
             self.accepted.append(rcpt)
@@ -267,18 +295,18 @@ class Transaction:
             return self._over(Failed(error, "close"))
         else:
             self.refused[rcpt] = Reply(452 if r.code == 552 else r.code, r.text)
-        if self._next_rcpt < len(self.envelope.recipients):
-            return Read() if self.pipelining else self._rcpt_command()
+        if self._next_rcpt < len(recipients):
+            return READ if self.pipelining else self._rcpt_command()
         if not self.accepted:
-            error = all_refused(self.envelope.recipients, self.refused)
+            error = all_refused(recipients, self.refused)
             return self._refused_before_data(error, r, 1)
-        self.phase = Phase.DATA
-        return Read() if self.pipelining else Write(b"DATA\r\n")
+        self.phase, self._on = Phase.DATA, Transaction._on_data
+        return READ if self.pipelining else Write(b"DATA\r\n")
 
     def _on_data(self, r: Reply) -> Step:
         if r.code == 354:
-            self.phase = Phase.DOT
-            return WriteMessage()
+            self.phase, self._on = Phase.DOT, Transaction._on_dot
+            return WRITE_MESSAGE
         error = self._answering(error_for_reply(r.code, r.text, phase="data"))
         return self._over(Failed(error, "close" if r.code == 421 else "rset"))
 
@@ -301,13 +329,8 @@ class Transaction:
         if not self.pipelining:
             return self._over(failure)  # nothing else was sent
         self._failure, self._left = failure, due
-        self.phase = Phase.DRAIN
-        return Read()
-
-    @property
-    def draining(self) -> bool:
-        """True while reading what is due after a refusal (the refusal stands)."""
-        return self.phase in (Phase.DRAIN, Phase.EMPTY)
+        self.phase, self.draining, self._on = Phase.DRAIN, True, Transaction._on_drain
+        return READ
 
     def session_lost(self) -> Failed:
         """The session broke while the replies due after a refusal were read:
@@ -321,11 +344,11 @@ class Transaction:
             return self._over(Failed(self._failure.error, "close"))
         self._left -= 1
         if self._left:
-            return Read()
+            return READ
         if r.code == 354:
             # DATA was taken with no one to deliver to: the lone final dot
             # (RFC 2920 3.1), which the relay must refuse or deliver to no one.
-            self.phase = Phase.EMPTY
+            self.phase, self._on = Phase.EMPTY, Transaction._on_empty
             return Write(b".\r\n")
         return self._over(self._failure)
 

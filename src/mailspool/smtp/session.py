@@ -65,16 +65,16 @@ from mailspool.smtp.esmtp import (
 )
 from mailspool.smtp.handshake import Credentials, network_error, open_session
 from mailspool.smtp.protocol import (
+    READ,
+    WRITE_MESSAGE,
     Failed,
     Finished,
     Phase,
     ProtocolViolation,
-    Read,
     ReplyReader,
     Step,
     Transaction,
     Write,
-    WriteMessage,
 )
 from mailspool.smtp.result import Reply, SendResult, with_result
 from mailspool.smtp.seams import SessionSettings
@@ -89,6 +89,10 @@ log = logging.getLogger("mailspool.smtp")
 #: hands the connection out); a relay that closed in between is still
 #: caught at ``MAIL``, as a stale session.
 _QUIET_FOR = 0.005
+
+
+# The phases the loop tests, as plain names (an enum member's lookup costs more).
+_MAIL, _DATA, _DOT = Phase.MAIL, Phase.DATA, Phase.DOT
 
 
 class _Stale(Exception):
@@ -314,7 +318,8 @@ class SMTPConnection:
     def _send(self, envelope: Envelope, data: bytes, *, stale_ok: bool) -> SendResult:
         smtp = self._smtp
         assert smtp is not None
-        options = self.check(envelope, data)
+        # send() made the headers ASCII already: check() without doing it again.
+        options = mail_parameters(envelope, data, self.features, self.max_size, self._where)
         try:
             tx = Transaction(envelope, options, pipelining=self.pipelining)
             return self._transaction(smtp, tx, data, stale_ok)
@@ -336,15 +341,17 @@ class SMTPConnection:
         # A failure up to MAIL's reply means nothing of the message was
         # transmitted (pipelined or not, the data only follows DATA's 354).
         self._write(smtp, tx.start(), tx.phase, stale_ok)
-        step: Step = Read()
+        step: Step = READ
         while True:
-            if isinstance(step, Write) and tx.draining:
+            if step is READ:  # the usual step: replies to pipelined commands
+                pass
+            elif tx.draining:
                 step = self._after_refusal(smtp, reader, tx, step)
                 continue
-            if isinstance(step, Write):
-                self._write(smtp, step.data, tx.phase, False)
-            elif isinstance(step, WriteMessage):
+            elif step is WRITE_MESSAGE:
                 self._write_message(smtp, sock, tx, data)
+            elif isinstance(step, Write):
+                self._write(smtp, step.data, tx.phase, False)
             elif isinstance(step, Finished):
                 self.transactions += 1
                 self._debug_result(tx, step.result)
@@ -356,13 +363,13 @@ class SMTPConnection:
                 continue
             phase = tx.phase
             try:
-                reply = self._reply(smtp, reader, phase, stale_ok and phase is Phase.MAIL)
+                reply = self._reply(smtp, reader, phase, stale_ok and phase is _MAIL)
             except DeliveryError as exc:
-                if phase in (Phase.DATA, Phase.DOT):
+                if phase is _DATA or phase is _DOT:
                     with_result(exc, tx.envelope.recipients, tx.accepted, tx.refused)
                 raise
             step = tx.receive(reply)
-            if phase is Phase.DOT and smtp.sock is not None:
+            if phase is _DOT and smtp.sock is not None:
                 set_timeout(sock, self._mailer.timeout)
 
     def _after_refusal(
@@ -428,7 +435,7 @@ class SMTPConnection:
 
         With ``stale_ok`` a failure is wrapped in :class:`_Stale` (safe to retry).
         """
-        after_dot = phase is Phase.DOT
+        after_dot = phase is _DOT
         started = time.monotonic()
         try:
             reply = read_reply(smtp, reader)

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
-from _pg import pg_database, pg_url, queue  # noqa: F401
+from _pg import pg_database, pg_url, queue, sql  # noqa: F401
 from mailspool.message import prepare
 from mailspool.postgres import PostgresQueue
 
@@ -89,3 +89,55 @@ def test_a_claim_in_a_forked_child_holds_nothing_there(queue: PostgresQueue) -> 
     assert os.waitstatus_to_exitcode(status) == 0
     assert claim.held and queue.state(id) == "in_flight"
     assert claim.settle(sent=[A]) == "removed"
+
+
+def _record_flushes(url: str, q: PostgresQueue) -> None:
+    """A trigger that notes, for each outcome written, whether its commit waits for the flush."""
+    sql(
+        url,
+        f"""
+        CREATE TABLE {q.table}_flushes (op text, sync text);
+        CREATE FUNCTION {q.table}_note() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          INSERT INTO {q.table}_flushes
+            VALUES (TG_OP || ' ' || coalesce(NEW.state, 'gone'),
+                    current_setting('synchronous_commit'));
+          RETURN NULL;
+        END $$;
+        CREATE TRIGGER note AFTER UPDATE OR DELETE ON {q.table}
+          FOR EACH ROW EXECUTE FUNCTION {q.table}_note();
+        """,
+    )
+
+
+@pytest.mark.parametrize("keep_sent", [None, 3600.0])
+def test_only_a_message_sent_to_all_is_settled_without_waiting_for_the_flush(
+    pg_url: str, keep_sent: float | None
+) -> None:
+    # As the spool unlinks a sent message's file without an fsync: a crash of
+    # the server just after can only bring back that message (sent again);
+    # every other outcome, and every other transaction, waits for the flush.
+    q = PostgresQueue(pg_url, create=True, keep_sent=keep_sent)
+    try:
+        two = q.stage(prepare("s@example.org", [A, "b@example.org"], b"Subject: x\r\n\r\nhi\r\n"))
+        q.publish([two])
+        first = _put(q)
+        _record_flushes(pg_url, q)
+        with q.claim(first) as claim:
+            assert claim.settle(sent=[A]) == "removed"
+        with q.claim(two.id) as claim:  # the same pooled connection: nothing carried over
+            assert claim.settle(sent=[A], deferred={"b@example.org": (451, "later")}) == "deferred"
+        with q.claim(two.id) as claim:
+            claim.defer(0, "try again")
+        with q.claim(two.id) as claim:
+            assert claim.settle(failed={"b@example.org": (550, "no")}) == "failed"
+        notes = sql(pg_url, f"SELECT op, sync FROM {q.table}_flushes")
+    finally:
+        q.close()
+    sent = ("UPDATE sent" if keep_sent else "DELETE gone", "off")
+    assert notes == [
+        sent,
+        ("UPDATE deferred", "on"),
+        ("UPDATE deferred", "on"),
+        ("UPDATE failed", "on"),
+    ]

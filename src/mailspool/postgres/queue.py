@@ -45,7 +45,7 @@ from mailspool.postgres.claim import PostgresClaim
 from mailspool.postgres.connect import Target
 from mailspool.postgres.notify import Listener
 from mailspool.postgres.outbox import enqueue as _enqueue
-from mailspool.postgres.rows import RECORD_COLUMNS, insert_params, insert_sql, lock_key, new_id
+from mailspool.postgres.rows import RECORD_COLUMNS, insert_params, insert_sql, new_id
 from mailspool.queue import QueueBackend
 
 __all__ = ["PostgresQueue", "Staged"]
@@ -107,6 +107,14 @@ class PostgresQueue(PostgresAdmin):
     ) -> None:
         super().__init__(dsn, schema=schema, create=create, keep_sent=keep_sent, max_idle=max_idle)
         self._insert = insert_sql(self.table)
+        # The row lock and the advisory lock that shows it in pg_locks, in
+        # one round trip: MATERIALIZED, so that the advisory lock is taken
+        # only for a row the first part locked (lock_key() in SQL).
+        self._claim = (
+            f"WITH c AS MATERIALIZED (SELECT {RECORD_COLUMNS} FROM {self.table} "
+            "WHERE id = %s AND state IN ('ready', 'deferred') FOR UPDATE SKIP LOCKED) "
+            "SELECT c.*, pg_try_advisory_xact_lock(%s, (c.seq %% 2147483648)::int4) FROM c"
+        )
         self._next_sweep = time.monotonic() + SWEEP_EVERY  # due()'s next sweep()
 
     # -- enqueue in the application's transaction --------------------------------------
@@ -271,17 +279,12 @@ class PostgresQueue(PostgresAdmin):
         check_id(id)
         conn = self._pool.get()
         try:
-            row = conn.execute(
-                f"SELECT {RECORD_COLUMNS} FROM {self.table} WHERE id = %s "
-                "AND state IN ('ready', 'deferred') FOR UPDATE SKIP LOCKED",
-                (id,),
-            ).fetchone()
+            row = conn.execute(self._claim, (id, self.lock_class)).fetchone()
             if row is not None:
-                claim = PostgresClaim(self, conn, row)
+                claim = PostgresClaim(self, conn, row[:-1])
                 if not claim.envelope.recipients:  # nothing pending: a row written by hand?
                     self._settle_empty(conn, claim)
                     return None
-                conn.execute(self.lock_sql, (self.lock_class, lock_key(row[0])))
                 return claim
             conn.rollback()
         except psycopg.Error as exc:

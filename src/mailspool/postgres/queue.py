@@ -234,23 +234,23 @@ class PostgresQueue(PostgresAdmin):
         now = time.time() if now is None else now
         after: tuple[Any, int] | None = None
         while True:
+            # The claimed rows are left out by the same statement: one round
+            # trip from a wake-up to the first id.
+            sql = (
+                f"SELECT id, due_at, seq FROM {self.table} "
+                "WHERE state IN ('ready', 'deferred') AND due_at <= to_timestamp(%s) "
+                f"AND seq NOT IN ({self.locked_sql})"
+            )
+            params: tuple[Any, ...] = (now, self.lock_class_oid)
+            if after is not None:
+                sql += " AND (due_at, seq) > (%s, %s)"
+                params += after
             with self._main() as conn:
-                locked = self._locked(conn)
-                sql = (
-                    f"SELECT id, due_at, seq FROM {self.table} "
-                    "WHERE state IN ('ready', 'deferred') AND due_at <= to_timestamp(%s)"
-                )
-                params: tuple[Any, ...] = (now,)
-                if after is not None:
-                    sql += " AND (due_at, seq) > (%s, %s)"
-                    params += after
                 rows = conn.execute(
                     f"{sql} ORDER BY due_at, seq LIMIT {DUE_BATCH}", params
                 ).fetchall()
-            skip = set(locked)
-            for id, _, seq in rows:
-                if seq not in skip:
-                    yield id
+            for id, _, _ in rows:
+                yield id
             if len(rows) < DUE_BATCH:
                 return
             after = (rows[-1][1], rows[-1][2])

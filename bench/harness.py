@@ -58,6 +58,8 @@ class Options:
     install_sink: bool = False
     install_postfix: bool = False
     out: str = ""
+    pg_server: str = ""
+    install_django_mailer: bool = False
 
     def n(self, default: int, quick: int) -> int:
         if self.messages is not None:

@@ -21,6 +21,7 @@ import pytest
 pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
+from mailspool.errors import SpoolError
 from mailspool.message import prepare
 from mailspool.postgres import PostgresQueue
 
@@ -141,3 +142,33 @@ def test_only_a_message_sent_to_all_is_settled_without_waiting_for_the_flush(
         ("UPDATE deferred", "on"),
         ("UPDATE failed", "on"),
     ]
+
+
+def test_an_outcome_the_server_refuses_keeps_the_claim(queue: PostgresQueue, pg_url: str) -> None:
+    # The outcome and its commit go in one round trip; a statement that
+    # fails there is rolled back to its savepoint, and the row stays locked.
+    id = _put(queue)
+    sql(
+        pg_url,
+        f"""
+        CREATE TABLE {queue.table}_refusing (yes boolean);
+        INSERT INTO {queue.table}_refusing VALUES (true);
+        CREATE FUNCTION {queue.table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF EXISTS (SELECT FROM {queue.table}_refusing) THEN
+            RAISE EXCEPTION 'refused by a trigger';
+          END IF;
+          RETURN OLD;
+        END $$;
+        CREATE TRIGGER refuse BEFORE DELETE ON {queue.table}
+          FOR EACH ROW EXECUTE FUNCTION {queue.table}_refuse();
+        """,
+    )
+    claim = queue.claim(id)
+    assert claim is not None
+    with pytest.raises(SpoolError, match="refused by a trigger"):
+        claim.settle(sent=[A])
+    assert claim.held and queue.state(id) == "in_flight" and queue.claim(id) is None
+    sql(pg_url, f"DELETE FROM {queue.table}_refusing")
+    assert claim.settle(sent=[A]) == "removed"
+    assert sum(queue.counts().values()) == 0

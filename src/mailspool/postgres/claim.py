@@ -53,8 +53,19 @@ if TYPE_CHECKING:
 __all__ = ["PostgresClaim"]
 
 _INTRANS = psycopg.pq.TransactionStatus.INTRANS
+_INERROR = psycopg.pq.TransactionStatus.INERROR
 #: For the claim's transaction only: its commit returns before the WAL flush.
 _NO_FLUSH = "SET LOCAL synchronous_commit TO off"
+
+
+def _back_to_savepoint(conn: psycopg.Connection[Any]) -> None:
+    """After a failed outcome: keep the claim's transaction, and so its lock."""
+    if conn.broken or conn.info.transaction_status != _INERROR:
+        return  # gone with the connection, or the COMMIT itself failed
+    try:
+        conn.execute("ROLLBACK TO SAVEPOINT outcome")
+    except psycopg.Error:
+        conn.close()  # the session's end drops the lock: due again at once
 
 
 class PostgresClaim(RecordFields):
@@ -192,17 +203,21 @@ class PostgresClaim(RecordFields):
         undo is then only this outcome, never another row.
         """
         self._start(action)
+        # One round trip: the outcome in a savepoint (a failed statement
+        # keeps the lock: rolled back to it below), then the commit; bound
+        # on the client, since only the simple protocol takes several
+        # statements at once.
+        script = f"SAVEPOINT outcome; {'' if flush else _NO_FLUSH + '; '}{sql}; " + (
+            "RELEASE SAVEPOINT outcome; COMMIT"
+        )
         for retry in (True, False):
             conn = self._connection(action)
             try:
-                with conn.transaction():  # a savepoint: a failed statement keeps the lock
-                    if not flush:
-                        conn.execute(_NO_FLUSH)
-                    conn.execute(sql, params)
-                conn.commit()
+                psycopg.ClientCursor(conn).execute(script, params)
             except psycopg.Error as exc:
                 if retry and conn.broken:  # found broken only now: take the row again
                     continue
+                _back_to_savepoint(conn)
                 why = self._queue.why(exc)
                 raise SpoolError(f"cannot {action} {self.id}: {why}") from exc
             break

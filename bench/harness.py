@@ -326,6 +326,11 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def versions(*dists: str) -> dict[str, str]:
+    """The installed version of each distribution ("not installed" for a missing one)."""
+    return {d: _version(d) for d in dists}
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

@@ -446,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(k in POSTGRES for k in opts.scenarios):
         env.django_mailer = find_django_mailer(opts.install_django_mailer)
         info["versions"]["django-mailer"] = env.django_mailer or "not installed"
+        info["versions"].update(harness.versions("Django", "psycopg"))
         if env.django_mailer is None:
             results.notes.append(
                 "django-mailer is not installed: its rows are left out "

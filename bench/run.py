@@ -258,6 +258,7 @@ def targets(results: Results) -> list[dict[str, Any]]:
         }
     )
     realistic_targets(results, out)
+    commits.targets(results, out)
     postgres_targets(results, out)
     bound("pickup: median <= 20 ms", "pickup", "latency commit -> relay", MAILSPOOL, 20.0001, "ms")
     idle = next((s for s in results.series if s.metric.startswith("idle CPU")), None)

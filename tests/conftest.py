@@ -266,6 +266,29 @@ def smtp_ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, str]:
 RelayFactory = Callable[..., Relay]
 
 
+def _tls_kwargs(tls: str, ca: trustme.CA, cert_names: Sequence[str]) -> dict[str, Any]:
+    """The controller's TLS argument: a context with a certificate for ``cert_names``."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*cert_names).configure_cert(context)
+    return {"tls_context" if tls == "starttls" else "ssl_context": context}
+
+
+def _authenticator(relay: Relay) -> Callable[..., AuthResult]:
+    """Accepts RELAY_USER and RELAY_PASSWORD; records each attempt on ``relay``."""
+
+    def authenticator(
+        server: SMTP, session: Any, envelope: Any, mechanism: str, data: Any
+    ) -> AuthResult:
+        if not isinstance(data, LoginPassword):
+            return AuthResult(success=False, handled=False)
+        login = data.login.decode("utf-8", "replace")
+        relay.auth_attempts.append((mechanism, login))
+        ok = login == RELAY_USER and data.password == RELAY_PASSWORD.encode()
+        return AuthResult(success=ok, handled=False)
+
+    return authenticator
+
+
 @pytest.fixture
 def smtp_relay(smtp_ca: tuple[trustme.CA, str]) -> Iterator[RelayFactory]:
     """A factory of running relays (see the module docstring); all stopped afterwards."""
@@ -302,27 +325,11 @@ def smtp_relay(smtp_ca: tuple[trustme.CA, str]) -> Iterator[RelayFactory]:
         if idle_timeout is not None:
             kwargs["timeout"] = idle_timeout
         if tls is not None:
-            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            ca.issue_cert(*cert_names).configure_cert(context)
             relay.ca, relay.ca_file = ca, ca_file
-            if tls == "starttls":
-                kwargs["tls_context"] = context
-            else:
-                kwargs["ssl_context"] = context
+            kwargs.update(_tls_kwargs(tls, ca, cert_names))
         if auth:
             relay.username, relay.password = RELAY_USER, RELAY_PASSWORD
-
-            def authenticator(
-                server: SMTP, session: Any, envelope: Any, mechanism: str, data: Any
-            ) -> AuthResult:
-                if not isinstance(data, LoginPassword):
-                    return AuthResult(success=False, handled=False)
-                login = data.login.decode("utf-8", "replace")
-                relay.auth_attempts.append((mechanism, login))
-                ok = login == RELAY_USER and data.password == RELAY_PASSWORD.encode()
-                return AuthResult(success=ok, handled=False)
-
-            kwargs["authenticator"] = authenticator
+            kwargs["authenticator"] = _authenticator(relay)
         wrapped = _Handler(relay, handler, ehlo_strip, pipelining)
         for attempt in range(5):
             port = _free_port()

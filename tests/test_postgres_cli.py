@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,9 @@ import transaction
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
+from _relays import Switchable
 from _relays import enqueue as spool_enqueue
-from conftest import Relay
+from conftest import Relay, RelayFactory
 from mailspool import QueuedMailDelivery
 from mailspool.cli.main import main
 from mailspool.maildir.spool import Spool
@@ -103,7 +105,9 @@ def test_send_and_drain_through_the_command(
     relay: Relay,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     data = b"From: app@example.org\nSubject: cli\n\nhello\n"
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
     code, _, err = run(capsys, "send", "--queue", pg_url, A)
@@ -124,6 +128,7 @@ def test_send_and_drain_through_the_command(
     assert code == 0, err
     assert "1 sent" in out and [m.rcpt_tos for m in relay.messages] == [[A]]
     assert sum(queue.counts().values()) == 0
+    assert list(tmp_path.iterdir()) == []  # no stats directory named after the URL
 
 
 def test_a_password_in_the_url_is_refused_and_never_echoed(
@@ -212,3 +217,31 @@ def test_an_import_run_again_after_a_crash_neither_loses_nor_doubles(
     assert code == 0 and "imported 0 message(s)" in out and "1 were there already" in out
     assert list(spool.entries()) == []
     assert sorted(e.id for e in queue.entries()) == ids  # each once
+
+
+def test_status_shows_the_relay_pause_a_processor_on_another_host_wrote(
+    queue: PostgresQueue, pg_url: str, smtp_relay: RelayFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mailspool import QueueProcessor, SMTPMailer
+
+    code, out, err = run(capsys, "status", "--json", "--queue", pg_url)
+    assert code == 0 and json.loads(out)["relay"] is None  # nothing written yet
+    relay = smtp_relay(Switchable())  # out of service: 421 to EHLO
+    (id,) = put(queue, 1)
+    p = QueueProcessor(queue, SMTPMailer(**relay.mailer_kwargs()), watch=False)
+    assert p.process_once().relay_paused
+    p.stop()
+    elsewhere = PostgresQueue(pg_url)  # what any host reading the table sees
+    state = elsewhere.relay_state()
+    elsewhere.close()
+    assert state is not None and state["relay"] == f"{relay.host}:{relay.port}"
+    assert state["paused_until"] > time.time() and "421" in state["reason"]
+    assert state["host"] == socket.gethostname()
+    code, out, err = run(capsys, "status", "--queue", pg_url)
+    assert code == 0, err
+    assert f"waiting: relay {relay.host}:{relay.port} is paused until" in out
+    assert f"on {socket.gethostname()}" in out and "421" in out
+    code, out, err = run(capsys, "status", "--json", "--queue", pg_url)
+    assert json.loads(out)["relay"]["paused_until"] == state["paused_until"]
+    code, out, err = run(capsys, "list", "--queue", pg_url)
+    assert id in out and "relay-wait" in out

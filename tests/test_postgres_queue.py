@@ -22,7 +22,7 @@ psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (mails
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
 from _relays import wait_for
-from mailspool.errors import SpoolError
+from mailspool.errors import ClaimLost, SpoolError
 from mailspool.maildir.spool import Spool
 from mailspool.message import prepare
 from mailspool.postgres import PostgresQueue
@@ -302,10 +302,21 @@ def test_a_lost_claim_taken_by_another_is_not_written_twice(
     sql(pg_url, "SELECT pg_terminate_backend(%s)", (claim._conn.info.backend_pid,))
     other = queue.claim(id)
     assert other is not None
-    with pytest.raises(SpoolError, match="claim was lost"):
+    with pytest.raises(ClaimLost, match="another processor holds the message now"):
         claim.settle(sent=[A])
     assert not claim.held
     assert other.settle(sent=[A]) == "removed"
+
+
+def test_a_lost_claim_settled_by_another_says_so(queue: PostgresQueue, pg_url: str) -> None:
+    (id,) = put(queue)
+    claim = queue.claim(id)
+    sql(pg_url, "SELECT pg_terminate_backend(%s)", (claim._conn.info.backend_pid,))
+    other = queue.claim(id)
+    assert other is not None and other.settle(sent=[A]) == "removed"
+    with pytest.raises(ClaimLost, match="settled or changed by another processor"):
+        claim.defer(time.time() + 60, "4xx")
+    assert not claim.held and queue.state(id) is None
 
 
 def test_the_queue_reconnects_after_losing_its_connection(

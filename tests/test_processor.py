@@ -39,7 +39,8 @@ from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.maildir.spool import Claim, Spool
 from mailspool.memory import MemoryQueue
-from mailspool.processor.loop import LOST_RUN, RECENT, QueueProcessor, RetryPolicy, Summary
+from mailspool.processor.crew import LOST_RUN, RECENT
+from mailspool.processor.loop import QueueProcessor, RetryPolicy, Summary
 from mailspool.processor.policy import THROTTLE_PERIOD
 from mailspool.smtp.mailer import SMTPMailer
 
@@ -597,7 +598,7 @@ def test_a_slow_relay_gets_more_connections_up_to_the_limit(
     ids = enqueue(spool, 12 * RECENT)
     with processor(spool, relay, connections=10) as p:
         assert p.drain() == Summary(sent=12 * RECENT)
-        grown = len(p._threads)
+        grown = len(p._crew.threads)
     # Started with 1; the relay's 50 ms per message made it add one
     # connection every RECENT messages, never more than allowed.
     assert 6 < grown <= 10
@@ -612,7 +613,7 @@ def test_connections_below_the_initial_number_are_never_exceeded(
     enqueue(spool, 3 * RECENT)
     with processor(spool, relay, connections=2) as p:
         assert p.drain() == Summary(sent=3 * RECENT)
-        assert len(p._threads) == 2
+        assert len(p._crew.threads) == 2
     assert relay.connections <= 2
 
 

@@ -189,7 +189,7 @@ def test_ids_queued_ahead_are_not_started_after_a_stop(
         # A few ids wait ahead of the sender thread; only the one under way
         # is claimed (nothing of the next message goes with its final dot).
         assert spool.counts()["in_flight"] == 1
-        assert p._jobs.qsize() <= 4  # bounded, whatever the size of the queue
+        assert p._crew.jobs.qsize() <= 4  # bounded, whatever the size of the queue
         stopper.start()
         assert wait_for(p._stopping)
     finally:
@@ -223,7 +223,7 @@ def test_a_probe_is_one_message_although_ids_are_queued_ahead(
     try:
         probe.start()
         # The dispatcher has queued ids ahead of the threads; only one started.
-        assert wait_for(lambda: handler.held == 1 and p._jobs.qsize() >= 1)
+        assert wait_for(lambda: handler.held == 1 and p._crew.jobs.qsize() >= 1)
         time.sleep(0.3)  # time for a wrong implementation to start more
         assert spool.counts()["in_flight"] == 1 and handler.held == 1
         assert len(relay.messages) == 0

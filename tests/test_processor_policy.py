@@ -20,7 +20,8 @@ from mailspool.errors import PermanentError, RecipientsRefused, TransientError, 
 from mailspool.events import MailDeferred, MailFailed, MailSent
 from mailspool.maildir.inotify import Inotify, spool_watches
 from mailspool.message import make_envelope
-from mailspool.processor.loop import Summary, _ThreadClock
+from mailspool.processor.crew import ThreadClock
+from mailspool.processor.loop import Summary
 from mailspool.processor.outcome import Verdict, classify, human, one_line, report, when
 from mailspool.processor.pacing import Pacer
 from mailspool.processor.policy import (
@@ -391,7 +392,7 @@ def test_relay_state_grows_but_a_421_throttle_still_halves_it() -> None:
 
 
 def test_thread_clock_counts_this_threads_cpu_and_not_its_sleep() -> None:
-    with _ThreadClock() as clock:
+    with ThreadClock() as clock:
         cpu0, delay0 = clock.read()
         t0 = time.monotonic()
         time.sleep(0.05)  # not CPU time

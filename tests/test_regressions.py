@@ -41,7 +41,7 @@ from mailspool.events import MailDeferred, MailEvent, MailFailed, MailQueued, Ma
 from mailspool.maildir.fileformat import encode_head
 from mailspool.maildir.spool import RecipientStatus, Record, Spool, decode_file, encode_file
 from mailspool.message import make_envelope
-from mailspool.processor import sender as sender_module
+from mailspool.processor import unwritten
 from mailspool.processor.loop import RetryPolicy, Summary
 from mailspool.smtp.result import Reply
 
@@ -80,9 +80,9 @@ def received(relay: Relay) -> collections.Counter[str]:
 def nothing_left_waiting() -> Iterator[None]:
     """Outcomes waiting to be written belong to the process: none may outlive a test."""
     yield
-    left = sender_module._WAITING.take()
+    left = unwritten.WAITING.take()
     for key, u in left:  # give the messages back, so that no other test sees them
-        sender_module._WAITING.drop(key, u)
+        unwritten.WAITING.drop(key, u)
         with contextlib.suppress(OSError):
             u.claim.release()
     assert left == []

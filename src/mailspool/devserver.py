@@ -100,90 +100,114 @@ class _Session(socketserver.StreamRequestHandler):
         return line.rstrip(b"\r\n")
 
     def handle(self) -> None:
-        sink = self.server.sink
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
-        self.reply(f"220 {sink.hostname} ESMTP mailspool devserver")
-        greeted = False
-        sender: str | None = None
-        recipients: list[str] = []
+        self.sink = self.server.sink
+        self.peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        self.greeted = False
+        self.sender: str | None = None
+        self.recipients: list[str] = []
+        self.reply(f"220 {self.sink.hostname} ESMTP mailspool devserver")
         try:
             while True:
                 raw = self.readline()
                 if raw is None:
                     return
-                line = raw.decode("utf-8", "surrogateescape")
-                verb, _, arg = line.partition(" ")
-                verb = verb.upper()
-                if verb == "EHLO":
-                    greeted, sender, recipients = True, None, []
-                    for ext in (
-                        f"{sink.hostname} greets {arg or 'you'}",
-                        "PIPELINING",
-                        "8BITMIME",
-                        "SMTPUTF8",
-                        f"SIZE {sink.max_size}",
-                        "AUTH PLAIN LOGIN",
-                        "ENHANCEDSTATUSCODES",
-                    ):
-                        self.wfile.write(f"250-{ext}\r\n".encode())
-                    self.reply("250 HELP")
-                elif verb == "HELO":
-                    greeted, sender, recipients = True, None, []
-                    self.reply(f"250 {sink.hostname}")
-                elif verb == "NOOP":
-                    self.reply("250 2.0.0 OK")
-                elif verb == "RSET":
-                    sender, recipients = None, []
-                    self.reply("250 2.0.0 OK")
-                elif verb == "QUIT":
-                    self.reply("221 2.0.0 Bye")
+                verb, _, arg = raw.decode("utf-8", "surrogateescape").partition(" ")
+                if not self.command(verb.upper(), arg):
                     return
-                elif verb == "VRFY":
-                    self.reply("252 2.0.0 Cannot verify, will accept")
-                elif verb == "AUTH":
-                    self.auth(arg)
-                elif not greeted:
-                    self.reply("503 5.5.1 Say EHLO first")
-                elif verb == "MAIL":
-                    m = re.match(r"FROM:\s*<([^>]*)>", arg, re.IGNORECASE)
-                    if sender is not None:
-                        self.reply("503 5.5.1 Nested MAIL command")
-                    elif m is None:
-                        self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
-                    else:
-                        sender, recipients = m.group(1), []
-                        self.reply("250 2.1.0 OK")
-                elif verb == "RCPT":
-                    m = re.match(r"TO:\s*<([^>]+)>", arg, re.IGNORECASE)
-                    if sender is None:
-                        self.reply("503 5.5.1 Need MAIL first")
-                    elif m is None:
-                        self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
-                    elif len(recipients) >= _MAX_RECIPIENTS:
-                        self.reply("452 4.5.3 Too many recipients")
-                    else:
-                        recipients.append(m.group(1))
-                        self.reply("250 2.1.5 OK")
-                elif verb == "DATA":
-                    if sender is None or not recipients:
-                        self.reply("503 5.5.1 Need MAIL and RCPT first")
-                        continue
-                    self.reply("354 End data with <CR><LF>.<CR><LF>")
-                    got_data = self.read_data()
-                    if got_data is None:
-                        return
-                    data, too_big = got_data
-                    if too_big:
-                        self.reply("552 5.3.4 Message too big")
-                    else:
-                        got = sink.deliver(sender, tuple(recipients), data, peer)
-                        name = os.path.basename(got.path) if got.path else "memory"
-                        self.reply(f"250 2.0.0 OK stored as {name}")
-                    sender, recipients = None, []
-                else:
-                    self.reply("500 5.5.2 Command not recognized")
         except (OSError, TimeoutError):
-            log.debug("devserver: connection from %s lost", peer, exc_info=True)
+            log.debug("devserver: connection from %s lost", self.peer, exc_info=True)
+
+    def command(self, verb: str, arg: str) -> bool:
+        """Answer one command (see :data:`_VERBS`); False when the conversation ends."""
+        answer = _VERBS.get(verb)
+        if not self.greeted and (answer is None or verb in _AFTER_EHLO):
+            self.reply("503 5.5.1 Say EHLO first")
+            return True
+        if answer is None:
+            self.reply("500 5.5.2 Command not recognized")
+            return True
+        return answer(self, arg)
+
+    # -- the verbs: each answers and says whether the conversation goes on ------------
+
+    def ehlo(self, arg: str) -> bool:
+        self.greeted, self.sender, self.recipients = True, None, []
+        for ext in (
+            f"{self.sink.hostname} greets {arg or 'you'}",
+            "PIPELINING",
+            "8BITMIME",
+            "SMTPUTF8",
+            f"SIZE {self.sink.max_size}",
+            "AUTH PLAIN LOGIN",
+            "ENHANCEDSTATUSCODES",
+        ):
+            self.wfile.write(f"250-{ext}\r\n".encode())
+        self.reply("250 HELP")
+        return True
+
+    def helo(self, arg: str) -> bool:
+        self.greeted, self.sender, self.recipients = True, None, []
+        self.reply(f"250 {self.sink.hostname}")
+        return True
+
+    def noop(self, arg: str) -> bool:
+        self.reply("250 2.0.0 OK")
+        return True
+
+    def rset(self, arg: str) -> bool:
+        self.sender, self.recipients = None, []
+        self.reply("250 2.0.0 OK")
+        return True
+
+    def quit(self, arg: str) -> bool:
+        self.reply("221 2.0.0 Bye")
+        return False
+
+    def vrfy(self, arg: str) -> bool:
+        self.reply("252 2.0.0 Cannot verify, will accept")
+        return True
+
+    def mail(self, arg: str) -> bool:
+        m = re.match(r"FROM:\s*<([^>]*)>", arg, re.IGNORECASE)
+        if self.sender is not None:
+            self.reply("503 5.5.1 Nested MAIL command")
+        elif m is None:
+            self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
+        else:
+            self.sender, self.recipients = m.group(1), []
+            self.reply("250 2.1.0 OK")
+        return True
+
+    def rcpt(self, arg: str) -> bool:
+        m = re.match(r"TO:\s*<([^>]+)>", arg, re.IGNORECASE)
+        if self.sender is None:
+            self.reply("503 5.5.1 Need MAIL first")
+        elif m is None:
+            self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
+        elif len(self.recipients) >= _MAX_RECIPIENTS:
+            self.reply("452 4.5.3 Too many recipients")
+        else:
+            self.recipients.append(m.group(1))
+            self.reply("250 2.1.5 OK")
+        return True
+
+    def data(self, arg: str) -> bool:
+        if self.sender is None or not self.recipients:
+            self.reply("503 5.5.1 Need MAIL and RCPT first")
+            return True
+        self.reply("354 End data with <CR><LF>.<CR><LF>")
+        got_data = self.read_data()
+        if got_data is None:
+            return False
+        data, too_big = got_data
+        if too_big:
+            self.reply("552 5.3.4 Message too big")
+        else:
+            got = self.sink.deliver(self.sender, tuple(self.recipients), data, self.peer)
+            name = os.path.basename(got.path) if got.path else "memory"
+            self.reply(f"250 2.0.0 OK stored as {name}")
+        self.sender, self.recipients = None, []
+        return True
 
     def read_data(self) -> tuple[bytes, bool] | None:
         """The message up to the final dot, unstuffed, and whether it was too big.
@@ -210,7 +234,12 @@ class _Session(socketserver.StreamRequestHandler):
             else:
                 chunks = []  # read on to the end, keep nothing: the reply is 552
 
-    def auth(self, arg: str) -> None:
+    def auth(self, arg: str) -> bool:
+        """AUTH PLAIN or LOGIN: any credentials are accepted, never printed."""
+        self._auth(arg)
+        return True
+
+    def _auth(self, arg: str) -> None:
         mech, _, initial = arg.partition(" ")
         mech = mech.upper()
         try:
@@ -233,6 +262,23 @@ class _Session(socketserver.StreamRequestHandler):
             self.reply("501 5.5.2 Cannot decode response")
             return
         self.reply("235 2.7.0 Authentication successful (any credentials are)")
+
+
+#: The commands the sink answers, by verb.
+_VERBS: dict[str, Callable[[_Session, str], bool]] = {
+    "EHLO": _Session.ehlo,
+    "HELO": _Session.helo,
+    "NOOP": _Session.noop,
+    "RSET": _Session.rset,
+    "QUIT": _Session.quit,
+    "VRFY": _Session.vrfy,
+    "AUTH": _Session.auth,
+    "MAIL": _Session.mail,
+    "RCPT": _Session.rcpt,
+    "DATA": _Session.data,
+}
+#: Refused (503) before EHLO or HELO, as is then any verb not in the table.
+_AFTER_EHLO = frozenset({"MAIL", "RCPT", "DATA"})
 
 
 class _TCPServer(socketserver.ThreadingTCPServer):

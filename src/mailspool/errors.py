@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "AuthenticationError",
+    "ClaimLost",
     "ConnectionFailed",
     "DeliveryError",
     "InvalidAddress",
@@ -29,6 +30,7 @@ __all__ = [
     "MailspoolError",
     "MessageTooLarge",
     "PermanentError",
+    "QueueUnavailable",
     "RecipientsRefused",
     "RelayUnavailable",
     "SMTPTimeout",
@@ -341,6 +343,22 @@ def is_transient(exc: BaseException) -> bool:
 
 class SpoolError(MailspoolError, OSError):
     """The spool could not be written or read."""
+
+
+class QueueUnavailable(SpoolError, ConnectionError):
+    """The queue cannot be reached for now (its database is down or restarting).
+
+    Nothing is wrong with the queue or the message: a processor waits and
+    tries again, and fails no message for it.  A queue that refuses for a
+    reason of its own configuration (a login refused, no schema) raises a
+    plain :class:`SpoolError` instead.
+    """
+
+
+class ClaimLost(SpoolError):
+    """A claim ended before its outcome could be written: the message was taken
+    by another holder (or changed) meanwhile, so the outcome is not recorded
+    and whoever holds the message now sends it again."""
 
 
 class SpoolCorrupt(SpoolError):

@@ -12,10 +12,16 @@ been delivered, or refused permanently by the relay, and every duplicate
 must have a cause in its window.  docs/guarantees.md explains what this
 proves; ``tests/torture/test_torture_short.py`` runs a short version in CI.
 
+``--backend postgres`` runs the same against a PostgreSQL queue on a
+private server, which is restarted during the chaos (docs/postgres.md has
+the report): the writers commit in their own database transactions, four
+processors share the queue.
+
 Modules: :mod:`.relay` (the faulty relay), :mod:`.actors` (writer and
 processor processes), :mod:`.judge` (the verdict, pure functions over the
-journals), :mod:`.powerloss` (the ext4 power cut) and :mod:`.run` (the
-harness and its command line).
+journals), :mod:`.powerloss` (the ext4 power cut), :mod:`.pgserver` (the
+private PostgreSQL server) and :mod:`.run` (the harness and its command
+line).
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ Run as ``python -m tests.torture.actors writer|processor ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import logging
 import os
@@ -27,7 +29,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import transaction
@@ -213,6 +215,111 @@ def _finish(
     return events + [{"e": "A", "mid": m, "why": why} for m, why in dropped]
 
 
+#: The PostgreSQL writer's scenarios: as above, without a second resource.
+_PG_SCENARIOS = {"commit": 67, "many": 5, "later": 8, "rollback": 10, "abort": 10}
+
+
+def pg_writer(args: argparse.Namespace) -> int:
+    """A writer of a PostgreSQL queue: the application's own transactions
+    (``mailspool.postgres.enqueue`` on a psycopg connection, the outbox).
+
+    Journal events as the spool writer's, plus ``U`` for a message whose
+    COMMIT was sent but whose answer was lost with the connection (the
+    database restarted): committed or not, nobody can tell; the judge
+    accepts it delivered once or not at all.
+    """
+    import psycopg
+
+    from mailspool.postgres.connect import parse_target
+
+    stop = False
+
+    def on_term(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    print(READY.decode(), flush=True)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    target = parse_target(args.spool)
+    rng = random.Random(args.seed)
+    journal = os.open(args.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    tokens = (f"w{args.slot}i{args.incarnation}n{n}" for n in itertools.count(1))
+    conn: Any = None
+    while not stop:
+        if conn is None or conn.closed or conn.broken:
+            try:
+                conn = psycopg.connect(target.conninfo, connect_timeout=5)
+            except psycopg.Error:
+                time.sleep(0.2)  # the database is down: the application waits too
+                continue
+        _journal(journal, _pg_transaction(conn, target.schema, rng, tokens))
+        time.sleep(rng.expovariate(1.0 / args.pace) if args.pace > 0 else 0)
+    return 0
+
+
+def _pg_transaction(
+    conn: Any, schema: str, rng: random.Random, tokens: Iterator[str]
+) -> list[dict[str, Any]]:
+    """One transaction of the application, as a scenario says; its journal events."""
+    import psycopg
+
+    from mailspool.postgres import enqueue
+
+    scenario = rng.choices(list(_PG_SCENARIOS), list(_PG_SCENARIOS.values()))[0]
+    count = {"many": rng.randint(4, 8), "commit": rng.randint(1, 3)}.get(scenario, 1)
+    kept: list[tuple[str, list[str]]] = []
+    events: list[dict[str, Any]] = []
+    try:
+        for _ in range(count):
+            mid, rcpts, data = make_message(next(tokens), rng)
+            later = time.time() + rng.uniform(0.2, 2.0) if scenario == "later" else None
+            enqueue(conn, f"writer@{DOMAIN}", rcpts, data, not_before=later, schema=schema)
+            kept.append((mid, rcpts))
+        if scenario == "rollback":
+            mid, rcpts, data = make_message(next(tokens), rng)
+            with contextlib.suppress(_Rollback), conn.transaction():  # a savepoint
+                enqueue(conn, f"writer@{DOMAIN}", rcpts, data, schema=schema)
+                raise _Rollback
+            events.append({"e": "A", "mid": mid, "why": "rolled back to a savepoint"})
+    except psycopg.Error as exc:  # before COMMIT: nothing of it is committed
+        with contextlib.suppress(psycopg.Error):
+            conn.rollback()
+        why = f"failed before commit: {type(exc).__name__}"
+        return [{"e": "A", "mid": m, "why": why} for m, _ in kept] + events
+    if scenario == "abort":
+        conn.rollback()
+        return events + [{"e": "A", "mid": m, "why": "transaction rolled back"} for m, _ in kept]
+    try:
+        conn.commit()
+    except psycopg.Error as exc:
+        why = f"commit raised {type(exc).__name__}: {exc}"[-300:]
+        return events + [{"e": "U", "mid": m, "why": why} for m, _ in kept]
+    t = time.monotonic()
+    return [{"e": "C", "mid": m, "rcpts": r, "t": t, "crit": 0} for m, r in kept] + events
+
+
+class _Rollback(Exception):
+    """Rolls a savepoint back."""
+
+
+def _journal(fd: int, events: list[dict[str, Any]]) -> None:
+    if events:
+        os.write(fd, b"".join(json.dumps(e).encode() + b"\n" for e in events))
+        os.fsync(fd)
+
+
+def _queue(where: str) -> Any:
+    """A spool directory as it is; a PostgreSQL URL as a queue that waits for its database."""
+    from mailspool.queue import is_postgres_url
+
+    if not is_postgres_url(where):
+        return where
+    from mailspool.postgres import PostgresQueue
+
+    return PostgresQueue(where, connect=False)
+
+
 def processor(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.WARNING,
@@ -236,7 +343,7 @@ def processor(args: argparse.Namespace) -> int:
         relay_max_delay=s["max_delay"],
     )
     qp = QueueProcessor(
-        args.spool,
+        _queue(args.spool),
         mailer,
         connections=int(s["connections"]),
         interval=s["interval"],
@@ -300,7 +407,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--label", required=True)
     args = parser.parse_args(argv)
-    return writer(args) if args.role == "writer" else processor(args)
+    if args.role == "processor":
+        return processor(args)
+    from mailspool.queue import is_postgres_url
+
+    return pg_writer(args) if is_postgres_url(args.spool) else writer(args)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ Three records meet here, none written by the code under test:
 
 * the writers' journals: a ``C`` event per message whose ``commit()``
   returned (written after it returned), an ``A`` event per message whose
-  transaction did not commit;
+  transaction did not commit, a ``U`` event per message whose COMMIT was
+  sent to a database that restarted before answering (committed or not:
+  it may be delivered, once, or not at all);
 * the relay's journal: an ``accept`` event per message it took (before its
   reply could say so), a ``refuse5`` event per permanent refusal of a
   recipient, a ``fault`` event per fault injected;
@@ -30,7 +32,11 @@ The rules (docs/guarantees.md states them as promises):
   next one's data; with PIPELINING the next one's MAIL may come with the
   final dot, the one after it only once the message is settled); or,
   when the process logged that the spool was full as it wrote that
-  message's outcome, any time until it logged the outcome written;
+  message's outcome, any time until it logged the outcome written; or,
+  with a PostgreSQL queue, a restart of the database while one of the
+  copies was being sent, or a processor that logged its claim lost with
+  its database session (the claim is a lock of that session: the other
+  copy may come first);
 * a message taken whole: the relay checks each body against its checksum.
 """
 
@@ -68,12 +74,14 @@ class Kill:
 
 @dataclass(frozen=True)
 class Unwritten:
-    """An outcome a processor could not write at once: the spool was full."""
+    """An outcome a processor could not write at once: the spool was full
+    (or, with a PostgreSQL queue, the database was down)."""
 
     t: float  # when it said so (monotonic)
     label: str  # the processor's EHLO name
     mid: str  # the Message-Id
     written: float | None = None  # when it said the outcome was written at last
+    waited_for: str = "space on the full spool"  # or "the database" (PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,10 @@ class Verdict:
     delivered_messages: int = 0
     expected_failures: int = 0
     not_committed: int = 0
+    #: messages whose COMMIT's answer was lost (the database restarted), and
+    #: how many of them were delivered (they had committed after all)
+    in_doubt: int = 0
+    in_doubt_delivered: int = 0
     unjournaled_deliveries: int = 0
     deliveries: int = 0
     duplicates: list[Duplicate] = field(default_factory=list)
@@ -157,6 +169,35 @@ def _after(times: Sequence[float] | None, t: float, nth: int = 1) -> float | Non
     return later[nth - 1] if len(later) >= nth else None
 
 
+def _restarted(
+    accept: Mapping[str, Any],
+    outages: Sequence[tuple[float, float]],
+    window: float,
+    began: float | None,
+) -> str:
+    """A database restart that explains the copy ``accept`` ("" when none does).
+
+    The message's claim is a lock of the processor's database session: a
+    restart ends it.  A copy is explained when its transaction with the
+    relay began before the database was back (``began``, the MAIL) and its
+    250 came after, or shortly before, the database went down.
+    """
+    t = float(accept["t"])
+    for down, up in outages:
+        if t >= down - window and (began if began is not None else t) <= up:
+            return (
+                f"the database restarted {down - t:+.3f} s from the relay's 250 "
+                f"(down {up - down:.1f} s): the claim ended with its session"
+            )
+    return ""
+
+
+def _before(times: Sequence[float] | None, t: float) -> float | None:
+    """The last of ``times`` at or before ``t`` (None if none)."""
+    earlier = [x for x in times or () if x <= t]
+    return max(earlier) if earlier else None
+
+
 def _cause(
     accept: Mapping[str, Any],
     kills: Sequence[Kill],
@@ -187,7 +228,7 @@ def _cause(
             if u.t <= k.t and (u.written is None or k.t < u.written):
                 return (
                     f"{k.label} SIGKILLed {k.t - t:+.3f} s after the relay's 250, its "
-                    "outcome still waiting for space on the full spool"
+                    f"outcome still waiting for {u.waited_for}"
                 )
         if k.t > t + window or (next_mail is not None and next_mail < k.t):
             continue  # it had settled this message and started the next one
@@ -205,6 +246,8 @@ def judge(
     left: Mapping[str, Sequence[str]] | None = None,
     quarantined: Sequence[str] = (),
     window: float = 2.0,
+    outages: Sequence[tuple[float, float]] = (),
+    lost_claims: Mapping[str, str] | None = None,
 ) -> Verdict:
     """Judge a run.
 
@@ -218,6 +261,10 @@ def judge(
         left: state -> Message-Ids still in the spool (ready, deferred...).
         quarantined: descriptions of the files in quarantine.
         window: seconds around the relay's 250 in which a kill explains a copy.
+        outages: (down, up) times of each restart of a PostgreSQL queue's
+            database; a copy sent across one is explained (:func:`_restarted`).
+        lost_claims: Message-Id -> the processor that logged its claim lost
+            with its database session (it sent, another took the message).
 
     Returns:
         The :class:`Verdict`.
@@ -227,24 +274,68 @@ def judge(
     left = left or {}
     committed: dict[str, list[str]] = {}
     aborted: dict[str, str] = {}
+    doubtful: set[str] = set()  # COMMIT sent, its answer lost: committed or not
     for e in writer_events:
         if e["e"] == "C":
             committed[e["mid"]] = list(e["rcpts"])
         elif e["e"] == "A":
             aborted[e["mid"]] = str(e.get("why", ""))
+        elif e["e"] == "U":
+            doubtful.add(e["mid"])
     v.not_committed = len(aborted)
-    refused5: set[str] = set()
-    accepts: dict[str, list[Mapping[str, Any]]] = collections.defaultdict(list)
-    mids: dict[str, str] = {}
-    mails: dict[Any, list[float]] = collections.defaultdict(list)  # session -> MAIL times
+    v.in_doubt = len(doubtful)
+    relayed = _read_relay(relay_events, v)
+    v.quarantined = list(quarantined)
+    where_left = {m: state for state, ms in left.items() for m in ms}
+    _check_committed(v, committed, relayed, failed, where_left)
+    # Nothing failed that the relay did not refuse for good.
+    for mid, statuses in failed.items():
+        for r, status in statuses.items():
+            if status == "failed" and r not in relayed.refused5:
+                v.wrongly_failed.append(f"{mid} -> {r}")
+    _check_uncommitted(v, relayed, committed, aborted, kills, doubtful)
+    # Every extra copy needs a cause in its window.
+    for r, events in sorted(relayed.accepts.items()):
+        if len(events) < 2:
+            continue
+        ordered = sorted(events, key=lambda e: float(e["t"]))
+        mails = relayed.mails
+        group = _group_cause(ordered, mails, outages, window, (lost_claims or {}).get(
+            relayed.mids[r]))  # fmt: skip
+        causes = tuple(
+            _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"], 2))
+            or group
+            for e in ordered[:-1]
+        )
+        v.duplicates.append(Duplicate(r, relayed.mids[r], len(ordered), causes))
+    return v
+
+
+@dataclass
+class _Relayed:
+    """What the relay's journal says."""
+
+    refused5: set[str] = field(default_factory=set)  # recipients refused for good
+    accepts: dict[str, list[Mapping[str, Any]]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )  # recipient -> each acceptance
+    mids: dict[str, str] = field(default_factory=dict)  # recipient -> Message-Id
+    mails: dict[Any, list[float]] = field(
+        default_factory=lambda: collections.defaultdict(list)
+    )  # session -> MAIL times
+
+
+def _read_relay(relay_events: Iterable[Mapping[str, Any]], v: Verdict) -> _Relayed:
+    """Read the relay's journal; count its faults and deliveries into ``v``."""
+    got = _Relayed()
     for e in relay_events:
         kind = e["e"]
         if kind == "fault":
             v.faults[str(e["kind"])] += 1
         elif kind == "mail":
-            mails[e["sess"]].append(float(e["t"]))
+            got.mails[e["sess"]].append(float(e["t"]))
         elif kind == "refuse5":
-            refused5.add(e["rcpt"])
+            got.refused5.add(e["rcpt"])
             if e.get("why") == "bounce":
                 v.faults["550-expected-bounce"] += 1
         elif kind == "accept":
@@ -253,30 +344,37 @@ def judge(
             if not e.get("intact"):
                 v.damaged.append(f"{mid}: body does not match its checksum")
             for r in e["rcpts"]:
-                accepts[r].append(e)
-                mids[r] = str(mid)
-    where_left = {m: state for state, ms in left.items() for m in ms}
-    v.quarantined = list(quarantined)
+                got.accepts[r].append(e)
+                got.mids[r] = str(mid)
+    return got
 
-    # Every committed recipient: delivered, or refused for good and failed.
+
+def _check_committed(
+    v: Verdict,
+    committed: Mapping[str, list[str]],
+    relayed: _Relayed,
+    failed: Mapping[str, Mapping[str, str]],
+    where_left: Mapping[str, str],
+) -> None:
+    """Every committed recipient: delivered, or refused for good and failed."""
     for mid, rcpts in committed.items():
         v.committed_messages += 1
         v.committed_recipients += len(rcpts)
         whole = True
         for r in rcpts:
-            if r in accepts:
+            if r in relayed.accepts:
                 v.delivered_recipients += 1
             elif failed.get(mid, {}).get(r) == "failed":
-                if r in refused5:
+                if r in relayed.refused5:
                     v.expected_failures += 1
                 else:
-                    whole = False  # counted below, as failed without a refusal
+                    whole = False  # counted as failed without a refusal
             else:
                 whole = False
                 state = where_left.get(mid)
                 if state is not None:
                     why = f"still {state} in the spool"
-                elif r in refused5:
+                elif r in relayed.refused5:
                     why = "refused permanently, but not failed in the spool"
                 else:
                     why = "never reached the relay"
@@ -284,35 +382,47 @@ def judge(
         if whole:
             v.delivered_messages += 1
 
-    # Nothing failed that the relay did not refuse for good.
-    for mid, statuses in failed.items():
-        for r, status in statuses.items():
-            if status == "failed" and r not in refused5:
-                v.wrongly_failed.append(f"{mid} -> {r}")
 
-    # What the relay took that was not (known to be) committed.
+def _check_uncommitted(
+    v: Verdict,
+    relayed: _Relayed,
+    committed: Mapping[str, list[str]],
+    aborted: Mapping[str, str],
+    kills: Sequence[Kill],
+    doubtful: set[str],
+) -> None:
+    """What the relay took that was not (known to be) committed."""
     killed_writers = {k.label for k in kills if k.role == "writer"}
     seen: set[str] = set()
-    for r in accepts:
-        mid = mids[r]
+    for r in relayed.accepts:
+        mid = relayed.mids[r]
         if mid in committed or mid in seen:
             continue
         seen.add(mid)
-        if mid in aborted:
+        if mid in doubtful:
+            v.in_doubt_delivered += 1  # it had committed after all
+        elif mid in aborted:
             v.phantoms.append(f"{mid} ({aborted[mid]})")
         elif _incarnation(mid) in killed_writers:
             v.unjournaled_deliveries += 1  # killed between commit and its journal line
         else:
             v.strangers.append(mid)
 
-    # Every extra copy needs a cause in its window.
-    for r, events in sorted(accepts.items()):
-        if len(events) < 2:
-            continue
-        ordered = sorted(events, key=lambda e: float(e["t"]))
-        causes = tuple(
-            _cause(e, kills, unwritten, window, _after(mails.get(e.get("sess")), e["t"], 2))
-            for e in ordered[:-1]
-        )
-        v.duplicates.append(Duplicate(r, mids[r], len(ordered), causes))
-    return v
+
+def _group_cause(
+    ordered: Sequence[Mapping[str, Any]],
+    mails: Mapping[Any, list[float]],
+    outages: Sequence[tuple[float, float]],
+    window: float,
+    lost_by: str | None,
+) -> str:
+    """A cause for every copy of one recipient: a claim lost with its database
+    session explains the copies of its message, whichever came first (the
+    other holder's may be the earlier)."""
+    for e in ordered:
+        why = _restarted(e, outages, window, _before(mails.get(e.get("sess")), e["t"]))
+        if why:
+            return why
+    if lost_by:
+        return f"{lost_by} cut off from its claim with its database session"
+    return ""

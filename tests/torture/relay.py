@@ -42,7 +42,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 __all__ = [
@@ -147,10 +147,9 @@ class _Session(socketserver.StreamRequestHandler):
             pass
 
     def conversation(self) -> None:
-        srv = self.server
-        sender: str | None = None
-        rcpts: list[str] = []
-        plan: str | None = None
+        self.sender: str | None = None
+        self.rcpts: list[str] = []
+        self.plan: str | None = None
         while True:
             raw = self.rfile.readline(4096)
             if not raw:
@@ -158,67 +157,76 @@ class _Session(socketserver.StreamRequestHandler):
             line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
             verb, _, arg = line.partition(" ")
             verb = verb.upper()
-            if verb in ("EHLO", "HELO"):
-                self.name = arg.strip() or "?"
-                sender, rcpts = None, []
-                if verb == "EHLO":
-                    self.wfile.write(b"250-torture.test\r\n250-8BITMIME\r\n250-PIPELINING\r\n")
-                    self.reply("250 ENHANCEDSTATUSCODES")
-                else:
-                    self.reply("250 torture.test")
-            elif verb in ("NOOP", "RSET"):
-                if verb == "RSET":
-                    sender, rcpts = None, []
-                self.reply("250 2.0.0 OK")
-            elif verb == "QUIT":
+            if verb == "QUIT":
                 self.reply("221 2.0.0 bye")
                 return
-            elif verb == "MAIL":
-                # With PIPELINING a client may send MAIL with the previous
-                # message's final dot, before it has settled that message;
-                # the MAIL after that one comes only once it has: the
-                # judge's proof that a kill came too late to explain a copy.
-                srv.record({"e": "mail", "sess": self.session}, sync=False)
-                plan = srv.choose(TRANSACTION_FAULTS)
-                if plan is not None:
-                    srv.fault(plan, self.name)
-                m = _ADDR.match(arg)
-                if plan == "drop-at-mail":
-                    raise _Drop()
-                if plan == "421-at-mail":
-                    self.reply("421 4.3.2 torture relay: closing")
-                    raise _Drop()
-                if plan == "stall-at-mail":
-                    self.stall()
-                if plan == "451-at-mail":
-                    self.reply("451 4.3.0 torture relay: try later")
-                elif m is None:
-                    self.reply("501 5.5.4 syntax")
-                else:
-                    sender, rcpts = m.group(1), []
-                    self.reply("250 2.1.0 OK")
-            elif verb == "RCPT":
-                m = _ADDR.match(arg)
-                if sender is None or m is None:
-                    self.reply("503 5.5.1 MAIL first")
-                    continue
-                if plan == "drop-at-rcpt":
-                    raise _Drop()
-                if plan == "stall-at-rcpt":
-                    plan = None
-                    self.stall()
-                self.reply(self.rcpt(m.group(1), rcpts))
-            elif verb == "DATA":
-                if sender is None or not rcpts:
-                    self.reply("503 5.5.1 RCPT first")
-                    continue
-                if plan == "drop-at-data":
-                    raise _Drop()
-                self.reply("354 go ahead")
-                self.data(rcpts, plan)
-                sender, rcpts, plan = None, [], None
-            else:
+            answer = _VERBS.get(verb)
+            if answer is None:
                 self.reply("500 5.5.2 what?")
+            else:
+                answer(self, verb, arg)
+
+    def on_hello(self, verb: str, arg: str) -> None:
+        self.name = arg.strip() or "?"
+        self.sender, self.rcpts = None, []
+        if verb == "EHLO":
+            self.wfile.write(b"250-torture.test\r\n250-8BITMIME\r\n250-PIPELINING\r\n")
+            self.reply("250 ENHANCEDSTATUSCODES")
+        else:
+            self.reply("250 torture.test")
+
+    def on_noop(self, verb: str, arg: str) -> None:
+        if verb == "RSET":
+            self.sender, self.rcpts = None, []
+        self.reply("250 2.0.0 OK")
+
+    def on_mail(self, verb: str, arg: str) -> None:
+        # With PIPELINING a client may send MAIL with the previous
+        # message's final dot, before it has settled that message;
+        # the MAIL after that one comes only once it has: the
+        # judge's proof that a kill came too late to explain a copy.
+        srv = self.server
+        srv.record({"e": "mail", "sess": self.session}, sync=False)
+        plan = self.plan = srv.choose(TRANSACTION_FAULTS)
+        if plan is not None:
+            srv.fault(plan, self.name)
+        m = _ADDR.match(arg)
+        if plan == "drop-at-mail":
+            raise _Drop()
+        if plan == "421-at-mail":
+            self.reply("421 4.3.2 torture relay: closing")
+            raise _Drop()
+        if plan == "stall-at-mail":
+            self.stall()
+        if plan == "451-at-mail":
+            self.reply("451 4.3.0 torture relay: try later")
+        elif m is None:
+            self.reply("501 5.5.4 syntax")
+        else:
+            self.sender, self.rcpts = m.group(1), []
+            self.reply("250 2.1.0 OK")
+
+    def on_rcpt(self, verb: str, arg: str) -> None:
+        m = _ADDR.match(arg)
+        if self.sender is None or m is None:
+            self.reply("503 5.5.1 MAIL first")
+            return
+        if self.plan == "drop-at-rcpt":
+            raise _Drop()
+        if self.plan == "stall-at-rcpt":
+            self.plan = None
+            self.stall()
+        self.reply(self.rcpt(m.group(1), self.rcpts))
+
+    def on_data(self, verb: str, arg: str) -> None:
+        if self.sender is None or not self.rcpts:
+            self.reply("503 5.5.1 RCPT first")
+            return
+        if self.plan == "drop-at-data":
+            raise _Drop()
+        self.reply("354 go ahead")
+        self.data(self.rcpts, self.plan)
+        self.sender, self.rcpts, self.plan = None, [], None
 
     def rcpt(self, addr: str, rcpts: list[str]) -> str:
         srv = self.server
@@ -281,6 +289,18 @@ class _Session(socketserver.StreamRequestHandler):
             self.reply("250 2.0.0 taken")
             if plan == "drop-after-250":
                 raise _Drop()
+
+
+#: The commands the relay answers (QUIT aside), by verb.
+_VERBS: dict[str, Callable[[_Session, str, str], None]] = {
+    "EHLO": _Session.on_hello,
+    "HELO": _Session.on_hello,
+    "NOOP": _Session.on_noop,
+    "RSET": _Session.on_noop,
+    "MAIL": _Session.on_mail,
+    "RCPT": _Session.on_rcpt,
+    "DATA": _Session.on_data,
+}
 
 
 class Relay(socketserver.ThreadingTCPServer):

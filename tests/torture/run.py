@@ -53,9 +53,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailspool.maildir.spool import Spool
+from mailspool.queue import QueueBackend
 
 from .actors import READY, cli_processor_argv
 from .judge import Kill, Unwritten, Verdict, judge, read_events
+from .pgserver import Cluster
+from .pgserver import unavailable as unavailable_pg
 from .powerloss import CutResult, power_cut, unavailable
 
 __all__ = ["Options", "Report", "main", "torture"]
@@ -82,6 +85,12 @@ class Options:
         drain_timeout: seconds the processors get to empty the spool at the end.
         workdir: where everything goes (default: a new temporary directory).
         keep: keep the working directory even when the run passed.
+        backend: ``"maildir"``, or ``"postgres"``: the queue is a PostgreSQL
+            database of a private server (:mod:`.pgserver`); the writers
+            commit in their own transactions (the outbox), there is no full
+            disk and no power cut, and the server is restarted
+            ``db_restarts`` times during the chaos.
+        db_restarts: restarts of the PostgreSQL server in the chaos phase.
     """
 
     rounds: int = 30
@@ -96,6 +105,8 @@ class Options:
     drain_timeout: float = 40.0
     workdir: str | None = None
     keep: bool = False
+    backend: str = "maildir"
+    db_restarts: int = 0
 
 
 @dataclass
@@ -117,6 +128,8 @@ class Report:
     power_note: str = ""
     cuts: list[CutResult] = field(default_factory=list)
     workdir: str = ""
+    #: (down, up) of each database restart, monotonic
+    restarts: list[tuple[float, float]] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -160,6 +173,13 @@ class Report:
             f"{self.chaos_seconds:.1f} s, {o.writers} writers, {o.processors} processors "
             "(the first one `mailspool run`)",
         ]
+        if o.backend == "postgres":
+            down = sum(b - a for a, b in self.restarts)
+            lines.append(
+                f"  database:      PostgreSQL queue, server restarted {len(self.restarts)} "
+                f"times ({down:.1f} s down); commits in doubt (answer lost): {v.in_doubt}, "
+                f"{v.in_doubt_delivered} of them delivered"
+            )
         if self.tmpfs_note:
             lines.append(f"  full disk:     {self.tmpfs_note}")
         else:
@@ -328,6 +348,17 @@ class _Harness:
         self.spool = ""
         self.fs: Path | None = None
         self.stop_filling = threading.Event()
+        self.cluster: Cluster | None = None  # the PostgreSQL server (backend postgres)
+        #: Message-Id -> the processor that logged its claim lost (PostgreSQL)
+        self.lost_claims: dict[str, str] = {}
+
+    def queue(self) -> QueueBackend:
+        """The queue under test, opened anew (a spool, or the database's queue)."""
+        if self.cluster is not None:
+            from mailspool.postgres import PostgresQueue
+
+            return PostgresQueue(self.spool)
+        return Spool(self.spool)
 
     # -- processes ----------------------------------------------------------------
 
@@ -481,6 +512,21 @@ class _Harness:
                 os.unlink(path)
             self.report.full_periods.append((start, time.monotonic()))
 
+    def restarter(self) -> None:
+        """Restart the database ``db_restarts`` times, spread over the chaos."""
+        assert self.cluster is not None
+        rng = random.Random(self.o.seed + 2)
+        start = time.monotonic()
+        moments = sorted(rng.uniform(1.0, self.o.seconds - 1.0) for _ in range(self.o.db_restarts))
+        for i, moment in enumerate(moments):
+            if self.stop_filling.wait(max(0.0, start + moment - time.monotonic())):
+                return
+            down = time.monotonic()
+            self.cluster.stop("immediate" if i % 2 else "fast")  # a crash, every other time
+            self.stop_filling.wait(rng.uniform(0.2, 1.5))  # down a while
+            self.cluster.start()
+            self.report.restarts.append((down, time.monotonic()))
+
     # -- phases ------------------------------------------------------------------------
 
     def chaos(self) -> None:
@@ -492,6 +538,9 @@ class _Harness:
         filler = None
         if self.fs is not None:
             filler = threading.Thread(target=self.filler, name="filler", daemon=True)
+            filler.start()
+        elif self.cluster is not None and o.db_restarts:
+            filler = threading.Thread(target=self.restarter, name="restarter", daemon=True)
             filler.start()
         start = time.monotonic()
         moments = sorted(self.rng.uniform(0.3, o.seconds) for _ in range(o.rounds))
@@ -521,7 +570,7 @@ class _Harness:
         self.relay.send_signal(signal.SIGUSR1)  # calm: only the bounce recipients are refused
         self.stop("writer", 30.0)
         start = time.monotonic()
-        spool = Spool(self.spool)
+        spool = self.queue()
         while time.monotonic() < start + self.o.drain_timeout:
             self.check()
             c = spool.counts()
@@ -529,6 +578,9 @@ class _Harness:
                 break
             time.sleep(0.1)
         self.report.drain_seconds = time.monotonic() - start
+        close = getattr(spool, "close", None)
+        if close is not None:
+            close()
         self.stop("processor", 20.0)
         self.relay.send_signal(signal.SIGTERM)
         self.relay.wait(20)
@@ -539,17 +591,20 @@ class _Harness:
             "monotonic_to_wall": time.time() - time.monotonic(),
             "kills": [vars(k) for k in self.kills],
             "full_periods": self.report.full_periods,
+            "restarts": self.report.restarts,
         }
         (self.work / "harness.json").write_text(json.dumps(notes, indent=1))
 
     def unwritten(self) -> list[Unwritten]:
-        """From the processors' logs: outcomes that waited for space on a full spool.
+        """From the processors' logs: outcomes that waited for space on a full spool
+        (or for the database of a PostgreSQL queue).
 
         Also counts the unexpected errors they logged, for the report.
         """
         waiting: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         written: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         offset = time.time() - time.monotonic()
+        waited_for = "the database" if self.cluster is not None else "space on the full spool"
         for c in self.children:
             if c.role != "processor":
                 continue
@@ -560,7 +615,9 @@ class _Harness:
                 t = wall + int(first[20:23]) / 1000 - offset
                 if m is not None and "cannot record this outcome" in first:
                     waiting[(c.label, m.group(1))].append(t)
-                    self.report.internal_errors["outcome waited for space on the full spool"] += 1
+                    self.report.internal_errors[f"outcome waited for {waited_for}"] += 1
+                elif m is not None and "this outcome is not recorded" in first:
+                    self.lost_claims[m.group(1)] = c.label
                 elif m is not None and "written to the spool now, after" in first:
                     written[(c.label, m.group(1))].append(t)
                 elif " ERROR " in first and "unexpected" in first:
@@ -570,12 +627,12 @@ class _Harness:
         for (label, mid), times in waiting.items():
             for t in times:
                 later = [w for w in written.get((label, mid), ()) if w >= t]
-                out.append(Unwritten(t, label, mid, min(later) if later else None))
+                out.append(Unwritten(t, label, mid, min(later) if later else None, waited_for))
         return out
 
     def verdict(self) -> Verdict:
         self.save_notes()
-        spool = Spool(self.spool)
+        spool = self.queue()
         failed: dict[str, dict[str, str]] = {}
         for e in spool.entries("failed"):
             failed[e.message_id or e.id] = {r.address: r.status for r in e.recipients}
@@ -598,7 +655,12 @@ class _Harness:
             failed=failed,
             left=left,
             quarantined=quarantined,
+            outages=self.report.restarts,
+            lost_claims=self.lost_claims,
         )
+        close = getattr(spool, "close", None)
+        if close is not None:
+            close()
         with open(self.work / "duplicates.txt", "w", encoding="utf-8") as f:
             for d in verdict.duplicates:
                 for cause in d.causes:
@@ -649,6 +711,8 @@ def torture(opts: Options) -> Report:
     workdir.mkdir(parents=True, exist_ok=True)
     report = Report(opts, workdir=str(workdir))
     h = _Harness(opts, workdir, report)
+    if opts.backend == "postgres":
+        return _torture_postgres(opts, workdir, report, h, made)
     fs = workdir / "fs"
     try:
         with _tmpfs(fs, opts.tmpfs) as why:
@@ -678,6 +742,41 @@ def torture(opts: Options) -> Report:
     return report
 
 
+def _torture_postgres(
+    opts: Options, workdir: Path, report: Report, h: _Harness, made: bool
+) -> Report:
+    """The run with a PostgreSQL queue on a private server, restarted now and then."""
+    from mailspool.postgres import PostgresQueue
+
+    why = unavailable_pg()
+    if why is not None:
+        raise RuntimeError(f"no PostgreSQL server for the torture run: {why}")
+    report.tmpfs_note = "none with a PostgreSQL queue"
+    report.power_note = "none with a PostgreSQL queue (the database's own durability)"
+    h.cluster = Cluster.make(workdir / "pg")
+    try:
+        h.cluster.start()
+        h.spool = f"{h.cluster.url}?schema=torture"
+        PostgresQueue(h.spool, create=True).close()
+        h.start_relay()
+        try:
+            h.chaos()
+            h.drain()
+        finally:
+            h.kill_everything()
+        report.verdict = h.verdict()
+    finally:
+        h.kill_everything()
+        if not report.passed:
+            with contextlib.suppress(OSError):
+                shutil.copy(h.cluster.log, workdir / "postgres.log")
+        h.cluster.remove()
+    if report.passed and made and not opts.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+        report.workdir = ""
+    return report
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Options()
     p = argparse.ArgumentParser(
@@ -690,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
     p.add_argument("--writers", type=int, default=d.writers)
-    p.add_argument("--processors", type=int, default=d.processors)
+    p.add_argument("--processors", type=int, default=None, help="(2; 4 with --backend postgres)")
     p.add_argument(
         "--power-cuts", type=int, default=d.power_cuts, help="ext4 power cuts (%(default)s)"
     )
@@ -700,13 +799,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=d.drain_timeout)
     p.add_argument("--workdir", default=None, help="keep everything here")
     p.add_argument("--keep", action="store_true", help="keep the work directory")
+    p.add_argument(
+        "--backend",
+        choices=("maildir", "postgres"),
+        default=d.backend,
+        help="the queue: a Maildir spool, or PostgreSQL on a private server (%(default)s)",
+    )
+    p.add_argument(
+        "--db-restarts",
+        type=int,
+        default=None,
+        help="PostgreSQL server restarts during the chaos (postgres: default 4)",
+    )
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run from the command line; print the report; 0 when the run passed."""
     a = build_parser().parse_args(argv)
-    if a.processors < 1 or a.writers < 1 or a.rounds < 0:
+    d = Options()
+    pg = a.backend == "postgres"
+    processors = a.processors if a.processors is not None else (4 if pg else d.processors)
+    restarts = a.db_restarts if a.db_restarts is not None else (4 if pg else 0)
+    if processors < 1 or a.writers < 1 or a.rounds < 0:
         print("need at least one writer and one processor", file=sys.stderr)
         return 2
     opts = Options(
@@ -714,7 +829,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=a.seconds,
         seed=a.seed,
         writers=a.writers,
-        processors=a.processors,
+        processors=processors,
         power_cuts=a.power_cuts,
         tmpfs=a.tmpfs,
         fault_rate=a.fault_rate,
@@ -722,6 +837,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         drain_timeout=a.drain_timeout,
         workdir=a.workdir,
         keep=a.keep,
+        backend=a.backend,
+        db_restarts=restarts,
     )
     report = torture(opts)
     print(report.text(), flush=True)

@@ -69,3 +69,10 @@ def test_the_count_of_findings_matches_the_list_and_the_tests() -> None:
     else:
         said = f"found {total} defects; all {total} are fixed, each with its regression test"
     assert said in text
+
+
+def test_the_postgres_page_has_its_long_runs_report() -> None:
+    text = (ROOT / "docs" / "postgres.md").read_text(encoding="utf-8")
+    assert "RESULTS_PLACEHOLDER" not in text
+    assert "python -m tests.torture.run --backend postgres" in text
+    assert "mailspool torture run: seed" in text and "verdict: PASS" in text

@@ -132,3 +132,30 @@ def test_a_torn_last_journal_line_is_not_a_commit(tmp_path: Path) -> None:
     path = tmp_path / "w.jsonl"
     path.write_bytes(b'{"e": "C", "mid": "a"}\n{"e": "C", "mid": "b"')
     assert [e["mid"] for e in read_events([path])] == ["a"]
+
+
+def test_a_database_restart_explains_a_copy_sent_across_it_and_nothing_else() -> None:
+    def mail(t: float, sess: int) -> dict[str, Any]:
+        return {"e": "mail", "t": t, "sess": sess}
+
+    across = [mail(9.5, 1), {**accept(11.0, by="p1i0.torture"), "sess": 1},
+              mail(12.0, 2), {**accept(12.1, by="p2i0.torture"), "sess": 2}]  # fmt: skip
+    v = judge([committed()], across, kills=[], outages=[(10.0, 10.5)])
+    assert v.problems == [] and "database restarted" in v.duplicates[0].causes[0]
+    # The later copy began before the database was back: it explains the earlier.
+    late = [mail(11.5, 2), {**accept(11.6, by="p2i0.torture"), "sess": 2},
+            mail(9.9, 1), {**accept(12.0, by="p1i0.torture"), "sess": 1}]  # fmt: skip
+    assert judge([committed()], late, kills=[], outages=[(10.0, 10.5)]).problems == []
+    long_after = [mail(30.0, 1), {**accept(30.1), "sess": 1},
+                  mail(31.0, 2), {**accept(31.1, by="p2i0.torture"), "sess": 2}]  # fmt: skip
+    assert judge([committed()], long_after, kills=[], outages=[(10.0, 10.5)]).unexplained
+    lost = judge([committed()], long_after, kills=[], lost_claims={M: "p1i0.torture"})
+    assert lost.problems == [] and "cut off from its claim" in lost.duplicates[0].causes[0]
+
+
+def test_a_commit_in_doubt_may_be_delivered_once_or_not_at_all() -> None:
+    doubt = {"e": "U", "mid": M, "why": "commit raised OperationalError"}
+    sent = judge([doubt], [accept(2.0)], kills=[])
+    assert sent.problems == [] and (sent.in_doubt, sent.in_doubt_delivered) == (1, 1)
+    unsent = judge([doubt], [], kills=[])
+    assert unsent.problems == [] and unsent.lost == []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -139,16 +140,7 @@ def check(
         counts = spool.counts()
         oldest_ready = spool.oldest(("ready",))
     age = None if oldest_ready is None else max(0.0, now - oldest_ready)
-    problems: list[str] = []
-    if counts["failed"] > max_failed:
-        problems.append(f"{counts['failed']} failed (at most {max_failed} allowed)")
-    if counts["quarantined"] > max_quarantined:
-        problems.append(f"{counts['quarantined']} quarantined (at most {max_quarantined} allowed)")
-    if age is not None and age > age_limit:
-        problems.append(
-            f"the oldest ready message has waited {age_text(age)} "
-            f"(at most {age_text(age_limit)} allowed)"
-        )
+    problems = _over_limits(counts, max_failed, max_quarantined, age, age_limit)
     paused = None if ignore_relay_pause else _paused_until(spool, now)
     if paused is not None:
         problems.append(f"the relay is paused until {when(paused)} (it could not be used)")
@@ -171,6 +163,27 @@ def check(
         verdict = "PROBLEM: " + "; ".join(problems) + " -- " if problems else "OK: "
         click.echo(f"mailspool check {spool.location}: {verdict}{figures}")
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def _over_limits(
+    counts: Mapping[str, int],
+    max_failed: int,
+    max_quarantined: int,
+    age: float | None,
+    age_limit: float,
+) -> list[str]:
+    """The queue's problems: counts over their limits, a ready message waiting too long."""
+    problems: list[str] = []
+    if counts["failed"] > max_failed:
+        problems.append(f"{counts['failed']} failed (at most {max_failed} allowed)")
+    if counts["quarantined"] > max_quarantined:
+        problems.append(f"{counts['quarantined']} quarantined (at most {max_quarantined} allowed)")
+    if age is not None and age > age_limit:
+        problems.append(
+            f"the oldest ready message has waited {age_text(age)} "
+            f"(at most {age_text(age_limit)} allowed)"
+        )
+    return problems
 
 
 #: The verbs of this module, for :mod:`mailspool.cli` to register.

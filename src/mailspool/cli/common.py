@@ -303,13 +303,15 @@ def reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
+def open_spool(settings: Settings, *, create: bool = False, wait: bool = False) -> QueueBackend:
     """The queue named by the settings: a spool directory, or a ``postgresql://`` URL.
 
     Args:
         settings: where ``queue`` is.
         create: make a spool when missing; otherwise a missing spool is an
             error (a PostgreSQL queue is made by ``mailspool db init`` only).
+        wait: a PostgreSQL queue whose database is down is waited for
+            (``mailspool run``), not an error.
 
     Raises:
         CommandError: no queue given (exit code 2); not found, not a
@@ -327,7 +329,7 @@ def open_spool(settings: Settings, *, create: bool = False) -> QueueBackend:
     if is_postgres_url(path):
         from mailspool.cli.db_verbs import open_postgres
 
-        return open_postgres(path)
+        return open_postgres(path, wait=wait)
     if os.path.exists(path) and not os.path.isdir(path):
         fail(f"queue {path}: not a directory", EXIT_NO_QUEUE)
     if not create:
@@ -359,7 +361,9 @@ def reading(spool: QueueBackend) -> Iterator[None]:
         fail(f"queue {spool.location}: cannot read: {detail}", EXIT_NO_QUEUE)
 
 
-def make_processor(settings: Settings, *, create: bool = False) -> QueueProcessor:
+def make_processor(
+    settings: Settings, *, create: bool = False, wait: bool = False
+) -> QueueProcessor:
     """A :class:`~mailspool.processor.QueueProcessor` with an SMTP mailer, as set.
 
     The mailer and the retry policy are built first, so that a setting they
@@ -368,6 +372,7 @@ def make_processor(settings: Settings, *, create: bool = False) -> QueueProcesso
     Args:
         settings: the relay, processor and retry settings, and the queue.
         create: create the spool when missing (see :func:`open_spool`).
+        wait: wait for a queue whose database is down (see :func:`open_spool`).
 
     Raises:
         CommandError: the mailer or the processor refuses a setting (exit
@@ -381,7 +386,7 @@ def make_processor(settings: Settings, *, create: bool = False) -> QueueProcesso
         retry = RetryPolicy(**settings.retry_options())
     except ValueError as exc:
         fail(f"relay: {exc}", EXIT_USAGE)
-    spool = open_spool(settings, create=create)
+    spool = open_spool(settings, create=create, wait=wait)
     try:
         return QueueProcessor(spool, mailer, retry=retry, **settings.processor_options())
     except ValueError as exc:
@@ -455,8 +460,11 @@ def summary_code(summary: Summary) -> int:
 
 def relay_state(spool: QueueBackend) -> dict[str, Any] | None:
     """What the last processor wrote about the relay (a Maildir spool keeps it
-    in ``.relay-state.json``); None for other queues or when none wrote it."""
+    in ``.relay-state.json``, a PostgreSQL queue in its ``relay_state``
+    table); None when none wrote it, or it cannot be read."""
     from mailspool.processor import relayfile
 
-    path = getattr(spool, "path", None)
-    return relayfile.read(path) if isinstance(path, str) else None
+    try:
+        return relayfile.latest(spool)
+    except SpoolError:
+        return None

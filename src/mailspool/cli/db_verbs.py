@@ -26,6 +26,7 @@ from mailspool.cli.common import (
     fail,
     reason,
     settings,
+    stop_on_signals,
 )
 from mailspool.errors import SpoolError
 from mailspool.queue import is_postgres_url
@@ -61,21 +62,61 @@ def _target(url: str) -> Target:
     return target
 
 
-def open_postgres(url: str) -> PostgresQueue:
+def open_postgres(url: str, *, wait: bool = False) -> PostgresQueue:
     """The PostgreSQL queue at ``url``, for any verb.
+
+    Args:
+        url: the queue's URL.
+        wait: while the database cannot be reached, wait for it (logging
+            one line when the wait begins, one when it ends) instead of
+            exit code 3; SIGTERM or SIGINT ends the wait (exit code 0).
+            ``mailspool run`` waits: a service started before its database
+            must not give up.
 
     Raises:
         CommandError: psycopg missing, a malformed URL or a password in it
-            (exit code 2); the database unreachable or without the schema
-            (exit code 3).
+            (exit code 2); the database unreachable (unless ``wait``),
+            refusing the login, or without the schema (exit code 3).
     """
     target = _target(url)
     from mailspool.postgres.queue import PostgresQueue
 
+    queue = PostgresQueue(target, connect=False)
     try:
-        return PostgresQueue(target)
+        if wait:
+            _wait_for(queue)
+        else:
+            queue.opened()
     except SpoolError as exc:
+        queue.close()
         fail(reason(exc), EXIT_NO_QUEUE)
+    return queue
+
+
+def _wait_for(queue: PostgresQueue) -> None:
+    """Open ``queue``, waiting as long as its database cannot be reached.
+
+    Raises:
+        SpoolError: the database answers and refuses (a login, no schema).
+        CommandError: a signal ended the wait (exit code 0: nothing was done).
+    """
+    from mailspool.errors import QueueUnavailable
+    from mailspool.processor.outage import Outage
+
+    outage = Outage(queue.location)
+    with stop_on_signals() as stopped:
+        while True:
+            mark = outage.mark()
+            try:
+                queue.opened()
+            except QueueUnavailable as exc:
+                outage.failed(exc)
+                if stopped.wait(outage.left()):
+                    queue.close()
+                    fail("stopped while waiting for the queue's database", EXIT_OK)
+                continue
+            outage.worked(mark)
+            return
 
 
 def _url(ctx: click.Context, kw: dict[str, Any]) -> str:

@@ -55,7 +55,9 @@ from mailspool.errors import InvalidAddress, InvalidMessage
 from mailspool.message import parse_mailbox, prepare
 
 if TYPE_CHECKING:
+    from mailspool.message import Prepared
     from mailspool.processor.loop import QueueProcessor, Summary
+    from mailspool.queue import QueueBackend
 
 __all__ = ["COMMANDS"]
 
@@ -167,8 +169,11 @@ def run(ctx: click.Context, /, once: bool, create: bool, metrics: str | None, **
 
     The spool must exist (exit code 3 otherwise) unless --create is given:
     a mistyped path then does not silently make a queue nobody writes to.
+    A PostgreSQL queue whose database is down is waited for, at start and
+    while running (one line when the wait begins, one when it ends); a
+    database that refuses the login or has no schema is exit code 3.
     """
-    processor = make_processor(settings(ctx, kw), create=create)
+    processor = make_processor(settings(ctx, kw), create=create, wait=not once)
     ctx.with_resource(observed(processor, metrics))
     if once:
         summary, stopped = _in_background(processor, processor.process_once)
@@ -312,12 +317,7 @@ def _address_items(text: str) -> list[tuple[str, str]]:
     for ch in text:
         whole.append(ch)
         if comment:  # comments are left out of the address
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            else:
-                comment += {"(": 1, ")": -1}.get(ch, 0)
+            comment, escaped = _in_comment(ch, comment, escaped)
             continue
         if escaped:
             escaped = False
@@ -341,6 +341,16 @@ def _address_items(text: str) -> list[tuple[str, str]]:
         bare.append(ch)
     items.append(("".join(whole).strip(), "".join(bare).strip()))
     return [(w, b) for w, b in items if b]
+
+
+def _in_comment(ch: str, depth: int, escaped: bool) -> tuple[int, bool]:
+    """One character of a comment (nested ``depth`` deep): the depth after it,
+    and whether the next character is escaped."""
+    if escaped:
+        return depth, False
+    if ch == "\\":
+        return depth, True
+    return depth + {"(": 1, ")": -1}.get(ch, 0), False
 
 
 def _header_addresses(head: bytes, names: tuple[str, ...]) -> list[str]:
@@ -440,11 +450,20 @@ def send(
         prepared = prepare(sender, rcpts, head + rest)
     except (InvalidAddress, InvalidMessage) as exc:
         fail(f"send: {exc}")
-    spool = open_spool(loaded, create=True)
-    # What a committed QueuedMailDelivery does, without its transaction: the
-    # data manager must swallow a failure after the commit (tpc_finish never
-    # fails) -- here it is reported, and the exit code says the mail is not
-    # in the queue.
+    _enqueue(open_spool(loaded, create=True), prepared)
+    message_id = prepared.message_id
+    log.info("queued <%s> for %s", message_id, ", ".join(rcpts))
+    return EXIT_OK
+
+
+def _enqueue(spool: QueueBackend, prepared: Prepared) -> None:
+    """Queue ``prepared`` durably, or stop the command saying what became of it.
+
+    What a committed QueuedMailDelivery does, without its transaction: the
+    data manager must swallow a failure after the commit (tpc_finish never
+    fails) -- here it is reported, and the exit code says the mail is not
+    in the queue.
+    """
     try:
         staged = spool.stage(prepared)
     except OSError as exc:  # SpoolError: nothing left behind
@@ -457,9 +476,6 @@ def send(
             spool.discard([staged])
             fail(f"send: not queued: {reason(exc)}")
         fail(f"send: queued as {staged.id}, but possibly not durably: {reason(exc)}")
-    message_id = prepared.message_id
-    log.info("queued <%s> for %s", message_id, ", ".join(rcpts))
-    return EXIT_OK
 
 
 #: The verbs of this module, for :mod:`mailspool.cli.main` to register.

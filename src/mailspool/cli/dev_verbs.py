@@ -35,6 +35,7 @@ from mailspool.errors import MailspoolError
 if TYPE_CHECKING:
     import transaction
 
+    from mailspool.delivery import QueuedMailDelivery
     from mailspool.processor.loop import Summary
 
 __all__ = ["COMMANDS"]
@@ -117,31 +118,7 @@ def _walk_through(base: str, manager: transaction.TransactionManager) -> bool:
         echo(f"  spool:  {rel(spool_dir)}/")
         echo(f"  relay:  devserver on 127.0.0.1:{relay.port}, storing into {rel(maildir)}/")
         echo("")
-        echo("1. One transaction sends 3 messages, then commits.")
-        manager.begin()
-        sent_ids: list[str] = []
-        for to, subject in _DEMO_MESSAGES:
-            mid = delivery.send("shop@example.com", [to], _demo_message(to, subject))
-            sent_ids.append(mid)
-            echo(f"     send() -> <{mid}>  to {to}")
-        echo(f"   before commit: {spool.counts()['ready']} message(s) in the queue")
-        manager.commit()
-        echo(f"   after commit:  {spool.counts()['ready']} message(s) ready in spool/new/")
-        echo("")
-        echo("2. Another transaction sends 1 message, then aborts.")
-        manager.begin()
-        delivery.send(
-            "shop@example.com",
-            ["nobody@example.org"],
-            _demo_message("nobody@example.org", "This is never sent"),
-        )
-        manager.abort()
-        leftovers = len(os.listdir(os.path.join(spool_dir, "tmp")))
-        echo(
-            f"   after abort:   still {spool.counts()['ready']} ready; "
-            f"{leftovers} file(s) left in spool/tmp/"
-        )
-        echo("")
+        sent_ids = _commit_then_abort(delivery, manager, spool_dir)
         echo("3. The queue processor delivers to the relay.")
         mailer = SMTPMailer("127.0.0.1", relay.port, tls="none", timeout=10.0)
         with QueueProcessor(spool, mailer, connections=2, interval=0.5) as processor:
@@ -162,6 +139,40 @@ def _walk_through(base: str, manager: transaction.TransactionManager) -> bool:
         aborted = [r for r in relay.received if "nobody@example.org" in r.recipients]
         echo(f"   The aborted message reached the relay {len(aborted)} time(s).")
         return summary.sent == len(_DEMO_MESSAGES) and relay.count == len(_DEMO_MESSAGES)
+
+
+def _commit_then_abort(
+    delivery: QueuedMailDelivery, manager: transaction.TransactionManager, spool_dir: str
+) -> list[str]:
+    """Steps 1 and 2 of the demonstration; the Message-Ids of the committed mail."""
+    echo = click.echo
+    spool = delivery.spool
+    echo("1. One transaction sends 3 messages, then commits.")
+    manager.begin()
+    sent_ids: list[str] = []
+    for to, subject in _DEMO_MESSAGES:
+        mid = delivery.send("shop@example.com", [to], _demo_message(to, subject))
+        sent_ids.append(mid)
+        echo(f"     send() -> <{mid}>  to {to}")
+    echo(f"   before commit: {spool.counts()['ready']} message(s) in the queue")
+    manager.commit()
+    echo(f"   after commit:  {spool.counts()['ready']} message(s) ready in spool/new/")
+    echo("")
+    echo("2. Another transaction sends 1 message, then aborts.")
+    manager.begin()
+    delivery.send(
+        "shop@example.com",
+        ["nobody@example.org"],
+        _demo_message("nobody@example.org", "This is never sent"),
+    )
+    manager.abort()
+    leftovers = len(os.listdir(os.path.join(spool_dir, "tmp")))
+    echo(
+        f"   after abort:   still {spool.counts()['ready']} ready; "
+        f"{leftovers} file(s) left in spool/tmp/"
+    )
+    echo("")
+    return sent_ids
 
 
 @click.command()

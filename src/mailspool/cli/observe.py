@@ -36,6 +36,9 @@ _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen: any terminal, over SS
 def observed(processor: QueueProcessor, metrics: str | None) -> Iterator[None]:
     """Write the stats file, and serve metrics on ``metrics`` (``HOST:PORT``), meanwhile.
 
+    Only a queue in a directory has a place for the stats file: for a
+    PostgreSQL queue (a URL, not a path) none is written.
+
     Raises:
         CommandError: ``prometheus_client`` is missing, or a bad address (exit
             code 2); the address cannot be listened on (exit code 1).
@@ -43,7 +46,8 @@ def observed(processor: QueueProcessor, metrics: str | None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if metrics is not None:
             stack.enter_context(_serving(processor, metrics))
-        stack.enter_context(StatsFile(processor))
+        if isinstance(getattr(processor.spool, "path", None), str):  # a Maildir spool
+            stack.enter_context(StatsFile(processor))
         yield
 
 

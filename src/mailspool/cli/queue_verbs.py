@@ -228,7 +228,11 @@ def _relay_line(relay: dict[str, Any], now: float) -> str:
     parts.append(f"{relay.get('connections')} connection(s)")
     written = relay.get("written_at")
     age = f", {age_text(now - written)} ago" if isinstance(written, (int, float)) else ""
-    return f"  relay {relay.get('relay')}: {', '.join(parts)} (processor {relay.get('pid')}{age})"
+    host = f" on {relay['host']}" if relay.get("host") else ""
+    return (
+        f"  relay {relay.get('relay')}: {', '.join(parts)} "
+        f"(processor {relay.get('pid')}{host}{age})"
+    )
 
 
 @click.command("list")
@@ -296,14 +300,7 @@ def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw
     `mailspool list`.
     """
     spool = open_spool(settings(ctx, kw))
-    try:
-        entry = spool.get(message_id)
-    except KeyError:
-        fail(f"{message_id}: not in the queue")
-    except ValueError as exc:
-        fail(f"{message_id}: {exc}")
-    except OSError as exc:  # SpoolError too
-        fail(f"{message_id}: {reason(exc)}")
+    entry = _get(spool, message_id)
     data = _read_message(spool, entry)
     headers = _headers(data) if data is not None else []
     now = time.time()
@@ -315,12 +312,40 @@ def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw
             obj["message"] = None if data is None else data.decode("utf-8", "replace")
         click.echo(json.dumps(obj, indent=2))
         return EXIT_OK
+    _echo_entry(entry, _pause_text(pause, now) if pause is not None else None)
+    if headers:
+        click.echo("headers:")
+        for k, v in headers:
+            click.echo(f"  {k}: {v}")
+    if body:
+        click.echo("")
+        if data is None:
+            fail(f"{message_id}: the message cannot be read")
+        click.echo(data.decode("utf-8", "replace").replace("\r\n", "\n"), nl=False)
+    return EXIT_OK
+
+
+def _get(spool: Spool, message_id: str) -> SpoolEntry:
+    """The entry of ``message_id``; a failure is one line and exit code."""
+    try:
+        return spool.get(message_id)
+    except KeyError:
+        fail(f"{message_id}: not in the queue")
+    except ValueError as exc:
+        fail(f"{message_id}: {exc}")
+    except OSError as exc:  # SpoolError too
+        fail(f"{message_id}: {reason(exc)}")
+
+
+def _echo_entry(entry: SpoolEntry, paused: str | None) -> None:
+    """``show``'s lines about the envelope and each recipient (``paused``: why a
+    ready message waits)."""
     rows = [
         ("id", entry.id),
         (
             "state",
-            f"{entry.state} (waiting: {_pause_text(pause, now)})"
-            if pause is not None and entry.state == "ready"
+            f"{entry.state} (waiting: {paused})"
+            if paused is not None and entry.state == "ready"
             else entry.state,
         ),
         ("message-id", entry.message_id or "-"),
@@ -341,16 +366,6 @@ def show(ctx: click.Context, /, message_id: str, body: bool, as_json: bool, **kw
         click.echo(f"  {r.address}  {r.status}{reply}")
     if entry.last_error:
         click.echo(f"{'last error:':<14}{' '.join(entry.last_error.split())}")
-    if headers:
-        click.echo("headers:")
-        for k, v in headers:
-            click.echo(f"  {k}: {v}")
-    if body:
-        click.echo("")
-        if data is None:
-            fail(f"{message_id}: the message cannot be read")
-        click.echo(data.decode("utf-8", "replace").replace("\r\n", "\n"), nl=False)
-    return EXIT_OK
 
 
 def _each(spool: Spool, ids: Sequence[str], action: Callable[[str], None], done: str) -> int:

@@ -115,6 +115,13 @@ class Settings:
         Raises:
             ConfigError: naming the first setting that is wrong.
         """
+        self._check_kinds()
+        self._check_relay()
+        self._check_times()
+        self._check_the_rest()
+        return self
+
+    def _check_kinds(self) -> None:
         for f in FIELDS:
             value = getattr(self, f.name)
             if value is None and f.optional:
@@ -122,12 +129,16 @@ class Settings:
             kinds = (int, float) if f.kind is float else (f.kind,)
             if not isinstance(value, kinds) or (f.kind is not bool and isinstance(value, bool)):
                 raise ConfigError(f.name, f"expected {f.kind.__name__}, got {value!r}")
+
+    def _check_relay(self) -> None:
         if self.tls not in TLS_MODES:
             raise ConfigError("tls", f"must be one of {', '.join(TLS_MODES)}; got {self.tls!r}")
         if self.port is not None and not 1 <= self.port <= 65535:
             raise ConfigError("port", f"must be between 1 and 65535, got {self.port}")
         if not self.host or any(c.isspace() for c in self.host):
             raise ConfigError("host", f"not a host name: {self.host!r}")
+
+    def _check_times(self) -> None:
         for name in (
             "connect_timeout",
             "timeout",
@@ -156,6 +167,8 @@ class Settings:
             )
         if not self.backoff_factor >= 1:
             raise ConfigError("backoff_factor", f"must be at least 1, got {self.backoff_factor:g}")
+
+    def _check_the_rest(self) -> None:
         if self.connections < 1:
             raise ConfigError("connections", "must be at least 1")
         if self.rate_limit is not None and not self.rate_limit > 0:
@@ -177,7 +190,6 @@ class Settings:
             )
         if self.queue is not None and not self.queue:
             raise ConfigError("queue", "empty path")
-        return self
 
     def mailer_options(self) -> dict[str, Any]:
         """Keyword arguments for :class:`mailspool.mailer.SMTPMailer`."""
@@ -373,37 +385,54 @@ def resolve_settings(
 
     values: dict[str, object] = {}
     origins: dict[str, str] = {}
-
     # Lowest first: each source overwrites what the one before it set.
     path = config_file or env.get(CONFIG_ENV)
     config_origin = None if not path else "--config" if config_file else CONFIG_ENV
     if path:
-        data, mode = _read_toml(path)
-        base = os.path.dirname(os.path.abspath(path))
-        from_file = _flatten_toml(data, path)
-        if "password" in from_file and "password_file" in from_file:
-            raise ConfigError("password", f"{path} sets both password and password_file")
-        if "password" in from_file and mode & 0o044:
-            raise ConfigError(
-                "config",
-                f"{path} holds a password but is readable by group or others "
-                f"(mode {mode:04o}); chmod 600 it, or use MAILSPOOL_PASSWORD or "
-                "password_file",
-            )
-        for name, (value, origin) in from_file.items():
-            if name == "password_file":
-                pw_path = str(_resolve(_to_str_for("password_file", value, origin), base))
-                values["password"] = _read_secret_file(pw_path, "password_file", origin)
-                origins["password"] = f"{origin} ({pw_path})"
-                continue
-            try:
-                check_toml_type(field_named(name), value)
-            except ConfigError as exc:
-                raise exc.with_origin(origin) from None
-            if field_named(name).path:
-                value = _resolve(value, base)
-            values[name], origins[name] = value, origin
+        _from_file(path, values, origins)
+    _from_environment(env, values, origins)
+    _from_flags(flags, values, origins)
+    converted = _converted(values, origins)
+    try:
+        settings = Settings(**converted).validate()
+    except ConfigError as exc:
+        raise exc.with_origin(origins.get(exc.setting)) from None
+    return LoadedSettings(settings, dict(origins), path or None, config_origin)
 
+
+def _from_file(path: str, values: dict[str, object], origins: dict[str, str]) -> None:
+    """The settings of the TOML file at ``path``, into ``values`` and ``origins``."""
+    data, mode = _read_toml(path)
+    base = os.path.dirname(os.path.abspath(path))
+    from_file = _flatten_toml(data, path)
+    if "password" in from_file and "password_file" in from_file:
+        raise ConfigError("password", f"{path} sets both password and password_file")
+    if "password" in from_file and mode & 0o044:
+        raise ConfigError(
+            "config",
+            f"{path} holds a password but is readable by group or others "
+            f"(mode {mode:04o}); chmod 600 it, or use MAILSPOOL_PASSWORD or "
+            "password_file",
+        )
+    for name, (value, origin) in from_file.items():
+        if name == "password_file":
+            pw_path = str(_resolve(_to_str_for("password_file", value, origin), base))
+            values["password"] = _read_secret_file(pw_path, "password_file", origin)
+            origins["password"] = f"{origin} ({pw_path})"
+            continue
+        try:
+            check_toml_type(field_named(name), value)
+        except ConfigError as exc:
+            raise exc.with_origin(origin) from None
+        if field_named(name).path:
+            value = _resolve(value, base)
+        values[name], origins[name] = value, origin
+
+
+def _from_environment(
+    env: Mapping[str, str], values: dict[str, object], origins: dict[str, str]
+) -> None:
+    """The settings of the environment, into ``values`` and ``origins``."""
     for f in FIELDS:
         if f.env and f.env in env:
             values[f.name], origins[f.name] = env[f.env], f.env
@@ -416,6 +445,11 @@ def resolve_settings(
         values["password"] = _read_secret_file(pw_path, "password_file", PASSWORD_FILE_ENV)
         origins["password"] = f"{PASSWORD_FILE_ENV} ({pw_path})"
 
+
+def _from_flags(
+    flags: Mapping[str, object], values: dict[str, object], origins: dict[str, str]
+) -> None:
+    """The settings of the command line, into ``values`` and ``origins``."""
     for name, value in flags.items():
         if name == "password_file":
             values["password"] = _read_secret_file(str(value), "password_file", "--password-file")
@@ -426,6 +460,9 @@ def resolve_settings(
         else:
             raise ConfigError(name, "is not a setting")
 
+
+def _converted(values: dict[str, object], origins: dict[str, str]) -> dict[str, Any]:
+    """Each value as its setting's type; an error names where it came from."""
     converted: dict[str, Any] = {}
     for name, value in values.items():
         f = field_named(name)
@@ -436,9 +473,4 @@ def resolve_settings(
             converted[name] = f.convert(value)
         except ConfigError as exc:
             raise ConfigError(name, exc.problem, origins[name]) from None
-
-    try:
-        settings = Settings(**converted).validate()
-    except ConfigError as exc:
-        raise exc.with_origin(origins.get(exc.setting)) from None
-    return LoadedSettings(settings, dict(origins), path or None, config_origin)
+    return converted

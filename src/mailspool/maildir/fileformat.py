@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from mailspool.maildir.legacy import decode_legacy
@@ -202,16 +203,38 @@ def _recipient(line: str, value: str) -> RecipientStatus:
     return RecipientStatus(unquote_value(parts[1]), parts[0], code, text)
 
 
+def _time(what: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        if _FLOAT.match(value) is None:
+            raise ValueError(f"bad {what} {value[:20]!r}")
+        return float(value)
+
+    return parse
+
+
+def _attempts(value: str) -> int:
+    if _INT.match(value) is None:
+        raise ValueError(f"bad attempts {value[:20]!r}")
+    return int(value)
+
+
+#: The envelope's lines but ``X-Mailspool-To``: the record's field each
+#: fills, and how its value is read.
+_ENVELOPE_LINES: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "X-Mailspool-From": ("sender", unquote_value),
+    "X-Mailspool-Queued": ("queued_at", _time("queued time")),
+    "X-Mailspool-Not-Before": ("not_before", _time("not-before time")),
+    "X-Mailspool-Attempts": ("attempts", _attempts),
+    "X-Mailspool-Message-Id": ("message_id", unquote_value),
+    "X-Mailspool-Error": ("last_error", unquote_value),
+}
+
+
 def _parse_envelope(block: bytes) -> Record:
     text = block.decode("ascii")
     if not text.endswith("\r\n"):
         raise ValueError("envelope does not end with CRLF")
-    sender: str | None = None
-    queued: float | None = None
-    not_before: float | None = None
-    attempts: int | None = None
-    message_id: str | None = None
-    last_error: str | None = None
+    fields: dict[str, Any] = {}
     recipients: list[RecipientStatus] = []
     for line in text[:-2].split("\r\n"):
         key, sep, value = line.partition(": ")
@@ -219,30 +242,13 @@ def _parse_envelope(block: bytes) -> Record:
             raise ValueError(f"bad envelope line {line[:60]!r}")
         if key == "X-Mailspool-To":
             recipients.append(_recipient(line, value))
-        elif key == "X-Mailspool-From":
-            sender = unquote_value(value)
-        elif key == "X-Mailspool-Queued":
-            if _FLOAT.match(value) is None:
-                raise ValueError(f"bad queued time {value[:20]!r}")
-            queued = float(value)
-        elif key == "X-Mailspool-Not-Before":
-            if _FLOAT.match(value) is None:
-                raise ValueError(f"bad not-before time {value[:20]!r}")
-            not_before = float(value)
-        elif key == "X-Mailspool-Attempts":
-            if _INT.match(value) is None:
-                raise ValueError(f"bad attempts {value[:20]!r}")
-            attempts = int(value)
-        elif key == "X-Mailspool-Message-Id":
-            message_id = unquote_value(value)
-        elif key == "X-Mailspool-Error":
-            last_error = unquote_value(value)
+        elif key in _ENVELOPE_LINES:
+            name, parse = _ENVELOPE_LINES[key]
+            fields[name] = parse(value)
         # Other X-Mailspool-* lines are from a later minor revision: ignored.
-    if sender is None or queued is None or attempts is None or not recipients:
+    if not recipients or not {"sender", "queued_at", "attempts"} <= fields.keys():
         raise ValueError("envelope incomplete (From, Queued, Attempts and To are required)")
-    return Record(
-        sender, tuple(recipients), queued, attempts, message_id, last_error, not_before=not_before
-    )
+    return Record(recipients=tuple(recipients), **fields)
 
 
 def decode_file(raw: bytes, *, verify: bool = True, mtime: float = 0.0) -> tuple[Record, bytes]:

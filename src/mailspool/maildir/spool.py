@@ -20,8 +20,10 @@ The work is split by concept:
   writes, locks, quarantine);
 * :mod:`mailspool.maildir.claim` -- a message held for sending and its settling;
 * :mod:`mailspool.maildir.trash` -- the thread that unlinks finished files;
+* :mod:`mailspool.maildir.sweep` -- clearing up after a crash: ``tmp/``
+  orphans, abandoned claims;
 * this module -- :class:`Spool`, the operations: enqueue (stage, publish),
-  processing (due, claim, sweep) and the operator's view (counts, entries,
+  processing (due, claim) and the operator's view (counts, entries,
   get, retry, hold, release, delete).  The names of the modules above that
   callers use are re-exported here.
 
@@ -46,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mailspool.errors import SpoolError
-from mailspool.maildir import process, trash
+from mailspool.maildir import process
 from mailspool.maildir.admin import SpoolAdmin, SpoolEntry
 from mailspool.maildir.claim import Claim
 from mailspool.maildir.directory import (
@@ -78,7 +80,8 @@ from mailspool.maildir.lifecycle import (
     next_area,
     settle_record,
 )
-from mailspool.maildir.locks import LOCK, close_held, lock_file, lock_free, open_held, same_file
+from mailspool.maildir.locks import LOCK, close_held, lock_free, open_held, same_file
+from mailspool.maildir.sweep import TMP_MAX_AGE, SpoolSweep
 from mailspool.message import Prepared
 
 __all__ = [
@@ -120,9 +123,6 @@ def _rotated(names: list[str]) -> list[str]:
     return names[start:] + names[:start]
 
 
-#: Files in ``tmp/`` unchanged for this long (seconds) are removed: sweep(),
-#: and due() at most once an hour.
-TMP_MAX_AGE = 36 * 3600.0
 #: How often (seconds) due() removes ``tmp/`` orphans by itself.
 EXPIRE_EVERY = 3600.0
 
@@ -144,7 +144,7 @@ class Staged:
     not_before: float | None = None
 
 
-class Spool(SpoolAdmin):
+class Spool(SpoolSweep, SpoolAdmin):
     """A spool directory: durable enqueue, claims, per-recipient settling.
 
     Args:
@@ -453,67 +453,6 @@ class Spool(SpoolAdmin):
             if stale >= 0:
                 close_held(stale)  # the stale copy is gone, replaced by ours
         return True
-
-    def sweep(self, now: float | None = None, *, tmp_max_age: float = TMP_MAX_AGE) -> int:
-        """Remove orphans in ``tmp/`` and put abandoned claims back in ``new/``.
-
-        A ``tmp/`` file is an orphan when its ctime (last change, which no
-        one can set back) is older than ``tmp_max_age`` seconds; it was never
-        committed, so it is never sent.  A ``cur/`` file whose lock is free
-        goes back to ``new/``, or to ``trash/`` when a newer state of it
-        exists (a settle that crashed half-way).
-
-        Also has ``trash/`` emptied in the background (see purge()).
-
-        Returns:
-            How many orphans were removed plus claims recovered.
-        """
-        now = time.time() if now is None else now
-        if next(iter(self._names("trash")), None) is not None:
-            trash.reap_soon(self._dirs["trash"])
-        done = self._expire_tmp(now, tmp_max_age)
-        target = self._dirs[next_area("recover", "cur") or "new"]
-        for id in list(self._abandoned()):
-            path = self._dirs["cur"] + id
-            try:
-                fd = lock_file(path)
-            except OSError:
-                continue
-            if fd is None:
-                continue
-            try:
-                if self._superseded(id):
-                    self._trash(path)
-                else:
-                    os.rename(path, target + id)
-                done += 1
-            except OSError:
-                continue
-            finally:
-                close_held(fd)
-        return done
-
-    def _expire_tmp(self, now: float, max_age: float) -> int:
-        done = 0
-        try:
-            it = os.scandir(self._dirs["tmp"])
-        except FileNotFoundError:
-            return 0
-        with it:
-            for e in it:
-                try:
-                    if e.stat(follow_symlinks=False).st_ctime < now - max_age:
-                        os.unlink(e.path)
-                        done += 1
-                except FileNotFoundError:
-                    continue
-        return done
-
-    def _abandoned(self) -> Iterator[str]:
-        d = self._dirs["cur"]
-        for name in self._names("cur"):
-            if lock_free(d + name):
-                yield name
 
 
 if TYPE_CHECKING:  # the seam's promise, checked by mypy

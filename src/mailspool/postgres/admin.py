@@ -13,13 +13,15 @@ the lifecycle table allows (:func:`mailspool.maildir.lifecycle.next_area`).
 from __future__ import annotations
 
 import contextlib
+import json
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 
-from mailspool.errors import SpoolError
+from mailspool.errors import QueueUnavailable, SpoolError
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.postgres.connect import (
@@ -61,11 +63,13 @@ class PostgresAdmin(OperatorMoves):
         create: bool = False,
         keep_sent: float | None = None,
         max_idle: int = 2,
+        connect: bool = True,
     ) -> None:
         self.target = dsn if isinstance(dsn, Target) else parse_target(dsn, schema=schema)
         self.schema = self.target.schema
         self._location = display_name(self.target)
         self.table = f"{quote_ident(self.schema)}.message"
+        self._relay_table = f"{quote_ident(self.schema)}.relay_state"
         self.channel = f"mailspool.{self.schema}"
         self.keep_sent = self.target.keep_sent if keep_sent is None else keep_sent
         self.lock_sql = "SELECT pg_try_advisory_xact_lock(%s, %s)"
@@ -78,27 +82,52 @@ class PostgresAdmin(OperatorMoves):
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[Any] | None = None
         self._pool = ConnectionPool(self.target, max_idle=max_idle)
-        with self._main() as conn:
-            version = current_version(conn, self.schema)
-            if version is None and create:
-                apply_migrations(conn, self.schema, create=True)
-            elif version is None:
-                raise SpoolError(f"queue {self.location}: no queue there (run 'mailspool db init')")
-            elif version > SCHEMA_VERSION:
-                raise SpoolError(
-                    f"queue {self.location}: schema version {version} is newer than this "
-                    f"mailspool knows ({SCHEMA_VERSION}); upgrade mailspool"
-                )
-            elif version < SCHEMA_VERSION:
-                raise SpoolError(
-                    f"queue {self.location}: schema version {version}, this mailspool needs "
-                    f"{SCHEMA_VERSION} (run 'mailspool db upgrade')"
-                )
-            oid = conn.execute("SELECT %s::regclass::oid::int8", (self.table,)).fetchone()
+        self._create = create
+        self._opened = False  # the schema was found current (see _open)
+        self.lock_class_oid = 0
+        self.lock_class = 0
+        if connect:
+            with self._main():
+                pass
+
+    def _open(self, conn: psycopg.Connection[Any]) -> None:
+        """Check the schema (creating it when asked) and learn the table's oid, once.
+
+        Raises:
+            SpoolError: no schema, or one of another version.
+        """
+        version = current_version(conn, self.schema)
+        if version is None and self._create:
+            apply_migrations(conn, self.schema, create=True)
+        elif version is None:
+            raise SpoolError(f"queue {self.location}: no queue there (run 'mailspool db init')")
+        elif version > SCHEMA_VERSION:
+            raise SpoolError(
+                f"queue {self.location}: schema version {version} is newer than this "
+                f"mailspool knows ({SCHEMA_VERSION}); upgrade mailspool"
+            )
+        elif version < SCHEMA_VERSION:
+            raise SpoolError(
+                f"queue {self.location}: schema version {version}, this mailspool needs "
+                f"{SCHEMA_VERSION} (run 'mailspool db upgrade')"
+            )
+        oid = conn.execute("SELECT %s::regclass::oid::int8", (self.table,)).fetchone()
         assert oid is not None
-        self.lock_class_oid: int = oid[0]
+        self.lock_class_oid = oid[0]
         # pg_try_advisory_xact_lock(int4, int4): the oid as a signed 32-bit key.
         self.lock_class = oid[0] - (1 << 32) if oid[0] >= (1 << 31) else oid[0]
+        self._opened = True
+
+    def opened(self) -> None:
+        """Make sure the queue was opened: connected once and its schema checked.
+
+        Raises:
+            QueueUnavailable: the database cannot be reached now.
+            SpoolError: it refuses the login, or has no (current) schema.
+        """
+        if not self._opened:
+            with self._main():
+                pass
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.location}>"
@@ -128,15 +157,34 @@ class PostgresAdmin(OperatorMoves):
             if conn is None or not usable(conn):
                 if conn is not None:
                     conn.close()
-                conn = self._conn = self.target.connect(autocommit=True)
+                    self._conn = None
+                conn = self._connect()
             try:
+                if not self._opened:
+                    self._open(conn)
                 yield conn
             except SchemaError as exc:
                 raise SpoolError(f"queue {self.location}: {exc}") from exc
             except psycopg.Error as exc:
-                if conn.broken:
-                    self._conn = None
-                raise SpoolError(f"queue {self.location}: {self.why(exc)}") from exc
+                if not conn.broken:
+                    raise SpoolError(f"queue {self.location}: {self.why(exc)}") from exc
+                self._conn = None
+                raise QueueUnavailable(
+                    f"queue {self.location}: lost the connection: {self.why(exc)}"
+                ) from exc
+
+    def _connect(self) -> psycopg.Connection[Any]:
+        """The queue's own connection, made again; once the queue was opened,
+        any failure to connect is taken for an outage (the login worked before)."""
+        try:
+            conn = self._conn = self.target.connect(autocommit=True)
+        except QueueUnavailable:
+            raise
+        except SpoolError as exc:
+            if not self._opened:
+                raise
+            raise QueueUnavailable(str(exc)) from exc
+        return conn
 
     def close(self) -> None:
         """Close the queue's connections (claims keep theirs until they end)."""
@@ -296,6 +344,36 @@ class PostgresAdmin(OperatorMoves):
         if row is None:
             raise KeyError(id)
         return bytes(row[0])
+
+    # -- what the processors learned about the relay ------------------------------------
+
+    def relay_state(self) -> dict[str, Any] | None:
+        """What a processor last wrote about its relay (any host), or None.
+
+        Raises:
+            SpoolError: the database failed.
+        """
+        with self._main() as conn:
+            row = conn.execute(
+                f"SELECT state FROM {self._relay_table} ORDER BY written_at DESC LIMIT 1"
+            ).fetchone()
+        return row[0] if row is not None and isinstance(row[0], dict) else None
+
+    def set_relay_state(self, state: dict[str, Any]) -> bool:
+        """Replace the row of ``state["relay"]`` (the host is added); False when
+        the database cannot take it (the processor tries again after its next pass)."""
+        state = {**state, "host": state.get("host") or socket.gethostname()}
+        try:
+            with self._main() as conn:
+                conn.execute(
+                    f"INSERT INTO {self._relay_table} (relay, state) "
+                    "VALUES (%s, CAST(%s AS jsonb)) ON CONFLICT (relay) "
+                    "DO UPDATE SET state = EXCLUDED.state, written_at = now()",
+                    (str(state.get("relay")), json.dumps(state)),
+                )
+        except SpoolError:
+            return False
+        return True
 
     # -- repairs -------------------------------------------------------------------
 

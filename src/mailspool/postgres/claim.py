@@ -25,8 +25,11 @@ and the row.  It guards nothing: it makes the claim visible in
 If the claim's connection breaks before the outcome is written, the lock is
 gone.  settle() then tries once more on a new connection, taking the row
 again only if no one else holds it and it is exactly as it was claimed;
-otherwise the claim ends ("lost") and the message is sent again by whoever
-takes it: the window docs/postgres.md names.
+otherwise the claim ends ("lost", :class:`~mailspool.errors.ClaimLost`) and
+the message is sent again by whoever takes it: the window docs/postgres.md
+names.  While the database cannot be reached at all, settle() raises
+:class:`~mailspool.errors.QueueUnavailable` and the claim stays unsettled:
+the processor keeps the outcome and writes it when the database is back.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from mailspool.errors import SpoolError
+from mailspool.errors import ClaimLost, QueueUnavailable, SpoolError
 from mailspool.maildir.fileformat import MAX_TEXT
 from mailspool.maildir.lifecycle import OUTCOME_ACTION, next_area
 from mailspool.message import Envelope
@@ -162,7 +165,8 @@ class PostgresClaim(RecordFields):
             conn.close()
             self._conn = None
         queue = self._queue
-        conn = queue._pool.get()
+        conn = queue._get()
+        held_elsewhere = False
         try:
             row = conn.execute(
                 f"SELECT {RECORD_COLUMNS} FROM {queue.table} WHERE seq = %s "
@@ -170,17 +174,23 @@ class PostgresClaim(RecordFields):
                 (self._seq,),
             ).fetchone()
         except psycopg.errors.LockNotAvailable:
-            row = None
+            row, held_elsewhere = None, True
         except psycopg.Error as exc:
+            cls = QueueUnavailable if conn.broken else SpoolError
             conn.close()
-            raise SpoolError(f"cannot {action} {self.id}: {queue.why(exc)}") from exc
+            raise cls(f"cannot {action} {self.id}: {queue.why(exc)}") from exc
         if row is None or record_from_row(row) != self._record:
             conn.rollback()
             queue._pool.put(conn)
             self._done = "lost"
-            raise SpoolError(
-                f"cannot {action} {self.id}: the claim was lost with its database "
-                "connection and the message has been taken or changed since"
+            now = (
+                "another processor holds the message now and sends it again"
+                if held_elsewhere
+                else "the message was settled or changed by another processor or an operator"
+            )
+            raise ClaimLost(
+                f"cannot {action} {self.id}: its claim ended with its database "
+                f"connection, and {now}"
             )
         conn.execute(queue.lock_sql, (queue.lock_class, lock_key(self._seq)))
         self._conn = conn
@@ -219,7 +229,8 @@ class PostgresClaim(RecordFields):
                     continue
                 _back_to_savepoint(conn)
                 why = self._queue.why(exc)
-                raise SpoolError(f"cannot {action} {self.id}: {why}") from exc
+                cls = QueueUnavailable if conn.broken else SpoolError
+                raise cls(f"cannot {action} {self.id}: {why}") from exc
             break
         self._finish(outcome)
 

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as _conninfo
 
-from mailspool.errors import SpoolError
+from mailspool.errors import QueueUnavailable, SpoolError
 from mailspool.postgres.schema import DEFAULT_SCHEMA, check_schema_name
 from mailspool.queue import is_postgres_url
 
@@ -37,6 +37,7 @@ __all__ = [
     "display_name",
     "is_postgres_url",
     "parse_target",
+    "unavailable",
     "usable",
 ]
 
@@ -55,23 +56,55 @@ class Target:
     keep_sent: float | None = None
 
     def connect(self, *, autocommit: bool) -> psycopg.Connection[Any]:
-        """A new connection (``application_name`` mailspool unless set).
+        """A new connection (``application_name`` mailspool and a
+        ``connect_timeout`` of :data:`CONNECT_TIMEOUT` seconds unless set).
 
         Raises:
-            SpoolError: the database cannot be reached or refuses the login.
+            QueueUnavailable: no server answers there, or it is starting up,
+                shutting down or full (see :func:`unavailable`): try later.
+            SpoolError: the server refuses this login or database.
         """
         kwargs: dict[str, Any] = {"autocommit": autocommit}
         params = _conninfo.conninfo_to_dict(self.conninfo)
         if "application_name" not in params:
             kwargs["application_name"] = "mailspool"
+        if "connect_timeout" not in params and "PGCONNECT_TIMEOUT" not in os.environ:
+            kwargs["connect_timeout"] = CONNECT_TIMEOUT
         if self.password is not None and "password" not in params:
             kwargs["password"] = self.password
         try:
             return psycopg.Connection.connect(self.conninfo, **kwargs)
         except psycopg.Error as exc:
-            raise SpoolError(
-                f"queue {display_name(self)}: cannot connect: {_one_line(exc)}"
-            ) from exc
+            cls = QueueUnavailable if unavailable(self, exc) else SpoolError
+            raise cls(f"queue {display_name(self)}: cannot connect: {_one_line(exc)}") from exc
+
+
+#: Seconds a connection attempt may take unless the URL says (``connect_timeout``).
+CONNECT_TIMEOUT = 10
+
+# What a server says when it cannot take a session for now (it does not say
+# so with an SQLSTATE at login; the PQping below covers the other languages).
+_BUSY = ("too many clients", "connection slots are reserved", "starting up", "shutting down")
+
+
+def unavailable(target: Target, exc: BaseException) -> bool:
+    """Whether a failed connection attempt means "not now" rather than "never".
+
+    libpq gives no SQLSTATE for a failed login, so the server is asked with
+    ``PQping`` (what ``pg_isready`` uses): no answer, or a server starting
+    up, shutting down or recovering, is for now; a server that answers and
+    still refused the session refused *us* (a login, a role, a database),
+    which waiting does not mend -- unless it said it is full.
+    """
+    if any(phrase in str(exc) for phrase in _BUSY):
+        return True
+    params = _conninfo.conninfo_to_dict(target.conninfo)
+    params.setdefault("connect_timeout", str(CONNECT_TIMEOUT))
+    try:
+        ping = psycopg.pq.PGconn.ping(_conninfo.make_conninfo("", **params).encode())
+    except (psycopg.Error, ValueError):
+        return True
+    return ping in (psycopg.pq.Ping.REJECT, psycopg.pq.Ping.NO_RESPONSE)
 
 
 def usable(conn: psycopg.Connection[Any]) -> bool:

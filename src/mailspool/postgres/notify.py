@@ -11,9 +11,10 @@ which writes a byte to a socket pair for each batch of notifications.  The
 processor's loop sleeps in ``select()`` on that socket, whose descriptor
 never changes; the thread makes the connection again when it is lost (a
 restarted server), and wakes the loop then too, since notifications sent
-meanwhile were lost.  A notification only means "look now": what is due
-is read from the table, and the processor's polling interval stays the
-safety net.
+meanwhile were lost.  It logs that at debug level only: the processor
+itself says, in one line each, when its queue goes down and comes back.
+A notification only means "look now": what is due is read from the
+table, and the processor's polling interval stays the safety net.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from mailspool.errors import SpoolError
+from mailspool.errors import QueueUnavailable, SpoolError
 from mailspool.postgres.connect import Target
 
 __all__ = ["Listener"]
@@ -78,13 +79,14 @@ class Listener:
             try:
                 conn = self._connect()
             except SpoolError as exc:
-                if not lost:
-                    log.warning("%s; polling until it is back", exc)
+                if not lost:  # the processor says when its queue is down; this is a detail
+                    level = logging.DEBUG if isinstance(exc, QueueUnavailable) else logging.WARNING
+                    log.log(level, "%s; polling until it is back", exc)
                 lost = True
                 self._stop.wait(RECONNECT)
                 continue
             if lost:
-                log.info("listening on %s again", self.channel)
+                log.debug("listening on %s again", self.channel)
                 self._poke()  # what was notified meanwhile is lost: look now
                 lost = False
             self._listening.set()
@@ -96,7 +98,7 @@ class Listener:
             except psycopg.Error as exc:
                 if not self._stop.is_set():
                     why = " ".join(str(exc).split())
-                    log.warning("lost the connection listening on %s: %s", self.channel, why)
+                    log.debug("lost the connection listening on %s: %s", self.channel, why)
                     lost = True
             finally:
                 self._listening.clear()

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from mailspool.errors import SpoolError
+from mailspool.errors import QueueUnavailable, SpoolError
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.spool import TMP_MAX_AGE
 from mailspool.message import Prepared
@@ -90,10 +90,16 @@ class PostgresQueue(PostgresAdmin):
             message's row is deleted when it is settled.
         max_idle: database connections kept open while idle, besides the
             queue's own.
+        connect: connect now and check the schema (the default); False
+            leaves both to the first use, so that a queue can be made while
+            its database is down (a processor then waits for it, see
+            docs/postgres.md).
 
     Raises:
         ValueError: ``dsn`` or ``schema`` is malformed.
-        SpoolError: the database cannot be reached, or has no (current) schema.
+        QueueUnavailable: the database cannot be reached (``connect``).
+        SpoolError: the database refuses the login, or has no (current)
+            schema (``connect``).
     """
 
     def __init__(
@@ -104,8 +110,16 @@ class PostgresQueue(PostgresAdmin):
         create: bool = False,
         keep_sent: float | None = None,
         max_idle: int = 2,
+        connect: bool = True,
     ) -> None:
-        super().__init__(dsn, schema=schema, create=create, keep_sent=keep_sent, max_idle=max_idle)
+        super().__init__(
+            dsn,
+            schema=schema,
+            create=create,
+            keep_sent=keep_sent,
+            max_idle=max_idle,
+            connect=connect,
+        )
         self._insert = insert_sql(self.table)
         # The row lock and the advisory lock that shows it in pg_locks, in
         # one round trip: MATERIALIZED, so that the advisory lock is taken
@@ -277,7 +291,8 @@ class PostgresQueue(PostgresAdmin):
             SpoolError: the database failed.
         """
         check_id(id)
-        conn = self._pool.get()
+        self.opened()
+        conn = self._get()
         try:
             row = conn.execute(self._claim, (id, self.lock_class)).fetchone()
             if row is not None:
@@ -288,10 +303,20 @@ class PostgresQueue(PostgresAdmin):
                 return claim
             conn.rollback()
         except psycopg.Error as exc:
+            cls = QueueUnavailable if conn.broken else SpoolError
             conn.close()
-            raise SpoolError(f"queue {self.location}: cannot claim {id}: {self.why(exc)}") from exc
+            raise cls(f"queue {self.location}: cannot claim {id}: {self.why(exc)}") from exc
         self._pool.put(conn)
         return None
+
+    def _get(self) -> psycopg.Connection[Any]:
+        """A connection of the pool for a claim; a failure to connect is an outage."""
+        try:
+            return self._pool.get()
+        except QueueUnavailable:
+            raise
+        except SpoolError as exc:  # the queue's own login worked: not a refusal
+            raise QueueUnavailable(str(exc)) from exc
 
     def _settle_empty(self, conn: psycopg.Connection[Any], claim: PostgresClaim) -> None:
         failed = any(r.status == "failed" for r in claim.recipients)

@@ -4,6 +4,8 @@ The schema lives in one PostgreSQL schema (``mailspool`` unless told
 otherwise) so that it never mixes with the application's tables:
 
 * ``schema_version`` -- one row, the number of the last migration applied;
+* ``relay_state`` -- what the processors learned about each relay (its
+  pace, a pause and why), the latest word per relay, for ``status``;
 * ``message`` -- one row per message.  Its ``state`` column is the state
   of the Maildir spool's lifecycle (ready, deferred, held, failed,
   quarantined), plus ``staged`` (written, not yet committed by the
@@ -69,6 +71,15 @@ MIGRATIONS: tuple[str, ...] = (
     -- counts(), next_due(), oldest() and sweep(): per state.
     CREATE INDEX message_state ON {schema}.message (state, due_at);
     CREATE INDEX message_queued ON {schema}.message (state, queued_at);
+    """,
+    # 2: what processors learned about their relay (pace, pause), for
+    # `mailspool status` on any host: one row per relay, the latest word.
+    """
+    CREATE TABLE {schema}.relay_state (
+        relay text PRIMARY KEY,
+        state jsonb NOT NULL,
+        written_at timestamptz NOT NULL DEFAULT now()
+    );
     """,
 )
 

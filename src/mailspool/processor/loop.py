@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -60,13 +59,17 @@ from typing import Any
 from zope.interface import implementer
 
 from mailspool import events
+from mailspool.errors import QueueUnavailable
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.processor import relayfile
+from mailspool.processor.crew import INITIAL_CONNECTIONS, Crew
+from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import Summary
 from mailspool.processor.pacing import Pacer
+from mailspool.processor.passes import Pass
 from mailspool.processor.policy import RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
-from mailspool.processor.sender import Done, Sender
+from mailspool.processor.sender import Sender
 from mailspool.processor.wakeup import Waiter
 from mailspool.queue import QueueBackend, open_queue
 
@@ -74,160 +77,19 @@ __all__ = ["QueueProcessor", "RetryPolicy", "Summary"]
 
 log = logging.getLogger("mailspool.processor")
 
-_SENDER = "mailspool-sender-"  # the names of the sender threads
-#: Sender threads (and connections) a processor starts with; more are added,
-#: up to ``connections``, while the relay is slow to answer.
-INITIAL_CONNECTIONS = 1
-#: With ``n`` connections, another is added while a message waits for the
-#: relay's replies more than ``WAIT_RATIO * n - 1`` times the CPU time it
-#: takes.  By Little's law about ``1 + wait / cpu`` threads keep one
-#: interpreter busy; the factor leaves room for what each thread costs in
-#: turns at the interpreter lock.  A fast local relay (a reply in tens of
-#: microseconds) keeps one connection, one that spends as much CPU on a
-#: message as the processor gets two or three, one 20 ms away all of
-#: ``connections``.  Only the wait for the relay counts: not the disk, not
-#: a CPU busy with other processes (more threads help with neither).
-WAIT_RATIO = 2.0
-#: The times are the medians of this many messages, all sent since the last
-#: look (one every this many messages): one message that waited for a CPU,
-#: or that opened the connection, decides nothing.
-RECENT = 16
-#: After this many claims in a row lost to another processor, a pass lists
-#: the spool again instead of following that processor through names it
-#: has taken already.
-LOST_RUN = 4
 #: Seconds between looks for claims abandoned by a dead processor, while
 #: another processor holds claims in ``cur/``.
 ABANDONED_CHECK = 1.0
 
 
-class _ThreadClock:
-    """The calling thread's CPU time and time spent waiting for a CPU, in seconds.
-
-    On Linux both come from ``/proc/thread-self/schedstat`` in one read;
-    elsewhere the CPU time comes from :func:`time.thread_time` and the wait
-    counts as zero.  Make it in the thread that reads it; close it there.
-    """
-
-    def __init__(self) -> None:
-        try:
-            self._fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            self._fd = -1
-
-    def read(self) -> tuple[float, float]:
-        """(CPU time, time runnable but waiting for a CPU) so far."""
-        if self._fd >= 0:
-            try:
-                fields = os.pread(self._fd, 64, 0).split()
-                cpu = int(fields[0])
-                if cpu > 0:  # a kernel that does not account it says 0: not usable
-                    return cpu / 1e9, int(fields[1]) / 1e9
-            except (OSError, ValueError, IndexError):
-                pass
-            os.close(self._fd)
-            self._fd = -1
-        return time.thread_time(), 0.0
-
-    def __enter__(self) -> _ThreadClock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-class _Pass:
-    """The bookkeeping of one pass: what is queued, what is in flight, what was done.
-
-    The dispatcher keeps a few ids queued ahead of the sender threads, and
-    is woken only when that surplus runs low, not after every message: each
-    wake-up is a hand-off of the interpreter lock.  A queued id is not in
-    flight: a sender thread starts it only when :meth:`start` finds a free
-    slot, so never more are in flight than the relay allows.
-    """
-
-    def __init__(self, now: float, ahead: int) -> None:
-        self.now = now
-        self.cond = threading.Condition()
-        self.queued = 0  # handed to the sender threads, not yet started
-        self.in_flight = 0
-        #: The dispatcher queues up to ``high`` ids, then sleeps until no
-        #: more than ``low`` are left.
-        self.high = max(2, 2 * ahead)
-        self.low = self.high // 2
-        self.dispatcher_waits = False
-        self.starters_wait = 0  # sender threads waiting for a free slot
-        self.counts = dict.fromkeys(("sent", "deferred", "failed", "quarantined", "partly"), 0)
-
-    def queue(self, blocked: Callable[[float], bool]) -> bool:
-        """Wait until another id may be queued; False when none may be (``blocked``)."""
-        with self.cond:
-            while True:
-                if blocked(self.now):
-                    return False
-                if self.queued < self.high:
-                    self.queued += 1
-                    return True
-                self.dispatcher_waits = True
-                try:
-                    self.cond.wait()
-                finally:
-                    self.dispatcher_waits = False
-
-    def start(self, allowed: Callable[[float], int], blocked: Callable[[float], bool]) -> bool:
-        """Wait for a free slot, then count a queued id as in flight.
-
-        Returns:
-            False (at once) when ``blocked``: the id must not be started.
-            Either way :meth:`done` is to be called for it.
-        """
-        with self.cond:
-            try:
-                while True:
-                    if blocked(self.now):
-                        return False
-                    if self.in_flight < allowed(self.now):
-                        return True
-                    self.starters_wait += 1
-                    try:
-                        self.cond.wait()
-                    finally:
-                        self.starters_wait -= 1
-            finally:
-                self.queued -= 1
-                self.in_flight += 1
-                if self.dispatcher_waits and self.queued <= self.low:
-                    self.cond.notify_all()
-
-    def requeue(self, blocked: Callable[[float], bool]) -> bool:
-        """Count a message started in this pass as queued again; False when ``blocked``."""
-        with self.cond:
-            if blocked(self.now):
-                return False
-            self.queued += 1
-            return True
-
-    def done(self, outcome: str | None, partly: bool = False) -> None:
-        with self.cond:
-            self.in_flight -= 1
-            if outcome in self.counts:
-                self.counts[outcome] += 1
-            self.counts["partly"] += partly
-            if self.starters_wait or (self.in_flight == 0 and self.queued == 0):
-                self.cond.notify_all()
-
-    def settled(self) -> bool:
-        """True when nothing is queued or in flight (call with ``cond`` held)."""
-        return self.in_flight == 0 and self.queued == 0
-
-    def count(self, outcome: str | None, partly: bool = False) -> None:
-        """Count an outcome settled outside the sender threads."""
-        with self.cond:
-            if outcome in self.counts:
-                self.counts[outcome] += 1
-            self.counts["partly"] += partly
+def _check(connections: int, interval: float, rate_limit: float | None) -> None:
+    """Refuse the processor's arguments that make no sense."""
+    if connections < 1:
+        raise ValueError(f"connections must be at least 1, got {connections!r}")
+    if not interval > 0:
+        raise ValueError(f"interval must be greater than 0, got {interval!r}")
+    if rate_limit is not None and not rate_limit > 0:
+        raise ValueError(f"rate_limit must be greater than 0, got {rate_limit!r}")
 
 
 @implementer(IMailQueueProcessor)
@@ -235,7 +97,11 @@ class QueueProcessor:
     """Delivers the spool's messages through a mailer; any number may share a spool.
 
     Args:
-        spool: the spool directory, or a :class:`~mailspool.spool.Spool`.
+        spool: the spool directory, or a queue backend (a
+            :class:`~mailspool.spool.Spool`, a
+            :class:`~mailspool.postgres.PostgresQueue`; one made with
+            ``connect=False`` may be down when the processor starts: it
+            waits for it, as for a database that goes away while it runs).
         mailer: an :class:`~mailspool.SMTPMailer` or anything with
             ``connect()`` returning a connection with ``send(envelope, data)``,
             ``alive`` and ``close()``; a mailer with only ``send_envelope`` or
@@ -243,7 +109,8 @@ class QueueProcessor:
         connections: at most this many sender threads and connections
             (default 16).  A processor starts with one and adds one at a
             time, up to this number, while mail waits and its threads spend
-            most of each message waiting for the relay (:data:`WAIT_RATIO`).
+            most of each message waiting for the relay
+            (:data:`~mailspool.processor.crew.WAIT_RATIO`).
         interval: seconds between looks at the spool (new mail is seen at
             once through :meth:`wake` or inotify; this is the safety net).
         retry: the :class:`RetryPolicy` (default: Postfix-like).
@@ -269,12 +136,7 @@ class QueueProcessor:
         clock: Callable[[], float] = time.time,
         watch: bool = True,
     ) -> None:
-        if connections < 1:
-            raise ValueError(f"connections must be at least 1, got {connections!r}")
-        if not interval > 0:
-            raise ValueError(f"interval must be greater than 0, got {interval!r}")
-        if rate_limit is not None and not rate_limit > 0:
-            raise ValueError(f"rate_limit must be greater than 0, got {rate_limit!r}")
+        _check(connections, interval, rate_limit)
         self.spool = open_queue(spool)
         self.mailer = mailer
         self.connections = connections
@@ -284,10 +146,6 @@ class QueueProcessor:
         self.watch = watch
         #: The relay as this processor sees it: pause, probes, parallelism.
         self.relay = RelayState(self.retry, min(INITIAL_CONNECTIONS, connections))
-        # (wait for the relay, CPU time) of the messages since the last look, seconds.
-        self._recent: list[tuple[float, float | None]] = []
-        # The CPU time per message a sender thread measured last, seconds.
-        self._busy = 0.0
         self.pool = ConnectionPool()
         #: The sending rate: ``rate_limit`` at most, lower while the relay
         #: says "too fast" (:class:`~mailspool.processor.pacing.Pacer`).
@@ -295,6 +153,8 @@ class QueueProcessor:
         self._clock = clock
         self._stop_flag = False  # set by stop() and signal handlers: plain, lock-free
         self._stop_event = threading.Event()  # for sleeps that stop() must cut short
+        #: Whether the queue can be reached (a database queue may be down).
+        self.outage = Outage(self.spool.location)
         self._sender = Sender(
             self.spool,
             mailer,
@@ -304,15 +164,23 @@ class QueueProcessor:
             pacer=self.pacer,
             stopping=self._stopping,
             sleep=self._stop_event.wait,
+            outage=self.outage,
         )
-        self._jobs: queue.SimpleQueue[tuple[str, _Pass] | None] = queue.SimpleQueue()
-        self._threads: list[threading.Thread] = []
-        self._threads_lock = threading.Lock()
+        #: Leaves what was learned about the relay where ``status`` reads it.
+        self._publish = relayfile.Publisher(
+            self.spool, self._sender, self.pacer, rate_limit=rate_limit, clock=clock
+        )
+        self._crew = Crew(
+            self._sender,
+            self.relay,
+            connections=connections,
+            blocked=self._blocked,
+            stopping=self._stopping,
+        )
         self._pass_lock = threading.Lock()
         self._signal: int | None = None
         self._waiter: Waiter | None = None
         self._thread: threading.Thread | None = None
-        self._published: dict[str, Any] | None = None  # the last relay state written
 
     def __repr__(self) -> str:
         return f"<QueueProcessor {self.spool.location} -> {self._sender.where}>"
@@ -351,12 +219,15 @@ class QueueProcessor:
         """
         with self._pass_lock:
             now = self._clock() if now is None else now
-            p = _Pass(now, self.connections)
+            p = Pass(now, self.connections)
             self._write_waiting(p)
             if not self.relay.paused(now) and not self._sender.waiting():
-                self._start_threads()
+                self._crew.start()
+                p.mark = self.outage.mark()
                 try:
-                    self._dispatch(p)
+                    self._crew.dispatch(p, self.spool)
+                except QueueUnavailable as exc:  # a database down: wait for it, quietly
+                    self.outage.failed(exc)
                 except Exception:  # the spool could not be listed (e.g. it was removed)
                     log.exception("spool %s: cannot list what is due", self.spool.location)
                 finally:
@@ -374,34 +245,7 @@ class QueueProcessor:
                 c["partly"],
             )
 
-    def _publish(self, now: float) -> None:
-        """Leave what was learned about the relay where ``status`` reads it (see
-        :mod:`mailspool.processor.relayfile`), when it changed; nothing while all is well."""
-        paused = self.relay.paused(now)
-        state: dict[str, Any] = {
-            "relay": self._sender.where,
-            "pid": os.getpid(),
-            "rate": self.pacer.rate if self.pacer.learned else None,
-            "rate_limit": self.rate_limit,
-            "connections": self.relay.parallelism(now),
-            "paused_until": self.relay.paused_until if paused else None,
-            "reason": self._sender.trouble if paused else None,
-        }
-        prev = self._published
-        if prev is None:
-            if state["rate"] is None and not paused:
-                return  # nothing learned, nothing to tell
-        elif state == prev:
-            return
-        elif state["rate"] is not None and prev["rate"] is not None:
-            small = abs(state["rate"] - prev["rate"]) < 0.05 * prev["rate"]
-            if small and {**state, "rate": 0} == {**prev, "rate": 0}:
-                return  # a small step of the rate: not worth a write
-        path = getattr(self.spool, "path", None)  # a Maildir spool; other queues: nowhere
-        if isinstance(path, str) and relayfile.write(path, {**state, "written_at": self._clock()}):
-            self._published = state
-
-    def _write_waiting(self, p: _Pass | None, *, stopping: bool = False) -> None:
+    def _write_waiting(self, p: Pass | None, *, stopping: bool = False) -> None:
         """Write the outcomes the spool could not take (see :mod:`mailspool.processor.sender`)."""
         try:
             if stopping:
@@ -418,36 +262,15 @@ class QueueProcessor:
             if p is not None:
                 p.count(done.outcome, done.partly)
 
-    def _dispatch(self, p: _Pass) -> None:
-        # Another processor on the spool may be working through the same
-        # names: after LOST_RUN claims in a row lost to it, list the spool
-        # again (what it took is gone from the listing) at another place.
-        while self._dispatch_listing(p):
-            pass
-
-    def _dispatch_listing(self, p: _Pass) -> bool:
-        """Queue the ids of one listing; True to list again (claims were being lost)."""
-        sender = self._sender
-        sender.lost_run = 0
-        ids = self.spool.due(p.now)
-        try:
-            for id in ids:
-                if sender.skipped(id, p.now):
-                    continue
-                if sender.lost_run >= LOST_RUN:
-                    return True
-                if not p.queue(self._blocked):
-                    return False
-                self._jobs.put((id, p))
-        finally:
-            close = getattr(ids, "close", None)
-            if close is not None:
-                close()
-        return False
-
     def _blocked(self, now: float) -> bool:
-        """True when nothing new may be started: stopping, relay paused, spool full."""
-        return self._stopping() or self.relay.paused(now) or bool(self._sender.waiting())
+        """True when nothing new may be started: stopping, relay paused, spool full,
+        queue unreachable."""
+        return (
+            self._stopping()
+            or self.relay.paused(now)
+            or bool(self._sender.waiting())
+            or self.outage.down()
+        )
 
     def drain(self, *, progress: Callable[[Summary], None] | None = None) -> Summary:
         """Deliver everything that is due now, pass after pass, then return.
@@ -477,131 +300,18 @@ class QueueProcessor:
             self.pool.close_all()
         return total
 
-    # -- sender threads --------------------------------------------------------------
-
-    def _work(self) -> None:
-        with _ThreadClock() as clock:
-            self._work_with(clock)
-
-    def _work_with(self, clock: _ThreadClock) -> None:
-        # While the connections tell how long each message waited for the
-        # relay, this thread reads its CPU clock once per RECENT messages and
-        # reports their mean; otherwise it reads it around every message and
-        # counts as waiting whatever was neither CPU nor waiting for a CPU.
-        told = False
-        sent = 0  # messages since ``mark``
-        mark = 0.0  # this thread's CPU time when the first of them began
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            id, p = job
-            done = Done(None)
-            try:
-                if p.start(self.relay.parallelism, self._blocked):
-                    if not told:
-                        started, (cpu, delay) = time.monotonic(), clock.read()
-                    done = self._sender.handle(id, p.now)
-                    waited = self._sender.relay_wait()
-                    if done.outcome is not None:
-                        if not told and waited is not None:
-                            told, mark = True, cpu  # from this message on
-                        if not told:
-                            wall = time.monotonic() - started
-                            cpu_after, delay_after = clock.read()
-                            cpu = cpu_after - cpu
-                            self._observe(wall - (delay_after - delay) - cpu, cpu, p)
-                        else:
-                            sent += 1
-                            if sent >= RECENT:
-                                now = clock.read()[0]
-                                self._busy = (now - mark) / sent
-                                sent, mark = 0, now
-                            if waited is not None:  # None: not sent, nothing to learn
-                                self._observe(waited, None, p)
-                    elif done.again and p.requeue(self._blocked):
-                        self._jobs.put((id, p))  # refused for now: again in this pass
-                    events.notify(done.events)  # outside any transaction; never raises
-            except Exception:  # the sender catches per message; this is the last guard
-                log.exception("mail %s: unexpected error in the sender", id)
-            finally:
-                p.done(done.outcome, done.partly)
-
-    def _start_threads(self) -> None:
-        with self._threads_lock:
-            if self._threads:
-                return
-            for _ in range(min(INITIAL_CONNECTIONS, self.connections)):
-                self._new_thread()
-
-    def _new_thread(self) -> None:
-        t = threading.Thread(target=self._work, name=f"{_SENDER}{len(self._threads)}", daemon=True)
-        t.start()
-        self._threads.append(t)
-
-    def _observe(self, waited: float, cpu: float | None, p: _Pass) -> None:
-        """:meth:`_judge` every RECENT messages by the medians of ``waited`` and ``cpu``.
-
-        ``cpu`` None: the thread did not read its clock for this message;
-        the latest mean a thread reported (``_busy``) stands for it.
-        """
-        recent = self._recent
-        recent.append((waited, cpu))
-        if len(recent) < RECENT:
-            return
-        # One look per RECENT messages: sorting after every message would
-        # cost the fast relay, which never needs another connection, the most.
-        self._recent = []
-        waits = sorted(w for w, _ in recent)
-        cpus = sorted(self._busy if c is None else c for _, c in recent)
-        self._judge(waits[RECENT // 2], cpus[RECENT // 2], p)
-
-    def _judge(self, wait: float, busy: float, p: _Pass) -> None:
-        """Add a connection while the relay is slow and messages wait for one.
-
-        Like Postfix's destination concurrency, parallelism grows with the
-        relay's latency: a slow relay (a remote one, or one that scans mail)
-        gets up to ``connections`` at once, a fast local one stays at one,
-        where more threads would only take turns at the interpreter lock.
-        ``wait`` is how long a message waited for the relay's replies (see
-        :data:`WAIT_RATIO`), ``busy`` the CPU time its thread spent on it.
-        """
-        if (
-            wait <= (WAIT_RATIO * len(self._threads) - 1) * busy
-            or p.queued == 0
-            or len(self._threads) >= self.connections
-            or self._stopping()
-        ):
-            return
-        # Never wait for the lock: _stop_threads holds it while joining us.
-        if not self._threads_lock.acquire(blocking=False):
-            return
-        try:
-            n = len(self._threads)
-            if n == 0 or n >= self.connections or self.relay.parallelism(p.now) < n:
-                return  # stopped, full, or lowered after a 421: do not grow now
-            self._new_thread()
-            self.relay.grow(n + 1)
-        finally:
-            self._threads_lock.release()
-
     def _stop_threads(self, timeout: float | None = None) -> bool:
         """End the sender threads between passes and close the connections;
         try once more to write the outcomes the spool could not take.
 
         Returns False when a pass did not end within ``timeout``.
         """
-        if threading.current_thread().name.startswith(_SENDER):
+        if self._crew.calling():
             return False  # e.g. a subscriber calling stop(): the pass waits for us
         if not self._pass_lock.acquire(timeout=-1 if timeout is None else timeout):
             return False
         try:
-            with self._threads_lock:
-                threads, self._threads = self._threads, []
-                for _ in threads:
-                    self._jobs.put(None)
-                for t in threads:
-                    t.join()
+            self._crew.stop()
             self.pool.close_all()
             self._write_waiting(None, stopping=True)
         finally:
@@ -614,6 +324,9 @@ class QueueProcessor:
     def _sweep(self) -> None:
         try:
             n = self.spool.sweep()
+        except QueueUnavailable as exc:  # the first pass waits for it
+            self.outage.failed(exc)
+            return
         except Exception:  # a spool that cannot be swept can still be drained
             log.exception("spool %s: sweep failed", self.spool.location)
             return
@@ -719,6 +432,9 @@ class QueueProcessor:
                     summary = self.process_once(now)
                     if self._stopping():
                         break
+                    if self.outage.down():  # look again later, or when the waker says
+                        waiter.wait(self.outage.left())
+                        continue
                     if summary.total and not summary.relay_paused:
                         continue  # more may have become due meanwhile
                     waiter.wait(self._timeout(now))
@@ -742,6 +458,9 @@ class QueueProcessor:
         candidates = [self.interval]
         try:
             next_due = self.spool.next_due()
+        except QueueUnavailable as exc:
+            self.outage.failed(exc)
+            next_due = None
         except Exception:
             log.exception("spool %s: cannot find the next due time", self.spool.location)
             next_due = None

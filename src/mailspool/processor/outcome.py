@@ -5,9 +5,10 @@ recipient too: :func:`classify` sorts the recipients still pending into
 sent, failed and deferred from what the mailer returned or raised, and
 :meth:`Verdict.expired` turns the deferred ones into failures once the
 message is too old.  :func:`report` then builds the single log line and
-the events that tell the world, and :class:`Summary` counts what a pass
-did.  All of it is pure: values in, values out; the spool and the relay
-stay in :mod:`mailspool.processor.sender`.
+the events that tell the world, :class:`Done` is what became of one
+message, and :class:`Summary` counts what a pass did.  All of it is pure:
+values in, values out; the spool and the relay stay in
+:mod:`mailspool.processor.sender`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.smtp.mailer import Reply, SendResult
 
 __all__ = [
+    "Done",
     "Reason",
     "Report",
     "Summary",
@@ -269,6 +271,25 @@ def report(
         return f"mail {id} <{message_id or ''}> from {sender}: {'; '.join(told)}"
 
     return Report(level, line, tuple(events))
+
+
+@dataclass(frozen=True)
+class Done:
+    """What became of one message, and the events to dispatch for it.
+
+    ``outcome`` is ``"sent"``, ``"deferred"``, ``"failed"``,
+    ``"quarantined"``, or None when nothing was attempted (taken by someone
+    else, relay paused, stopping) and the message stays where it was, or
+    when its outcome is waiting to be written (the spool is full).
+    """
+
+    outcome: str | None
+    events: tuple[MailEvent, ...] = ()
+    #: Not attempted, but to be tried again in this pass (the relay said
+    #: "too fast", or refused one connection more than it takes).
+    again: bool = False
+    #: deferred or failed, but some recipients accepted it in this attempt
+    partly: bool = False
 
 
 @dataclass(frozen=True)

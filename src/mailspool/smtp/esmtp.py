@@ -104,40 +104,11 @@ def mail_parameters(
     """
     options: list[str] = []
     if envelope.smtputf8:
+        _check_addresses(envelope, features, where)
         if "smtputf8" in features:
             options.append("SMTPUTF8")
-        else:  # domains can go as A-labels; a local part has no ASCII form
-            addresses = (envelope.sender, *envelope.recipients)
-            wide = [a for a in addresses if ascii_address(a) is None]
-            if wide:
-                raise SMTPUTF8Required(
-                    f"{where} does not offer SMTPUTF8, which the non-ASCII "
-                    f"address(es) {', '.join(wide)} need (a local part has no "
-                    "ASCII form); the message cannot be sent through this relay"
-                )
     if not data.isascii():
-        end = data.find(b"\r\n\r\n")
-        headers = data if end < 0 else data[:end]
-        if not headers.isascii() and "smtputf8" not in features:
-            # ascii_headers() encodes them before this check; never raw 8-bit.
-            raise PermanentError(
-                f"the message has 8-bit headers and {where} does not offer SMTPUTF8"
-            )
-        if not headers.isascii() and "SMTPUTF8" not in options:
-            # RFC 6532 headers: use SMTPUTF8 when offered; otherwise
-            # BODY=8BITMIME below, which most relays accept.
-            options.append("SMTPUTF8")
-        if "8bitmime" in features:
-            options.append("BODY=8BITMIME")
-        elif "smtputf8" in features:
-            # An SMTPUTF8 relay takes 8-bit data (RFC 6531 requires 8BITMIME).
-            if "SMTPUTF8" not in options:
-                options.append("SMTPUTF8")
-        else:
-            raise PermanentError(
-                f"the message has 8-bit content and {where} does not offer "
-                "8BITMIME; encode the body as quoted-printable or base64"
-            )
+        _eight_bit(data, features, where, options)
     if max_size is not None and len(data) > max_size:
         raise MessageTooLarge(
             f"the message is {len(data)} octets and {where} accepts at most {max_size} (SIZE)",
@@ -146,6 +117,45 @@ def mail_parameters(
     if "size" in features:
         options.append(f"SIZE={len(data)}")
     return options
+
+
+def _check_addresses(envelope: Envelope, features: Mapping[str, str], where: str) -> None:
+    """Refuse non-ASCII addresses that a relay without SMTPUTF8 cannot take."""
+    if "smtputf8" in features:
+        return
+    # Domains can go as A-labels; a local part has no ASCII form.
+    addresses = (envelope.sender, *envelope.recipients)
+    wide = [a for a in addresses if ascii_address(a) is None]
+    if wide:
+        raise SMTPUTF8Required(
+            f"{where} does not offer SMTPUTF8, which the non-ASCII "
+            f"address(es) {', '.join(wide)} need (a local part has no "
+            "ASCII form); the message cannot be sent through this relay"
+        )
+
+
+def _eight_bit(data: bytes, features: Mapping[str, str], where: str, options: list[str]) -> None:
+    """Add what 8-bit ``data`` needs to ``options``; refuse it when the relay cannot take it."""
+    end = data.find(b"\r\n\r\n")
+    headers = data if end < 0 else data[:end]
+    if not headers.isascii() and "smtputf8" not in features:
+        # ascii_headers() encodes them before this check; never raw 8-bit.
+        raise PermanentError(f"the message has 8-bit headers and {where} does not offer SMTPUTF8")
+    if not headers.isascii() and "SMTPUTF8" not in options:
+        # RFC 6532 headers: use SMTPUTF8 when offered; otherwise
+        # BODY=8BITMIME below, which most relays accept.
+        options.append("SMTPUTF8")
+    if "8bitmime" in features:
+        options.append("BODY=8BITMIME")
+    elif "smtputf8" in features:
+        # An SMTPUTF8 relay takes 8-bit data (RFC 6531 requires 8BITMIME).
+        if "SMTPUTF8" not in options:
+            options.append("SMTPUTF8")
+    else:
+        raise PermanentError(
+            f"the message has 8-bit content and {where} does not offer "
+            "8BITMIME; encode the body as quoted-printable or base64"
+        )
 
 
 def ascii_address(address: str) -> str | None:

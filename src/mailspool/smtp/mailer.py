@@ -86,6 +86,57 @@ def _client_cert(
     return os.fspath(certfile), os.fspath(keyfile) if keyfile is not None else None
 
 
+def _relay_host(host: str | None, hostname: str | None) -> str:
+    """The relay's host, from mailspool's or the older packages' name for it."""
+    if host is not None and hostname is not None and host != hostname:
+        raise ValueError(f"host={host!r} and hostname={hostname!r} differ: give one of them")
+    return host or hostname or "localhost"
+
+
+def _ignore_debug_smtp() -> None:
+    log.warning(
+        "debug_smtp is ignored: smtplib's debug output would show the AUTH "
+        "exchange; set the 'mailspool' loggers to DEBUG to follow each session"
+    )
+
+
+def _check_auth(
+    username: str | None, password: str | None, tls: str, *, allow_plaintext_auth: bool
+) -> None:
+    """Refuse credentials that AUTH cannot use, or would send in clear text."""
+    if (username is None) != (password is None):
+        raise ValueError("username and password must be given together")
+    if not ((username or "").isascii() and (password or "").isascii()):
+        # smtplib encodes AUTH exchanges as ASCII; say so now, not at send time
+        # (and never inside an exception that would carry the password).
+        raise ValueError("the user name and password must be ASCII for SMTP AUTH")
+    if username is not None and tls == "none" and not allow_plaintext_auth:
+        raise ValueError(
+            "AUTH without TLS would send the password in clear text: use "
+            "tls='starttls' or tls='implicit', or pass allow_plaintext_auth=True"
+        )
+
+
+def _check_timeouts(**timeouts: float) -> None:
+    for name, value in timeouts.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
+
+
+def _check_context(context: ssl.SSLContext, ca_file: object, verify_certificates: bool) -> None:
+    """Refuse a context given with ``ca_file``, or whose checks disagree with the flag."""
+    if ca_file is not None:
+        raise ValueError("give either ca_file or ssl_context (load the CAs into the context)")
+    if _verifies(context) != verify_certificates:
+        raise ValueError(
+            "the ssl_context does not check certificates and host names; "
+            "pass verify_certificates=False to say that this is intended"
+            if verify_certificates
+            else "verify_certificates=False, but the ssl_context checks "
+            "certificates and host names; use a context that does not"
+        )
+
+
 @implementer(ISMTPMailer)
 class SMTPMailer:
     """Sends mail to an SMTP relay: TLS, AUTH, connection reuse, per-recipient outcomes.
@@ -175,47 +226,15 @@ class SMTPMailer:
         certfile: str | os.PathLike[str] | None = None,
         debug_smtp: bool | int = False,
     ) -> None:
-        if host is not None and hostname is not None and host != hostname:
-            raise ValueError(f"host={host!r} and hostname={hostname!r} differ: give one of them")
-        host = host or hostname or "localhost"
+        host = _relay_host(host, hostname)
         tls = tls_mode(tls, no_tls=no_tls, force_tls=force_tls, implicit_tls=implicit_tls, ssl=ssl)
         self._client_cert = _client_cert(certfile, keyfile, tls, ssl_context)
         if debug_smtp:
-            log.warning(
-                "debug_smtp is ignored: smtplib's debug output would show the AUTH "
-                "exchange; set the 'mailspool' loggers to DEBUG to follow each session"
-            )
-        if (username is None) != (password is None):
-            raise ValueError("username and password must be given together")
-        if not ((username or "").isascii() and (password or "").isascii()):
-            # smtplib encodes AUTH exchanges as ASCII; say so now, not at send time
-            # (and never inside an exception that would carry the password).
-            raise ValueError("the user name and password must be ASCII for SMTP AUTH")
-        if username is not None and tls == "none" and not allow_plaintext_auth:
-            raise ValueError(
-                "AUTH without TLS would send the password in clear text: use "
-                "tls='starttls' or tls='implicit', or pass allow_plaintext_auth=True"
-            )
-        for name, value in (
-            ("connect_timeout", connect_timeout),
-            ("timeout", timeout),
-            ("data_timeout", data_timeout),
-        ):
-            if not value > 0:
-                raise ValueError(f"{name} must be a positive number of seconds; got {value!r}")
+            _ignore_debug_smtp()
+        _check_auth(username, password, tls, allow_plaintext_auth=allow_plaintext_auth)
+        _check_timeouts(connect_timeout=connect_timeout, timeout=timeout, data_timeout=data_timeout)
         if ssl_context is not None:
-            if ca_file is not None:
-                raise ValueError(
-                    "give either ca_file or ssl_context (load the CAs into the context)"
-                )
-            if _verifies(ssl_context) != verify_certificates:
-                raise ValueError(
-                    "the ssl_context does not check certificates and host names; "
-                    "pass verify_certificates=False to say that this is intended"
-                    if verify_certificates
-                    else "verify_certificates=False, but the ssl_context checks "
-                    "certificates and host names; use a context that does not"
-                )
+            _check_context(ssl_context, ca_file, verify_certificates)
         self.host = host
         self.port = port if port is not None else (465 if tls == "implicit" else 25)
         self.username = username
@@ -235,18 +254,21 @@ class SMTPMailer:
         self.reuse_connections = reuse_connections
         self.pipelining = pipelining
         self.ssl_context = ssl_context if ssl_context is not None else self._make_context()
-        if tls != "none" and not verify_certificates:
+        self._warn_about_tls()
+        self._local = threading.local()
+
+    def _warn_about_tls(self) -> None:
+        if self.tls != "none" and not self.verify_certificates:
             log.warning(
                 "TLS certificate verification is OFF for %s:%d (verify_certificates=False)",
                 self.host,
                 self.port,
             )
-        if tls == "starttls" and self.port == 465:
+        if self.tls == "starttls" and self.port == 465:
             log.warning(
                 "port 465 is usually SMTPS (implicit TLS), but tls='starttls' waits for "
                 "a plain greeting there: did you mean tls='implicit'?"
             )
-        self._local = threading.local()
 
     @property
     def hostname(self) -> str:

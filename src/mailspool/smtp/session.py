@@ -50,26 +50,22 @@ relay may already hold the message.
 from __future__ import annotations
 
 import logging
-import select
 import smtplib
 import socket
-import ssl
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mailspool.errors import ConnectionFailed, DeliveryError
 from mailspool.message import Envelope
 from mailspool.smtp.esmtp import (
     ascii_headers,
-    dot_stuff,
     mail_parameters,
     size_limit,
     wire_bytes,
 )
 from mailspool.smtp.handshake import Credentials, network_error, open_session
 from mailspool.smtp.protocol import (
-    MAX_LINE,
     Failed,
     Finished,
     Phase,
@@ -82,6 +78,7 @@ from mailspool.smtp.protocol import (
     WriteMessage,
 )
 from mailspool.smtp.result import Reply, SendResult, with_result
+from mailspool.smtp.wire import Poller, read_reply, set_timeout, write_data
 
 if TYPE_CHECKING:
     from mailspool.smtp.mailer import SMTPMailer
@@ -90,51 +87,11 @@ __all__ = ["SMTPConnection"]
 
 log = logging.getLogger("mailspool.smtp")
 
-# Message data is written in blocks, each with the command timeout, so that
-# a large message on a slow link is not cut off by one total deadline
-# (socket.sendall's timeout covers the whole call).
-_BLOCK = 256 * 1024
-
-
-def _set_timeout(sock: socket.socket, timeout: float | None) -> None:
-    """Set the socket's timeout, unless it already is that.
-
-    Each ``settimeout()`` is a system call that lets go of the interpreter
-    lock; a message would otherwise make three of them.
-    """
-    if sock.gettimeout() != timeout:
-        sock.settimeout(timeout)
-
-
 #: send() does not look at the socket again when :attr:`SMTPConnection.alive`
 #: found it quiet less than this many seconds ago (the pool looks when it
 #: hands the connection out); a relay that closed in between is still
 #: caught at ``MAIL``, as a stale session.
 _QUIET_FOR = 0.005
-
-
-class _Poller:
-    """Whether a socket is readable, with one ``poll`` object per socket."""
-
-    def __init__(self) -> None:
-        self._sock: socket.socket | None = None
-        self._poll: Any = None
-
-    def readable(self, sock: socket.socket) -> bool:
-        """True when the peer sent something (or closed) while we expected silence."""
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return True
-        try:
-            if not hasattr(select, "poll"):
-                ready, _, _ = select.select([sock], [], [], 0)
-                return bool(ready)
-            if sock is not self._sock:
-                self._poll = select.poll()
-                self._poll.register(sock, select.POLLIN | select.POLLPRI)
-                self._sock = sock
-            return bool(self._poll.poll(0))
-        except (OSError, ValueError):
-            return True
 
 
 class _Stale(Exception):
@@ -186,7 +143,7 @@ class SMTPConnection:
         self.max_size: int | None = None
         self._smtp: smtplib.SMTP | None = None
         self._reused = False  # this session has carried a transaction (MAIL was sent)
-        self._poller = _Poller()
+        self._poller = Poller()
         self._quiet_at = -_QUIET_FOR  # time.monotonic() when alive last found it quiet
         self._open()
 
@@ -374,7 +331,7 @@ class SMTPConnection:
         """Do what the engine asks until the transaction is over."""
         sock = smtp.sock
         assert sock is not None
-        _set_timeout(sock, self._mailer.timeout)
+        set_timeout(sock, self._mailer.timeout)
         self._reused = True
         reader = ReplyReader()
         # A failure up to MAIL's reply means nothing of the message was
@@ -407,7 +364,7 @@ class SMTPConnection:
                 raise
             step = tx.receive(reply)
             if phase is Phase.DOT and smtp.sock is not None:
-                _set_timeout(sock, self._mailer.timeout)
+                set_timeout(sock, self._mailer.timeout)
 
     def _after_refusal(
         self, smtp: smtplib.SMTP, reader: ReplyReader, tx: Transaction, step: Step
@@ -447,19 +404,14 @@ class SMTPConnection:
     ) -> None:
         """The message and its final dot, in blocks; then the long wait's timeout."""
         try:
-            if len(data) < _BLOCK:  # the usual case: one write
-                smtp.send(dot_stuff(data))
-            else:
-                payload = memoryview(dot_stuff(data))
-                for start in range(0, len(payload), _BLOCK):
-                    smtp.send(payload[start : start + _BLOCK])
+            write_data(smtp, data)
         except OSError as exc:
             # The final dot was not (completely) sent: nothing was delivered.
             error = self._translate(exc, "the message data")
             raise with_result(error, tx.envelope.recipients, tx.accepted, tx.refused) from exc
         # The long wait: a relay may take minutes to queue the message
         # (RFC 5321 4.5.3.2.6), and giving up early duplicates it.
-        _set_timeout(sock, self._mailer.data_timeout)
+        set_timeout(sock, self._mailer.data_timeout)
 
     def _reply(
         self, smtp: smtplib.SMTP, reader: ReplyReader, phase: Phase, stale_ok: bool
@@ -471,16 +423,9 @@ class SMTPConnection:
         after_dot = phase is Phase.DOT
         started = time.monotonic()
         try:
-            if smtp.file is None:
-                smtp.file = smtp.sock.makefile("rb")  # type: ignore[union-attr]
-            while True:
-                line = smtp.file.readline(MAX_LINE + 1)
-                if not line:
-                    raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
-                replies = reader.feed(line)
-                if replies:
-                    self.waited += time.monotonic() - started
-                    return replies[0]
+            reply = read_reply(smtp, reader)
+            self.waited += time.monotonic() - started
+            return reply
         except OSError as exc:
             if after_dot:
                 raise self._translate(exc, str(phase), maybe_sent=True) from exc

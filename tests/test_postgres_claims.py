@@ -172,3 +172,27 @@ def test_an_outcome_the_server_refuses_keeps_the_claim(queue: PostgresQueue, pg_
     sql(pg_url, f"DELETE FROM {queue.table}_refusing")
     assert claim.settle(sent=[A]) == "removed"
     assert sum(queue.counts().values()) == 0
+
+
+def test_after_lost_claims_a_listing_starts_elsewhere(queue: PostgresQueue, pg_url: str) -> None:
+    # Processors that share the queue would follow one another through the
+    # same order, each finding most rows taken; one that lost claims starts
+    # its next listing at a random message (the order otherwise kept), and
+    # one alone keeps the oldest-first order.
+    ids = [_put(queue) for _ in range(30)]
+    assert list(queue.due()) == ids and list(queue.due()) == ids
+    other = PostgresQueue(pg_url)
+    try:
+        starts = []
+        for _ in range(6):
+            held = other.claim(ids[0])
+            assert held is not None and queue.claim(ids[0]) is None  # lost to the other
+            listing = list(queue.due())
+            k = listing.index(ids[1])
+            assert listing[k:] + listing[:k] == ids[1:]  # the same order, rotated
+            starts.append(k)
+            held.release()
+        assert any(starts)  # all six at the start: 1 chance in 29**6
+        assert list(queue.due()) == ids  # no claim lost since: oldest first again
+    finally:
+        other.close()

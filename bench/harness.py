@@ -54,6 +54,7 @@ class Options:
     messages: int | None = None
     runs: int | None = None
     scale_messages: int | None = None
+    scale_fill: str = "commit"
     tmpdir: str | None = None
     install_sink: bool = False
     install_postfix: bool = False

@@ -40,6 +40,7 @@ from scenarios import (  # noqa: E402
     outbox,
     pg_pickup,
     pickup,
+    priority,
     realistic,
     scale,
 )
@@ -53,6 +54,7 @@ SCENARIOS: dict[str, tuple[str, Callable[[Env], None]]] = {
     "commits": ("commits under concurrency: 1, 4, 16 threads and 4 processes", commits.run),
     "pickup": ("pickup latency and idle CPU", pickup.run),
     "scale": ("scale: 100,000 queued", scale.run),
+    "priority": ("priority: urgent mail behind 100,000 bulk", priority.run),
     "drain-ratelimited": (
         f"drain, relay taking {realistic.RATE:g} messages/s (454 at MAIL for the excess)",
         realistic.run_ratelimited,
@@ -103,6 +105,12 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument("--messages", type=int, help="messages per trial (default 2,000)")
     p.add_argument("--runs", type=int, help="runs per system (default: per scenario)")
     p.add_argument("--scale-messages", type=int, help="queue size for scale (default 100,000)")
+    p.add_argument(
+        "--scale-fill",
+        choices=("commit", "fast"),
+        default="commit",
+        help="fill the scale queue by commits (default) or by writing the files without fsync",
+    )
     p.add_argument("--tmpdir", help="where the spools go (default: the system's temp dir)")
     p.add_argument(
         "--install-sink",
@@ -140,6 +148,7 @@ def parse_args(argv: list[str] | None) -> Options:
         messages=a.messages,
         runs=a.runs,
         scale_messages=a.scale_messages,
+        scale_fill=a.scale_fill,
         tmpdir=a.tmpdir,
         install_sink=a.install_sink,
         install_postfix=a.install_postfix,
@@ -264,6 +273,16 @@ def targets(results: Results) -> list[dict[str, Any]]:
     idle = next((s for s in results.series if s.metric.startswith("idle CPU")), None)
     if idle is not None:
         bound("pickup: idle CPU < 1%", "pickup", idle.metric, MAILSPOOL, 1.0, "%")
+    prio = next((s.scenario for s in results.series if s.scenario.startswith("priority")), None)
+    if prio:
+        bound(
+            "priority: urgent behind the bulk drain, median <= 1 s",
+            prio,
+            "urgent: commit -> sent, median",
+            MAILSPOOL,
+            1000.0001,
+            "ms",
+        )
     scale_name = next((s.scenario for s in results.series if s.scenario.startswith("scale")), None)
     if scale_name:
         bound(
@@ -273,6 +292,24 @@ def targets(results: Results) -> list[dict[str, Any]]:
             MAILSPOOL,
             1.0,
             "s",
+        )
+        bound(
+            "scale: `mailspool list --limit 50` < 1 s",
+            scale_name,
+            "`mailspool list --limit 50` wall time",
+            MAILSPOOL,
+            1.0,
+            "s",
+        )
+        big_n = results.scenario_info.get(scale_name, {}).get("messages", 0)
+        full = _median(results, scale_name, f"commit latency p50, {big_n:,} queued", MAILSPOOL)
+        empty = _median(results, scale_name, "commit latency p50, empty queue", MAILSPOOL)
+        out.append(
+            {
+                "target": "scale: commits into the full queue no slower (p50 <= 1.2x empty)",
+                "value": f"{full / empty:.2f}x" if full and empty else None,
+                "met": (full / empty <= 1.2) if full and empty else None,
+            }
         )
         metrics = [
             s.metric

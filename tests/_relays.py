@@ -19,12 +19,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from _fs import fill
 from mailspool.maildir.spool import RecipientStatus, Record, Spool, encode_file
 from mailspool.message import Envelope, prepare
+from mailspool.priority import Priority
 from mailspool.smtp.mailer import Reply, SendResult
 
 SENDER = "app@example.org"
@@ -73,13 +75,14 @@ def enqueue(
     size: int = 0,
     not_before: float | None = None,
     batch: int = 100,
+    priority: Priority = Priority.NORMAL,
 ) -> list[str]:
     """Commit ``count`` messages the way a delivery does; return their Message-Ids."""
     ids: list[str] = []
     for start in range(0, count, batch):
         staged = []
         for n in range(start, min(count, start + batch)):
-            p = prepare(SENDER, list(to), body(n, size))
+            p = replace(prepare(SENDER, list(to), body(n, size)), priority=priority)
             staged.append(spool.stage(p, not_before=not_before))
             ids.append(p.message_id)
         spool.publish(staged)

@@ -425,7 +425,7 @@ def test_unexpected_error_is_one_line(
         raise RuntimeError("disk on fire\nsecond line")
 
     # A fault no real part produces on demand: a bug inside the library.
-    monkeypatch.setattr(Spool, "counts", broken)
+    monkeypatch.setattr(Spool, "census", broken)
     code, out, err = run(capsys, "status", "--queue", str(queue))
     assert code == 1 and out == ""
     assert err == (

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from mailspool.cli.common import make_processor
 from mailspool.cli.main import main
+from mailspool.cli.opening import make_processor
 from mailspool.cli.settings import FIELDS, Settings, load_settings, resolve_settings
 from mailspool.maildir.spool import Spool
 from mailspool.processor.loop import RetryPolicy

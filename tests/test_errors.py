@@ -18,7 +18,9 @@ from mailspool.errors import (
     InvalidAddress,
     InvalidMessage,
     MailspoolError,
+    MessageStateError,
     MessageTooLarge,
+    NoSuchMessage,
     PermanentError,
     RecipientsRefused,
     RelayUnavailable,
@@ -26,6 +28,7 @@ from mailspool.errors import (
     SMTPUTF8Required,
     SpoolCorrupt,
     SpoolError,
+    SpoolIOError,
     TLSFailure,
     TransientError,
     enhanced_code,
@@ -165,7 +168,12 @@ def test_hierarchy() -> None:
         assert issubclass(cls, TransientError) and cls.about_relay
     for cls in (SMTPUTF8Required, MessageTooLarge):
         assert issubclass(cls, PermanentError) and not cls.about_relay
-    assert issubclass(SpoolCorrupt, SpoolError) and issubclass(SpoolError, OSError)
+    assert issubclass(SpoolCorrupt, SpoolError) and issubclass(SpoolIOError, SpoolError)
+    assert issubclass(SpoolIOError, OSError) and not issubclass(SpoolError, OSError)
+    assert issubclass(NoSuchMessage, SpoolError) and issubclass(NoSuchMessage, KeyError)
+    assert issubclass(MessageStateError, SpoolError)
+    for cls in (SpoolCorrupt, NoSuchMessage, MessageStateError):  # logic, not I/O
+        assert not issubclass(cls, OSError), cls
     assert not issubclass(PermanentError, TransientError)
 
 
@@ -198,7 +206,10 @@ def test_recipients_refused(transient: bool) -> None:
         (socket.gaierror(socket.EAI_NONAME, "unknown host"), True),
         (ssl.SSLCertVerificationError("certificate verify failed"), True),
         (OSError(errno.ENOSPC, "No space left on device"), True),
-        (SpoolError(errno.ENOSPC, "spool full"), True),
+        (SpoolIOError(errno.ENOSPC, "spool full"), True),
+        (SpoolError("no queue there"), False),
+        (NoSuchMessage("1234.5678"), False),
+        (MessageStateError("cannot retry a message that is in_flight"), False),
         (SpoolCorrupt("/spool/new/x", "checksum mismatch"), False),
         (ConnectionFailed("lost"), True),
         (SMTPTimeout("no reply after the final dot"), True),
@@ -254,7 +265,9 @@ def test_is_transient(exc: BaseException, expected: bool) -> None:
         SMTPUTF8Required("relay does not offer SMTPUTF8"),
         MessageTooLarge("5.3.4 too big", code=552),
         RecipientsRefused("all refused", result={"a@x.org": (550, "no")}, transient=False),
-        SpoolError(errno.ENOSPC, "No space left on device", "/spool/tmp/x"),
+        SpoolIOError(errno.ENOSPC, "No space left on device", "/spool/tmp/x"),
+        NoSuchMessage("1234.5678"),
+        MessageStateError("cannot hold a message that is failed"),
         SpoolCorrupt("/spool/new/x", "truncated"),
     ],
     ids=lambda e: type(e).__name__,
@@ -279,3 +292,11 @@ def test_pickled_delivery_error_keeps_its_reply() -> None:
         "5.1.1 no",
         "a@x.org",
     )
+
+
+def test_no_such_message_names_the_id_and_is_still_a_key_error() -> None:
+    exc = NoSuchMessage("1234.5678")
+    assert exc.id == "1234.5678" and exc.args == ("1234.5678",)
+    assert str(exc) == "no such message: 1234.5678"
+    with pytest.raises(KeyError):  # what callers caught before it had a name
+        raise exc

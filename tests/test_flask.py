@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from flask import Flask, abort, redirect, request
 
 from mailspool.errors import InvalidAddress
 from mailspool.integrations.flask import Mailspool
+from mailspool.maildir.spool import Spool
 from mailspool.testing import queued_messages
 
 
@@ -180,3 +182,16 @@ def test_flask_mailspool_run_names_the_bad_setting(spool: Path) -> None:
     assert result.exit_code == 1
     assert "tls: must be one of starttls, implicit, none" in result.output
     assert "(from MAILSPOOL_RELAY['tls'])" in result.output
+
+
+def test_send_and_send_mail_take_a_priority(spool: Path) -> None:
+    app, mail = make_app(spool)
+    with app.app_context(), mail.transaction():
+        mail.send(None, "jane@example.org", b"Subject: reset\r\n\r\nx\r\n", priority="urgent")
+        mail.send_mail("News", "x", to="bob@example.org", priority="bulk")
+        with pytest.raises(ValueError, match="priority 'later' is not one of"):
+            mail.send(None, "jane@example.org", b"Subject: x\r\n\r\nx\r\n", priority="later")
+    assert sorted(os.listdir(spool / "urgent") + os.listdir(spool / "bulk")) == sorted(
+        e.id for e in Spool(spool).entries()
+    )
+    assert sorted(e.priority for e in Spool(spool).entries()) == ["bulk", "urgent"]

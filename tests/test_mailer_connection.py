@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from _relays import SlowData, accept_mail, enqueue
+from _relays import SlowData, accept_mail, enqueue, wait_for
 from conftest import RELAY_PASSWORD, Relay, RelayFactory
 from mailspool.errors import ConnectionFailed, RelayUnavailable
 from mailspool.maildir.spool import Spool
@@ -51,10 +51,7 @@ def connect() -> Iterator[Callable[..., SMTPConnection]]:
 
 def wait_until_closed(conn: SMTPConnection, limit: float = 5.0) -> None:
     """Wait (polling, at most ``limit`` s) until the relay has closed ``conn``."""
-    deadline = time.monotonic() + limit
-    while conn.alive:
-        assert time.monotonic() < deadline, "the relay did not close the idle connection"
-        time.sleep(0.05)
+    assert wait_for(lambda: not conn.alive, limit), "the relay did not close the idle connection"
 
 
 class CloseAtMail:

@@ -15,10 +15,11 @@ import pytest
 import transaction
 
 from mailspool import QueuedMailDelivery, QueueProcessor
+from mailspool.backends import open_queue
 from mailspool.errors import SpoolError
 from mailspool.maildir.spool import Spool
 from mailspool.memory import MemoryQueue
-from mailspool.queue import QueueBackend, QueueClaim, open_queue
+from mailspool.queue import QueueBackend, QueueClaim
 from mailspool.testing import InMemoryMailer
 
 MESSAGE = b"Subject: hello\r\n\r\nbody\r\n"

@@ -915,3 +915,17 @@ def test_message_object_header_folding_is_kept(value: str) -> None:
         first.replace(b"\r\n", b"")
         == b"Subject: " + value.replace("\r\n", "").replace("\n", "").encode()
     )
+
+
+def test_one_cleaned_host_name_for_message_ids_queue_names_and_stats(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from mailspool.maildir.directory import host_label, new_name
+    from mailspool.postgres.rows import new_id
+
+    label = host_label()
+    assert label == message_module.host_name().split(".")[0] and label
+    assert new_name().endswith(f".{label}") and new_id().endswith(f".{label}")
+    monkeypatch.setattr(message_module, "_hostname", None)
+    monkeypatch.setattr(socket, "gethostname", lambda: "a/b:c.example")
+    assert message_module.host_name() == "a-b-c.example"  # no path or Maildir separator

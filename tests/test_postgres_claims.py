@@ -14,16 +14,17 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 pytest.importorskip("psycopg", reason="psycopg is not installed (mailspool[postgres])")
 
 from _pg import pg_database, pg_url, queue, sql  # noqa: F401
+from _relays import wait_for
 from mailspool.errors import SpoolError
 from mailspool.message import prepare
 from mailspool.postgres import PostgresQueue
+from mailspool.postgres.claim import PostgresClaim
 
 A = "a@example.org"
 
@@ -67,13 +68,16 @@ def test_a_sigkilled_holder_loses_its_claim_within_seconds(
             child.wait()
         if child.stdout is not None:
             child.stdout.close()
-    claim = None
-    deadline = time.monotonic() + 30  # the server notices the closed socket at once
-    while claim is None and time.monotonic() < deadline:
-        claim = queue.claim(id)
-        if claim is None:
-            time.sleep(0.05)
-    assert claim is not None, "the dead child's claim was never freed"
+    got: list[PostgresClaim | None] = [None]
+
+    def claimed() -> bool:
+        got[0] = queue.claim(id)
+        return got[0] is not None
+
+    # the server notices the closed socket at once
+    assert wait_for(claimed, 30), "the dead child's claim was never freed"
+    claim = got[0]
+    assert claim is not None
     assert claim.attempts == 0  # nothing was written for the dead claim
     assert claim.settle(sent=[A]) == "removed"
 

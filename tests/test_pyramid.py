@@ -264,3 +264,17 @@ def test_send_immediately_fail_silently_when_the_relay_is_down(
         mailer.send_immediately(message)
     assert mailer.send_immediately(message, fail_silently=True) is None
     assert "mail to jane@example.org not sent" in caplog.text
+
+
+def test_send_to_queue_takes_a_priority(tmp_path: Path) -> None:
+    mailer = Mailer(queue_path=tmp_path / "queue")
+    message = Message(
+        subject="News", sender=SENDER, recipients=["jane@example.org"], body="This week"
+    )
+    with transaction.manager:
+        mailer.send_to_queue(message, priority="bulk")
+    with pytest.raises(ValueError, match="priority 'soon' is not one of"):
+        mailer.send_to_queue(message, priority="soon")
+    transaction.abort()
+    assert len(os.listdir(tmp_path / "queue" / "bulk")) == 1
+    assert _queued(tmp_path) == []

@@ -33,7 +33,7 @@ import transaction
 import zope.event
 
 from _fs import fill, tmpfs
-from _relays import FillDiskThenAccept, enqueue, message_id, only_id
+from _relays import FillDiskThenAccept, enqueue, message_id, only_id, wait_for
 from conftest import Relay, RelayFactory
 from mailspool import DirectMailDelivery, QueuedMailDelivery, QueueProcessor, SMTPMailer
 from mailspool.errors import ConnectionFailed, PermanentError
@@ -424,7 +424,6 @@ def test_a_running_processor_takes_over_a_dead_processors_claim_within_seconds(
 ) -> None:
     import subprocess
     import sys
-    import time
 
     spool = Spool(tmp_path / "spool")
     mid = commit(spool, ["jane@example.org"])
@@ -446,9 +445,7 @@ def test_a_running_processor_takes_over_a_dead_processors_claim_within_seconds(
             assert spool.state(id) == "in_flight"
             child.kill()
             child.wait(10)
-            deadline = time.monotonic() + 20
-            while not relay.messages and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: bool(relay.messages), 20)
         finally:
             p.stop(10)
     finally:

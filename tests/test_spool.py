@@ -17,7 +17,7 @@ import pytest
 
 from _helpers_spool import fill_spool, message, names, run_child, small_fs
 from _relays import wait_for
-from mailspool.errors import SpoolError
+from mailspool.errors import SpoolError, SpoolIOError
 from mailspool.maildir import directory as spooldir
 from mailspool.maildir import fileformat as spoolfile
 from mailspool.maildir import spool as spool_mod
@@ -306,12 +306,12 @@ def test_permission_denied_fails_with_eacces(tmp_path: Path) -> None:
     else:
         os.chmod(root(sp) / "tmp", 0o500)
         try:
-            with pytest.raises(SpoolError) as info:
+            with pytest.raises(SpoolIOError) as info:
                 sp.stage(message(1))
-            out = f"SpoolError {info.value}"
+            out = f"SpoolIOError {info.value}"
         finally:
             os.chmod(root(sp) / "tmp", 0o700)
-    assert out.startswith("SpoolError") and "EACCES" in out and sp.path in out
+    assert out.startswith("SpoolIOError ") and "EACCES" in out and sp.path in out
 
 
 # --- claims and settling ---------------------------------------------------------------

@@ -164,3 +164,15 @@ def test_bad_configuration_is_named(body: str, error: str) -> None:
 def test_configure_zcml_is_shipped_and_registers_no_mailer() -> None:
     load('<mail:smtpMailer name="smtp" no_tls="true" />', file="configure.zcml")
     assert getUtility(IMailer, "smtp").tls == "none"
+
+
+def test_the_queued_delivery_takes_a_priority(relay: Any, tmp_path: Path) -> None:
+    queue = tmp_path / "queue"
+    load(
+        smtp(relay)
+        + f'<mail:queuedDelivery mailer="smtp" queuePath="{queue}" processorThread="false" />'
+    )
+    delivery = getUtility(IMailDelivery, "Mail")
+    with transaction.manager:
+        delivery.send("site@example.org", ["jane@example.org"], MESSAGE, priority="urgent")
+    assert len(os.listdir(queue / "urgent")) == 1

@@ -2,8 +2,15 @@
 
 * fill: ``QueuedMailDelivery``, 100 messages per transaction, in one process
   (reported as a figure of its own: enqueue throughput with a big queue);
-* ``mailspool status`` on the full queue: wall time of the whole command,
-  interpreter start-up included, as an operator would run it (3 times);
+  with ``--scale-fill fast``, the files are written as a commit writes them
+  but without fsync (:mod:`fastfill`): how a million is filled in minutes;
+* ``mailspool status`` and ``mailspool list --limit 50`` on the full queue:
+  wall time of the whole command, interpreter start-up included, as an
+  operator would run it (3 times each);
+* commits into the full queue: 200 ``QueuedMailDelivery`` commits of one
+  message each, their median latency next to the same into an empty queue
+  (filling the spool must not slow the next commits); they are drained
+  with the rest;
 * drain: a fresh process runs ``QueueProcessor(...).drain()`` to the fast
   relay; throughput, and the process's peak RSS (``ru_maxrss``) next to its
   RSS before the drain started.
@@ -19,6 +26,7 @@ minutes.
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -26,6 +34,7 @@ import threading
 import time
 from typing import Any
 
+from fastfill import fast_fill
 from harness import TrialError, run_child
 from relays import running
 from scenarios import Env, check_relay
@@ -74,18 +83,50 @@ def drain_only_trial(path: str, port: int, connections: int | None = None) -> di
     return {"elapsed": elapsed, "rss_before_kb": before, "summary": repr(summary)}
 
 
-def status_command(path: str) -> list[str]:
-    """The operator's command for the queue's state."""
+def fast_fill_trial(path: str, n: int, tag: str) -> dict[str, Any]:
+    elapsed = fast_fill(path, n, tag)
+    queued = pending(MAILSPOOL, path)
+    if queued != n:
+        raise TrialError(f"{queued} messages queued, {n} expected")
+    return {"elapsed": elapsed}
+
+
+def commit_trial(path: str, n: int, tag: str) -> dict[str, Any]:
+    """``n`` commits of one message each (QueuedMailDelivery): their latencies, sorted."""
+    import transaction
+
+    from mailspool import QueuedMailDelivery
+
+    delivery = QueuedMailDelivery(path)
+    latencies = []
+    for sender, rcpts, data in make_messages(n, tag):
+        t0 = time.perf_counter()
+        with transaction.manager:
+            delivery.send(sender, rcpts, data)
+        latencies.append(time.perf_counter() - t0)
+    return {"latencies": sorted(latencies)}
+
+
+def status_command(path: str, *verb: str) -> list[str]:
+    """The operator's command for the queue's state (or ``verb``)."""
     exe = shutil.which("mailspool")
     base = [exe] if exe else [sys.executable, "-m", "mailspool"]
-    return [*base, "--queue", path, "status"]
+    return [*base, "--queue", path, *(verb or ("status",))]
 
 
-def _time_status(path: str) -> tuple[float, str]:
-    cmd = status_command(path)
-    t0 = time.perf_counter()
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _time_status(path: str, *verb: str) -> tuple[float, str]:
+    cmd = status_command(path, *verb)
+    t0, c0 = time.perf_counter(), _children_cpu()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     elapsed = time.perf_counter() - t0
+    # The CPU time beside the wall time: on a loaded machine the wall time
+    # is mostly waiting for a core.
+    print(f"    ({' '.join(verb) or 'status'}: {_children_cpu() - c0:.2f} s of CPU)")
     if proc.returncode != 0:
         raise TrialError(f"`{' '.join(cmd)}` exited {proc.returncode}: {proc.stderr.strip()[:300]}")
     return elapsed, proc.stdout
@@ -103,8 +144,13 @@ def run(env: Env) -> None:
         "status_command": " ".join(status_command("SPOOL")),
         "mailspool": "QueueProcessor().drain() (default connections) in a fresh process",
     }
-    fill = res.get(scenario, "fill (100/transaction)", MAILSPOOL, "messages/s", "higher")
+    fast = opts.scale_fill == "fast"
+    fill_name = "fill (files written, no fsync)" if fast else "fill (100/transaction)"
+    fill = res.get(scenario, fill_name, MAILSPOOL, "messages/s", "higher")
     status = res.get(scenario, "`mailspool status` wall time", MAILSPOOL, "s", "lower")
+    listing = res.get(scenario, "`mailspool list --limit 50` wall time", MAILSPOOL, "s", "lower")
+    c_empty = res.get(scenario, "commit latency p50, empty queue", MAILSPOOL, "ms", "lower")
+    c_full = res.get(scenario, f"commit latency p50, {big:,} queued", MAILSPOOL, "ms", "lower")
     d_small = res.get(scenario, f"drain throughput at {small:,}", MAILSPOOL, "messages/s", "higher")
     d_big = res.get(scenario, f"drain throughput at {big:,}", MAILSPOOL, "messages/s", "higher")
     rss = res.get(scenario, "processor peak RSS", f"{MAILSPOOL} (drain of {big:,})", "MB", "lower")
@@ -123,11 +169,17 @@ def run(env: Env) -> None:
             series, rss_series = (d_big, rss) if n == big else (d_small, rss_small)
             path = env.spool("scale")
             try:
-                out = run_child(fill_trial, 3600, path=path, n=n, tag=env.tag())
+                extra = 0
+                if n == big:
+                    _commit_runs(env, scenario, c_empty, env.spool("commits"), "empty")
+                trial = fast_fill_trial if fast else fill_trial
+                out = run_child(trial, 7200, path=path, n=n, tag=env.tag())
                 if n == big:
                     fill.values.append(n / out["elapsed"])
                     print(f"  {scenario} / fill: {n / out['elapsed']:,.0f} messages/s")
                     _status_runs(env, scenario, status, path)
+                    _status_runs(env, scenario, listing, path, "list", "--limit", "50")
+                    extra = _commit_runs(env, scenario, c_full, path, f"{big}")
                 # A backlog builds up over hours, not in the seconds before
                 # the drain: let the file system write out the fill first,
                 # for either size alike.
@@ -135,7 +187,7 @@ def run(env: Env) -> None:
                 relay.reset()
                 with _Watch(relay) as watch:
                     out = run_child(drain_only_trial, 3600, path=path, port=relay.port)
-                    check_relay(relay, n, timeout=30)  # until the relay has counted all
+                    check_relay(relay, n + extra, timeout=30)  # until the relay counted all
             except TrialError as exc:
                 series.errors.append(str(exc))
                 rss_series.errors.append(str(exc))
@@ -143,7 +195,7 @@ def run(env: Env) -> None:
                 continue
             finally:
                 env.cleanup(path)
-            rate = n / out["elapsed"]
+            rate = (n + extra) / out["elapsed"]
             series.values.append(rate)
             rss_series.values.append(out["maxrss_kb"] / 1024)
             info = res.scenario_info[scenario]
@@ -161,19 +213,37 @@ def run(env: Env) -> None:
                     print(f"  {scenario} / drain of {n:,} by fifths: {shown} messages/s")
 
 
-def _status_runs(env: Env, scenario: str, status: Any, path: str) -> None:
+def _status_runs(env: Env, scenario: str, status: Any, path: str, *verb: str) -> None:
     res = env.results
+    name = " ".join(verb) or "status"
     for i in range(3):
         try:
-            seconds, text = _time_status(path)
+            seconds, text = _time_status(path, *verb)
         except (TrialError, subprocess.SubprocessError, OSError) as exc:
             status.errors.append(str(exc))
-            print(f"  {scenario} / status: ERROR {exc}")
+            print(f"  {scenario} / {name}: ERROR {exc}")
             return
         status.values.append(seconds)
         if i == 0:
-            res.scenario_info[scenario]["status_output"] = text[:2000]
-        print(f"  {scenario} / status: {seconds:.3f} s")
+            res.scenario_info[scenario][f"{name}_output"] = text[:2000]
+        print(f"  {scenario} / {name}: {seconds:.3f} s")
+
+
+def _commit_runs(env: Env, scenario: str, series: Any, path: str, label: str) -> int:
+    """Commits into the spool at ``path``: their median latency; how many were committed."""
+    n = 200
+    try:
+        out = run_child(commit_trial, 600, path=path, n=n, tag=env.tag())
+    except TrialError as exc:
+        series.errors.append(str(exc))
+        print(f"  {scenario} / commits {label}: ERROR {exc}")
+        return 0
+    lat = out["latencies"]
+    p50, p99 = lat[len(lat) // 2] * 1000, lat[int(len(lat) * 0.99)] * 1000
+    series.values.append(p50)
+    env.results.scenario_info[scenario][f"commit_p99_ms_{label}"] = p99
+    print(f"  {scenario} / commits {label}: p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    return n
 
 
 class _Watch:

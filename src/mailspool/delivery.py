@@ -32,6 +32,7 @@ the finished transaction detached from its manager (see :mod:`mailspool.events`)
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import datetime
 import logging
 import os
@@ -44,11 +45,15 @@ from typing import Any
 import transaction as _transaction
 from zope.interface import implementer
 
+from mailspool.backends import open_queue
 from mailspool.errors import DeliveryError, RecipientsRefused
 from mailspool.events import MailEvent, MailFailed, MailQueued, MailSent, notify_after_commit
 from mailspool.interfaces import IDirectMailDelivery, IMailer, IQueuedMailDelivery
 from mailspool.message import MessageInput, Prepared, prepare
-from mailspool.queue import QueueBackend, Staged, open_queue
+from mailspool.priority import Priority, parse_priority
+from mailspool.queue import QueueBackend, Staged
+from mailspool.smtp.result import SendResult
+from mailspool.smtp.seams import AbortingMailer, EnvelopeMailer, Mailer, VotingMailer
 
 __all__ = ["DirectMailDelivery", "QueuedMailDelivery"]
 
@@ -198,9 +203,11 @@ class QueuedMailDelivery(_Delivery):
     """Writes mail durably into a queue when the transaction commits.
 
     Args:
-        spool_path: the spool directory (created, mode 0700, if missing), or
-            any :class:`~mailspool.queue.QueueBackend` (e.g. the in-memory
-            queue of :mod:`mailspool.memory` in an application's tests).
+        spool_path: the spool directory (created, mode 0700, if missing), a
+            PostgreSQL queue's ``postgresql://`` URL, or any
+            :class:`~mailspool.queue.QueueBackend` (e.g. the in-memory queue
+            of :mod:`mailspool.memory` in an application's tests); see
+            :func:`mailspool.backends.open_queue`.
         transaction_manager: the manager whose current transaction ``send()``
             joins; default ``transaction.manager`` (thread-local).
         msgid_domain: the domain of generated Message-Ids (default: this
@@ -233,6 +240,7 @@ class QueuedMailDelivery(_Delivery):
         message: MessageInput,
         *,
         not_before: float | datetime.datetime | None = None,
+        priority: str | Priority | None = None,
     ) -> str:
         """Queue ``message`` for delivery when the current transaction commits.
 
@@ -243,6 +251,9 @@ class QueuedMailDelivery(_Delivery):
             message: ``bytes``, ``str`` or ``email.message.Message``.
             not_before: keep the message in the queue until this time (a
                 ``time.time()`` value or a datetime; naive means local time).
+            priority: ``"urgent"``, ``"normal"`` (the default) or ``"bulk"``:
+                the processor takes urgent mail first and bulk mail last,
+                without starving it (see :mod:`mailspool.priority`).
 
         Returns:
             The Message-Id, without angle brackets.
@@ -250,8 +261,12 @@ class QueuedMailDelivery(_Delivery):
         Raises:
             InvalidAddress: a bad sender or recipient, or no recipients.
             InvalidMessage: a malformed Message-Id or an over-long line.
+            ValueError: ``priority`` names no class.
         """
+        cls = parse_priority(priority)
         prepared = self._prepare(fromaddr, toaddrs, message)
+        if cls is not Priority.NORMAL:
+            prepared = dataclasses.replace(prepared, priority=cls)
         return self._join(prepared, _timestamp(not_before))
 
     def _vote(self, dm: _MailDataManager) -> None:
@@ -317,29 +332,38 @@ class DirectMailDelivery(_Delivery):
 
     def __init__(
         self,
-        mailer: Any,
+        mailer: Mailer,
         *,
         transaction_manager: Any = None,
         msgid_domain: str | None = None,
     ) -> None:
         super().__init__(transaction_manager=transaction_manager, msgid_domain=msgid_domain)
-        if not IMailer.providedBy(mailer) and not callable(getattr(mailer, "send", None)):
+        if not IMailer.providedBy(mailer) and not isinstance(mailer, Mailer):
             raise TypeError(f"mailer must provide IMailer, got {mailer!r}")
         self.mailer = mailer
 
-    def send(self, fromaddr: str, toaddrs: Iterable[str] | str, message: MessageInput) -> str:
+    def send(
+        self,
+        fromaddr: str,
+        toaddrs: Iterable[str] | str,
+        message: MessageInput,
+        *,
+        priority: str | Priority | None = None,
+    ) -> str:
         """Send ``message`` when the current transaction commits.
 
         Returns the Message-Id (without angle brackets).  Raises
         ``InvalidAddress``/``InvalidMessage`` at once for bad input.
+        ``priority`` is checked (ValueError when it names no class) and
+        otherwise has no effect: every message goes out at the commit.
         """
+        parse_priority(priority)
         return self._join(self._prepare(fromaddr, toaddrs, message), None)
 
     def _vote(self, dm: _MailDataManager) -> None:
-        vote = getattr(self.mailer, "vote", None)
-        if vote is not None and dm.messages:
+        if isinstance(self.mailer, VotingMailer) and dm.messages:
             first = dm.messages[0][0]
-            vote(first.envelope.sender, first.envelope.recipients, first.data)
+            self.mailer.vote(first.envelope.sender, first.envelope.recipients, first.data)
 
     def _finish(self, dm: _MailDataManager) -> None:
         for prepared, _ in dm.messages:
@@ -351,9 +375,9 @@ class DirectMailDelivery(_Delivery):
         try:
             # The mailer's send() would validate the envelope and normalise the
             # data again; this delivery's send() did both: take the fast path.
-            send_envelope = getattr(self.mailer, "send_envelope", None)
-            if send_envelope is not None:
-                result = send_envelope(env, prepared.data)
+            result: object
+            if isinstance(self.mailer, EnvelopeMailer):
+                result = self.mailer.send_envelope(env, prepared.data)
             else:
                 result = self.mailer.send(env.sender, env.recipients, prepared.data)
         except Exception as exc:  # the commit boundary: never raise out of it
@@ -361,40 +385,37 @@ class DirectMailDelivery(_Delivery):
             # RecipientsRefused, and any error at or after DATA, carry each
             # recipient's reply; the error itself answers for those without
             # one (the session was lost after RCPT).
-            carried = getattr(exc, "result", None)
-            reasons = _reasons(carried) if carried is not None else {}
-            if carried is not None:
-                why = (getattr(exc, "code", None), getattr(exc, "text", None) or str(exc))
-                reasons = {a: reasons.get(a, why) for a in env.recipients}
+            reasons: dict[str, tuple[int | None, str]] = {}
+            if isinstance(exc, DeliveryError) and exc.result is not None:
+                carried = _reasons(exc.result) if isinstance(exc.result, SendResult) else {}
+                why = (exc.code, exc.text or str(exc))
+                reasons = {a: carried.get(a, why) for a in env.recipients}
             if not isinstance(exc, (DeliveryError, RecipientsRefused)):
                 log.debug("unexpected error sending %s", mid, exc_info=True)
             return [
                 MailFailed(mid, env.sender, env.recipients, str(exc), error=exc, reasons=reasons)
             ]
         events: list[MailEvent] = []
-        accepted = tuple(getattr(result, "accepted", env.recipients))
-        refused_map = getattr(result, "refused", {}) or {}
+        # Not a SendResult (a classic IMailer returns None): every recipient taken.
+        sent = result if isinstance(result, SendResult) else SendResult(tuple(env.recipients))
+        accepted = tuple(sent.accepted)
         if accepted:
             log.info("mail %s sent to %s", mid, ", ".join(accepted))
             events.append(MailSent(mid, env.sender, accepted))
-        if refused_map:
-            reasons = _reasons(result)
+        if sent.refused:
+            reasons = _reasons(sent)
             text = "; ".join(f"{a}: {c} {t}" for a, (c, t) in reasons.items())
             log.error("mail %s refused for %s", mid, text)
             events.append(MailFailed(mid, env.sender, tuple(reasons), text, reasons=reasons))
         return events
 
     def _abort(self, dm: _MailDataManager) -> None:
-        abort = getattr(self.mailer, "abort", None)
-        if abort is not None:
+        if isinstance(self.mailer, AbortingMailer):
             try:
-                abort()
+                self.mailer.abort()
             except Exception:
                 log.debug("mailer abort failed", exc_info=True)
 
 
-def _reasons(result: Any) -> dict[str, tuple[int | None, str]]:
-    refused = getattr(result, "refused", None) or {}
-    return {
-        addr: (getattr(r, "code", None), getattr(r, "text", str(r))) for addr, r in refused.items()
-    }
+def _reasons(result: SendResult) -> dict[str, tuple[int | None, str]]:
+    return {addr: (r.code, r.text) for addr, r in result.refused.items()}

@@ -3,6 +3,14 @@
 * Input errors (:class:`InvalidAddress`, :class:`InvalidMessage`) are
   ``ValueError`` subclasses raised by ``send()`` before anything is joined to
   a transaction.
+* Queue errors (:class:`SpoolError`) split the same way: the queue could
+  not be read or written (:class:`SpoolIOError`, an ``OSError``: a disk, a
+  directory, a database refusing; :class:`QueueUnavailable` when it cannot
+  be reached for now; worth retrying), or the operation makes no sense as
+  asked: :class:`NoSuchMessage` (also a ``KeyError``),
+  :class:`MessageStateError` (retry a message that is being sent, settle
+  a claim twice), :class:`ClaimLost`, :class:`SpoolCorrupt`.  Those are
+  not ``OSError``: retrying them changes nothing.
 * Delivery errors (:class:`DeliveryError`) carry the relay's reply: the
   three-digit ``code``, the enhanced status code (RFC 3463) and the text, and
   the recipient where the error is about one.  They split into
@@ -28,7 +36,9 @@ __all__ = [
     "InvalidAddress",
     "InvalidMessage",
     "MailspoolError",
+    "MessageStateError",
     "MessageTooLarge",
+    "NoSuchMessage",
     "PermanentError",
     "QueueUnavailable",
     "RecipientsRefused",
@@ -37,6 +47,7 @@ __all__ = [
     "SMTPUTF8Required",
     "SpoolCorrupt",
     "SpoolError",
+    "SpoolIOError",
     "TLSFailure",
     "TransientError",
     "enhanced_code",
@@ -312,9 +323,10 @@ def is_transient(exc: BaseException) -> bool:
 
     Delivery errors say so themselves.  ``smtplib`` errors are judged by
     their reply like :func:`error_for_reply` judges ours (a refused
-    recipient list is transient when any refusal is).  A corrupt spool file
-    is not transient; other OS-level errors (network, timeouts, TLS, a full
-    disk) are.  Anything else (a bug, bad input) is not.
+    recipient list is transient when any refusal is).  OS-level errors
+    (network, timeouts, TLS, a full disk, :class:`SpoolIOError`) are.
+    Anything else (a bug, bad input, a queue error that is not about I/O)
+    is not.
 
     Args:
         exc: the exception that stopped a delivery.
@@ -324,8 +336,6 @@ def is_transient(exc: BaseException) -> bool:
     """
     if isinstance(exc, DeliveryError):
         return exc.transient
-    if isinstance(exc, SpoolCorrupt):
-        return False
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         return any(
             error_for_reply(code, reply_text(text), phase="rcpt").transient
@@ -341,17 +351,50 @@ def is_transient(exc: BaseException) -> bool:
 # --- spool -------------------------------------------------------------------
 
 
-class SpoolError(MailspoolError, OSError):
-    """The spool could not be written or read."""
+class SpoolError(MailspoolError):
+    """The queue refused or failed an operation: the base of the queue's errors.
+
+    Catch this for any of them.  Only :class:`SpoolIOError` is also an
+    ``OSError`` (and transient); the others are mistakes that retrying
+    does not mend.
+    """
 
 
-class QueueUnavailable(SpoolError, ConnectionError):
+class SpoolIOError(SpoolError, OSError):
+    """The queue could not be read or written: a disk, a directory, a database out of reach.
+
+    An ``OSError`` (``errno`` set where the system gave one), and transient
+    for :func:`is_transient`.
+    """
+
+
+class NoSuchMessage(SpoolError, KeyError):
+    """No message with this id is in the queue (any more).
+
+    Also a ``KeyError``, as the queue's operator verbs raised before it.
+    ``id`` is the id asked for.
+    """
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+        super().__init__(id)
+
+    def __str__(self) -> str:
+        return f"no such message: {self.id}"
+
+
+class MessageStateError(SpoolError):
+    """The message is not in a state that allows this: retrying a message that
+    is being sent, releasing one that is not held, settling a claim twice."""
+
+
+class QueueUnavailable(SpoolIOError, ConnectionError):
     """The queue cannot be reached for now (its database is down or restarting).
 
     Nothing is wrong with the queue or the message: a processor waits and
     tries again, and fails no message for it.  A queue that refuses for a
-    reason of its own configuration (a login refused, no schema) raises a
-    plain :class:`SpoolError` instead.
+    reason of its own configuration raises another :class:`SpoolIOError`
+    (a login refused) or a plain :class:`SpoolError` (no schema).
     """
 
 

@@ -19,8 +19,9 @@ Messages are settled per recipient by the same rules as the Maildir spool
 from __future__ import annotations
 
 import contextlib
+import functools
+import heapq
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -28,17 +29,21 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from mailspool.errors import SpoolError
+from mailspool.bell import Bell
+from mailspool.errors import MessageStateError, NoSuchMessage
 from mailspool.message import Envelope, Prepared
+from mailspool.priority import PRIORITIES, Priority, interleave
 from mailspool.queue import (
     FAILED,
     PENDING,
+    Census,
     OperatorMoves,
     QueueEntry,
     RecipientStatus,
     Record,
     RecordFields,
     State,
+    age_order,
     all_sent,
     settle_record,
 )
@@ -67,6 +72,7 @@ class _Staged:
     message_id: str
     record: Record
     data: bytes
+    priority: Priority = Priority.NORMAL
 
 
 @dataclass
@@ -75,35 +81,21 @@ class _Item:
     data: bytes
     state: State
     next_at: float | None  # when a deferred message is due
+    priority: Priority = Priority.NORMAL
 
 
-class _Waker:
-    """Readable after each publish: wakes a processor sleeping on this queue."""
+class _Waker(Bell):
+    """Rung after each publish: wakes a processor sleeping on this queue."""
 
     kind = "in-memory queue"
 
     def __init__(self, queue: MemoryQueue) -> None:
+        super().__init__()
         self._queue = queue
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
-
-    def fileno(self) -> int:
-        return self._r.fileno()
-
-    def poke(self) -> None:
-        with contextlib.suppress(OSError):  # full: already readable
-            self._w.send(b"\0")
-
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError, InterruptedError):
-            while self._r.recv(4096):
-                pass
 
     def close(self) -> None:
         self._queue._forget(self)
-        self._r.close()
-        self._w.close()
+        super().close()
 
 
 class MemoryQueue(OperatorMoves):
@@ -144,7 +136,7 @@ class MemoryQueue(OperatorMoves):
             not_before=later,
         )
         id = f"{int(now * 1e6):x}.{next(_serial)}"
-        return _Staged(id, prepared.message_id, record, bytes(prepared.data))
+        return _Staged(id, prepared.message_id, record, bytes(prepared.data), prepared.priority)
 
     def stage_many(self, batch: Sequence[tuple[Prepared, float | None]]) -> list[_Staged]:
         """:meth:`stage` for several messages."""
@@ -156,10 +148,10 @@ class MemoryQueue(OperatorMoves):
             for s in staged:
                 later = s.record.not_before
                 state = State.DEFERRED if later is not None else State.READY
-                self._items[s.id] = _Item(s.record, s.data, state, later)
+                self._items[s.id] = _Item(s.record, s.data, state, later, s.priority)
             wakers = list(self._wakers)
         for w in wakers:
-            w.poke()
+            w.ring()
 
     def discard(self, staged: Sequence[Any]) -> None:
         """Forget staged messages (nothing was visible)."""
@@ -167,12 +159,18 @@ class MemoryQueue(OperatorMoves):
     # -- processing -----------------------------------------------------------------
 
     def due(self, now: float | None = None) -> Iterator[str]:
-        """The ids of ready messages, then of deferred ones whose time has come."""
+        """The ids that can be claimed: per class, ready messages then deferred
+        ones whose time has come; the classes interleaved by the rule of
+        :mod:`mailspool.priority`."""
         now = self._clock() if now is None else now
+        return interleave({p: functools.partial(self._due_class, p, now) for p in PRIORITIES})
+
+    def _due_class(self, priority: Priority, now: float) -> list[str]:
         with self._lock:
-            ready = [i for i, it in self._items.items() if it.state is State.READY]
-            later = [i for i, it in self._items.items() if self._due_deferred(it, now)]
-        return iter(ready + later)
+            mine = [(i, it) for i, it in self._items.items() if it.priority is priority]
+            ready = [i for i, it in mine if it.state is State.READY]
+            later = [i for i, it in mine if self._due_deferred(it, now)]
+        return ready + later
 
     @staticmethod
     def _due_deferred(item: _Item, now: float) -> bool:
@@ -248,6 +246,16 @@ class MemoryQueue(OperatorMoves):
             times = [it.record.queued_at for it in self._items.values() if it.state in states]
         return min(times) if times else None
 
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` and the oldest message of each state."""
+        with self._lock:
+            oldest: dict[str, float | None] = {s.value: None for s in State}
+            for it in self._items.values():
+                t, key = it.record.queued_at, it.state.value
+                if oldest[key] is None or t < (oldest[key] or 0.0):
+                    oldest[key] = t
+        return Census(self.counts(now), oldest)
+
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]:
         """One entry per message (of one state, or all), oldest first."""
         if state is not None and state not in {s.value for s in State}:
@@ -255,6 +263,10 @@ class MemoryQueue(OperatorMoves):
         with self._lock:
             listed = [self._entry(i, it) for i, it in self._items.items()]
         return iter([e for e in listed if state is None or e.state == state])
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest entries (of one state, or all), oldest first."""
+        return heapq.nsmallest(limit, self.entries(state), key=age_order)
 
     @staticmethod
     def _entry(id: str, item: _Item) -> QueueEntry:
@@ -270,28 +282,36 @@ class MemoryQueue(OperatorMoves):
             item.next_at if item.state is State.DEFERRED else None,
             len(item.data),
             r.last_error,
+            priority=item.priority.value,
         )
 
     def get(self, id: str) -> QueueEntry:
-        """Everything known about one message; KeyError when there is none."""
+        """Everything known about one message; NoSuchMessage when there is none."""
         with self._lock:
-            return self._entry(id, self._items[id])
+            return self._entry(id, self._item(id))
 
     def message(self, id: str) -> bytes:
-        """The message as it would be sent; KeyError when there is none."""
+        """The message as it would be sent; NoSuchMessage when there is none."""
         with self._lock:
-            return self._items[id].data
+            return self._item(id).data
+
+    def _item(self, id: str) -> _Item:
+        item = self._items.get(id)
+        if item is None:
+            raise NoSuchMessage(id)
+        return item
 
     def _admin(self, action: str, id: str) -> None:
         sources, target = _MOVES[action]
         with self._lock:
             item = self._items.get(id)
             if item is None:
-                raise KeyError(id)
+                raise NoSuchMessage(id)
             if item.state not in sources:
+                state = item.state.value
                 if action == "unhold":  # in the words of `mailspool release`, as the spool says it
-                    raise SpoolError(f"not held (it is {item.state.value}): nothing to release")
-                raise SpoolError(f"cannot {action} a message that is {item.state.value}")
+                    raise MessageStateError(f"not held (it is {state}): nothing to release")
+                raise MessageStateError(f"cannot {action} a message that is {state}")
             if target is None:
                 del self._items[id]
                 return
@@ -339,7 +359,7 @@ class _Claim(RecordFields):
 
     def _finish(self, how: str) -> None:
         if self._done is not None:
-            raise SpoolError(f"cannot {how} {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot {how} {self.id}: already {self._done}")
         self._done = how
 
     def settle(
@@ -353,7 +373,7 @@ class _Claim(RecordFields):
     ) -> str:
         """Record one attempt per recipient; ``"removed"``, ``"deferred"`` or ``"failed"``."""
         if self._done is not None:
-            raise SpoolError(f"cannot settle {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot settle {self.id}: already {self._done}")
         sent = tuple(sent)
         if not failed and not deferred and all_sent(self._record, sent):
             record, outcome = self._record, "removed"

@@ -38,6 +38,7 @@ from email.message import Message
 
 from mailspool.address import Envelope, is_ascii_dot_atom, make_envelope, parse_mailbox
 from mailspool.errors import InvalidMessage
+from mailspool.priority import Priority
 
 __all__ = [
     "MAX_LINE",
@@ -46,6 +47,7 @@ __all__ = [
     "Prepared",
     "WireData",
     "crlf",
+    "host_name",
     "make_envelope",
     "make_msgid",
     "needs_8bit",
@@ -73,8 +75,14 @@ def crlf(data: bytes, *, final: bool = True) -> bytes:
         return _crlf_lines(data)[0]
     n = data.count(b"\n")
     if n != data.count(b"\r\n") or n != data.count(b"\r"):
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        data = _to_crlf(data)
     return data
+
+
+def _to_crlf(data: bytes) -> bytes:
+    # Faster than a regular expression: CRLF and bare CR to LF, then every
+    # LF to CRLF.
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
 
 
 def _crlf_lines(data: bytes) -> tuple[bytes, list[bytes]]:
@@ -90,9 +98,7 @@ def _crlf_lines(data: bytes) -> tuple[bytes, list[bytes]]:
     breaks = len(lines) - (0 if data.endswith((b"\n", b"\r")) or not data else 1)
     n = data.count(b"\n")
     if n != breaks or n != data.count(b"\r"):
-        # Faster than a regular expression: CRLF and bare CR to LF, then
-        # every LF to CRLF.
-        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+        data = _to_crlf(data)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     return data, lines
@@ -266,7 +272,13 @@ _counter = 0
 _hostname: str | None = None
 
 
-def _host() -> str:
+def host_name() -> str:
+    """This host's name, made safe: letters, digits, dots and hyphens only.
+
+    The one place mailspool cleans the host name: it is the default domain
+    of Message-Ids, and (its first label) the last part of the queue's
+    message names and of the processors' stats files.
+    """
     # gethostname, not getfqdn: no DNS lookup (which can stall for seconds)
     # on the first send.  Uniqueness comes from the left part anyway.
     global _hostname
@@ -295,7 +307,7 @@ def make_msgid(domain: str | None = None) -> str:
     """
     global _counter
     if domain is None:
-        domain = _host()
+        domain = host_name()
     elif not is_ascii_dot_atom(domain):
         raise ValueError(f"Message-Id domain {domain!r} is not an ASCII dot-atom")
     with _counter_lock:
@@ -325,11 +337,13 @@ class Prepared:
         envelope: the validated envelope.
         message_id: the Message-Id without angle brackets.
         data: the message bytes, CRLF line endings, headers complete.
+        priority: its class in the queue (see :mod:`mailspool.priority`).
     """
 
     envelope: Envelope
     message_id: str
     data: bytes
+    priority: Priority = Priority.NORMAL
 
     @property
     def eight_bit(self) -> bool:

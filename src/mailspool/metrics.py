@@ -39,8 +39,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from mailspool.events import Attempt, MailQuarantined, MailQueued, MailSent
+from mailspool.events import MailEvent, MailQuarantined, MailQueued, MailSent
 from mailspool.processor.observe import counts_once, relay_view
+from mailspool.queue import State
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
 __all__ = ["Metrics", "parse_address", "serve"]
 
 #: The states ``status`` counts, in its order.
-STATE_NAMES = ("ready", "in_flight", "deferred", "held", "failed", "quarantined")
+STATE_NAMES = tuple(str(s) for s in State)
 #: Commit to the relay's acceptance: from a fraction of a second to days.
 DELIVERY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400)
 #: One SMTP transaction, or one commit's write into the spool.
@@ -128,7 +129,7 @@ class Metrics(Collector):
 
     def __call__(self, event: object) -> None:
         """The ``zope.event`` subscriber: count one event (for every message: lean)."""
-        facts: Attempt | None = getattr(event, "attempt", None)
+        facts = event.attempt if isinstance(event, MailEvent) else None
         if facts is None:
             if isinstance(event, MailQueued):
                 with self._lock:
@@ -230,10 +231,9 @@ class _Gauges(Collector):
         with self._lock:
             if time.monotonic() - self._at >= self.cache:
                 spool = self.processor.spool
-                ready = spool.oldest(("ready",))
-                others = spool.oldest(("in_flight", "deferred", "held"))
-                waiting = min((t for t in (ready, others) if t is not None), default=None)
-                self._spool = (spool.counts(), ready, waiting)
+                census = spool.census()  # one look at the queue per scrape
+                ready, waiting = census.oldest_of(("ready",)), census.oldest_of()
+                self._spool = (dict(census.counts), ready, waiting)
                 self._at = time.monotonic()
             return self._spool
 

@@ -13,7 +13,6 @@ attempt the same way, with :func:`settle_record`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -23,12 +22,15 @@ from mailspool.records import (
     PENDING,
     SENT,
     STATUSES,
+    WAITING,
+    Census,
     Outcome,
     QueueEntry,
     RecipientStatus,
     Record,
     RecordFields,
     State,
+    age_order,
     all_sent,
     settle_record,
 )
@@ -41,6 +43,9 @@ __all__ = [
     "PENDING",
     "SENT",
     "STATUSES",
+    "WAITING",
+    "Census",
+    "InDirectory",
     "OperatorMoves",
     "Outcome",
     "QueueBackend",
@@ -53,9 +58,9 @@ __all__ = [
     "Staged",
     "State",
     "Waker",
+    "age_order",
     "all_sent",
     "is_postgres_url",
-    "open_queue",
     "settle_record",
 ]
 
@@ -76,8 +81,8 @@ class OperatorMoves:
         Failed recipients become pending again (their last reply is kept).
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is in a state that cannot be retried.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is in a state that cannot be retried.
         """
         self._admin("retry", id)
 
@@ -85,8 +90,8 @@ class OperatorMoves:
         """Keep a ready or deferred message out of the processor's way.
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent or in another state.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is being sent or in another state.
         """
         self._admin("hold", id)
 
@@ -94,8 +99,8 @@ class OperatorMoves:
         """Make a held message ready again.
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is not held.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is not held.
         """
         self._admin("unhold", id)
 
@@ -103,8 +108,8 @@ class OperatorMoves:
         """Remove a message for good (not while it is being sent).
 
         Raises:
-            KeyError: no such message.
-            SpoolError: the message is being sent.
+            NoSuchMessage: no such message (a ``KeyError``).
+            MessageStateError: the message is being sent.
         """
         self._admin("delete", id)
 
@@ -134,6 +139,16 @@ class Waker(Protocol):
         """Consume what made it readable."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class InDirectory(Protocol):
+    """A queue that lives in a directory (the Maildir spool): the processors
+    keep what they learned of the relay, and their stats, beside the mail.
+    Other backends have no ``path``; ``isinstance`` tells them apart."""
+
+    @property
+    def path(self) -> str: ...
 
 
 @runtime_checkable
@@ -268,7 +283,14 @@ class QueueBackend(Protocol):
         self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
     ) -> float | None: ...
 
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` (with ``now`` as there) and the oldest per state, in one look."""
+
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]: ...
+
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest messages (of one state, or all), in :func:`age_order`;
+        read without holding or reading every message of a large queue."""
 
     def get(self, id: str) -> QueueEntry: ...
 
@@ -300,23 +322,3 @@ class RelayStateStore(Protocol):
 def is_postgres_url(value: str) -> bool:
     """Whether ``value`` names a PostgreSQL queue rather than a spool directory."""
     return value.startswith(("postgresql://", "postgres://"))
-
-
-def open_queue(
-    where: str | os.PathLike[str] | QueueBackend, *, create: bool = True
-) -> QueueBackend:
-    """The backend for ``where``: a backend as it is, or a directory's Maildir spool.
-
-    Args:
-        where: a :class:`QueueBackend`, or the path of a spool directory.
-        create: for a path, create the spool when it is missing.
-
-    Raises:
-        SpoolError: the spool does not exist (``create=False``) or cannot be
-            created.
-    """
-    if isinstance(where, (str, os.PathLike)):
-        from mailspool.maildir.spool import Spool  # the default backend
-
-        return Spool(where, create=create)
-    return where

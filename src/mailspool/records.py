@@ -21,12 +21,15 @@ __all__ = [
     "PENDING",
     "SENT",
     "STATUSES",
+    "WAITING",
+    "Census",
     "Outcome",
     "QueueEntry",
     "RecipientStatus",
     "Record",
     "RecordFields",
     "State",
+    "age_order",
     "all_sent",
     "settle_record",
 ]
@@ -129,6 +132,35 @@ class QueueEntry:
     size: int
     last_error: str | None
     legacy: bool = False
+    priority: str = "normal"  # "urgent", "normal" or "bulk" (mailspool.priority)
+
+
+def age_order(entry: QueueEntry) -> tuple[bool, float, str]:
+    """The sort key of listings: oldest queued first, unreadable ones last, by id."""
+    return (entry.queued_at is None, entry.queued_at or 0.0, entry.id)
+
+
+#: The states whose messages still wait to be sent (what ``oldest()`` looks at).
+WAITING = ("ready", "in_flight", "deferred", "held")
+
+
+@dataclass(frozen=True)
+class Census:
+    """How many messages each state holds and when its oldest was queued:
+    what ``status``, ``check`` and the metrics need, in one look at the queue.
+
+    ``counts`` has the keys of ``QueueBackend.counts()``; ``oldest`` the
+    same keys, each the ``queued_at`` of that state's oldest message (None
+    when empty or unknown).
+    """
+
+    counts: Mapping[str, int]
+    oldest: Mapping[str, float | None]
+
+    def oldest_of(self, states: Iterable[str] = WAITING) -> float | None:
+        """When the oldest message in one of ``states`` was queued."""
+        times = [t for s in states if (t := self.oldest.get(s)) is not None]
+        return min(times) if times else None
 
 
 class RecordFields:

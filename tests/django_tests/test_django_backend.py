@@ -15,6 +15,7 @@ from django_tests.conftest import BACKEND
 from django_tests.shop.models import Order
 from mailspool.errors import InvalidAddress, SpoolError
 from mailspool.integrations.django import EmailBackend
+from mailspool.maildir.spool import Spool
 from mailspool.testing import queued_messages
 
 
@@ -192,3 +193,17 @@ def test_a_mailer_of_django_mailers(spool: Path, tmp_path: Path) -> None:
         mail.send_mail("Hi", "x", None, ["jane@example.org"], using="bulk")
     assert queued_messages(spool) == []
     assert [m.recipients for m in queued_messages(other)] == [("jane@example.org",)]
+
+
+def test_a_connection_with_a_priority_queues_its_class(spool: Path) -> None:
+    bulk = mail.get_connection(priority="bulk")
+    assert mail.send_mail("News", "This week", None, ["jane@example.org"], connection=bulk) == 1
+    assert mail.send_mail("Reset", "Your code", None, ["jane@example.org"]) == 1
+    assert sorted(e.priority for e in Spool(spool).entries()) == ["bulk", "normal"]
+
+
+def test_an_unknown_priority_is_a_configuration_error(spool: Path) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match="priority 'soon' is not one of"):
+        mail.get_connection(priority="soon")

@@ -26,16 +26,15 @@ from mailspool.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     STATE_NAMES,
+    age_text,
     common_options,
     fail,
-    open_spool,
-    reading,
     relay_options,
     relay_state,
     resolve,
     when,
 )
-from mailspool.cli.queue_verbs import age_text
+from mailspool.cli.opening import open_spool, reading
 from mailspool.cli.settings import ConfigError, Settings, parse_duration
 from mailspool.queue import QueueBackend
 
@@ -137,8 +136,8 @@ def check(
     spool = open_spool(settings)
     now = time.time()
     with reading(spool):
-        counts = spool.counts()
-        oldest_ready = spool.oldest(("ready",))
+        census = spool.census()
+    counts, oldest_ready = census.counts, census.oldest_of(("ready",))
     age = None if oldest_ready is None else max(0.0, now - oldest_ready)
     problems = _over_limits(counts, max_failed, max_quarantined, age, age_limit)
     paused = None if ignore_relay_pause else _paused_until(spool, now)

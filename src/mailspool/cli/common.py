@@ -6,8 +6,9 @@ The verbs live in modules of their own (:mod:`mailspool.cli.queue_verbs`,
 module is what they have in common, so that none of them needs to import
 :mod:`mailspool.cli.main`: the exit codes, :class:`CommandError` (how a verb
 stops with one line and a code), the option groups built from the settings
-table, loading the settings, opening the spool, building the processor, the
-signal handling of the delivering verbs, and small formatting helpers.
+table, loading the settings, the signal handling of the delivering verbs,
+and small formatting helpers.  How a verb opens the queue is
+:mod:`mailspool.cli.opening`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import os
 import signal
 import sys
 import threading
@@ -27,10 +27,10 @@ import click
 
 from mailspool.cli.settings import FIELDS, ConfigError, LoadedSettings, Settings, resolve_settings
 from mailspool.errors import SpoolError
-from mailspool.queue import is_postgres_url
+from mailspool.queue import State
 
 if TYPE_CHECKING:
-    from mailspool.processor.loop import QueueProcessor, Summary
+    from mailspool.processor.loop import Summary
     from mailspool.queue import QueueBackend
 
 __all__ = [
@@ -42,12 +42,10 @@ __all__ = [
     "STATE_NAMES",
     "CommandError",
     "OneLineFormatter",
+    "age_text",
     "common_options",
     "fail",
-    "make_processor",
-    "open_spool",
     "processor_options",
-    "reading",
     "reason",
     "relay_options",
     "resolve",
@@ -66,7 +64,7 @@ EXIT_NO_QUEUE = 3
 EXIT_INTERRUPTED = 130
 
 #: The states of a spooled message, in the order the command shows them.
-STATE_NAMES = ("ready", "in_flight", "deferred", "held", "failed", "quarantined")
+STATE_NAMES = tuple(str(s) for s in State)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -303,96 +301,6 @@ def reason(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def open_spool(settings: Settings, *, create: bool = False, wait: bool = False) -> QueueBackend:
-    """The queue named by the settings: a spool directory, or a ``postgresql://`` URL.
-
-    Args:
-        settings: where ``queue`` is.
-        create: make a spool when missing; otherwise a missing spool is an
-            error (a PostgreSQL queue is made by ``mailspool db init`` only).
-        wait: a PostgreSQL queue whose database is down is waited for
-            (``mailspool run``), not an error.
-
-    Raises:
-        CommandError: no queue given (exit code 2); not found, not a
-            directory, unreadable or not creatable (exit code 3).
-    """
-    from mailspool.maildir.spool import Spool
-
-    path = settings.queue
-    if not path:
-        fail(
-            "queue: no queue given; use --queue PATH, MAILSPOOL_QUEUE or queue = ... "
-            "in the config file",
-            EXIT_USAGE,
-        )
-    if is_postgres_url(path):
-        from mailspool.cli.db_verbs import open_postgres
-
-        return open_postgres(path, wait=wait)
-    if os.path.exists(path) and not os.path.isdir(path):
-        fail(f"queue {path}: not a directory", EXIT_NO_QUEUE)
-    if not create:
-        if not os.path.isdir(path):
-            fail(f"queue {path}: not found", EXIT_NO_QUEUE)
-        if not os.access(path, os.R_OK | os.X_OK):
-            fail(f"queue {path}: permission denied", EXIT_NO_QUEUE)
-    try:
-        return Spool(path, create=create)
-    except SpoolError as exc:
-        fail(f"queue {path}: {reason(exc)}", EXIT_NO_QUEUE)
-    except OSError as exc:
-        fail(f"queue {path}: {exc.strerror or exc}", EXIT_NO_QUEUE)
-
-
-@contextlib.contextmanager
-def reading(spool: QueueBackend) -> Iterator[None]:
-    """Turn a failure to read the spool's directories into exit code 3.
-
-    An area that cannot be listed (permissions, a file where a directory
-    should be) is a broken queue, not a bug: one line naming the queue.
-    """
-    try:
-        yield
-    except (SpoolError, OSError) as exc:
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else reason(exc)
-        where = getattr(exc, "filename", None)
-        detail = f"{where}: {text}" if isinstance(where, str) and where else text
-        fail(f"queue {spool.location}: cannot read: {detail}", EXIT_NO_QUEUE)
-
-
-def make_processor(
-    settings: Settings, *, create: bool = False, wait: bool = False
-) -> QueueProcessor:
-    """A :class:`~mailspool.processor.QueueProcessor` with an SMTP mailer, as set.
-
-    The mailer and the retry policy are built first, so that a setting they
-    refuse stops the command before the spool is opened (or created).
-
-    Args:
-        settings: the relay, processor and retry settings, and the queue.
-        create: create the spool when missing (see :func:`open_spool`).
-        wait: wait for a queue whose database is down (see :func:`open_spool`).
-
-    Raises:
-        CommandError: the mailer or the processor refuses a setting (exit
-            code 2), or the spool cannot be opened (see :func:`open_spool`).
-    """
-    from mailspool.processor.loop import QueueProcessor, RetryPolicy
-    from mailspool.smtp.mailer import SMTPMailer
-
-    try:
-        mailer = SMTPMailer(**settings.mailer_options())
-        retry = RetryPolicy(**settings.retry_options())
-    except ValueError as exc:
-        fail(f"relay: {exc}", EXIT_USAGE)
-    spool = open_spool(settings, create=create, wait=wait)
-    try:
-        return QueueProcessor(spool, mailer, retry=retry, **settings.processor_options())
-    except ValueError as exc:
-        fail(f"processor: {exc}", EXIT_USAGE)
-
-
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGINT or SIGTERM while the block runs (main thread only).
@@ -417,6 +325,18 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 
 # --- formatting -------------------------------------------------------------------
+
+
+def age_text(seconds: float) -> str:
+    """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
 def when(ts: float) -> str:

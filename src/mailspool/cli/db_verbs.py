@@ -5,8 +5,8 @@
 SPOOLDIR`` moves a Maildir spool's messages into the database (see
 :mod:`mailspool.postgres.importer`).  All three take the queue from
 ``--queue postgresql://...`` (or ``MAILSPOOL_QUEUE``, or the config file),
-like every other verb; :func:`open_postgres` is also how the other verbs
-open such a queue.  The password never comes from the command line: libpq
+like every other verb, opened as every verb opens it
+(:mod:`mailspool.cli.opening`).  The password never comes from the command line: libpq
 reads ``PGPASSWORD`` or ``~/.pgpass``, mailspool the file named by
 ``MAILSPOOL_DB_PASSWORD_FILE``.
 """
@@ -26,97 +26,15 @@ from mailspool.cli.common import (
     fail,
     reason,
     settings,
-    stop_on_signals,
 )
+from mailspool.cli.opening import open_postgres, postgres_target
 from mailspool.errors import SpoolError
 from mailspool.queue import is_postgres_url
 
 if TYPE_CHECKING:
-    from mailspool.postgres.connect import Target
-    from mailspool.postgres.queue import PostgresQueue
+    pass
 
-__all__ = ["COMMANDS", "open_postgres"]
-
-
-def _target(url: str) -> Target:
-    """The database named by ``url``, or one line saying what is wrong (exit code 2)."""
-    try:
-        from mailspool.postgres.connect import parse_target
-    except ImportError:
-        fail(
-            "queue: a PostgreSQL queue needs psycopg: pip install 'mailspool[postgres]'",
-            EXIT_USAGE,
-        )
-    from psycopg import conninfo
-
-    try:
-        target = parse_target(url)
-    except ValueError as exc:
-        fail(str(exc), EXIT_USAGE)
-    if "password" in conninfo.conninfo_to_dict(target.conninfo):
-        fail(
-            "queue: no password in the URL (ps and logs would show it); use PGPASSWORD, "
-            "~/.pgpass or MAILSPOOL_DB_PASSWORD_FILE",
-            EXIT_USAGE,
-        )
-    return target
-
-
-def open_postgres(url: str, *, wait: bool = False) -> PostgresQueue:
-    """The PostgreSQL queue at ``url``, for any verb.
-
-    Args:
-        url: the queue's URL.
-        wait: while the database cannot be reached, wait for it (logging
-            one line when the wait begins, one when it ends) instead of
-            exit code 3; SIGTERM or SIGINT ends the wait (exit code 0).
-            ``mailspool run`` waits: a service started before its database
-            must not give up.
-
-    Raises:
-        CommandError: psycopg missing, a malformed URL or a password in it
-            (exit code 2); the database unreachable (unless ``wait``),
-            refusing the login, or without the schema (exit code 3).
-    """
-    target = _target(url)
-    from mailspool.postgres.queue import PostgresQueue
-
-    queue = PostgresQueue(target, connect=False)
-    try:
-        if wait:
-            _wait_for(queue)
-        else:
-            queue.opened()
-    except SpoolError as exc:
-        queue.close()
-        fail(reason(exc), EXIT_NO_QUEUE)
-    return queue
-
-
-def _wait_for(queue: PostgresQueue) -> None:
-    """Open ``queue``, waiting as long as its database cannot be reached.
-
-    Raises:
-        SpoolError: the database answers and refuses (a login, no schema).
-        CommandError: a signal ended the wait (exit code 0: nothing was done).
-    """
-    from mailspool.errors import QueueUnavailable
-    from mailspool.processor.outage import Outage
-
-    outage = Outage(queue.location)
-    with stop_on_signals() as stopped:
-        while True:
-            mark = outage.mark()
-            try:
-                queue.opened()
-            except QueueUnavailable as exc:
-                outage.failed(exc)
-                if stopped.wait(outage.left()):
-                    queue.close()
-                    fail("stopped while waiting for the queue's database", EXIT_OK)
-                continue
-            outage.worked(mark)
-            return
+__all__ = ["COMMANDS"]
 
 
 def _url(ctx: click.Context, kw: dict[str, Any]) -> str:
@@ -130,7 +48,7 @@ def _migrate(url: str, *, create: bool) -> int:
     from mailspool.postgres.connect import display_name
     from mailspool.postgres.schema import SCHEMA_VERSION, SchemaError, apply_migrations
 
-    target = _target(url)
+    target = postgres_target(url)
     name = display_name(target)
     try:
         conn = target.connect(autocommit=True)

@@ -21,6 +21,7 @@ it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import getpass
 import logging
 import os
@@ -39,10 +40,7 @@ from mailspool.cli.common import (
     EXIT_USAGE,
     common_options,
     fail,
-    make_processor,
-    open_spool,
     processor_options,
-    reading,
     reason,
     relay_options,
     settings,
@@ -51,8 +49,10 @@ from mailspool.cli.common import (
     summary_line,
 )
 from mailspool.cli.observe import observed
-from mailspool.errors import InvalidAddress, InvalidMessage
+from mailspool.cli.opening import make_processor, open_spool, reading
+from mailspool.errors import InvalidAddress, InvalidMessage, SpoolError
 from mailspool.message import parse_mailbox, prepare
+from mailspool.priority import parse_priority
 
 if TYPE_CHECKING:
     from mailspool.message import Prepared
@@ -405,6 +405,11 @@ def _default_sender() -> str:
     is_flag=True,
     help="Also send to the To, Cc and Bcc addresses of the message (Bcc is removed).",
 )
+@click.option(
+    "--priority",
+    metavar="CLASS",
+    help="urgent, normal (the default) or bulk: urgent mail is sent first, bulk last.",
+)
 @click.option("-i", "ignore_dots", is_flag=True, hidden=True)
 @click.option("-o", "sendmail_option", metavar="OPTION", hidden=True, multiple=True)
 @common_options
@@ -415,6 +420,7 @@ def send(
     recipients: tuple[str, ...],
     sender: str | None,
     read_recipients: bool,
+    priority: str | None,
     ignore_dots: bool,
     sendmail_option: tuple[str, ...],
     **kw: Any,
@@ -427,6 +433,10 @@ def send(
     missing. A line with a single dot is message text, not the end (-i and
     sendmail's -o options such as -oi are accepted and change nothing).
     """
+    try:
+        cls = parse_priority(priority)
+    except ValueError as exc:
+        fail(f"send: --priority: {exc}", EXIT_USAGE)
     loaded = settings(ctx, kw)
     if sendmail_option:
         log.debug("sendmail options ignored: %s", " ".join(f"-o{o}" for o in sendmail_option))
@@ -447,7 +457,7 @@ def send(
         nl = b"\r\n" if head.endswith(b"\r\n") or b"\r\n" in rest[:2] else b"\n"
         head = f"From: {sender}".encode() + nl + head
     try:
-        prepared = prepare(sender, rcpts, head + rest)
+        prepared = dataclasses.replace(prepare(sender, rcpts, head + rest), priority=cls)
     except (InvalidAddress, InvalidMessage) as exc:
         fail(f"send: {exc}")
     _enqueue(open_spool(loaded, create=True), prepared)
@@ -466,11 +476,11 @@ def _enqueue(spool: QueueBackend, prepared: Prepared) -> None:
     """
     try:
         staged = spool.stage(prepared)
-    except OSError as exc:  # SpoolError: nothing left behind
+    except (SpoolError, OSError) as exc:  # nothing left behind
         fail(f"send: not queued: {reason(exc)}")
     try:
         spool.publish([staged])
-    except OSError as exc:
+    except (SpoolError, OSError) as exc:
         tmp = getattr(staged, "tmp_path", None)  # a spool's file; a database rolls back
         if tmp is None or os.path.lexists(tmp):  # not made visible: take it back
             spool.discard([staged])

@@ -18,8 +18,9 @@ from collections import deque
 from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
-from mailspool.cli.common import EXIT_USAGE, STATE_NAMES, fail, when
+from mailspool.cli.common import EXIT_USAGE, STATE_NAMES, age_text, fail, when
 from mailspool.processor.observe import StatsFile, read_stats
+from mailspool.queue import InDirectory
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import QueueProcessor
@@ -46,7 +47,7 @@ def observed(processor: QueueProcessor, metrics: str | None) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         if metrics is not None:
             stack.enter_context(_serving(processor, metrics))
-        if isinstance(getattr(processor.spool, "path", None), str):  # a Maildir spool
+        if isinstance(processor.spool, InDirectory):  # a Maildir spool
             stack.enter_context(StatsFile(processor))
         yield
 
@@ -121,19 +122,12 @@ def _relay(stats: list[dict[str, Any]], now: float) -> str:
     return f"{name} ok ({len(stats)} processor(s), {conns} connection(s){limit})"
 
 
-def _age(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 def _look(spool: Spool, rates: _Rates) -> dict[str, Any]:
     now = time.time()
-    counts = spool.counts()
-    oldest = spool.oldest()
-    path = getattr(spool, "path", None)  # processors write stats into a Maildir spool
-    stats = read_stats(path, now) if isinstance(path, str) else []
+    census = spool.census()
+    counts, oldest = dict(census.counts), census.oldest_of()
+    # processors write stats into a Maildir spool
+    stats = read_stats(spool.path, now) if isinstance(spool, InDirectory) else []
     return {
         "now": now,
         "counts": counts,
@@ -151,7 +145,7 @@ def _rates_text(rates: tuple[float, float] | None) -> str:
 
 def _line(v: dict[str, Any]) -> str:
     counts = " ".join(f"{s}={v['counts'].get(s, 0)}" for s in STATE_NAMES)
-    oldest = "-" if v["oldest"] is None else _age(v["oldest"])
+    oldest = "-" if v["oldest"] is None else age_text(v["oldest"])
     stamp = time.strftime("%H:%M:%S", time.localtime(v["now"]))
     return f"{stamp} {counts} {_rates_text(v['rates'])} oldest={oldest} relay: {v['relay']}"
 
@@ -160,7 +154,7 @@ def _screen(spool: Spool, v: dict[str, Any]) -> str:
     lines = [f"mailspool {spool.location}   {time.strftime('%H:%M:%S')}   (Ctrl-C to quit)", ""]
     for s in STATE_NAMES:
         lines.append(f"  {s.replace('_', ' '):<12} {v['counts'].get(s, 0):>9}")
-    oldest = "none" if v["oldest"] is None else _age(v["oldest"])
+    oldest = "none" if v["oldest"] is None else age_text(v["oldest"])
     lines += [
         "",
         f"  rates        {_rates_text(v['rates'])}",

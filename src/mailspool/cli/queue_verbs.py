@@ -24,34 +24,24 @@ from mailspool.cli.common import (
     EXIT_OK,
     EXIT_USAGE,
     STATE_NAMES,
+    age_text,
     common_options,
     fail,
-    open_spool,
-    reading,
     reason,
     relay_state,
     settings,
     when,
 )
+from mailspool.cli.opening import open_spool, reading
+from mailspool.errors import SpoolError
 from mailspool.processor.outcome import per_second
+from mailspool.queue import age_order
 
 if TYPE_CHECKING:
     from mailspool.queue import QueueBackend as Spool
     from mailspool.queue import QueueEntry as SpoolEntry
 
-__all__ = ["COMMANDS", "age_text", "entry_json"]
-
-
-def age_text(seconds: float) -> str:
-    """A short human duration: 42s, 5m, 2h 5m, 3d 4h."""
-    s = max(0, int(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h {s % 3600 // 60}m"
-    return f"{s // 86400}d {s % 86400 // 3600}h"
+__all__ = ["COMMANDS", "entry_json"]
 
 
 def _size(n: int) -> str:
@@ -112,6 +102,7 @@ def entry_json(entry: SpoolEntry, pause: dict[str, Any] | None = None) -> dict[s
         "size": entry.size,
         "last_error": entry.last_error,
         "legacy": entry.legacy,
+        "priority": entry.priority,
         "waiting_on_relay": pause if entry.state == "ready" else None,
     }
 
@@ -124,7 +115,7 @@ def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
     """
     try:
         return spool.message(entry.id)
-    except (KeyError, ValueError, OSError):
+    except (KeyError, ValueError, SpoolError, OSError):
         return None
 
 
@@ -148,9 +139,13 @@ def _entries(spool: Spool, state: str | None = None) -> Iterator[SpoolEntry]:
         yield from spool.entries(state)
 
 
-def _oldest_first(entries: Iterator[SpoolEntry]) -> list[SpoolEntry]:
-    """By the time each was queued, oldest first (unreadable ones last, by ID)."""
-    return sorted(entries, key=lambda e: (e.queued_at is None, e.queued_at or 0.0, e.id))
+def _listed(spool: Spool, state: str | None, limit: int | None) -> list[SpoolEntry]:
+    """By the time each was queued, oldest first (unreadable ones last, by ID);
+    with ``limit``, only that many, chosen without reading the whole queue."""
+    if limit is not None:
+        with reading(spool):
+            return spool.oldest_entries(limit, state)
+    return sorted(_entries(spool, state), key=age_order)
 
 
 @click.command(short_help="Counts per state, oldest message, next retry.")
@@ -182,9 +177,9 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
         return watching(spool)
     now = time.time()
     with reading(spool):
-        counts = spool.counts()
+        census = spool.census()  # one look at each area, however large the queue
         next_retry = spool.next_due()
-        oldest = spool.oldest()
+    counts, oldest = census.counts, census.oldest_of()
     relay = relay_state(spool)
     pause = _pause(relay, now)
     if as_json:
@@ -241,16 +236,24 @@ def _relay_line(relay: dict[str, Any], now: float) -> str:
     metavar="STATE",
     help="Only this state: ready, in_flight, deferred, held, failed, quarantined.",
 )
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Only the N oldest (quick on a queue of millions).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of messages.")
 @common_options
 @click.pass_context
-def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) -> int:
+def list_(
+    ctx: click.Context, /, state: str | None, limit: int | None, as_json: bool, **kw: Any
+) -> int:
     """List the messages in the queue, like mailq, the oldest first.
 
-    One line per message (ID, state, age, size, attempts, sender and
-    recipients), the last error indented below it. Only the head of each
-    file is read.  While a processor has the relay paused, ready messages
-    show as relay-wait (they go when the pause ends).
+    One line per message (ID, state, priority class, age, size, attempts,
+    sender and recipients), the last error indented below it. Only the head
+    of each file is read.  While a processor has the relay paused, ready
+    messages show as relay-wait (they go when the pause ends).
     """
     spool = open_spool(settings(ctx, kw))
     wanted = _state(state)
@@ -259,14 +262,17 @@ def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) ->
     if as_json:
         out = sys.stdout
         out.write("[")
-        for i, entry in enumerate(_oldest_first(_entries(spool, wanted))):
+        for i, entry in enumerate(_listed(spool, wanted, limit)):
             out.write(("," if i else "") + "\n  " + json.dumps(entry_json(entry, pause)))
         out.write("\n]\n")
         return EXIT_OK
     n = waits = 0
-    for entry in _oldest_first(_entries(spool, wanted)):
+    for entry in _listed(spool, wanted, limit):
         if n == 0:
-            click.echo(f"{'ID':<40} {'STATE':<11} {'AGE':>7} {'SIZE':>6} {'TRIES':>5}  FROM -> TO")
+            click.echo(
+                f"{'ID':<40} {'STATE':<11} {'CLASS':<6} {'AGE':>7} {'SIZE':>6} {'TRIES':>5}"
+                "  FROM -> TO"
+            )
         n += 1
         age = age_text(now - entry.queued_at) if entry.queued_at else "?"
         rcpts = ", ".join(
@@ -276,12 +282,13 @@ def list_(ctx: click.Context, /, state: str | None, as_json: bool, **kw: Any) ->
         shown = RELAY_WAIT if pause is not None and entry.state == "ready" else entry.state
         waits += shown == RELAY_WAIT
         click.echo(
-            f"{entry.id:<40} {shown:<11} {age:>7} {_size(entry.size):>6} "
+            f"{entry.id:<40} {shown:<11} {entry.priority:<6} {age:>7} {_size(entry.size):>6} "
             f"{entry.attempts:>5}  {entry.sender or '<>'} -> {rcpts}"
         )
         if entry.last_error:
             click.echo(f"    {' '.join(entry.last_error.split())}")
-    click.echo(f"{n} message{'s' if n != 1 else ''}" + (f" {wanted}" if wanted else ""))
+    shown_of = f" (the oldest; --limit {limit})" if limit is not None and n == limit else ""
+    click.echo(f"{n} message{'s' if n != 1 else ''}" + (f" {wanted}" if wanted else "") + shown_of)
     if pause is not None and waits:
         click.echo(f"{RELAY_WAIT}: ready, but {_pause_text(pause, now)}")
     return EXIT_OK
@@ -333,7 +340,7 @@ def _get(spool: Spool, message_id: str) -> SpoolEntry:
         fail(f"{message_id}: not in the queue")
     except ValueError as exc:
         fail(f"{message_id}: {exc}")
-    except OSError as exc:  # SpoolError too
+    except (SpoolError, OSError) as exc:
         fail(f"{message_id}: {reason(exc)}")
 
 
@@ -349,6 +356,7 @@ def _echo_entry(entry: SpoolEntry, paused: str | None) -> None:
             else entry.state,
         ),
         ("message-id", entry.message_id or "-"),
+        ("priority", entry.priority),
         ("queued", when(entry.queued_at) if entry.queued_at else "?"),
         ("attempts", str(entry.attempts)),
         ("size", f"{entry.size} bytes"),
@@ -376,7 +384,7 @@ def _each(spool: Spool, ids: Sequence[str], action: Callable[[str], None], done:
         except KeyError:
             click.echo(f"mailspool: {id}: not in the queue", err=True)
             code = EXIT_FAILED
-        except (OSError, ValueError) as exc:
+        except (SpoolError, OSError, ValueError) as exc:
             click.echo(f"mailspool: {id}: {reason(exc)}", err=True)
             code = EXIT_FAILED
         else:

@@ -154,7 +154,12 @@ class Mailspool:
     # -- sending -------------------------------------------------------------------------
 
     def send(
-        self, fromaddr: str | None, toaddrs: Iterable[str] | str, message: bytes | str | Message
+        self,
+        fromaddr: str | None,
+        toaddrs: Iterable[str] | str,
+        message: bytes | str | Message,
+        *,
+        priority: str | None = None,
     ) -> str:
         """Queue ``message`` when the current transaction commits (see the module's docstring).
 
@@ -162,18 +167,20 @@ class Mailspool:
             fromaddr: the envelope sender; ``None`` for ``MAILSPOOL_DEFAULT_SENDER``.
             toaddrs: the recipients (a ``str`` is one address).
             message: ``bytes``, ``str`` or an ``email.message.Message``.
+            priority: ``"urgent"``, ``"normal"`` (the default) or ``"bulk"``.
 
         Returns:
             The Message-Id, without angle brackets.
 
         Raises:
             InvalidAddress, InvalidMessage: bad input, or no sender at all.
+            ValueError: ``priority`` names no class.
         """
         state = self._state()
         sender = fromaddr or state.default_sender
         if not sender:
             raise InvalidAddress(fromaddr, "no sender: pass one or set MAILSPOOL_DEFAULT_SENDER")
-        return state.delivery.send(sender, toaddrs, message)
+        return state.delivery.send(sender, toaddrs, message, priority=priority)
 
     def send_mail(
         self,
@@ -187,8 +194,11 @@ class Mailspool:
         reply_to: str | None = None,
         html: str | None = None,
         headers: Mapping[str, str] | None = None,
+        priority: str | None = None,
     ) -> str:
         """Build a text (and HTML) message and :meth:`send` it; Bcc stays out of the header.
+
+        ``priority``: as for :meth:`send`.
 
         Returns:
             The Message-Id, without angle brackets.
@@ -220,7 +230,7 @@ class Mailspool:
         msg.set_content(body)
         if html is not None:
             msg.add_alternative(html, subtype="html")
-        return self._state().delivery.send(sender, envelope.recipients, msg)
+        return self._state().delivery.send(sender, envelope.recipients, msg, priority=priority)
 
     def _state(self) -> _State:
         try:

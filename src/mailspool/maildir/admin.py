@@ -16,7 +16,8 @@ import stat
 from collections.abc import Iterator
 from dataclasses import replace
 
-from mailspool.errors import SpoolError
+from mailspool.errors import MessageStateError, NoSuchMessage, SpoolCorrupt, SpoolError
+from mailspool.maildir.classes import name_priority
 from mailspool.maildir.directory import (
     LOCATE_ORDER,
     SpoolDir,
@@ -38,27 +39,18 @@ from mailspool.maildir.fileformat import (
 )
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.maildir.locks import RFLAGS, close_held, lock_file
-from mailspool.queue import OperatorMoves
+from mailspool.maildir.scan import name_time, scan_dir
+from mailspool.queue import Census, OperatorMoves, State, age_order
 from mailspool.queue import QueueEntry as SpoolEntry
 
 __all__ = ["SpoolAdmin", "SpoolEntry"]
 
 
-def _name_time(name: str) -> tuple[int, int] | None:
-    """(seconds, microseconds) from a Maildir name ``SECONDS.M<us>...``.
-
-    Names without the ``M<us>`` part (zope.sendmail's) give 0 microseconds;
-    names not starting with a time give None.
-    """
-    head, _, rest = name.partition(".")
-    if not head.isdigit():
-        return None
-    us = 0
-    if rest[:1] == "M":
-        digits = rest[1:8]
-        n = len(digits) - len(digits.lstrip("0123456789"))
-        us = int(digits[:n]) if n else 0
-    return int(head), us
+def _earlier(
+    a: tuple[tuple[int, int] | None, str, str], b: tuple[tuple[int, int] | None, str, str]
+) -> bool:
+    """Whether name ``a`` was made before ``b`` (undated names last)."""
+    return (a[0] is None, a[0] or (0, 0), a[1]) < (b[0] is None, b[0] or (0, 0), b[1])
 
 
 _HEAD_READ = 16384  # bytes read to list a message; more when the envelope is longer
@@ -76,7 +68,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         check_id(id)
         for area in LOCATE_ORDER:
             try:
-                os.lstat(self._dirs[area] + id)
+                os.lstat(self._path(area, id))
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
@@ -117,25 +109,37 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         needs one stat per deferred entry; without ``now`` no file is
         opened or stat'ed).
         """
+        return dict(self.census(now, oldest=False).counts)
+
+    def census(self, now: float | None = None, *, oldest: bool = True) -> Census:
+        """:meth:`counts` and each state's oldest message, in one listing of each area.
+
+        The oldest is the file whose name (Maildir's rule: it begins with
+        the time it was made) is the earliest; that one file is read for its
+        exact queued time.  So a spool of a million answers in one pass
+        over its directories of one string comparison per entry, holding one
+        name per state (see :mod:`mailspool.maildir.scan`).
+        """
         out = dict.fromkeys(AREAS, 0)
+        due = [0]
+        first: dict[str, tuple[tuple[int, int] | None, str, str]] = {}
         for area, state in STATES.items():
-            try:
-                it = os.scandir(self._dirs[area])
-            except FileNotFoundError:
-                continue
-            with it:
-                for e in it:
-                    if e.name[0] == ".":
-                        continue
-                    if now is not None and area == "deferred":
-                        try:
-                            if e.stat(follow_symlinks=False).st_mtime <= now:
-                                out["ready"] += 1
-                                continue
-                        except OSError:
-                            continue
-                    out[state] += 1
-        return out
+            for d in self._area_dirs(area):
+                n, names = scan_dir(d, int(oldest), now if area == "deferred" else None, due)
+                out[state] += n
+                for name in names:
+                    seen = (name_time(name), name, area)
+                    if state not in first or _earlier(seen, first[state]):
+                        first[state] = seen
+        out[State.READY] += due[0]
+        when: dict[str, float | None] = dict.fromkeys(AREAS)
+        for st, (t, name, area) in first.items():
+            entry = self._entry(area, name, full=False)
+            if entry is not None and entry.queued_at is not None:
+                when[st] = entry.queued_at
+            elif t is not None:
+                when[st] = t[0] + t[1] / 1e6
+        return Census(out, when)
 
     def oldest(
         self, states: tuple[str, ...] = ("ready", "in_flight", "deferred", "held")
@@ -153,7 +157,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         for state in states:
             area = AREAS[state]
             for name in self._names(area):
-                key = _name_time(name)
+                key = name_time(name)
                 if key is None:
                     unnamed.append((area, name))
                 elif best is None or key < best[0]:
@@ -184,11 +188,34 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 if entry is not None:
                     yield entry
 
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[SpoolEntry]:
+        """The ``limit`` oldest messages (all states, or one), oldest first.
+
+        Chosen by the time at the start of each file name (Maildir's rule:
+        when the file was made, which is when the message was queued); so
+        however large the spool, one listing of each area picks them (see
+        :mod:`mailspool.maildir.scan`), at most ``limit`` names per
+        directory are held, and only the heads of the chosen files are
+        read.  Names that do not start with a time come last.
+
+        Raises:
+            ValueError: ``state`` is not one of :data:`AREAS`.
+        """
+        if state is not None and state not in AREAS:
+            raise ValueError(f"unknown state {state!r}; one of {sorted(AREAS)}")
+        chosen: list[tuple[tuple[int, int] | None, str, str]] = []
+        for area in [AREAS[state]] if state else list(STATES):
+            for d in self._area_dirs(area):
+                chosen += [(name_time(n), n, area) for n in scan_dir(d, limit)[1]]
+        chosen.sort(key=lambda k: (k[0] is None, k[0] or (0, 0), k[1]))
+        found = [self._entry(area, name, full=False) for _, name, area in chosen[:limit]]
+        return sorted([e for e in found if e is not None], key=age_order)
+
     def get(self, id: str) -> SpoolEntry:
         """Everything known about one message, its checksum verified.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
             ValueError: ``id`` is not a valid name.
         """
         for _ in range(3):  # it may move between lookup and read
@@ -198,7 +225,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
             entry = self._entry(area, id, full=True)
             if entry is not None:
                 return entry
-        raise KeyError(id)
+        raise NoSuchMessage(id)
 
     def message(self, id: str) -> bytes:
         """The message ``id`` as it would be sent, without the envelope.
@@ -208,19 +235,20 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         inspected.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
             ValueError: ``id`` is not a valid name, or the file cannot be
                 decoded.
-            SpoolError: the file is not a regular file or cannot be read.
+            SpoolCorrupt: the file is not a regular file.
+            SpoolIOError: the file cannot be read.
         """
         area = self._locate(id)
         if area is None:
-            raise KeyError(id)
-        path = self._dirs[area] + id
+            raise NoSuchMessage(id)
+        path = self._path(area, id)
         try:
             fd = os.open(path, RFLAGS)
         except FileNotFoundError:
-            raise KeyError(id) from None
+            raise NoSuchMessage(id) from None
         except OSError as exc:
             raise self._error(f"read {id}", exc) from exc
         try:
@@ -231,11 +259,11 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         finally:
             os.close(fd)
         if raw is None:
-            raise SpoolError(f"spool {self.path}: {id} is not a regular file")
+            raise SpoolCorrupt(path, "not a regular file")
         return decode_file(raw, verify=False, mtime=st.st_mtime)[1]
 
     def _entry(self, area: str, id: str, full: bool) -> SpoolEntry | None:
-        path = self._dirs[area] + id
+        path = self._path(area, id)
         state = STATES[area]
         error: str | None = None
         record: Record | None = None
@@ -273,7 +301,9 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         if area == "quarantine":
             error = self._quarantine_reason(id) or error
         if record is None:
-            return SpoolEntry(id, state, None, "", (), None, 0, None, size, error)
+            return SpoolEntry(
+                id, state, None, "", (), None, 0, None, size, error, False, name_priority(id).value
+            )
         return SpoolEntry(
             id,
             state,
@@ -286,6 +316,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
             size,
             error or record.last_error,
             record.legacy,
+            name_priority(id).value,
         )
 
     def _admin(self, action: str, id: str) -> None:
@@ -296,11 +327,11 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 break
             target = next_area(action, area)
             try:
-                fd = lock_file(self._dirs[area] + id)
+                fd = lock_file(self._path(area, id))
             except FileNotFoundError:
                 continue
             except BlockingIOError:
-                raise SpoolError(f"cannot {action} {id}: it is being sent") from None
+                raise MessageStateError(f"cannot {action} {id}: it is being sent") from None
             except OSError:
                 fd = -1  # a symlink or unreadable entry: no lock to take
             if fd is None:
@@ -311,10 +342,10 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 if fd >= 0:
                     close_held(fd)
             return
-        raise KeyError(id)
+        raise NoSuchMessage(id)
 
     def _move(self, action: str, area: str, target: str | None, id: str, fd: int) -> None:
-        path = self._dirs[area] + id
+        path = self._path(area, id)
         try:
             if area in ("failed", "deferred") and target == "new":
                 self._retry_failed(area, id, fd)
@@ -323,8 +354,8 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
                 if area != "cur":
                     self._drop_stale_cur(id)
             else:
-                os.rename(path, self._dirs[target] + id)
-                self._fsync_dir(target)
+                os.rename(path, self._path(target, id))
+                self._fsync_dir(target, id)
             if area == "quarantine":
                 unlink_quietly(f"{self._dirs['quarantine']}.{id}.reason")
         except SpoolError:
@@ -332,7 +363,7 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         except OSError as exc:
             raise self._error(f"{action} {id}", exc) from exc
         except ValueError as exc:  # a failed/ file that is damaged
-            raise SpoolError(f"cannot {action} {id}: {exc}") from exc
+            raise SpoolCorrupt(path, f"cannot {action} {id}: {exc}") from exc
 
     def _drop_stale_cur(self, id: str) -> None:
         """After a delete: a copy a crash left in cur/ must not come back."""
@@ -351,8 +382,8 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         st = os.fstat(fd)
         record, data = decode_file(read_all(fd, st.st_size), mtime=st.st_mtime)
         if not any(r.status == FAILED for r in record.recipients):
-            os.rename(self._dirs[area] + id, self._dirs["new"] + id)
-            self._fsync_dir("new")
+            os.rename(self._path(area, id), self._path("new", id))
+            self._fsync_dir("new", id)
             return
         record = replace(
             record,
@@ -364,9 +395,9 @@ class SpoolAdmin(OperatorMoves, SpoolDir):
         head, data = encode_file(record, data)
         tmp = self._dirs["tmp"] + new_name()
         self._write(tmp, head, data, None, False)
-        os.rename(tmp, self._dirs["new"] + id)
-        self._fsync_dir("new")
-        self._trash(self._dirs[area] + id)
+        os.rename(tmp, self._path("new", id))
+        self._fsync_dir("new", id)
+        self._trash(self._path(area, id))
 
     def _quarantine_reason(self, id: str) -> str | None:
         try:

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from types import TracebackType
 
-from mailspool.errors import SpoolError
+from mailspool.errors import MessageStateError, SpoolError
 from mailspool.maildir import trash
 from mailspool.maildir.directory import SpoolDir, log, new_name, unlink_quietly
 from mailspool.maildir.fileformat import Record, encode_file
@@ -110,9 +110,9 @@ class Claim(RecordFields):
 
     def _start(self, action: str) -> str | None:
         if self._done is not None:
-            raise SpoolError(f"cannot {action} {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot {action} {self.id}: already {self._done}")
         if self._pid != _this_process:
-            raise SpoolError(f"cannot {action} {self.id}: claimed by process {self._pid}")
+            raise MessageStateError(f"cannot {action} {self.id}: claimed by process {self._pid}")
         return next_area(action, "cur")
 
     def _finish(self, outcome: str) -> None:
@@ -153,7 +153,7 @@ class Claim(RecordFields):
                 the ``with`` block releases it).
         """
         if self._done is not None:
-            raise SpoolError(f"cannot settle {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot settle {self.id}: already {self._done}")
         sent = tuple(sent)  # read twice below
         if not failed and not deferred and all_sent(self._record, sent):
             # Every recipient accepted: no record to build, the file just goes.
@@ -218,7 +218,7 @@ class Claim(RecordFields):
         except OSError as exc:
             raise spool._error(f"write {tmp}", exc) from exc
         try:
-            os.rename(tmp, spool._dirs[target] + self.id)
+            os.rename(tmp, spool._path(target, self.id))
         except OSError as exc:
             close_held(fd)
             unlink_quietly(tmp)
@@ -226,9 +226,9 @@ class Claim(RecordFields):
         # From here on the new state is the message: never release the old one.
         error: SpoolError | None = None
         try:
-            spool._fsync_dir(target)
+            spool._fsync_dir(target, self.id)
         except OSError as exc:
-            error = spool._error(f"fsync {spool._dirs[target]}", exc)
+            error = spool._error(f"fsync {target}/", exc)
         with contextlib.suppress(OSError):
             spool._trash(spool._dirs["cur"] + self.id)
         close_held(fd)
@@ -247,7 +247,7 @@ class Claim(RecordFields):
         assert target is not None
         spool = self._spool
         try:
-            os.rename(spool._dirs["cur"] + self.id, spool._dirs[target] + self.id)
+            os.rename(spool._dirs["cur"] + self.id, spool._path(target, self.id))
         except FileNotFoundError:
             pass
         except OSError as exc:

@@ -31,21 +31,22 @@ import itertools
 import logging
 import os
 import random
-import re
-import socket
 import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
 
-from mailspool.errors import SpoolError
+from mailspool.errors import SpoolError, SpoolIOError
 from mailspool.maildir import trash
+from mailspool.maildir.classes import MARKS, READY_AREA, READY_DIRS, area_dir
 from mailspool.maildir.durable import WFLAGS, unlink_quietly, write_file, write_files
 from mailspool.maildir.lifecycle import NEWER_THAN_CUR
 from mailspool.maildir.locks import (
     close_quietly,
     lock_file,
 )
+from mailspool.message import host_name
+from mailspool.priority import PRIORITIES, Priority
 
 __all__ = [
     "DFLAGS",
@@ -70,21 +71,27 @@ DFLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 #: Every area, in the order a message is looked for: newer states before a
 #: ``cur/`` copy that a crash may have left behind.
 LOCATE_ORDER = ("new", "deferred", "hold", "failed", "quarantine", "cur")
-_AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash")
+_AREAS = ("tmp", "new", "cur", "deferred", "hold", "failed", "quarantine", "trash", *READY_DIRS)
 
 # --- names --------------------------------------------------------------------
 
 _seq = itertools.count(1)
 _pid = os.getpid()
-_host = re.sub(r"[^A-Za-z0-9\-_]", "-", socket.gethostname().split(".")[0]) or "localhost"
+_host = host_name().split(".")[0]  # Maildir names end in the first label
 
 
-def new_name() -> str:
-    """A Maildir unique name: time, microseconds, pid, counter, random, host."""
+def host_label() -> str:
+    """The host part of the names :func:`new_name` makes."""
+    return _host
+
+
+def new_name(priority: Priority = Priority.NORMAL) -> str:
+    """A Maildir unique name: time, microseconds, pid, counter, random, host,
+    and the mark of a class other than normal (``,P=urgent``, ``,P=bulk``)."""
     us = time.time_ns() // 1000
     return (
         f"{us // 1_000_000}.M{us % 1_000_000}P{_pid}Q{next(_seq)}"
-        f"R{random.getrandbits(32):08x}.{_host}"
+        f"R{random.getrandbits(32):08x}.{_host}{MARKS.get(priority, '')}"
     )
 
 
@@ -146,6 +153,12 @@ def read_all(fd: int, size: int) -> bytes:
 # --- the directory ----------------------------------------------------------------------
 
 
+class _LastQuarantined(threading.local):
+    """Per thread: the id it set aside in quarantine last."""
+
+    id: str | None = None
+
+
 class SpoolDir:
     """A spool directory's areas and the system calls on them.
 
@@ -163,14 +176,14 @@ class SpoolDir:
         self.path = os.fspath(path)
         root = os.path.abspath(self.path)  # immune to a later chdir()
         self._dirs = {a: os.path.join(root, a) + os.sep for a in _AREAS}
-        self._last_quarantined = threading.local()  # per thread: the id it set aside last
+        self._last_quarantined = _LastQuarantined()
         made = self._make_root(root) if create and not os.path.isdir(root) else []
         made += self._make_areas(root, create)
         for d in dict.fromkeys(made):  # new directory entries must survive a power cut
             try:
                 self._fsync_path(d)
             except OSError as exc:
-                raise SpoolError(exc.errno, f"cannot fsync {d}: {errname(exc)}") from exc
+                raise SpoolIOError(exc.errno, f"cannot fsync {d}: {errname(exc)}") from exc
         # Finished files are renamed relative to this descriptor, so they land
         # in the real trash/ even if the name is later replaced by a symlink.
         self._trash_fd = -1
@@ -203,7 +216,7 @@ class SpoolDir:
             except FileExistsError:
                 continue
             except OSError as exc:
-                raise SpoolError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
+                raise SpoolIOError(exc.errno, f"cannot create {d}: {errname(exc)}") from exc
         if self._mkdir(root):
             made.append(parent)
         return made
@@ -216,7 +229,7 @@ class SpoolDir:
             if os.path.isdir(d):
                 continue
             if not create and area in ("tmp", "new", "cur"):
-                raise SpoolError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
+                raise SpoolIOError(errno.ENOENT, f"{self.path} is not a spool: {d} missing")
             try:
                 if self._mkdir(d):
                     made.append(root)
@@ -233,12 +246,12 @@ class SpoolDir:
         except FileExistsError:
             return False
         except OSError as exc:
-            raise SpoolError(exc.errno, f"cannot create spool {path}: {errname(exc)}") from exc
+            raise SpoolIOError(exc.errno, f"cannot create spool {path}: {errname(exc)}") from exc
         os.chmod(path, 0o700)  # whatever the umask
         return True
 
-    def _error(self, what: str, exc: OSError) -> SpoolError:
-        err = SpoolError(exc.errno, f"spool {self.path}: cannot {what}: {errname(exc)}")
+    def _error(self, what: str, exc: OSError) -> SpoolIOError:
+        err = SpoolIOError(exc.errno, f"spool {self.path}: cannot {what}: {errname(exc)}")
         err.__cause__ = exc
         return err
 
@@ -261,8 +274,19 @@ class SpoolDir:
         finally:
             os.close(fd)
 
-    def _fsync_dir(self, area: str) -> None:
-        self._fsync_path(self._dirs[area])
+    def _fsync_dir(self, area: str, id: str = "") -> None:
+        """fsync the directory of ``area`` (of ``id``'s class, for ready mail)."""
+        self._fsync_path(self._dirs[area_dir(area, id)])
+
+    def _path(self, area: str, id: str) -> str:
+        """Where message ``id`` is when it is in ``area`` (a lifecycle area)."""
+        return self._dirs[area_dir(area, id)] + id
+
+    def _area_dirs(self, area: str) -> tuple[str, ...]:
+        """The directories of a lifecycle area: ready mail has one per class."""
+        if area == "new":
+            return tuple(self._dirs[READY_AREA[p]] for p in PRIORITIES)
+        return (self._dirs[area],)
 
     # -- locks ---------------------------------------------------------------------
 
@@ -289,17 +313,18 @@ class SpoolDir:
 
     def _superseded(self, id: str) -> bool:
         """Whether a newer state of a ``cur/`` message exists elsewhere."""
-        return any(os.path.lexists(self._dirs[a] + id) for a in NEWER_THAN_CUR)
+        return any(os.path.lexists(self._path(a, id)) for a in NEWER_THAN_CUR)
 
     def _names(self, area: str) -> Iterator[str]:
-        try:
-            it = os.scandir(self._dirs[area])
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        with it:
-            for e in it:
-                if e.name[0] != ".":
-                    yield e.name
+        for d in self._area_dirs(area):
+            try:
+                it = os.scandir(d)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            with it:
+                for e in it:
+                    if e.name[0] != ".":
+                        yield e.name
 
     # -- trash and quarantine -------------------------------------------------------
 
@@ -355,7 +380,7 @@ class SpoolDir:
         Tells why a claim by this thread came back empty without a system
         call: set aside, or (otherwise) taken or finished by someone else.
         """
-        return getattr(self._last_quarantined, "id", None) == id
+        return self._last_quarantined.id == id
 
     def _quarantine(self, area: str, id: str, reason: str) -> bool:
         """Move ``area/id`` to quarantine/ with its reason; log once.
@@ -370,7 +395,7 @@ class SpoolDir:
         while os.path.lexists(self._dirs["quarantine"] + target):
             target = f"{id}.{random.getrandbits(32):08x}"
         try:
-            os.rename(self._dirs[area] + id, self._dirs["quarantine"] + target)
+            os.rename(self._path(area, id), self._dirs["quarantine"] + target)
         except FileNotFoundError:
             return False
         except OSError as exc:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 from urllib.parse import unquote_to_bytes
 
 from mailspool.maildir.legacy import decode_legacy
@@ -203,38 +202,28 @@ def _recipient(line: str, value: str) -> RecipientStatus:
     return RecipientStatus(unquote_value(parts[1]), parts[0], code, text)
 
 
-def _time(what: str) -> Callable[[str], float]:
-    def parse(value: str) -> float:
-        if _FLOAT.match(value) is None:
-            raise ValueError(f"bad {what} {value[:20]!r}")
-        return float(value)
-
-    return parse
+def _float(value: str, what: str) -> float:
+    if _FLOAT.match(value) is None:
+        raise ValueError(f"bad {what} {value[:20]!r}")
+    return float(value)
 
 
-def _attempts(value: str) -> int:
+def _int(value: str, what: str) -> int:
     if _INT.match(value) is None:
-        raise ValueError(f"bad attempts {value[:20]!r}")
+        raise ValueError(f"bad {what} {value[:20]!r}")
     return int(value)
-
-
-#: The envelope's lines but ``X-Mailspool-To``: the record's field each
-#: fills, and how its value is read.
-_ENVELOPE_LINES: dict[str, tuple[str, Callable[[str], Any]]] = {
-    "X-Mailspool-From": ("sender", unquote_value),
-    "X-Mailspool-Queued": ("queued_at", _time("queued time")),
-    "X-Mailspool-Not-Before": ("not_before", _time("not-before time")),
-    "X-Mailspool-Attempts": ("attempts", _attempts),
-    "X-Mailspool-Message-Id": ("message_id", unquote_value),
-    "X-Mailspool-Error": ("last_error", unquote_value),
-}
 
 
 def _parse_envelope(block: bytes) -> Record:
     text = block.decode("ascii")
     if not text.endswith("\r\n"):
         raise ValueError("envelope does not end with CRLF")
-    fields: dict[str, Any] = {}
+    sender: str | None = None
+    queued: float | None = None
+    not_before: float | None = None
+    attempts: int | None = None
+    message_id: str | None = None
+    last_error: str | None = None
     recipients: list[RecipientStatus] = []
     for line in text[:-2].split("\r\n"):
         key, sep, value = line.partition(": ")
@@ -242,13 +231,24 @@ def _parse_envelope(block: bytes) -> Record:
             raise ValueError(f"bad envelope line {line[:60]!r}")
         if key == "X-Mailspool-To":
             recipients.append(_recipient(line, value))
-        elif key in _ENVELOPE_LINES:
-            name, parse = _ENVELOPE_LINES[key]
-            fields[name] = parse(value)
+        elif key == "X-Mailspool-From":
+            sender = unquote_value(value)
+        elif key == "X-Mailspool-Queued":
+            queued = _float(value, "queued time")
+        elif key == "X-Mailspool-Not-Before":
+            not_before = _float(value, "not-before time")
+        elif key == "X-Mailspool-Attempts":
+            attempts = _int(value, "attempts")
+        elif key == "X-Mailspool-Message-Id":
+            message_id = unquote_value(value)
+        elif key == "X-Mailspool-Error":
+            last_error = unquote_value(value)
         # Other X-Mailspool-* lines are from a later minor revision: ignored.
-    if not recipients or not {"sender", "queued_at", "attempts"} <= fields.keys():
+    if sender is None or queued is None or attempts is None or not recipients:
         raise ValueError("envelope incomplete (From, Queued, Attempts and To are required)")
-    return Record(recipients=tuple(recipients), **fields)
+    return Record(
+        sender, tuple(recipients), queued, attempts, message_id, last_error, not_before=not_before
+    )
 
 
 def decode_file(raw: bytes, *, verify: bool = True, mtime: float = 0.0) -> tuple[Record, bytes]:

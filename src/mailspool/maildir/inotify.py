@@ -24,13 +24,12 @@ IN_ATTRIB, IN_MOVED_TO, IN_CREATE = 0x4, 0x80, 0x100
 def spool_watches(root: str) -> dict[str, int]:
     """The directories of a spool to watch, and for which events.
 
-    ``new/`` gets mail by rename (a commit) or creation (another program);
+    ``new/`` (and ``urgent/``, ``bulk/``: ready mail of the other classes)
+    gets mail by rename (a commit) or creation (another program);
     ``deferred/`` also by a changed mtime (``mailspool retry``).
     """
-    return {
-        os.path.join(root, "new"): IN_MOVED_TO | IN_CREATE,
-        os.path.join(root, "deferred"): IN_MOVED_TO | IN_CREATE | IN_ATTRIB,
-    }
+    ready = {os.path.join(root, d): IN_MOVED_TO | IN_CREATE for d in ("new", "urgent", "bulk")}
+    return {**ready, os.path.join(root, "deferred"): IN_MOVED_TO | IN_CREATE | IN_ATTRIB}
 
 
 class Inotify:

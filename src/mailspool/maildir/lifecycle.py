@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-from mailspool.errors import SpoolError
+from mailspool.errors import MessageStateError
 from mailspool.queue import State, all_sent, settle_record
 
 __all__ = [
@@ -93,13 +93,13 @@ def next_area(action: str, area: str) -> str | None:
         The area it moves to; None when the file is removed.
 
     Raises:
-        SpoolError: naming the state and the action when the move is not allowed.
+        MessageStateError: naming the state and the action when the move is not allowed.
         KeyError: ``action`` is not in the table.
     """
     sources, target = LIFECYCLE[action]
     if area not in sources:
         state = STATES.get(area, area)
         if action == "unhold":  # what `mailspool release` asks: say it in its words
-            raise SpoolError(f"not held (it is {state}): nothing to release")
-        raise SpoolError(f"cannot {action} a message that is {state}")
+            raise MessageStateError(f"not held (it is {state}): nothing to release")
+        raise MessageStateError(f"cannot {action} a message that is {state}")
     return target

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import random
 import stat
@@ -51,6 +52,7 @@ from mailspool.errors import SpoolError
 from mailspool.maildir import process
 from mailspool.maildir.admin import SpoolAdmin, SpoolEntry
 from mailspool.maildir.claim import Claim
+from mailspool.maildir.classes import READY_AREA, area_dir, name_priority
 from mailspool.maildir.directory import (
     check_id,
     errname,
@@ -83,6 +85,7 @@ from mailspool.maildir.lifecycle import (
 from mailspool.maildir.locks import LOCK, close_held, lock_free, open_held, same_file
 from mailspool.maildir.sweep import TMP_MAX_AGE, SpoolSweep
 from mailspool.message import Prepared
+from mailspool.priority import PRIORITIES, Priority, interleave
 
 __all__ = [
     "AREAS",
@@ -210,7 +213,7 @@ class Spool(SpoolSweep, SpoolAdmin):
         self, prepared: Prepared, not_before: float | None
     ) -> tuple[Staged, tuple[str, bytes, bytes, float | None]]:
         """The :class:`Staged` for a message, and its file: path, head, data, mtime."""
-        name = new_name()
+        name = new_name(prepared.priority)
         now = time.time()
         env = prepared.envelope
         data = prepared.data
@@ -258,13 +261,14 @@ class Spool(SpoolSweep, SpoolAdmin):
         touched: list[str] = []
         error: SpoolError | None = None
         for s in staged:
+            area = area_dir(s.area, s.id)  # ready mail: its class's directory
             try:
-                os.rename(s.tmp_path, self._dirs[s.area] + s.id)
+                os.rename(s.tmp_path, self._dirs[area] + s.id)
             except OSError as exc:
                 error = self._error(f"publish {s.tmp_path}", exc)
                 break
-            if s.area not in touched:
-                touched.append(s.area)
+            if area not in touched:
+                touched.append(area)
         for area in touched:  # also after a failure: what was renamed is visible
             try:
                 self._fsync_dir(area)
@@ -283,20 +287,27 @@ class Spool(SpoolSweep, SpoolAdmin):
     def due(self, now: float | None = None) -> Iterator[str]:
         """Stream the ids of the messages that can be claimed now.
 
-        Abandoned claims in ``cur/`` first (their holder died), then
-        ``new/``, then ``deferred/`` entries whose time has come.  Nothing
-        but the current directory entry is held in memory; no order within
-        an area is promised.  An id may turn out to be taken by the time it
-        is claimed: claim() then returns None.  At most once an hour (real
-        time, whatever ``now``) it first removes ``tmp/`` orphans older than
-        :data:`TMP_MAX_AGE`, so a processor that runs for months keeps
-        ``tmp/`` clean.
+        Abandoned claims in ``cur/`` first (their holder died), then each
+        class's ready mail (``urgent/``, ``new/``, ``bulk/``) followed by its
+        ``deferred/`` entries whose time has come, the classes interleaved
+        by the rule of :mod:`mailspool.priority`.  Nothing but a batch of
+        :data:`ROTATE_BATCH` names per class is held in memory; no order
+        within a class is promised.  An id may turn out to be taken by the
+        time it is claimed: claim() then returns None.  At most once an hour
+        (real time, whatever ``now``) it first removes ``tmp/`` orphans
+        older than :data:`TMP_MAX_AGE`, so a processor that runs for months
+        keeps ``tmp/`` clean.
         """
         now = time.time() if now is None else now
         if time.monotonic() >= self._next_expiry:
             self._expire_tmp_hourly()
-        for area in ("cur", "new", "deferred"):
-            yield from self._due_in(area, now)
+        yield from self._due_in("cur", now)
+        yield from interleave({p: functools.partial(self._due_class, p, now) for p in PRIORITIES})
+
+    def _due_class(self, priority: Priority, now: float) -> Iterator[str]:
+        """One class's due ids: its ready directory, then its deferred mail due by ``now``."""
+        yield from self._due_in(READY_AREA[priority], now)
+        yield from self._due_in("deferred", now, priority)
 
     def _expire_tmp_hourly(self) -> None:
         self._next_expiry = time.monotonic() + EXPIRE_EVERY
@@ -305,8 +316,9 @@ class Spool(SpoolSweep, SpoolAdmin):
         except OSError as exc:
             log.warning("spool %s: cannot clean tmp/: %s", self.path, errname(exc))
 
-    def _due_in(self, area: str, now: float) -> Iterator[str]:
-        """The claimable names of one area (see :meth:`due`)."""
+    def _due_in(self, area: str, now: float, priority: Priority | None = None) -> Iterator[str]:
+        """The claimable names of one directory (see :meth:`due`); in
+        ``deferred/``, of ``priority``'s class only."""
         d = self._dirs[area]
         try:
             it = os.scandir(d)
@@ -318,15 +330,15 @@ class Spool(SpoolSweep, SpoolAdmin):
                 name = e.name
                 if name[0] == ".":
                     continue
-                if area == "new":
+                if area == "cur":
+                    if lock_free(d + name):
+                        yield name
+                elif area != "deferred":
                     batch.append(name)
                     if len(batch) == ROTATE_BATCH:
                         yield from _rotated(batch)
                         batch = []
-                elif area == "cur":
-                    if lock_free(d + name):
-                        yield name
-                else:
+                elif priority is None or name_priority(name) is priority:
                     try:
                         mtime = e.stat(follow_symlinks=False).st_mtime
                     except OSError:
@@ -369,7 +381,7 @@ class Spool(SpoolSweep, SpoolAdmin):
         """
         check_id(id)
         for area in CLAIM_ORDER:
-            path = self._dirs[area] + id
+            path = self._path(area, id)
             try:
                 fd = open_held(path)
             except FileNotFoundError:

@@ -48,7 +48,7 @@ class SpoolSweep(SpoolDir):
         if next(iter(self._names("trash")), None) is not None:
             trash.reap_soon(self._dirs["trash"])
         done = self._expire_tmp(now, tmp_max_age)
-        target = self._dirs[next_area("recover", "cur") or "new"]
+        target = next_area("recover", "cur") or "new"  # ready: the class's directory
         for id in list(self._abandoned()):
             path = self._dirs["cur"] + id
             try:
@@ -61,7 +61,7 @@ class SpoolSweep(SpoolDir):
                 if self._superseded(id):
                     self._trash(path)
                 else:
-                    os.rename(path, target + id)
+                    os.rename(path, self._path(target, id))
                 done += 1
             except OSError:
                 continue

@@ -13,6 +13,7 @@ the lifecycle table allows (:func:`mailspool.maildir.lifecycle.next_area`).
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import socket
 import threading
@@ -21,7 +22,13 @@ from typing import Any
 
 import psycopg
 
-from mailspool.errors import QueueUnavailable, SpoolError
+from mailspool.errors import (
+    MessageStateError,
+    NoSuchMessage,
+    QueueUnavailable,
+    SpoolError,
+    SpoolIOError,
+)
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.lifecycle import AREAS, STATES, next_area
 from mailspool.postgres.connect import (
@@ -39,7 +46,15 @@ from mailspool.postgres.schema import (
     current_version,
     quote_ident,
 )
-from mailspool.queue import FAILED, PENDING, OperatorMoves, QueueEntry, RecipientStatus
+from mailspool.queue import (
+    FAILED,
+    PENDING,
+    Census,
+    OperatorMoves,
+    QueueEntry,
+    RecipientStatus,
+    age_order,
+)
 
 __all__ = ["PostgresAdmin"]
 
@@ -167,7 +182,7 @@ class PostgresAdmin(OperatorMoves):
                 raise SpoolError(f"queue {self.location}: {exc}") from exc
             except psycopg.Error as exc:
                 if not conn.broken:
-                    raise SpoolError(f"queue {self.location}: {self.why(exc)}") from exc
+                    raise SpoolIOError(f"queue {self.location}: {self.why(exc)}") from exc
                 self._conn = None
                 raise QueueUnavailable(
                     f"queue {self.location}: lost the connection: {self.why(exc)}"
@@ -185,6 +200,15 @@ class PostgresAdmin(OperatorMoves):
                 raise
             raise QueueUnavailable(str(exc)) from exc
         return conn
+
+    def _get(self) -> psycopg.Connection[Any]:
+        """A connection of the pool for a claim; a failure to connect is an outage."""
+        try:
+            return self._pool.get()
+        except QueueUnavailable:
+            raise
+        except SpoolError as exc:  # the queue's own login worked: not a refusal
+            raise QueueUnavailable(str(exc)) from exc
 
     def close(self) -> None:
         """Close the queue's connections (claims keep theirs until they end)."""
@@ -275,6 +299,10 @@ class PostgresAdmin(OperatorMoves):
                     best = row[0]
         return best
 
+    def census(self, now: float | None = None) -> Census:
+        """:meth:`counts` and the oldest message of each state (an index probe each)."""
+        return Census(self.counts(now), {s: self.oldest((s,)) for s in AREAS})
+
     def entries(self, state: str | None = None) -> Iterator[QueueEntry]:
         """Stream one :class:`QueueEntry` per message (all states, or one).
 
@@ -310,11 +338,43 @@ class PostgresAdmin(OperatorMoves):
                 return
             after = rows[-1][0]
 
+    def oldest_entries(self, limit: int, state: str | None = None) -> list[QueueEntry]:
+        """The ``limit`` oldest messages (of one state, or all), oldest first.
+
+        At most ``limit`` rows and the claimed ones are read, by the
+        ``(state, queued_at)`` index; in flight, the claimed rows only.
+
+        Raises:
+            ValueError: ``state`` is not a state.
+        """
+        if state is not None and state not in AREAS:
+            raise ValueError(f"unknown state {state!r}; one of {sorted(AREAS)}")
+        if state == "in_flight":
+            return heapq.nsmallest(limit, self._entries(state), key=age_order)
+        states = [state] if state else [s for s in STATES.values() if s != "in_flight"]
+        rows = []
+        with self._main() as conn:
+            locked = self._locked(conn)
+            for one in states:  # an index scan each, by (state, queued_at)
+                rows += conn.execute(
+                    f"SELECT {ENTRY_COLUMNS} FROM {self.table} WHERE state = %s "
+                    "ORDER BY queued_at LIMIT %s",
+                    (one, limit + len(locked)),
+                ).fetchall()
+        flying = set(locked)
+        out: list[QueueEntry] = []
+        for row in rows:
+            in_flight = row[0] in flying and row[2] in ("ready", "deferred")
+            if in_flight and state is not None:
+                continue
+            out.append(entry_from_row(row, in_flight))
+        return sorted(out, key=age_order)[:limit]
+
     def get(self, id: str) -> QueueEntry:
         """Everything known about one message.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
             ValueError: ``id`` is not a valid id.
         """
         check_id(id)
@@ -326,14 +386,14 @@ class PostgresAdmin(OperatorMoves):
             ).fetchone()
             locked = self._locked(conn) if row is not None else []
         if row is None:
-            raise KeyError(id)
+            raise NoSuchMessage(id)
         return entry_from_row(row, row[0] in locked and row[2] in ("ready", "deferred"))
 
     def message(self, id: str) -> bytes:
         """The message ``id`` as it would be sent, without the envelope.
 
         Raises:
-            KeyError: no such message.
+            NoSuchMessage: no such message (a ``KeyError``).
         """
         check_id(id)
         with self._main() as conn:
@@ -342,7 +402,7 @@ class PostgresAdmin(OperatorMoves):
                 (id,),
             ).fetchone()
         if row is None:
-            raise KeyError(id)
+            raise NoSuchMessage(id)
         return bytes(row[0])
 
     # -- what the processors learned about the relay ------------------------------------
@@ -389,9 +449,9 @@ class PostgresAdmin(OperatorMoves):
                 ).fetchone()
             except psycopg.errors.LockNotAvailable:
                 next_area(action, "cur")  # "cannot hold a message that is in_flight"
-                raise SpoolError(f"cannot {action} {id}: it is being sent") from None
+                raise MessageStateError(f"cannot {action} {id}: it is being sent") from None
             if row is None:
-                raise KeyError(id)
+                raise NoSuchMessage(id)
             seq, state, recipients = row
             target = next_area(action, AREAS[state])
             if target is None:

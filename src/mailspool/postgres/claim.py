@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from mailspool.errors import ClaimLost, QueueUnavailable, SpoolError
+from mailspool.errors import ClaimLost, MessageStateError, QueueUnavailable, SpoolIOError
 from mailspool.maildir.fileformat import MAX_TEXT
 from mailspool.maildir.lifecycle import OUTCOME_ACTION, next_area
 from mailspool.message import Envelope
@@ -51,7 +51,7 @@ from mailspool.postgres.rows import RECORD_COLUMNS, encode_recipients, lock_key,
 from mailspool.queue import RecipientStatus, Record, RecordFields, all_sent, settle_record
 
 if TYPE_CHECKING:
-    from mailspool.postgres.queue import PostgresQueue
+    from mailspool.postgres.admin import PostgresAdmin
 
 __all__ = ["PostgresClaim"]
 
@@ -101,7 +101,7 @@ class PostgresClaim(RecordFields):
 
     def __init__(
         self,
-        queue: PostgresQueue,
+        queue: PostgresAdmin,
         conn: psycopg.Connection[Any],
         row: tuple[Any, ...],
     ) -> None:
@@ -145,9 +145,9 @@ class PostgresClaim(RecordFields):
 
     def _start(self, action: str) -> None:
         if self._done is not None:
-            raise SpoolError(f"cannot {action} {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot {action} {self.id}: already {self._done}")
         if self._pid != os.getpid():
-            raise SpoolError(f"cannot {action} {self.id}: claimed by process {self._pid}")
+            raise MessageStateError(f"cannot {action} {self.id}: claimed by process {self._pid}")
         next_area(action, "cur")  # the lifecycle allows it from "in flight"
 
     def _finish(self, outcome: str) -> None:
@@ -176,7 +176,7 @@ class PostgresClaim(RecordFields):
         except psycopg.errors.LockNotAvailable:
             row, held_elsewhere = None, True
         except psycopg.Error as exc:
-            cls = QueueUnavailable if conn.broken else SpoolError
+            cls = QueueUnavailable if conn.broken else SpoolIOError
             conn.close()
             raise cls(f"cannot {action} {self.id}: {queue.why(exc)}") from exc
         if row is None or record_from_row(row) != self._record:
@@ -229,7 +229,7 @@ class PostgresClaim(RecordFields):
                     continue
                 _back_to_savepoint(conn)
                 why = self._queue.why(exc)
-                cls = QueueUnavailable if conn.broken else SpoolError
+                cls = QueueUnavailable if conn.broken else SpoolIOError
                 raise cls(f"cannot {action} {self.id}: {why}") from exc
             break
         self._finish(outcome)
@@ -275,7 +275,7 @@ class PostgresClaim(RecordFields):
                 outcome (the claim is still held; settle again or release).
         """
         if self._done is not None:
-            raise SpoolError(f"cannot settle {self.id}: already {self._done}")
+            raise MessageStateError(f"cannot settle {self.id}: already {self._done}")
         sent = tuple(sent)
         if not failed and not deferred and all_sent(self._record, sent):
             record = replace(

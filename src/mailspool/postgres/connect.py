@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import conninfo as _conninfo
 
-from mailspool.errors import QueueUnavailable, SpoolError
+from mailspool.errors import QueueUnavailable, SpoolIOError
 from mailspool.postgres.schema import DEFAULT_SCHEMA, check_schema_name
 from mailspool.queue import is_postgres_url
 
@@ -75,7 +75,7 @@ class Target:
         try:
             return psycopg.Connection.connect(self.conninfo, **kwargs)
         except psycopg.Error as exc:
-            cls = QueueUnavailable if unavailable(self, exc) else SpoolError
+            cls = QueueUnavailable if unavailable(self, exc) else SpoolIOError
             raise cls(f"queue {display_name(self)}: cannot connect: {_one_line(exc)}") from exc
 
 

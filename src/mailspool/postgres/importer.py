@@ -22,6 +22,7 @@ from mailspool.errors import SpoolError
 from mailspool.maildir.spool import Spool
 from mailspool.postgres.queue import PostgresQueue
 from mailspool.postgres.rows import insert_sql, row_params
+from mailspool.priority import parse_priority
 from mailspool.queue import QueueEntry, Record
 
 __all__ = ["ImportSummary", "import_spool"]
@@ -127,7 +128,14 @@ def _one(
             return f"cannot be read: {exc}"
         record = _record(entry)
     try:
-        params = row_params(entry.id, entry.state, record, data, due_at=entry.next_attempt)
+        params = row_params(
+            entry.id,
+            entry.state,
+            record,
+            data,
+            due_at=entry.next_attempt,
+            priority=parse_priority(entry.priority),
+        )
         with queue._main() as conn:
             inserted = conn.execute(sql, params).rowcount
     except BaseException:

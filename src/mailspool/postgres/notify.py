@@ -19,17 +19,16 @@ table, and the processor's polling interval stays the safety net.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import selectors
-import socket
 import threading
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from mailspool.errors import QueueUnavailable, SpoolError
+from mailspool.bell import Bell
+from mailspool.errors import QueueUnavailable, SpoolError, SpoolIOError
 from mailspool.postgres.connect import Target
 
 __all__ = ["Listener"]
@@ -55,9 +54,7 @@ class Listener:
     def __init__(self, target: Target, channel: str) -> None:
         self.target = target
         self.channel = channel
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
+        self._bell = Bell()
         self._stop = threading.Event()
         self._listening = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mailspool-listen", daemon=True)
@@ -70,7 +67,7 @@ class Listener:
         except psycopg.Error as exc:
             conn.close()
             why = " ".join(str(exc).split())
-            raise SpoolError(f"cannot listen on {self.channel}: {why}") from exc
+            raise SpoolIOError(f"cannot listen on {self.channel}: {why}") from exc
         return conn
 
     def _run(self) -> None:
@@ -87,14 +84,14 @@ class Listener:
                 continue
             if lost:
                 log.debug("listening on %s again", self.channel)
-                self._poke()  # what was notified meanwhile is lost: look now
+                self._bell.ring()  # what was notified meanwhile is lost: look now
                 lost = False
             self._listening.set()
             try:
                 with conn:
                     while not self._stop.is_set():
                         if any(True for _ in conn.notifies(timeout=POLL)):
-                            self._poke()
+                            self._bell.ring()
             except psycopg.Error as exc:
                 if not self._stop.is_set():
                     why = " ".join(str(exc).split())
@@ -102,10 +99,6 @@ class Listener:
                     lost = True
             finally:
                 self._listening.clear()
-
-    def _poke(self) -> None:
-        with contextlib.suppress(OSError):  # full: already woken; closed: stopping
-            self._w.send(b"\0")
 
     def ready(self, timeout: float) -> bool:
         """Wait until the listener is LISTENing (what is committed after that wakes it)."""
@@ -115,21 +108,16 @@ class Listener:
 
     def fileno(self) -> int:
         """Readable when a notification arrived since the last drain()."""
-        return self._r.fileno()
+        return self._bell.fileno()
 
     def drain(self) -> None:
         """Forget the notifications received so far."""
-        try:
-            while self._r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._bell.drain()
 
     def close(self) -> None:
         """Stop listening; the thread closes its connection within :data:`POLL` seconds."""
         self._stop.set()
-        self._r.close()
-        self._w.close()
+        self._bell.close()
 
     # -- for direct use -------------------------------------------------------------
 
@@ -139,7 +127,7 @@ class Listener:
         Consumes the notifications (as drain()).
         """
         with selectors.DefaultSelector() as sel:
-            sel.register(self._r, selectors.EVENT_READ)
+            sel.register(self._bell.fileno(), selectors.EVENT_READ)
             woken = bool(sel.select(max(0.0, timeout)))
         self.drain()
         return woken

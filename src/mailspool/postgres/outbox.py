@@ -26,6 +26,7 @@ they are given.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -35,6 +36,7 @@ from typing import Any
 from mailspool.message import Prepared, prepare
 from mailspool.postgres.rows import insert_params, insert_sql, new_id
 from mailspool.postgres.schema import DEFAULT_SCHEMA, quote_ident
+from mailspool.priority import Priority, parse_priority
 
 __all__ = ["OutboxDelivery", "enqueue", "enqueue_prepared"]
 
@@ -83,6 +85,7 @@ def enqueue(
     not_before: float | datetime.datetime | None = None,
     msgid_domain: str | None = None,
     schema: str = DEFAULT_SCHEMA,
+    priority: str | Priority | None = None,
 ) -> str:
     """Queue a message in the transaction open on ``conn``; commit it yourself.
 
@@ -96,6 +99,7 @@ def enqueue(
             value or datetime; naive means local time).
         msgid_domain: the domain of a generated Message-Id.
         schema: the queue's schema (default ``mailspool``).
+        priority: ``"urgent"``, ``"normal"`` (the default) or ``"bulk"``.
 
     Returns:
         The Message-Id, without angle brackets.
@@ -103,10 +107,14 @@ def enqueue(
     Raises:
         InvalidAddress: a bad sender or recipient, or no recipients.
         InvalidMessage: a malformed Message-Id or an over-long line.
+        ValueError: ``priority`` names no class.
         Whatever the driver raises when the insert fails (the
         application's transaction is then the application's to roll back).
     """
+    cls = parse_priority(priority)
     prepared = prepare(fromaddr, toaddrs, message, msgid_domain=msgid_domain)
+    if cls is not Priority.NORMAL:
+        prepared = dataclasses.replace(prepared, priority=cls)
     enqueue_prepared(conn, [prepared], not_before=_timestamp(not_before), schema=schema)
     return prepared.message_id
 

@@ -26,6 +26,7 @@ its own from the pool.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from mailspool.errors import QueueUnavailable, SpoolError
+from mailspool.errors import QueueUnavailable, SpoolError, SpoolIOError
 from mailspool.maildir.directory import check_id
 from mailspool.maildir.spool import TMP_MAX_AGE
 from mailspool.message import Prepared
@@ -47,6 +48,7 @@ from mailspool.postgres.connect import Target
 from mailspool.postgres.notify import Listener
 from mailspool.postgres.outbox import enqueue as _enqueue
 from mailspool.postgres.rows import RECORD_COLUMNS, insert_params, insert_sql, new_id
+from mailspool.priority import PRIORITIES, Priority, interleave
 from mailspool.queue import QueueBackend
 
 __all__ = ["PostgresQueue", "Staged"]
@@ -145,6 +147,7 @@ class PostgresQueue(PostgresAdmin):
         *,
         not_before: float | datetime | None = None,
         msgid_domain: str | None = None,
+        priority: str | Priority | None = None,
     ) -> str:
         """Queue a message in the transaction open on ``conn``; see
         :func:`mailspool.postgres.outbox.enqueue`.
@@ -160,6 +163,7 @@ class PostgresQueue(PostgresAdmin):
             not_before=not_before,
             msgid_domain=msgid_domain,
             schema=self.schema,
+            priority=priority,
         )
 
     # -- enqueue, two-phase ---------------------------------------------------------
@@ -234,7 +238,9 @@ class PostgresQueue(PostgresAdmin):
     # -- processing ------------------------------------------------------------------
 
     def due(self, now: float | None = None) -> Iterator[str]:
-        """Stream the ids of the messages that can be claimed now, oldest due first.
+        """Stream the ids of the messages that can be claimed now: each class
+        oldest due first, the classes interleaved by the rule of
+        :mod:`mailspool.priority`.
 
         Messages claimed by someone at the time of each batch are left out;
         an id may still be taken by the time it is claimed (claim() then
@@ -249,16 +255,20 @@ class PostgresQueue(PostgresAdmin):
             except SpoolError as exc:
                 log.warning("queue %s: cannot sweep: %s", self.location, exc)
         now = time.time() if now is None else now
+        return interleave({p: functools.partial(self._due_class, p, now) for p in PRIORITIES})
+
+    def _due_class(self, priority: Priority, now: float) -> Iterator[str]:
+        """One class's due ids, oldest due first, :data:`DUE_BATCH` per query."""
         after: tuple[Any, int] | None = None
         while True:
             # The claimed rows are left out by the same statement: one round
             # trip from a wake-up to the first id.
             sql = (
-                f"SELECT id, due_at, seq FROM {self.table} "
-                "WHERE state IN ('ready', 'deferred') AND due_at <= to_timestamp(%s) "
+                f"SELECT id, due_at, seq FROM {self.table} WHERE priority = %s "
+                "AND state IN ('ready', 'deferred') AND due_at <= to_timestamp(%s) "
                 f"AND seq NOT IN ({self.locked_sql})"
             )
-            params: tuple[Any, ...] = (now, self.lock_class_oid)
+            params: tuple[Any, ...] = (priority.rank, now, self.lock_class_oid)
             if after is not None:
                 sql += " AND (due_at, seq) > (%s, %s)"
                 params += after
@@ -281,9 +291,9 @@ class PostgresQueue(PostgresAdmin):
         listing starts the next one elsewhere; one processor alone never
         loses a claim and keeps the oldest-first order.
         """
-        lost, self._lost = self._lost, 0
-        if not lost or len(ids) < 2:
-            return ids
+        if not self._lost or len(ids) < 2:
+            return ids  # (an empty class's listing leaves the rotation to the next)
+        self._lost = 0
         k = self._random.randrange(len(ids))
         return ids[k:] + ids[:k]
 
@@ -323,20 +333,11 @@ class PostgresQueue(PostgresAdmin):
                 return claim
             conn.rollback()
         except psycopg.Error as exc:
-            cls = QueueUnavailable if conn.broken else SpoolError
+            cls = QueueUnavailable if conn.broken else SpoolIOError
             conn.close()
             raise cls(f"queue {self.location}: cannot claim {id}: {self.why(exc)}") from exc
         self._pool.put(conn)
         return None
-
-    def _get(self) -> psycopg.Connection[Any]:
-        """A connection of the pool for a claim; a failure to connect is an outage."""
-        try:
-            return self._pool.get()
-        except QueueUnavailable:
-            raise
-        except SpoolError as exc:  # the queue's own login worked: not a refusal
-            raise QueueUnavailable(str(exc)) from exc
 
     def _settle_empty(self, conn: psycopg.Connection[Any], claim: PostgresClaim) -> None:
         failed = any(r.status == "failed" for r in claim.recipients)

@@ -12,13 +12,14 @@ import itertools
 import json
 import os
 import secrets
-import socket
 import time
 from collections.abc import Sequence
 from typing import Any
 
+from mailspool.maildir.directory import host_label
 from mailspool.maildir.fileformat import MAX_TEXT
 from mailspool.message import Prepared
+from mailspool.priority import PRIORITIES, Priority
 from mailspool.queue import QueueEntry, RecipientStatus, Record
 
 __all__ = [
@@ -43,10 +44,9 @@ def new_id() -> str:
     process, counter, random bits and host), so that ``mailspool list``
     shows both alike and an imported message keeps its name."""
     us = time.time_ns() // 1000
-    host = socket.gethostname().replace("/", "_").replace(":", "_") or "localhost"
     return (
         f"{us // 1_000_000}.M{us % 1_000_000}P{os.getpid()}Q{next(_counter)}"
-        f"R{secrets.randbits(32):08x}.{host}"
+        f"R{secrets.randbits(32):08x}.{host_label()}"
     )
 
 
@@ -65,7 +65,7 @@ RECORD_COLUMNS = (
 ENTRY_COLUMNS = (
     "seq, id, state, sender, recipients, "
     f"{_epoch('queued_at')}, attempts, message_id, last_error, legacy, "
-    f"{_epoch('not_before')}, {_epoch('due_at')}, octet_length(data)"
+    f"{_epoch('not_before')}, {_epoch('due_at')}, octet_length(data), priority"
 )
 
 
@@ -119,6 +119,7 @@ def entry_from_row(row: Sequence[Any], in_flight: bool) -> QueueEntry:
         size=row[12],
         last_error=row[8],
         legacy=row[9],
+        priority=PRIORITIES[row[13]].value,
     )
 
 
@@ -142,6 +143,7 @@ def insert_sql(table: str, style: str = "pyformat", *, once: bool = False) -> st
         "attempts",
         "last_error",
         "legacy",
+        "priority",
     )
 
     def p(name: str) -> str:
@@ -165,6 +167,7 @@ def row_params(
     data: bytes,
     *,
     due_at: float | None = None,
+    priority: Priority = Priority.NORMAL,
 ) -> dict[str, Any]:
     """The parameters of :func:`insert_sql` for one message's whole record.
 
@@ -174,6 +177,7 @@ def row_params(
         record: its envelope, recipients, attempts, times, last error.
         data: the message as it goes on the wire.
         due_at: when it is due (default: ``record.due_since``).
+        priority: its class.
     """
     last_error = record.last_error
     return {
@@ -189,6 +193,7 @@ def row_params(
         "attempts": record.attempts,
         "last_error": last_error[:MAX_TEXT] if last_error else None,
         "legacy": record.legacy,
+        "priority": priority.rank,
     }
 
 
@@ -217,4 +222,4 @@ def insert_params(
         message_id=prepared.message_id,
         not_before=not_before if not_before is not None and not_before > queued_at else None,
     )
-    return row_params(id, state, record, prepared.data)
+    return row_params(id, state, record, prepared.data, priority=prepared.priority)

@@ -81,6 +81,16 @@ MIGRATIONS: tuple[str, ...] = (
         written_at timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 3: priority classes (mailspool.priority): 0 urgent, 1 normal, 2 bulk.
+    # A constant default adds the column without rewriting the table; due()
+    # reads each class by the new index, which replaces the old one.
+    """
+    ALTER TABLE {schema}.message
+        ADD COLUMN priority smallint NOT NULL DEFAULT 1 CHECK (priority IN (0, 1, 2));
+    CREATE INDEX message_due_priority ON {schema}.message (priority, due_at, seq)
+        WHERE state IN ('ready', 'deferred');
+    DROP INDEX {schema}.message_due;
+    """,
 )
 
 #: The version a fully migrated schema has.

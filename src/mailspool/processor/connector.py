@@ -24,12 +24,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
 
+from mailspool.errors import DeliveryError
 from mailspool.processor.outcome import human, one_line, per_second
 from mailspool.processor.pacing import Pacer
 from mailspool.processor.policy import COHORT, THROTTLE_PERIOD, RelayState
 from mailspool.processor.pool import Connection, ConnectionPool, connect, relay_name
+from mailspool.smtp.seams import Mailer
 
 __all__ = ["Connector", "NotNow", "RelayTrouble"]
 
@@ -64,7 +65,7 @@ class Connector:
 
     def __init__(
         self,
-        mailer: Any,
+        mailer: Mailer,
         *,
         relay: RelayState,
         pool: ConnectionPool,
@@ -95,7 +96,8 @@ class Connector:
             try:
                 conn = connect(self.mailer)
             except Exception as exc:  # whatever it is, it is not the message's fault
-                others = self.pool.count_alive() if getattr(exc, "code", None) == 421 else 0
+                crowded = isinstance(exc, DeliveryError) and exc.code == 421
+                others = self.pool.count_alive() if crowded else 0
                 if others:  # "too many connections": fewer, but no pause
                     self._crowded(now, exc, others)
                     raise RelayTrouble(exc, again=True) from exc

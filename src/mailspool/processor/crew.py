@@ -17,7 +17,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 
 from mailspool import events
 from mailspool.processor.outcome import Done
@@ -149,9 +149,8 @@ class Crew:
                     return False
                 self.jobs.put((id, p))
         finally:
-            close = getattr(ids, "close", None)
-            if close is not None:
-                close()
+            if isinstance(ids, Generator):  # a backend's generator: let go of what it holds
+                ids.close()
         sender.outage.worked(p.mark)
         return False
 

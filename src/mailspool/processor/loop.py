@@ -59,6 +59,7 @@ from typing import Any
 from zope.interface import implementer
 
 from mailspool import events
+from mailspool.backends import open_queue
 from mailspool.errors import QueueUnavailable
 from mailspool.interfaces import IMailQueueProcessor
 from mailspool.processor import relayfile
@@ -71,7 +72,8 @@ from mailspool.processor.policy import RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
 from mailspool.processor.sender import Sender
 from mailspool.processor.wakeup import Waiter
-from mailspool.queue import QueueBackend, open_queue
+from mailspool.queue import QueueBackend
+from mailspool.smtp.seams import Mailer
 
 __all__ = ["QueueProcessor", "RetryPolicy", "Summary"]
 
@@ -97,9 +99,11 @@ class QueueProcessor:
     """Delivers the spool's messages through a mailer; any number may share a spool.
 
     Args:
-        spool: the spool directory, or a queue backend (a
-            :class:`~mailspool.spool.Spool`, a
-            :class:`~mailspool.postgres.PostgresQueue`; one made with
+        spool: the spool directory, a PostgreSQL queue's ``postgresql://``
+            URL, or any :class:`~mailspool.queue.QueueBackend` (see
+            :func:`mailspool.backends.open_queue`): a
+            :class:`~mailspool.maildir.spool.Spool`, a
+            :class:`~mailspool.postgres.PostgresQueue` (one made with
             ``connect=False`` may be down when the processor starts: it
             waits for it, as for a database that goes away while it runs).
         mailer: an :class:`~mailspool.SMTPMailer` or anything with
@@ -127,7 +131,7 @@ class QueueProcessor:
     def __init__(
         self,
         spool: str | os.PathLike[str] | QueueBackend,
-        mailer: Any,
+        mailer: Mailer,
         *,
         connections: int = 16,
         interval: float = 3.0,

@@ -4,7 +4,8 @@ Nothing here needs a third-party package; :mod:`mailspool.metrics` (which
 needs ``prometheus_client``), the JSON log format (:mod:`mailspool.jsonlog`)
 and ``status --watch`` (:mod:`mailspool.cli.observe`) build on it.
 
-* :func:`attempt_facts` turns one settled attempt into an
+* :func:`~mailspool.processor.facts.attempt_facts` (a module of its own,
+  which the sender imports) turns one settled attempt into an
   :class:`~mailspool.events.Attempt`: the address-free facts the processor
   attaches to the attempt's events and to its log record.
 * :func:`relay_view` says what a processor knows of its relay now: paused
@@ -24,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -34,19 +34,16 @@ from typing import TYPE_CHECKING, Any
 import zope.event
 
 from mailspool.events import Attempt, MailDeferred, MailFailed, MailQuarantined, MailSent
+from mailspool.message import host_name
 
 if TYPE_CHECKING:
     from mailspool.processor.loop import QueueProcessor
-    from mailspool.processor.outcome import Verdict
-    from mailspool.queue import QueueClaim
-    from mailspool.smtp.mailer import Reply
 
 __all__ = [
     "OUTCOMES",
     "RelayView",
     "StatsFile",
     "Tally",
-    "attempt_facts",
     "counts_once",
     "read_stats",
     "relay_view",
@@ -61,53 +58,6 @@ STATS_DIR = "stats"
 #: A stats file not rewritten for this many seconds belongs to a processor
 #: that is gone (killed before it could remove it).
 STALE_AFTER = 10.0
-
-
-def attempt_facts(
-    claim: QueueClaim,
-    verdict: Verdict,
-    reply: Reply | None,
-    attempt: int,
-    *,
-    relay: str,
-    seconds: float | None,
-) -> Attempt:
-    """The address-free facts of one settled attempt (see :class:`~mailspool.events.Attempt`).
-
-    The reply that decides the outcome is the relay's answer to the data
-    when every recipient was accepted, else the first reason of the
-    outcome (a deferred recipient's for a deferred message, a failed
-    one's for a failed message).
-    """
-    if verdict.deferred:
-        outcome, reasons = "deferred", verdict.deferred
-    elif verdict.failed:
-        outcome, reasons = "failed", verdict.failed
-    else:
-        outcome, reasons = "sent", {}
-    code = reply.code if reply is not None else None
-    if reasons:
-        code = next(iter(reasons.values()))[0]
-    reason = "no_reply" if code is None else f"{code // 100}xx"
-    if outcome == "failed" and any(t.startswith("expired:") for _, t in reasons.values()):
-        reason = "expired"
-    rcpts = claim.envelope.recipients
-    if len(rcpts) == 1:
-        domains: tuple[str, ...] = (rcpts[0].rpartition("@")[2].lower(),)
-    else:
-        domains = tuple(sorted({a.rpartition("@")[2].lower() for a in rcpts}))
-    return Attempt(
-        claim.id,
-        claim.message_id,
-        domains,
-        outcome,
-        reason,
-        code,
-        relay,
-        seconds,
-        max(0.0, time.time() - claim.queued_at),
-        attempt,
-    )
 
 
 @dataclass(frozen=True)
@@ -225,7 +175,7 @@ class StatsFile:
         self.interval = interval
         self.tally = Tally()
         self.dir = os.path.join(processor.spool.location, STATS_DIR)
-        self.path = os.path.join(self.dir, f"{socket.gethostname()}-{os.getpid()}.json")
+        self.path = os.path.join(self.dir, f"{host_name()}-{os.getpid()}.json")
         self.started = time.time()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

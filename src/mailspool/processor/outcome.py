@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from mailspool.errors import ConnectionFailed, SMTPTimeout, is_transient
+from mailspool.errors import ConnectionFailed, DeliveryError, SMTPTimeout, is_transient
 from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.smtp.mailer import Reply, SendResult
 
@@ -92,13 +92,12 @@ def too_fast(exc: BaseException) -> bool:
     Gmail: ``421 4.7.0 ... try again later``).  An authentication failure
     is never one.
     """
-    code = getattr(exc, "code", None)
-    if getattr(exc, "phase", "") != "mail" or code not in _RATE_CODES:
+    if not isinstance(exc, DeliveryError) or exc.phase != "mail" or exc.code not in _RATE_CODES:
         return False
-    text = str(getattr(exc, "text", "") or "")
+    text = exc.text or ""
     if "authenticat" in text.lower():
         return False
-    enhanced = str(getattr(exc, "enhanced", "") or "")
+    enhanced = exc.enhanced or ""
     return (
         enhanced.startswith("4.7.")
         or enhanced in _RATE_ENHANCED
@@ -121,9 +120,10 @@ def trouble_kind(exc: BaseException) -> str:
     """
     if too_fast(exc):
         return "rate"
-    code = getattr(exc, "code", None)
-    in_transaction = code == 421 and getattr(exc, "phase", "") in _TRANSACTION
-    if getattr(exc, "about_relay", False) and not in_transaction:
+    error = exc if isinstance(exc, DeliveryError) else None
+    code = error.code if error is not None else None
+    in_transaction = error is not None and code == 421 and error.phase in _TRANSACTION
+    if error is not None and error.about_relay and not in_transaction:
         return "relay"
     if in_transaction or isinstance(exc, (ConnectionFailed, SMTPTimeout)):
         return "session"
@@ -164,9 +164,10 @@ def classify(
     default: Reason | None = None
     permanent = False
     if exc is not None:
-        code = getattr(exc, "code", None)
-        text = getattr(exc, "text", None) or str(exc) or type(exc).__name__
-        default = (code if isinstance(code, int) else None, text)
+        error = exc if isinstance(exc, DeliveryError) else None
+        code = error.code if error is not None else None
+        text = (error.text if error is not None else None) or str(exc) or type(exc).__name__
+        default = (code, text)
         permanent = not is_transient(exc)
     accepted = set(result.accepted) if result is not None and exc is None else set()
     refused: Mapping[str, Reply] = result.refused if result is not None else {}

@@ -23,10 +23,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
 
 from mailspool.message import Envelope
-from mailspool.smtp.mailer import SendResult
+from mailspool.smtp.result import SendResult
+from mailspool.smtp.seams import (
+    ConnectingMailer,
+    Connection,
+    EnvelopeMailer,
+    Mailer,
+    RelayAddress,
+)
 
 __all__ = ["IDLE_TIMEOUT", "Connection", "ConnectionPool", "MailerConnection", "relay_name"]
 
@@ -37,56 +43,52 @@ log = logging.getLogger("mailspool.processor")
 IDLE_TIMEOUT = 30.0
 
 
-class Connection(Protocol):
-    """What the processor needs of a connection (``SMTPConnection`` has it)."""
-
-    @property
-    def alive(self) -> bool: ...
-
-    def send(self, envelope: Envelope, data: bytes) -> SendResult: ...
-
-    def close(self) -> None: ...
-
-
 class MailerConnection:
     """For a mailer without ``connect()``: each send goes through the mailer."""
 
     alive = True
 
-    def __init__(self, mailer: Any) -> None:
-        self._mailer = mailer
+    def __init__(self, mailer: Mailer) -> None:
+        self._send: Callable[[Envelope, bytes], SendResult]
+        if isinstance(mailer, EnvelopeMailer):
+            self._send = mailer.send_envelope
+        else:
+            self._send = lambda envelope, data: _result(
+                mailer.send(envelope.sender, envelope.recipients, data), envelope
+            )
 
     def send(self, envelope: Envelope, data: bytes) -> SendResult:
         """Send through the mailer's ``send_envelope``, or else its ``send``."""
-        send_envelope = getattr(self._mailer, "send_envelope", None)
-        if send_envelope is not None:
-            result: SendResult = send_envelope(envelope, data)
-        else:
-            result = self._mailer.send(envelope.sender, list(envelope.recipients), data)
-        return result
+        return self._send(envelope, data)
 
     def close(self) -> None:
         """Nothing to close."""
 
 
-def connect(mailer: Any) -> Connection:
+def _result(result: object, envelope: Envelope) -> SendResult:
+    """What a mailer's ``send()`` returned; anything but a SendResult means all taken."""
+    if isinstance(result, SendResult):
+        return result
+    return SendResult(accepted=tuple(envelope.recipients))
+
+
+def connect(mailer: Mailer) -> Connection:
     """A new connection from ``mailer.connect()``, or an adapter if it has none.
 
     Raises:
         Whatever ``mailer.connect()`` raises.
     """
-    opener = getattr(mailer, "connect", None)
-    if opener is None:
-        return MailerConnection(mailer)
-    conn: Connection = opener()
-    return conn
+    if isinstance(mailer, ConnectingMailer):
+        return mailer.connect()
+    return MailerConnection(mailer)
 
 
-def relay_name(mailer: Any) -> str:
+def relay_name(mailer: object) -> str:
     """``host:port`` of the mailer's relay, or its class name."""
-    host, port = getattr(mailer, "host", None), getattr(mailer, "port", None)
-    if isinstance(host, str) and isinstance(port, int):
-        return f"{host}:{port}"
+    if isinstance(mailer, RelayAddress):
+        host, port = mailer.host, mailer.port
+        if isinstance(host, str) and isinstance(port, int):
+            return f"{host}:{port}"
     return type(mailer).__name__
 
 

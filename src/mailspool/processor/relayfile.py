@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mailspool.queue import QueueBackend, RelayStateStore
+from mailspool.queue import InDirectory, QueueBackend, RelayStateStore
 
 if TYPE_CHECKING:
     from mailspool.processor.pacing import Pacer
@@ -66,16 +66,14 @@ def publish(queue: QueueBackend, state: dict[str, Any]) -> bool:
     else in the spool directory's file; False when it could not (or nowhere)."""
     if isinstance(queue, RelayStateStore):
         return queue.set_relay_state(state)
-    path = getattr(queue, "path", None)
-    return isinstance(path, str) and write(path, state)
+    return isinstance(queue, InDirectory) and write(queue.path, state)
 
 
 def latest(queue: QueueBackend) -> dict[str, Any] | None:
     """The state a processor last left for ``queue`` (see :func:`publish`), or None."""
     if isinstance(queue, RelayStateStore):
         return queue.relay_state()
-    path = getattr(queue, "path", None)
-    return read(path) if isinstance(path, str) else None
+    return read(queue.path) if isinstance(queue, InDirectory) else None
 
 
 class Publisher:

@@ -48,13 +48,12 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from mailspool.errors import DeliveryError, QueueUnavailable, SpoolError
 from mailspool.events import Attempt, MailQuarantined
 from mailspool.processor import unwritten
 from mailspool.processor.connector import Connector, NotNow, RelayTrouble
-from mailspool.processor.observe import attempt_facts
+from mailspool.processor.facts import attempt_facts
 from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import (
     Done,
@@ -70,7 +69,8 @@ from mailspool.processor.policy import RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
 from mailspool.processor.unwritten import WAITING, Unwritten
 from mailspool.queue import QueueBackend, QueueClaim
-from mailspool.smtp.mailer import Reply, SendResult
+from mailspool.smtp.result import Reply, SendResult
+from mailspool.smtp.seams import Mailer, TimedConnection
 
 __all__ = ["Done", "Sender"]
 
@@ -80,6 +80,14 @@ log = logging.getLogger("mailspool.processor")
 #: A wait for the rate is cut into steps this long (seconds), each followed
 #: by closing the pooled connections idle too long.
 _WAIT_STEP = 5.0
+
+
+class _ThreadTimes(threading.local):
+    """What one sender thread measures of its current message (monotonic seconds)."""
+
+    started: float | None = None  # the pacer's clock when the transaction began
+    began: float | None = None  # time.monotonic() then, for the attempt's facts
+    relay_wait: float | None = None  # waited for the relay's replies, if the connection tells
 
 
 class Sender:
@@ -102,7 +110,7 @@ class Sender:
     def __init__(
         self,
         spool: QueueBackend,
-        mailer: Any,
+        mailer: Mailer,
         *,
         retry: RetryPolicy,
         relay: RelayState,
@@ -127,7 +135,7 @@ class Sender:
         self._skip: dict[str, float] = {}  # messages that could not even be deferred
         self._skip_lock = threading.Lock()
         self._key = os.path.realpath(spool.location)  # whose waiting outcomes are ours
-        self._local = threading.local()
+        self._local = _ThreadTimes()
         #: Claims lost in a row (taken by another processor, or gone); reset
         #: by each claim made.  Read by the dispatcher, written by every
         #: sender thread: a hint, not a count.
@@ -141,7 +149,7 @@ class Sender:
         None when its connection does not tell (a mailer without
         ``connect()``) or the message was not sent.  Read and forgotten.
         """
-        wait: float | None = getattr(self._local, "relay_wait", None)
+        wait = self._local.relay_wait
         self._local.relay_wait = None
         return wait
 
@@ -225,9 +233,9 @@ class Sender:
                 self.relay.worked()
                 # A 4xx to MAIL or to the data is most often a passing fault
                 # of the relay; one at RCPT (greylisting) wants the usual wait.
-                quick = getattr(exc, "phase", "") in ("mail", "data")
+                quick = isinstance(exc, DeliveryError) and exc.phase in ("mail", "data")
             error = exc
-            carried = getattr(exc, "result", None)
+            carried = exc.result if isinstance(exc, DeliveryError) else None
             result = carried if isinstance(carried, SendResult) else None
         else:
             self.relay.accepted()
@@ -250,13 +258,14 @@ class Sender:
         conn = self.pool.take()
         if conn is None:
             conn = self._connector.open(now)
-        waited = getattr(conn, "waited", None)
+        timed = conn if isinstance(conn, TimedConnection) else None
+        waited = timed.waited if timed is not None else None
         self._local.started = self.pacer.clock()
         self._local.began = time.monotonic()
         try:
             result = conn.send(claim.envelope, claim.data)
-            if waited is not None:
-                self._local.relay_wait = getattr(conn, "waited", waited) - waited
+            if timed is not None and waited is not None:
+                self._local.relay_wait = timed.waited - waited
         except (DeliveryError, OSError) as exc:
             if too_fast(exc):
                 # A fresh session for the next message: a relay counts the
@@ -295,7 +304,7 @@ class Sender:
 
     def _too_fast(self, claim: QueueClaim, now: float, exc: BaseException) -> Done:
         """The relay refused for rate: slow down; the message goes back, not counted."""
-        started = getattr(self._local, "started", None)
+        started = self._local.started
         if self._connector.too_fast(now, exc, started):
             return self._untouched(claim, exc)
         return self._untouched(claim, exc, again=True, level=logging.DEBUG)
@@ -352,7 +361,7 @@ class Sender:
     def _facts(
         self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int
     ) -> Attempt:
-        began: float | None = getattr(self._local, "began", None)
+        began = self._local.began
         self._local.began = None
         took = None if began is None else time.monotonic() - began
         return attempt_facts(claim, verdict, reply, attempt, relay=self.where, seconds=took)

@@ -27,6 +27,7 @@ import os
 from typing import Any
 
 from mailspool.processor.loop import QueueProcessor
+from mailspool.smtp.seams import Mailer
 
 __all__ = ["QueueProcessorThread"]
 
@@ -50,7 +51,7 @@ class QueueProcessorThread:
         self,
         interval: float = 3.0,
         *,
-        mailer: Any = None,
+        mailer: Mailer | None = None,
         queue_path: str | os.PathLike[str] | None = None,
         **processor_options: Any,
     ) -> None:
@@ -67,7 +68,7 @@ class QueueProcessorThread:
     def __repr__(self) -> str:
         return f"<QueueProcessorThread {self.queue_path!r} -> {self.mailer!r}>"
 
-    def setMailer(self, mailer: Any) -> None:  # the classic name
+    def setMailer(self, mailer: Mailer) -> None:  # the classic name
         """Deliver through ``mailer`` (before :meth:`start`)."""
         self.mailer = mailer
 

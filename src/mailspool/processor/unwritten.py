@@ -161,7 +161,7 @@ def write(key: str, u: Unwritten, *, first: bool) -> Done | None:
             f"; {accepted} may get it a second time" if accepted else "",
         )
         return None
-    except OSError as exc:  # SpoolError is an OSError
+    except OSError as exc:  # SpoolIOError, QueueUnavailable: OSErrors
         if claim.held:
             _not_taken(key, u, exc, told.line, first=first)
             return None

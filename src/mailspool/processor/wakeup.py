@@ -3,7 +3,7 @@
 An idle processor must use no CPU and still see new mail within
 milliseconds.  So between passes it blocks in ``select()`` on two things:
 
-* a socket pair: :meth:`Waiter.wake` writes one byte to it.  The delivery
+* a socket pair (:class:`~mailspool.bell.Bell`): :meth:`Waiter.wake` rings it.  The delivery
   calls it after a commit in the same process, and the signal handlers
   call it (a non-blocking ``send`` is safe there: no lock, no logging);
 * the queue's :class:`~mailspool.queue.Waker`, when its backend has one:
@@ -20,10 +20,9 @@ now": what changed is read from the spool, never from the event.
 
 from __future__ import annotations
 
-import contextlib
 import selectors
-import socket
 
+from mailspool.bell import Bell
 from mailspool.queue import Waker
 
 __all__ = ["Waiter"]
@@ -38,19 +37,16 @@ class Waiter:
     """
 
     def __init__(self, waker: Waker | None) -> None:
-        self._r, self._w = socket.socketpair()
-        self._r.setblocking(False)
-        self._w.setblocking(False)
+        self._bell = Bell()
         self._selector = selectors.DefaultSelector()
-        self._selector.register(self._r, selectors.EVENT_READ)
+        self._selector.register(self._bell.fileno(), selectors.EVENT_READ)
         self.waker = waker
         if waker is not None:
             self._selector.register(waker.fileno(), selectors.EVENT_READ)
 
     def wake(self) -> None:
         """Make the current or next wait return; safe in a signal handler."""
-        with contextlib.suppress(OSError):  # full (already woken) or closed
-            self._w.send(b"\0")
+        self._bell.ring()
 
     def wait(self, timeout: float) -> bool:
         """Sleep up to ``timeout`` seconds; True when something woke us."""
@@ -58,18 +54,13 @@ class Waiter:
 
     def consume(self) -> None:
         """Forget what woke us; called before each pass, so nothing is missed."""
-        try:
-            while self._r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._bell.drain()
         if self.waker is not None:
             self.waker.drain()
 
     def close(self) -> None:
         """Release the sockets, the selector and the waker."""
         self._selector.close()
-        self._r.close()
-        self._w.close()
+        self._bell.close()
         if self.waker is not None:
             self.waker.close()

@@ -28,7 +28,7 @@ import socket
 import ssl
 from collections.abc import Callable
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from mailspool.errors import (
     AuthenticationError,
@@ -40,9 +40,7 @@ from mailspool.errors import (
     error_for_reply,
     reply_text,
 )
-
-if TYPE_CHECKING:
-    from mailspool.smtp.mailer import SMTPMailer
+from mailspool.smtp.seams import SessionSettings
 
 __all__ = [
     "AUTH_MECHANISMS",
@@ -137,7 +135,7 @@ def certificate_error(
     )
 
 
-def certificate_names(mailer: SMTPMailer) -> list[str]:
+def certificate_names(settings: SessionSettings) -> list[str]:
     """The names in the relay's certificate, read by a second, name-blind handshake.
 
     Called only after a host name mismatch, to say which host to use: the
@@ -149,22 +147,22 @@ def certificate_names(mailer: SMTPMailer) -> list[str]:
         its common name); empty when they could not be read.
     """
     context = ssl.create_default_context()
-    trusted = mailer.ssl_context
+    trusted = settings.ssl_context
     with contextlib.suppress(ssl.SSLError, ValueError):
         for der in trusted.get_ca_certs(binary_form=True) if trusted is not None else ():
             context.load_verify_locations(cadata=der)
     context.check_hostname = False
-    local = mailer.local_hostname or default_local_hostname()
-    timeout = mailer.connect_timeout
+    local = settings.local_hostname or default_local_hostname()
+    timeout = settings.connect_timeout
     try:
-        if mailer.tls == "implicit":
+        if settings.tls == "implicit":
             smtp: smtplib.SMTP = smtplib.SMTP_SSL(
-                mailer.host, mailer.port, local_hostname=local, timeout=timeout, context=context
+                settings.host, settings.port, local_hostname=local, timeout=timeout, context=context
             )
         else:
-            smtp = smtplib.SMTP(mailer.host, mailer.port, local_hostname=local, timeout=timeout)
+            smtp = smtplib.SMTP(settings.host, settings.port, local_hostname=local, timeout=timeout)
         try:
-            if mailer.tls != "implicit":
+            if settings.tls != "implicit":
                 smtp.ehlo()
                 smtp.starttls(context=context)
             sock = smtp.sock
@@ -232,15 +230,17 @@ def network_error(
     return RelayUnavailable(text) if relay else ConnectionFailed(text)
 
 
-def open_session(mailer: SMTPMailer, credentials: Credentials | None) -> smtplib.SMTP:
+def open_session(settings: SessionSettings, credentials: Credentials | None) -> smtplib.SMTP:
     """Connect to the mailer's relay: greeting read, EHLO sent, TLS up, AUTH done.
 
     Args:
-        mailer: the settings (host, port, TLS mode and context, timeouts...).
+        settings: the relay and how to talk to it (host, port, TLS mode and
+            context, timeouts...): an ``SMTPMailer``, or any
+            :class:`~mailspool.smtp.seams.SessionSettings`.
         credentials: for AUTH, or ``None``.
 
     Returns:
-        The ready ``smtplib.SMTP``, its socket timeout set to ``mailer.timeout``.
+        The ready ``smtplib.SMTP``, its socket timeout set to ``settings.timeout``.
 
     Raises:
         RelayUnavailable: cannot connect, no or a 4xx/5xx greeting, EHLO
@@ -250,31 +250,31 @@ def open_session(mailer: SMTPMailer, credentials: Credentials | None) -> smtplib
         AuthenticationError: AUTH not offered, no common mechanism,
             credentials refused.
     """
-    smtp = _connect(mailer)
+    smtp = _connect(settings)
     try:
-        _setup(mailer, smtp, credentials)
+        _setup(settings, smtp, credentials)
     except BaseException:
         smtp.close()
         raise
     return smtp
 
 
-def _where(mailer: SMTPMailer) -> str:
-    return f"{mailer.host}:{mailer.port}"
+def _where(settings: SessionSettings) -> str:
+    return f"{settings.host}:{settings.port}"
 
 
-def _certificate_error(mailer: SMTPMailer, exc: ssl.SSLCertVerificationError) -> TLSFailure:
+def _certificate_error(settings: SessionSettings, exc: ssl.SSLCertVerificationError) -> TLSFailure:
     return certificate_error(
-        exc, _where(mailer), host=mailer.host, names=lambda: certificate_names(mailer)
+        exc, _where(settings), host=settings.host, names=lambda: certificate_names(settings)
     )
 
 
-def _port_hint(mailer: SMTPMailer) -> str:
+def _port_hint(settings: SessionSettings) -> str:
     """What to try when the TLS mode looks wrong for the port."""
-    if mailer.tls != "implicit" and mailer.port == 465:
+    if settings.tls != "implicit" and settings.port == 465:
         return "; port 465 is usually SMTPS: try tls='implicit'"
-    if mailer.tls == "implicit" and mailer.port in (25, 587):
-        return f"; port {mailer.port} usually expects tls='starttls'"
+    if settings.tls == "implicit" and settings.port in (25, 587):
+        return f"; port {settings.port} usually expects tls='starttls'"
     return ""
 
 
@@ -318,12 +318,12 @@ class _SMTP_SSL(smtplib.SMTP_SSL):
         return sock
 
 
-def _greeting_wait(m: SMTPMailer) -> float:
+def _greeting_wait(m: SessionSettings) -> float:
     """How long the greeting may take: it is part of connecting, and a reply."""
     return min(m.connect_timeout, m.timeout)
 
 
-def _open(m: SMTPMailer, local: str) -> smtplib.SMTP:
+def _open(m: SessionSettings, local: str) -> smtplib.SMTP:
     """Connected and greeted: ``connect_timeout`` for TCP (and implicit TLS),
     the shorter of it and ``timeout`` for the greeting."""
     smtp: _SMTP | _SMTP_SSL
@@ -347,8 +347,8 @@ def _open(m: SMTPMailer, local: str) -> smtplib.SMTP:
     return smtp
 
 
-def _connect(mailer: SMTPMailer) -> smtplib.SMTP:
-    m = mailer
+def _connect(settings: SessionSettings) -> smtplib.SMTP:
+    m = settings
     where = _where(m)
     local = m.local_hostname or default_local_hostname()
     try:
@@ -386,11 +386,11 @@ def _connect(mailer: SMTPMailer) -> smtplib.SMTP:
     return smtp
 
 
-def _setup(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials | None) -> None:
-    where = _where(mailer)
-    needs_esmtp = mailer.tls == "starttls" or credentials is not None
-    _hello(mailer, smtp, allow_helo=not needs_esmtp)
-    if mailer.tls == "starttls":
+def _setup(settings: SessionSettings, smtp: smtplib.SMTP, credentials: Credentials | None) -> None:
+    where = _where(settings)
+    needs_esmtp = settings.tls == "starttls" or credentials is not None
+    _hello(settings, smtp, allow_helo=not needs_esmtp)
+    if settings.tls == "starttls":
         if not smtp.has_extn("starttls"):
             raise TLSFailure(
                 f"{where} does not offer STARTTLS, and TLS is required "
@@ -398,7 +398,7 @@ def _setup(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials | No
                 "an SMTPS port, or tls='none' only for a trusted local relay"
             )
         try:
-            smtp.starttls(context=mailer.ssl_context)
+            smtp.starttls(context=settings.ssl_context)
         except smtplib.SMTPResponseException as exc:
             text = f"{reply_text(exc.smtp_error)} [STARTTLS to {where}]"
             if exc.smtp_code == 421:
@@ -407,36 +407,36 @@ def _setup(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials | No
             # failure, whatever the code would mean after AUTH.
             raise TLSFailure(text, code=exc.smtp_code) from exc
         except ssl.SSLCertVerificationError as exc:
-            raise _certificate_error(mailer, exc) from exc
+            raise _certificate_error(settings, exc) from exc
         except ssl.SSLError as exc:
             raise TLSFailure(f"TLS handshake with {where} failed: {exc}") from exc
         except OSError as exc:
-            raise _opening_error(mailer, exc, "STARTTLS") from exc
-        _hello(mailer, smtp, allow_helo=False)
+            raise _opening_error(settings, exc, "STARTTLS") from exc
+        _hello(settings, smtp, allow_helo=False)
     if credentials is not None:
-        _login(mailer, smtp, credentials)
+        _login(settings, smtp, credentials)
 
 
-def _opening_error(mailer: SMTPMailer, exc: OSError, phase: str) -> DeliveryError:
-    return network_error(exc, _where(mailer), phase, limit=mailer.timeout, relay=True)
+def _opening_error(settings: SessionSettings, exc: OSError, phase: str) -> DeliveryError:
+    return network_error(exc, _where(settings), phase, limit=settings.timeout, relay=True)
 
 
-def _hello(mailer: SMTPMailer, smtp: smtplib.SMTP, *, allow_helo: bool) -> None:
+def _hello(settings: SessionSettings, smtp: smtplib.SMTP, *, allow_helo: bool) -> None:
     try:
         code, reply = smtp.ehlo()
         if not 200 <= code < 300 and allow_helo and code != 421:
             code, reply = smtp.helo()
     except OSError as exc:
-        raise _opening_error(mailer, exc, "EHLO") from exc
+        raise _opening_error(settings, exc, "EHLO") from exc
     if not 200 <= code < 300:
-        text = f"{reply_text(reply)} [EHLO to {_where(mailer)}]"
+        text = f"{reply_text(reply)} [EHLO to {_where(settings)}]"
         raise error_for_reply(code, text, phase="ehlo")
 
 
-def _login(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials) -> None:
-    where = _where(mailer)
+def _login(settings: SessionSettings, smtp: smtplib.SMTP, credentials: Credentials) -> None:
+    where = _where(settings)
     encrypted = isinstance(smtp.sock, ssl.SSLSocket)
-    if not encrypted and not mailer.allow_plaintext_auth:
+    if not encrypted and not settings.allow_plaintext_auth:
         # Unreachable through SMTPMailer's checks; kept as the last guard.
         raise TLSFailure(f"refusing to send AUTH to {where} without TLS")
     if not smtp.has_extn("auth"):
@@ -455,17 +455,22 @@ def _login(mailer: SMTPMailer, smtp: smtplib.SMTP, credentials: Credentials) -> 
     # mechanism after a refusal, sending a wrong password again (and
     # counting twice towards the account's lockout).
     smtp.user, smtp.password = credentials.username, credentials.reveal()
-    answer = getattr(smtp, "auth_" + mechanism.lower().replace("-", "_"))
+    answers: dict[str, Callable[..., str]] = {
+        "PLAIN": smtp.auth_plain,
+        "LOGIN": smtp.auth_login,
+        "CRAM-MD5": smtp.auth_cram_md5,
+    }
+    answer = answers[mechanism]
     try:
         smtp.auth(mechanism, answer)
     except smtplib.SMTPResponseException as exc:
         raise error_for_reply(exc.smtp_code, reply_text(exc.smtp_error), phase="auth") from None
     except smtplib.SMTPServerDisconnected as exc:
-        raise _opening_error(mailer, exc, "AUTH") from None
+        raise _opening_error(settings, exc, "AUTH") from None
     except smtplib.SMTPException as exc:  # e.g. endless challenges
         raise AuthenticationError(f"AUTH {mechanism} with {where} failed: {exc}") from None
     except OSError as exc:
-        raise _opening_error(mailer, exc, "AUTH") from None
+        raise _opening_error(settings, exc, "AUTH") from None
     finally:
         # smtplib keeps the credentials on the object; do not.
         smtp.user = smtp.password = ""

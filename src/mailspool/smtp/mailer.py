@@ -137,6 +137,12 @@ def _check_context(context: ssl.SSLContext, ca_file: object, verify_certificates
         )
 
 
+class _ThreadConnection(threading.local):
+    """Each thread's connection, ``None`` until it opens one."""
+
+    conn: SMTPConnection | None = None
+
+
 @implementer(ISMTPMailer)
 class SMTPMailer:
     """Sends mail to an SMTP relay: TLS, AUTH, connection reuse, per-recipient outcomes.
@@ -255,7 +261,7 @@ class SMTPMailer:
         self.pipelining = pipelining
         self.ssl_context = ssl_context if ssl_context is not None else self._make_context()
         self._warn_about_tls()
-        self._local = threading.local()
+        self._local = _ThreadConnection()
 
     def _warn_about_tls(self) -> None:
         if self.tls != "none" and not self.verify_certificates:
@@ -319,7 +325,7 @@ class SMTPMailer:
 
     def _thread_connection(self) -> tuple[SMTPConnection, bool]:
         """This thread's connection, alive, and whether it was opened just now."""
-        conn: SMTPConnection | None = getattr(self._local, "conn", None)
+        conn = self._local.conn
         if conn is not None:
             if conn.alive:
                 return conn, False
@@ -335,7 +341,7 @@ class SMTPMailer:
         if conn.alive and self.reuse_connections:
             return
         conn.close()
-        if getattr(self._local, "conn", None) is conn:
+        if self._local.conn is conn:
             self._local.conn = None
 
     # -- IMailer ------------------------------------------------------------
@@ -408,7 +414,7 @@ class SMTPMailer:
 
     def abort(self) -> None:
         """Close and forget the connection :meth:`vote` opened in this thread."""
-        conn: SMTPConnection | None = getattr(self._local, "conn", None)
+        conn = self._local.conn
         self._local.conn = None
         if conn is not None:
             conn.close()

@@ -140,7 +140,6 @@ def with_result(
             outcome[rcpt] = refused[rcpt]
         elif rcpt in taken and reply is not None:
             outcome[rcpt] = reply
-    # DeliveryError declares no ``result``; RecipientsRefused's has the same
-    # meaning, and the callers read it with getattr().
+    # DeliveryError.result, as RecipientsRefused's: every recipient's reply.
     error.result = SendResult((), MappingProxyType(outcome), reply)
     return error

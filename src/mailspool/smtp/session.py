@@ -54,7 +54,6 @@ import smtplib
 import socket
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING
 
 from mailspool.errors import ConnectionFailed, DeliveryError
 from mailspool.message import Envelope
@@ -78,10 +77,8 @@ from mailspool.smtp.protocol import (
     WriteMessage,
 )
 from mailspool.smtp.result import Reply, SendResult, with_result
+from mailspool.smtp.seams import SessionSettings
 from mailspool.smtp.wire import Poller, read_reply, set_timeout, write_data
-
-if TYPE_CHECKING:
-    from mailspool.smtp.mailer import SMTPMailer
 
 __all__ = ["SMTPConnection"]
 
@@ -113,7 +110,9 @@ class SMTPConnection:
     between threads.  Use it as a context manager, or call :meth:`close`.
 
     Args:
-        mailer: the :class:`~mailspool.mailer.SMTPMailer` whose settings to use.
+        mailer: the settings to use: the :class:`~mailspool.smtp.mailer.SMTPMailer`
+            that makes the connection (any
+            :class:`~mailspool.smtp.seams.SessionSettings`).
         credentials: for AUTH (also when reconnecting), or ``None``.
 
     Raises:
@@ -130,7 +129,7 @@ class SMTPConnection:
             transactions, in all (what the processor grows connections by).
     """
 
-    def __init__(self, mailer: SMTPMailer, credentials: Credentials | None = None) -> None:
+    def __init__(self, mailer: SessionSettings, credentials: Credentials | None = None) -> None:
         self._mailer = mailer
         self._credentials = credentials
         self.host = mailer.host

@@ -47,6 +47,7 @@ window remains.  That database must be the one the queue is in.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -64,6 +65,7 @@ from django.db import transaction as db_transaction
 from mailspool import QueuedMailDelivery
 from mailspool.errors import InvalidAddress, SpoolError
 from mailspool.message import Prepared, parse_mailbox, prepare
+from mailspool.priority import parse_priority
 from mailspool.queue import is_postgres_url
 
 __all__ = ["EmailBackend", "message_envelope"]
@@ -151,11 +153,14 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
             or a PostgreSQL queue's ``postgresql://`` URL.
         database: the database alias whose transaction the mail joins
             (default: ``settings.MAILSPOOL_DATABASE``, or ``"default"``).
+        priority: the class of the mail this backend queues: ``"urgent"``,
+            ``"normal"`` (the default) or ``"bulk"``, e.g.
+            ``get_connection(priority="bulk")`` for a newsletter.
         kwargs: what Django passes on (``alias``; ``auth_user`` and
             ``auth_password`` from ``send_mail()``, which mean nothing here).
 
     Raises:
-        ImproperlyConfigured: no spool is set.
+        ImproperlyConfigured: no spool is set, or ``priority`` names no class.
     """
 
     def __init__(
@@ -164,10 +169,15 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
         *,
         queue_path: str | os.PathLike[str] | None = None,
         database: str | None = None,
+        priority: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.fail_silently = fail_silently
+        try:
+            self.priority = parse_priority(priority)
+        except ValueError as exc:
+            raise ImproperlyConfigured(f"mailspool EmailBackend: {exc}") from None
         if queue_path is None:
             queue_path = getattr(settings, "MAILSPOOL_QUEUE_PATH", None)
         if not queue_path:
@@ -202,7 +212,8 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
                 continue
             try:
                 sender, recipients, data = message_envelope(email_message)
-                batch.append(prepare(sender, recipients, data))
+                prepared = prepare(sender, recipients, data)
+                batch.append(dataclasses.replace(prepared, priority=self.priority))
             except ValueError as exc:  # InvalidAddress/Message and UnicodeError are ValueErrors
                 if not self.fail_silently:
                     raise
@@ -247,7 +258,9 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
         try:
             with _manager:
                 for p in batch:
-                    delivery.send(p.envelope.sender, p.envelope.recipients, p.data)
+                    delivery.send(
+                        p.envelope.sender, p.envelope.recipients, p.data, priority=p.priority
+                    )
         except Exception:
             which = "; ".join(
                 f"{p.message_id} to {', '.join(p.envelope.recipients)}" for p in batch

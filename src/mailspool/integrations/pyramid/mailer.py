@@ -252,16 +252,19 @@ class Mailer:
         """Send ``message`` to the relay when the transaction commits; return its Message-Id."""
         return self.direct_delivery.send(*self._args(message))
 
-    def send_to_queue(self, message: Message) -> str:
+    def send_to_queue(self, message: Message, *, priority: str | None = None) -> str:
         """Queue ``message`` when the transaction commits; return its Message-Id.
+
+        ``priority``: ``"urgent"``, ``"normal"`` (the default) or ``"bulk"``.
 
         Raises:
             RuntimeError: no ``queue_path`` was configured.
+            ValueError: ``priority`` names no class.
         """
         delivery = self.queue_delivery
         if delivery is None:
             raise RuntimeError("send_to_queue needs a queue: set mail.queue_path")
-        return delivery.send(*self._args(message))
+        return delivery.send(*self._args(message), priority=priority)
 
     def send_immediately(self, message: Message, fail_silently: bool = False) -> SendResult | None:
         """Send ``message`` now, outside any transaction.

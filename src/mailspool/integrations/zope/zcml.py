@@ -37,6 +37,7 @@ from mailspool import (
     SMTPMailer,
 )
 from mailspool.interfaces import IMailDelivery, IMailer
+from mailspool.smtp.seams import Mailer
 
 __all__ = [
     "NO_THREAD_ENV",
@@ -169,7 +170,7 @@ def sendmailMailer(_context: Any, name: str, path: str | None = None) -> None:
     _register_mailer(_context, mailer, name)
 
 
-def _register_mailer(_context: Any, mailer: Any, name: str) -> None:
+def _register_mailer(_context: Any, mailer: Mailer, name: str) -> None:
     _context.action(
         discriminator=("utility", IMailer, name),
         callable=handler,
@@ -219,9 +220,10 @@ def _register_delivery(delivery: Any, name: str) -> None:
     handler("registerUtility", delivery, IMailDelivery, name)
 
 
-def _get_mailer(name: str) -> Any:
+def _get_mailer(name: str) -> Mailer:
     try:
-        return getUtility(IMailer, name)
+        mailer: Mailer = getUtility(IMailer, name)
+        return mailer
     except LookupError:
         raise ConfigurationError(f"mailer {name!r} is not defined (mail:smtpMailer)") from None
 

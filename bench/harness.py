@@ -59,6 +59,8 @@ class Options:
     install_sink: bool = False
     install_postfix: bool = False
     out: str = ""
+    pg_server: str = ""
+    install_django_mailer: bool = False
 
     def n(self, default: int, quick: int) -> int:
         if self.messages is not None:
@@ -323,6 +325,11 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def versions(*dists: str) -> dict[str, str]:
+    """The installed version of each distribution ("not installed" for a missing one)."""
+    return {d: _version(d) for d in dists}
 
 
 def _cpu_model() -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -30,12 +31,15 @@ if HERE not in sys.path:
 
 import harness  # noqa: E402
 from harness import Options, Results, machine_info, write_json  # noqa: E402
+from pgsystems import DEFAULT_SERVER, DJANGO_MAILER, MAILDIR, PG, find_django_mailer  # noqa: E402
 from relays import SmtpSink  # noqa: E402
 from scenarios import (  # noqa: E402
     Env,
     commits,
     drain,
     enqueue,
+    outbox,
+    pg_pickup,
     pickup,
     priority,
     realistic,
@@ -64,9 +68,26 @@ SCENARIOS: dict[str, tuple[str, Callable[[Env], None]]] = {
         "drain, a real Postfix with its anvil rate limit (only when asked)",
         realistic.run_postfix,
     ),
+    "pg-enqueue": (
+        "PostgreSQL: what one mail adds to the application's transaction",
+        outbox.run_enqueue,
+    ),
+    "pg-drain-fast": (
+        "PostgreSQL: drain with 1 and 4 processors, fast relay",
+        outbox.run_drain_fast,
+    ),
+    "pg-drain-slow": (
+        "PostgreSQL: drain with 1 and 4 processors, 20 ms relay",
+        outbox.run_drain_slow,
+    ),
+    "pg-pickup": ("PostgreSQL: pickup latency (LISTEN/NOTIFY) and idle CPU", pg_pickup.run),
 }
-#: Run only when named with --scenario (it needs Postfix and root).
-OPTIONAL = ("drain-postfix",)
+#: The PostgreSQL queue against the Maildir spool and django-mailer
+#: (``--scenario postgres`` runs them all).
+POSTGRES = ("pg-enqueue", "pg-drain-fast", "pg-drain-slow", "pg-pickup")
+#: Run only when named with --scenario (drain-postfix needs Postfix and
+#: root; the pg-* ones a PostgreSQL server, and take ~15 min).
+OPTIONAL = ("drain-postfix", *POSTGRES)
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -78,8 +99,9 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument(
         "--scenario",
         action="append",
-        choices=sorted(SCENARIOS),
-        help="run only this scenario (repeatable; default: all but drain-postfix)",
+        choices=[*sorted(SCENARIOS), "postgres"],
+        help="run only this scenario (repeatable; 'postgres': every pg-* one; "
+        "default: all but drain-postfix and pg-*)",
     )
     p.add_argument("--messages", type=int, help="messages per trial (default 2,000)")
     p.add_argument("--runs", type=int, help="runs per system (default: per scenario)")
@@ -102,12 +124,28 @@ def parse_args(argv: list[str] | None) -> Options:
         help="apt-get install postfix when it is missing (for drain-postfix; root only)",
     )
     p.add_argument(
+        "--postgres",
+        default=os.environ.get("MAILSPOOL_BENCH_POSTGRES", DEFAULT_SERVER),
+        metavar="URL",
+        help="PostgreSQL server for pg-* (a user allowed to create databases; the bench "
+        "makes a scratch database there and drops it; default: $MAILSPOOL_BENCH_POSTGRES "
+        f"or {DEFAULT_SERVER})",
+    )
+    p.add_argument(
+        "--install-django-mailer",
+        action="store_true",
+        help="pip install django-mailer when it is missing (a peer for pg-*)",
+    )
+    p.add_argument(
         "--out", default=os.path.join(HERE, "results"), help="directory for JSON and PNG"
     )
     a = p.parse_args(argv)
+    named: list[str] = []
+    for key in a.scenario or ():
+        named.extend(POSTGRES if key == "postgres" else (key,))
     return Options(
         quick=a.quick,
-        scenarios=tuple(a.scenario or (k for k in SCENARIOS if k not in OPTIONAL)),
+        scenarios=tuple(dict.fromkeys(named or (k for k in SCENARIOS if k not in OPTIONAL))),
         messages=a.messages,
         runs=a.runs,
         scale_messages=a.scale_messages,
@@ -116,6 +154,8 @@ def parse_args(argv: list[str] | None) -> Options:
         install_sink=a.install_sink,
         install_postfix=a.install_postfix,
         out=a.out,
+        pg_server=a.postgres,
+        install_django_mailer=a.install_django_mailer,
     )
 
 
@@ -229,6 +269,7 @@ def targets(results: Results) -> list[dict[str, Any]]:
     )
     realistic_targets(results, out)
     commits.targets(results, out)
+    postgres_targets(results, out)
     bound("pickup: median <= 20 ms", "pickup", "latency commit -> relay", MAILSPOOL, 20.0001, "ms")
     idle = next((s for s in results.series if s.metric.startswith("idle CPU")), None)
     if idle is not None:
@@ -369,13 +410,108 @@ def realistic_targets(results: Results, out: list[dict[str, Any]]) -> None:
             )
 
 
+def postgres_targets(results: Results, out: list[dict[str, Any]]) -> None:
+    """Issue 18's targets for the PostgreSQL queue."""
+
+    def ratio(name: str, scenario: str, a: str, b: str, minimum: float | None) -> None:
+        ma = _median(results, scenario, "throughput", a)
+        mb = _median(results, scenario, "throughput", b)
+        if ma is None or mb is None:
+            if results.find(scenario, "throughput", a) is not None:
+                out.append({"target": name, "value": None, "met": None})
+            return
+        r = ma / mb
+        met = None if minimum is None else r >= minimum
+        out.append({"target": name, "value": f"{r:.2f}x", "met": met, "info": minimum is None})
+
+    fast, slow = "PostgreSQL drain, fast relay", "PostgreSQL drain, 20 ms relay"
+    pg1, pg4 = f"{PG}, 1 processor", f"{PG}, 4 processors"
+    dm1 = f"{DJANGO_MAILER}, 1 processor"
+    ratio("pg drain fast: >= 5x django-mailer (1 processor each)", fast, pg1, dm1, 5)
+    ratio("pg drain fast: 4 processors / 1 (a comparison)", fast, pg4, pg1, None)
+    ratio(
+        "pg drain fast: PostgreSQL / Maildir (a comparison)",
+        fast,
+        pg1,
+        f"{MAILDIR}, 1 processor",
+        None,
+    )
+    ratio(
+        "pg drain 20 ms: 4 processors >= 3x one (connections=1 each)",
+        slow,
+        f"{pg4}, connections=1",
+        f"{pg1}, connections=1",
+        3,
+    )
+    ratio(
+        "pg drain 20 ms: 4 processors / 1 (default connections, a comparison)", slow, pg4, pg1, None
+    )
+    ratio("pg drain 20 ms: >= 5x django-mailer (1 processor each)", slow, pg1, dm1, 5)
+    scenario = "PostgreSQL pickup"
+    for metric, label in (
+        ("latency commit -> relay", "pg pickup: median <= 20 ms"),
+        ("latency commit -> relay, p90", "pg pickup: p90 (a comparison)"),
+    ):
+        m = _median(results, scenario, metric, PG)
+        if m is not None:
+            met = m <= 20 if "median" in label else None
+            out.append({"target": label, "value": f"{m:.3g} ms", "met": met, "info": met is None})
+    added = "enqueue in the application's transaction"
+    for system in (PG, MAILDIR, DJANGO_MAILER):
+        m = _median(results, added, "added by the mail", system)
+        if m is not None:
+            out.append(
+                {
+                    "target": f"pg enqueue: added to the transaction by {system} (a comparison)",
+                    "value": f"{m:.3g} ms",
+                    "met": None,
+                    "info": True,
+                }
+            )
+
+
+def print_targets(checks: list[dict[str, Any]], opts: Options) -> None:
+    if opts.quick:
+        # Too few messages for a verdict: a slow relay's drain of 200 ends
+        # before the processor has grown its connections, for one.
+        print("\nTargets, not judged in a --quick run (too few messages):")
+    else:
+        print("\nTargets:")
+    only_postgres = all(k in POSTGRES for k in opts.scenarios)
+    for t in checks:
+        if only_postgres and t["value"] is None and not t["target"].startswith("pg "):
+            continue  # another scenario's target: not run, not worth a line
+        if t.get("info"):
+            mark = "info  "
+        elif opts.quick:
+            mark = "quick "
+        else:
+            mark = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
+        value = t["value"] if t["value"] is not None else "not measured"
+        print(f"  [{mark}] {t['target']}: {value}")
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # the finally blocks drop the scratch database
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sink = find_sink(opts.install_sink)
     tmp = tempfile.mkdtemp(prefix="mailspool-bench-", dir=opts.tmpdir)
     info = machine_info(tmp)
     results = Results()
-    env = Env(opts=opts, results=results, tmp=tmp, sink_path=sink)
+    env = Env(opts=opts, results=results, tmp=tmp, sink_path=sink, pg_server=opts.pg_server)
+    if any(k in POSTGRES for k in opts.scenarios):
+        env.django_mailer = find_django_mailer(opts.install_django_mailer)
+        info["versions"]["django-mailer"] = env.django_mailer or "not installed"
+        info["versions"].update(harness.versions("Django", "psycopg"))
+        if env.django_mailer is None:
+            results.notes.append(
+                "django-mailer is not installed: its rows are left out "
+                "(run with --install-django-mailer)"
+            )
     print(f"mailspool benchmarks — {info['date']}")
     print(f"  machine: {info['cpu']}, {info['cores']} cores, Python {info['python']}")
     print(f"  spools:  {info['spool_filesystem']}")
@@ -403,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.notes.append(f"{key}: scenario failed: {exc!r}")
             print(f"   ({time.monotonic() - t0:.0f} s)")
     finally:
+        env.close()
         shutil.rmtree(tmp, ignore_errors=True)
     info["load_at_end"] = os.getloadavg()
     loads = sorted(harness.LOAD_SAMPLES) or [0.0]
@@ -416,22 +553,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("\n" + results.table())
     checks = targets(results)
-    if opts.quick:
-        # Too few messages for a verdict: a slow relay's drain of 200 ends
-        # before the processor has grown its connections, for one.
-        print("\nTargets, not judged in a --quick run (too few messages):")
-    else:
-        print("\nTargets:")
-    for t in checks:
-        if t.get("info"):
-            mark = "info  "
-        elif opts.quick:
-            mark = "quick "
-        else:
-            mark = {True: "met   ", False: "MISSED", None: "n/a   "}[t["met"]]
-        print(
-            f"  [{mark}] {t['target']}: {t['value'] if t['value'] is not None else 'not measured'}"
-        )
+    print_targets(checks, opts)
     for note in results.notes:
         print(f"\nNote: {note}")
     ld = info["load_during_trials"]

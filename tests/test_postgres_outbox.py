@@ -268,3 +268,95 @@ def test_django_email_backend_with_the_postgres_queue(
     )
     assert subjects == [b"Subject: autocommit", b"Subject: yes"]
     assert sum(queue.counts().values()) == 0
+
+
+DJANGO_FAILURES = """
+import json, sys
+import django
+from django.conf import settings
+
+settings.configure(
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", **json.loads(sys.argv[1])}},
+    INSTALLED_APPS=["mailspool.integrations.django"],
+    USE_TZ=True,
+)
+django.setup()
+from django.core.mail import EmailMessage, get_connection
+from django.db import DatabaseError, connection, transaction
+from django.db.transaction import TransactionManagementError
+
+good, missing = sys.argv[2], sys.argv[3]  # a queue, and a schema never created
+connection.force_debug_cursor = True  # every statement in connection.queries
+out = {}
+
+def mail(queue, fail_silently):
+    backend = get_connection(
+        "mailspool.integrations.django.EmailBackend",
+        fail_silently=fail_silently,
+        queue_path=queue,
+    )
+    return backend.send_messages([EmailMessage("s", "x", "shop@example.org", ["a@example.org"])])
+
+def savepoints():
+    return sum("SAVEPOINT" in q["sql"].upper() for q in connection.queries)
+
+with connection.cursor() as cur:
+    cur.execute("CREATE TEMP TABLE orders (n int)")
+
+connection.queries_log.clear()
+with transaction.atomic():
+    out["sent"] = mail(good, False)
+out["savepoints_sent"] = savepoints()
+
+connection.queries_log.clear()
+with transaction.atomic():
+    with connection.cursor() as cur:
+        cur.execute("INSERT INTO orders VALUES (1)")
+    out["silent"] = mail(missing, True)
+    with connection.cursor() as cur:
+        cur.execute("INSERT INTO orders VALUES (2)")
+out["savepoints_silent"] = savepoints()
+
+try:
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            cur.execute("INSERT INTO orders VALUES (3)")
+        try:
+            mail(missing, False)
+        except DatabaseError:
+            out["raised"] = True
+        with connection.cursor() as cur:
+            cur.execute("INSERT INTO orders VALUES (4)")
+except TransactionManagementError:
+    out["spoiled"] = True
+with connection.cursor() as cur:
+    cur.execute("SELECT n FROM orders ORDER BY n")
+    out["orders"] = [n for (n,) in cur.fetchall()]
+print(json.dumps(out))
+"""
+
+
+def test_django_backend_failures_with_and_without_fail_silently(
+    queue: PostgresQueue, pg_url: str
+) -> None:
+    # Without fail_silently the insert joins the transaction itself (no
+    # savepoint: two round trips fewer) and a failure spoils the block, as
+    # a failed Model.save() does; with it, a savepoint keeps the block going.
+    pytest.importorskip("django", reason="Django is not installed")
+    params = psycopg.conninfo.conninfo_to_dict(parse_target(pg_url).conninfo)
+    django_db = {
+        "NAME": params["dbname"],
+        "USER": params.get("user", ""),
+        "HOST": params.get("host", ""),
+        "PORT": str(params.get("port", "")),
+    }
+    missing = pg_url.split("?")[0] + "?schema=never_created"
+    argv = [DJANGO_FAILURES, json.dumps(django_db), pg_url, missing]
+    done = subprocess.run([sys.executable, "-c", *argv], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["sent"] == 1 and out["savepoints_sent"] == 0
+    assert out["silent"] == 0 and out["savepoints_silent"] >= 1
+    assert out["raised"] and out["spoiled"]
+    assert out["orders"] == [1, 2]  # the silent failure kept its block; the other rolled back
+    assert queue.counts()["ready"] == 1

@@ -27,6 +27,42 @@ class Env:
     sink_path: str | None
     _tls: dict[str, str] | None = None
     _seq: Any = field(default_factory=itertools.count)
+    #: The PostgreSQL server for the pg-* scenarios (a libpq URL), and
+    #: django-mailer's version (None: not installed, its rows are left out).
+    pg_server: str = ""
+    django_mailer: str | None = None
+    _pg: Any = None
+    _pg_failed: bool = False
+
+    def postgres(self) -> Any:
+        """The scratch database (a :class:`pgsystems.Scratch`), made at the first call.
+
+        None, with a note, when the server cannot be reached.
+        """
+        if self._pg is None and not self._pg_failed:
+            from harness import run_child
+            from pgsystems import Scratch, migrate_django_mailer
+
+            scratch = Scratch(self.pg_server)
+            try:
+                scratch.create()
+                if self.django_mailer:
+                    run_child(migrate_django_mailer, 300, db=scratch.params)
+            except Exception as exc:  # psycopg's, or the migration's
+                self._pg_failed = True
+                scratch.drop()
+                why = " ".join(str(exc).split())[:200]
+                self.results.notes.append(f"PostgreSQL scenarios not run: {why}")
+                print(f"  PostgreSQL not usable at {self.pg_server}: {why}")
+                return None
+            self._pg = scratch
+        return self._pg
+
+    def close(self) -> None:
+        """Drop what the run made outside its temporary directory."""
+        if self._pg is not None:
+            self._pg.drop()
+            self._pg = None
 
     def fast_relay(self) -> Any:
         """smtp-sink when installed, else an aiosmtpd sink (slower)."""

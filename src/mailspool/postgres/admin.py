@@ -88,6 +88,12 @@ class PostgresAdmin(OperatorMoves):
         self.channel = f"mailspool.{self.schema}"
         self.keep_sent = self.target.keep_sent if keep_sent is None else keep_sent
         self.lock_sql = "SELECT pg_try_advisory_xact_lock(%s, %s)"
+        #: The seq of every row claimed now (a parameter: :attr:`lock_class_oid`).
+        self.locked_sql = (
+            "SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND classid::int8 = %s AND objsubid = 2 AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
         self._lock = threading.RLock()
         self._conn: psycopg.Connection[Any] | None = None
         self._pool = ConnectionPool(self.target, max_idle=max_idle)
@@ -214,12 +220,7 @@ class PostgresAdmin(OperatorMoves):
 
     def _locked(self, conn: psycopg.Connection[Any]) -> list[int]:
         """The rows claimed now (their advisory locks, see :mod:`.claim`)."""
-        rows = conn.execute(
-            "SELECT objid::int8 FROM pg_locks WHERE locktype = 'advisory' AND granted "
-            "AND classid::int8 = %s AND objsubid = 2 AND database = "
-            "(SELECT oid FROM pg_database WHERE datname = current_database())",
-            (self.lock_class_oid,),
-        ).fetchall()
+        rows = conn.execute(self.locked_sql, (self.lock_class_oid,)).fetchall()
         return [r[0] for r in rows]
 
     # -- where a message is --------------------------------------------------------

@@ -56,6 +56,19 @@ if TYPE_CHECKING:
 __all__ = ["PostgresClaim"]
 
 _INTRANS = psycopg.pq.TransactionStatus.INTRANS
+_INERROR = psycopg.pq.TransactionStatus.INERROR
+#: For the claim's transaction only: its commit returns before the WAL flush.
+_NO_FLUSH = "SET LOCAL synchronous_commit TO off"
+
+
+def _back_to_savepoint(conn: psycopg.Connection[Any]) -> None:
+    """After a failed outcome: keep the claim's transaction, and so its lock."""
+    if conn.broken or conn.info.transaction_status != _INERROR:
+        return  # gone with the connection, or the COMMIT itself failed
+    try:
+        conn.execute("ROLLBACK TO SAVEPOINT outcome")
+    except psycopg.Error:
+        conn.close()  # the session's end drops the lock: due again at once
 
 
 class PostgresClaim(RecordFields):
@@ -183,18 +196,38 @@ class PostgresClaim(RecordFields):
         self._conn = conn
         return conn
 
-    def _write(self, action: str, outcome: str, sql: str, params: tuple[Any, ...]) -> None:
-        """Run ``sql`` in the claim's transaction and commit it: the claim ends."""
+    def _write(
+        self,
+        action: str,
+        outcome: str,
+        sql: str,
+        params: tuple[Any, ...],
+        *,
+        flush: bool = True,
+    ) -> None:
+        """Run ``sql`` in the claim's transaction and commit it: the claim ends.
+
+        With ``flush`` False the commit does not wait for the server's WAL
+        flush (``synchronous_commit`` off for this transaction only): what
+        a crash of the server in the next few hundred milliseconds can
+        undo is then only this outcome, never another row.
+        """
         self._start(action)
+        # One round trip: the outcome in a savepoint (a failed statement
+        # keeps the lock: rolled back to it below), then the commit; bound
+        # on the client, since only the simple protocol takes several
+        # statements at once.
+        script = f"SAVEPOINT outcome; {'' if flush else _NO_FLUSH + '; '}{sql}; " + (
+            "RELEASE SAVEPOINT outcome; COMMIT"
+        )
         for retry in (True, False):
             conn = self._connection(action)
             try:
-                with conn.transaction():  # a savepoint: a failed statement keeps the lock
-                    conn.execute(sql, params)
-                conn.commit()
+                psycopg.ClientCursor(conn).execute(script, params)
             except psycopg.Error as exc:
                 if retry and conn.broken:  # found broken only now: take the row again
                     continue
+                _back_to_savepoint(conn)
                 why = self._queue.why(exc)
                 cls = QueueUnavailable if conn.broken else SpoolIOError
                 raise cls(f"cannot {action} {self.id}: {why}") from exc
@@ -269,7 +302,11 @@ class PostgresClaim(RecordFields):
             )
         else:
             sql, params = self._update(record, "failed", None)
-        self._write(action, outcome, sql, params)
+        # A message sent to every recipient is settled without waiting for
+        # the WAL flush, as the spool unlinks its file without an fsync: a
+        # crash of the server just after it brings the row back, sent again
+        # (window (a) of docs/guarantees.md).  A partial outcome waits.
+        self._write(action, outcome, sql, params, flush=outcome != "removed")
         return outcome
 
     def defer(self, retry_at: float, reason: str, *, count_attempt: bool = True) -> None:

@@ -39,10 +39,10 @@ With a PostgreSQL queue
 When ``MAILSPOOL_QUEUE_PATH`` is a ``postgresql://`` URL (the queue's, as
 ``mailspool run --queue`` takes it), there is no callback: the rows are
 inserted at once through Django's own connection of ``MAILSPOOL_DATABASE``,
-in a savepoint of the current transaction, into the URL's ``schema``
-(:func:`mailspool.postgres.outbox.enqueue_prepared`).  They commit with the
-``atomic()`` block, or are gone with its rollback; no window remains.  That
-database must be the one the queue is in.
+in the current transaction (in a savepoint of it with ``fail_silently``),
+into the URL's ``schema`` (:func:`mailspool.postgres.outbox.enqueue_prepared`).
+They commit with the ``atomic()`` block, or are gone with its rollback; no
+window remains.  That database must be the one the queue is in.
 """
 
 from __future__ import annotations
@@ -238,10 +238,15 @@ class EmailBackend(BaseEmailBackend):  # type: ignore[misc]
 
         from mailspool.postgres.outbox import enqueue_prepared
 
+        # A savepoint only where the error is swallowed, so that the
+        # application's transaction goes on without the mail; otherwise
+        # the error rolls back the application's atomic() block, as a
+        # failed Model.save() does (savepoint=False there too), and two
+        # round trips are saved on every send.
         try:
-            with db_transaction.atomic(using=self.database):  # a savepoint
+            with db_transaction.atomic(using=self.database, savepoint=self.fail_silently):
                 enqueue_prepared(connections[self.database], batch, schema=schema)
-        except Exception as exc:  # the driver's: the savepoint is rolled back
+        except Exception as exc:  # the driver's: the savepoint (if any) is rolled back
             if not self.fail_silently:
                 raise
             log.error("%d message(s) not queued: %s", len(batch), exc)

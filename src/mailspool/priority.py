@@ -27,6 +27,8 @@ queued for sending but not yet claimed is not handed out twice.
 from __future__ import annotations
 
 import enum
+import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -158,8 +160,10 @@ class _Source:
 
     def relook(self) -> None:
         """Open the listing again if it is empty and its time has come."""
+        if self.live:
+            return
         began = self._clock()
-        if self.live or began < self._relook_at:
+        if began < self._relook_at:
             return
         self._it = iter(self._open())
         self._relisted = True
@@ -186,37 +190,38 @@ def interleave(
         listing is exhausted.
     """
     sources = {p: _Source(listings[p], clock) for p in PRIORITIES if p in listings}
-    n = 0
+    # Worked out once, not per id: for each preferred class, the sources in
+    # the order a pick tries them, each with the higher classes' sources.
+    above = {p: [sources[q] for q in PRIORITIES[: p.rank] if q in sources] for p in sources}
+    orders = {
+        want: [(sources[p], above[p]) for p in dict.fromkeys((want, *PRIORITIES)) if p in sources]
+        for want in PRIORITIES
+    }
+    period = math.lcm(BULK_EVERY, NORMAL_EVERY)  # preferred(n) repeats with this period
+    picks = itertools.cycle([orders[preferred(n)] for n in range(period)])
     try:
         while True:
-            id = _pick(sources, preferred(n))
+            id = _pick(next(picks))
             if id is None:
                 return
-            n += 1
             yield id
     finally:
         for s in sources.values():
             s.close()
 
 
-def _pick(sources: Mapping[Priority, _Source], want: Priority) -> str | None:
-    """The next id for a pick that prefers ``want``; None when every source is empty."""
-    serving: Priority | None = None
-    for p in (want, *PRIORITIES):
-        s = sources.get(p)
-        if s is not None and s.live:
-            serving = p
+def _pick(order: list[tuple[_Source, list[_Source]]]) -> str | None:
+    """The next id for a pick that tries the sources in ``order`` (the preferred
+    class's first), each with those of the higher classes; None when every
+    source is empty."""
+    for s, above in order:
+        if s.live:  # served: a higher class may have got mail meanwhile
+            for a in above:
+                a.relook()
             break
-    if serving is not None:
-        for p in PRIORITIES[: serving.rank]:
-            s = sources.get(p)
-            if s is not None:
-                s.relook()  # a higher class may have got mail meanwhile
-    for p in (want, *PRIORITIES):
-        s = sources.get(p)
-        if s is None:
-            continue
-        id = s.take()
-        if id is not None:
-            return id
+    for s, _ in order:
+        if s.live:  # one that is not hands out nothing
+            id = s.take()
+            if id is not None:
+                return id
     return None

@@ -39,7 +39,15 @@ import os
 import threading
 import time
 
-__all__ = ["IDLE_EXIT", "SLOW_UNLINK", "purge", "reap_soon", "stop_reapers", "unlink_at_once"]
+__all__ = [
+    "GATHER",
+    "IDLE_EXIT",
+    "SLOW_UNLINK",
+    "purge",
+    "reap_soon",
+    "stop_reapers",
+    "unlink_at_once",
+]
 
 #: Seconds without work after which a reaper thread ends.
 IDLE_EXIT = 10.0
@@ -51,6 +59,10 @@ IDLE_EXIT = 10.0
 #: include a wait for the interpreter lock: hence several in a row).
 SLOW_UNLINK = 200e-6
 SLOW_IN_ROW = 3
+#: Seconds a woken reaper waits before its pass, so that one pass removes
+#: the files of many messages: each wake-up costs the sender threads a turn
+#: at the interpreter lock, and each pass a listing of ``trash/``.
+GATHER = 0.01
 #: A reaper's pass brings the unlinks at once back after this many files,
 #: all removed faster than SLOW_UNLINK.
 _FAST_PASS = 16
@@ -139,7 +151,7 @@ class _Reaper(threading.Thread):
                         if _reapers.get(self.key) is self:
                             del _reapers[self.key]
                         return
-            if self.stopping.is_set():
+            if self.stopping.wait(GATHER):
                 return
             self.wake.clear()
             purge(self.key[1], self.stopping)

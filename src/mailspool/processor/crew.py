@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Generator
 
 from mailspool import events
-from mailspool.processor.outcome import Done
+from mailspool.processor.outcome import NOTHING, Done
 from mailspool.processor.passes import Pass
 from mailspool.processor.policy import RelayState
 from mailspool.processor.sender import Sender
@@ -210,7 +210,7 @@ class Crew:
             if job is None:
                 return
             id, p = job
-            done = counted = Done(None)
+            done = counted = NOTHING
             try:
                 if p.start(self.relay.parallelism, self._blocked):
                     if not told:
@@ -245,7 +245,7 @@ class Crew:
         to count for it now (nothing while it is to be tried again)."""
         if done.retry_in is not None:  # a one-off fault: a quick retry, soon
             p.retry_later(id, done.retry_in, done.partly, done.lost)
-            return Done(None)  # counted by its last attempt in this pass
+            return NOTHING  # counted by its last attempt in this pass
         if done.again and p.requeue(self._blocked):
             self.jobs.put((id, p))  # refused for now: again in this pass
         return done

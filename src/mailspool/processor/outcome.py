@@ -30,6 +30,7 @@ from mailspool.events import MailDeferred, MailEvent, MailFailed, MailSent
 from mailspool.smtp.mailer import Reply, SendResult
 
 __all__ = [
+    "NOTHING",
     "Done",
     "Reason",
     "Report",
@@ -288,6 +289,11 @@ class Done:
     retry_in: float | None = None
     #: that fault lost the reply after the final dot (it may have been sent)
     lost: bool = False
+
+
+#: Nothing attempted, nothing to dispatch: one shared instance (a frozen
+#: dataclass costs a call per field to make, and this one is made often).
+NOTHING = Done(None)
 
 
 @dataclass(frozen=True)

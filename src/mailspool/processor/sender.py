@@ -59,6 +59,7 @@ from mailspool.processor.connector import Connector, NotNow, RelayTrouble
 from mailspool.processor.facts import attempt_facts
 from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import (
+    NOTHING,
     Done,
     Verdict,
     classify,
@@ -190,12 +191,12 @@ class Sender:
                 is told to ``outage`` instead.
         """
         if self._stopping() or self.relay.paused(now) or self.waiting():
-            return Done(None)  # not started: stays where it is
+            return NOTHING  # not started: stays where it is
         try:
             claim = self.spool.claim(id)
         except QueueUnavailable as exc:  # an outage: no message's fault
             self.outage.failed(exc)
-            return Done(None)
+            return NOTHING
         if claim is None:
             return self._lost(id)
         self.lost_run = 0
@@ -214,7 +215,7 @@ class Sender:
             return self._deliver(claim, now)
         except NotNow:
             claim.release()
-            return Done(None)
+            return NOTHING
         except Exception as exc:  # the one catch-all: log, defer, keep going
             return self._after_error(claim, now, exc)
 
@@ -410,7 +411,7 @@ class Sender:
         # None: the spool cannot take the outcome yet; the claim stays held.
         done = unwritten.write(self._key, u, first=True)
         if done is None:
-            return Done(None)
+            return NOTHING
         if retry_in is not None and done.outcome == "deferred":
             return dataclasses.replace(done, retry_in=retry_in, lost=lost)
         return done
@@ -473,7 +474,7 @@ class Sender:
             log.exception("%s; cannot defer it either, leaving it until %s", head, when(until))
             with self._skip_lock:
                 self._skip[claim.id] = until
-            return Done(None)
+            return NOTHING
         log.exception("%s; deferred until %s (attempt %d)", head, when(retry_at), attempt)
         return Done("deferred")
 
@@ -484,7 +485,7 @@ class Sender:
         if self._quarantined(id):
             return Done("quarantined", (MailQuarantined(id),))
         self.lost_run += 1
-        return Done(None)
+        return NOTHING
 
     def _quarantined(self, id: str) -> bool:
         """Did this thread's failed claim just move ``id`` to quarantine?

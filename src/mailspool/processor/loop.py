@@ -271,10 +271,11 @@ class QueueProcessor:
     def _blocked(self, now: float) -> bool:
         """True when nothing new may be started: stopping, relay paused, spool full,
         queue unreachable."""
+        # Asked two or three times per message: no call that can be spared.
         return (
-            self._stopping()
+            self._stop_flag
             or self.relay.paused(now)
-            or bool(self._sender.waiting())
+            or self._sender.waiting() > 0
             or self.outage.down()
         )
 

@@ -36,6 +36,7 @@ from mailspool.delivery import QueuedMailDelivery
 from mailspool.maildir.inotify import Inotify
 from mailspool.maildir.spool import Spool
 from mailspool.processor.loop import QueueProcessor
+from mailspool.processor.passes import QUEUED_MIN
 from mailspool.smtp.mailer import SMTPMailer
 
 
@@ -189,7 +190,7 @@ def test_ids_queued_ahead_are_not_started_after_a_stop(
         # A few ids wait ahead of the sender thread; only the one under way
         # is claimed (nothing of the next message goes with its final dot).
         assert spool.counts()["in_flight"] == 1
-        assert p._crew.jobs.qsize() <= 4  # bounded, whatever the size of the queue
+        assert p._crew.jobs.qsize() <= QUEUED_MIN  # bounded, whatever the size of the queue
         stopper.start()
         assert wait_for(p._stopping)
     finally:

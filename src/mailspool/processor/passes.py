@@ -14,7 +14,12 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["Pass"]
+__all__ = ["QUEUED_MIN", "Pass"]
+
+#: The dispatcher queues at least this many ids ahead (twice the
+#: connections when more), and is woken when half of them are started: with
+#: one connection, once per four messages rather than after every message.
+QUEUED_MIN = 8
 
 
 class Pass:
@@ -34,7 +39,7 @@ class Pass:
         self.in_flight = 0
         #: The dispatcher queues up to ``high`` ids, then sleeps until no
         #: more than ``low`` are left.
-        self.high = max(2, 2 * ahead)
+        self.high = max(QUEUED_MIN, 2 * ahead)
         self.low = self.high // 2
         self.dispatcher_waits = False
         self.starters_wait = 0  # sender threads waiting for a free slot

@@ -52,6 +52,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import zope.event
+
 from mailspool.errors import DeliveryError, QueueUnavailable, SpoolError
 from mailspool.events import Attempt, MailQuarantined
 from mailspool.processor import unwritten
@@ -418,9 +420,16 @@ class Sender:
 
     def _facts(
         self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int
-    ) -> Attempt:
+    ) -> Attempt | None:
+        """The facts of the attempt; None when nothing would read them: no
+        subscriber to the events, and its log line (INFO when every recipient
+        was sent, higher otherwise) dropped."""
         began = self._local.began
         self._local.began = None
+        if not (zope.event.subscribers or verdict.deferred or verdict.failed) and not (
+            log.isEnabledFor(logging.INFO)
+        ):
+            return None
         took = None if began is None else time.monotonic() - began
         return attempt_facts(claim, verdict, reply, attempt, relay=self.where, seconds=took)
 

@@ -506,6 +506,8 @@ class Sender:
 
     def skipped(self, id: str, now: float) -> bool:
         """True for a message that could not be deferred, until its retry time."""
+        if not self._skip:  # the common case, once per id listed: no lock
+            return False
         with self._skip_lock:
             until = self._skip.get(id)
             if until is None:

@@ -177,6 +177,9 @@ def reap_soon(trash: str) -> None:
         trash: the path of a spool's ``trash/``.
     """
     key = (_pid, trash)
+    reaper = _reapers.get(key)
+    if reaper is not None and reaper.wake.is_set():
+        return  # woken already (the common case while files come): no lock
     with _lock:
         reaper = _reapers.get(key)
         if reaper is None:

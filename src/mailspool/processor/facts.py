@@ -8,8 +8,11 @@ record (:class:`~mailspool.events.Attempt`); what reads them
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING
+
+import zope.event
 
 from mailspool.events import Attempt
 
@@ -18,7 +21,7 @@ if TYPE_CHECKING:
     from mailspool.queue import QueueClaim
     from mailspool.smtp.result import Reply
 
-__all__ = ["attempt_facts"]
+__all__ = ["attempt_facts", "facts_read"]
 
 
 def attempt_facts(
@@ -66,3 +69,12 @@ def attempt_facts(
         max(0.0, time.time() - claim.queued_at),
         attempt,
     )
+
+
+def facts_read(verdict: Verdict, log: logging.Logger) -> bool:
+    """Whether anything reads the facts of an attempt with ``verdict``: a
+    subscriber to the events, or the attempt's log record on ``log`` (INFO
+    when every recipient was sent, WARNING or ERROR otherwise)."""
+    if zope.event.subscribers or verdict.deferred or verdict.failed:
+        return True
+    return log.isEnabledFor(logging.INFO)

@@ -52,13 +52,11 @@ import threading
 import time
 from collections.abc import Callable
 
-import zope.event
-
 from mailspool.errors import DeliveryError, QueueUnavailable, SpoolError
 from mailspool.events import Attempt, MailQuarantined
 from mailspool.processor import unwritten
 from mailspool.processor.connector import Connector, NotNow, RelayTrouble
-from mailspool.processor.facts import attempt_facts
+from mailspool.processor.facts import attempt_facts, facts_read
 from mailspool.processor.outage import Outage
 from mailspool.processor.outcome import (
     NOTHING,
@@ -421,14 +419,9 @@ class Sender:
     def _facts(
         self, claim: QueueClaim, verdict: Verdict, reply: Reply | None, attempt: int
     ) -> Attempt | None:
-        """The facts of the attempt; None when nothing would read them: no
-        subscriber to the events, and its log line (INFO when every recipient
-        was sent, higher otherwise) dropped."""
         began = self._local.began
         self._local.began = None
-        if not (zope.event.subscribers or verdict.deferred or verdict.failed) and not (
-            log.isEnabledFor(logging.INFO)
-        ):
+        if not facts_read(verdict, log):
             return None
         took = None if began is None else time.monotonic() - began
         return attempt_facts(claim, verdict, reply, attempt, relay=self.where, seconds=took)

@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import transaction
 
@@ -405,7 +407,13 @@ def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "run", "--password", "x")
     assert code == 2 and "--password" in err
 
-    assert set(VERBS) <= set(build_parser().commands)
+    group = build_parser()
+    with click.Context(group) as ctx:
+        listed = group.list_commands(ctx)
+        assert set(VERBS) <= set(listed)
+        for name in listed:  # each verb listed is found, under its own name
+            command = group.get_command(ctx, name)
+            assert command is not None and command.name == name
     for verb in VERBS:
         code, out, _ = run(capsys, verb, "--help")
         assert code == 0
@@ -557,3 +565,27 @@ def test_logged_errors_stay_one_line_unless_vv() -> None:
     assert record.exc_info is info  # other handlers still see the exception
     full = OneLineFormatter(tracebacks=True).format(record)
     assert "Traceback (most recent call last)" in full and full.endswith("ValueError: bad\nthing")
+
+
+def test_status_imports_no_delivery_modules(tmp_path: Path) -> None:
+    """`status` and `list` load only their own verbs' module, not the processor's
+    or the SMTP modules `run` needs: what a million-message queue's `status`
+    must not spend its second on."""
+    Spool(str(tmp_path / "q"))
+    code = (
+        "import sys; from mailspool.cli.main import main; "
+        f"main(['--queue', {str(tmp_path / 'q')!r}, 'status']); "
+        f"main(['--queue', {str(tmp_path / 'q')!r}, 'list', '--limit', '5']); "
+        "print(sorted(m for m in sys.modules if m.startswith('mailspool.')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(eval(done.stdout.strip().splitlines()[-1]))  # a list of names
+    assert "mailspool.cli.queue_verbs" in loaded
+    for module in (
+        "mailspool.cli.delivery_verbs",
+        "mailspool.cli.dev_verbs",
+        "mailspool.cli.db_verbs",
+        "mailspool.smtp.mailer",
+        "mailspool.processor.loop",
+    ):
+        assert module not in loaded, module

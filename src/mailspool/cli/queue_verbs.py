@@ -35,7 +35,6 @@ from mailspool.cli.common import (
 )
 from mailspool.cli.opening import open_spool, reading
 from mailspool.errors import SpoolError
-from mailspool.processor.outcome import per_second
 from mailspool.queue import age_order
 
 if TYPE_CHECKING:
@@ -215,6 +214,8 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
 
 def _relay_line(relay: dict[str, Any], now: float) -> str:
     """What a processor last said about its relay (see mailspool.processor.relayfile)."""
+    from mailspool.processor.outcome import per_second  # the processor's modules, only here
+
     parts = []
     rate = relay.get("rate")
     if isinstance(rate, (int, float)):

@@ -569,17 +569,20 @@ def test_logged_errors_stay_one_line_unless_vv() -> None:
 
 def test_status_imports_no_delivery_modules(tmp_path: Path) -> None:
     """`status` and `list` load only their own verbs' module, not the processor's
-    or the SMTP modules `run` needs: what a million-message queue's `status`
-    must not spend its second on."""
+    or the SMTP modules `run` needs, and compile no address pattern: what a
+    million-message queue's `status` must not spend its second on."""
     Spool(str(tmp_path / "q"))
     code = (
         "import sys; from mailspool.cli.main import main; "
         f"main(['--queue', {str(tmp_path / 'q')!r}, 'status']); "
         f"main(['--queue', {str(tmp_path / 'q')!r}, 'list', '--limit', '5']); "
-        "print(sorted(m for m in sys.modules if m.startswith('mailspool.')))"
+        "print(sorted(m for m in sys.modules if m.startswith('mailspool.')));"
+        "print(sys.modules['mailspool.address']._pattern.cache_info().currsize)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    loaded = set(eval(done.stdout.strip().splitlines()[-1]))  # a list of names
+    *_, modules, compiled = done.stdout.strip().splitlines()
+    loaded = set(eval(modules))  # a list of names
+    assert compiled == "0"  # no address was parsed, so no address pattern compiled
     assert "mailspool.cli.queue_verbs" in loaded
     for module in (
         "mailspool.cli.delivery_verbs",

@@ -9,8 +9,6 @@ mail, and a verb that only looks never creates or changes the spool.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import sys
 import time
@@ -120,6 +118,9 @@ def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
 
 
 def _headers(data: bytes) -> list[tuple[str, str]]:
+    import email.parser  # only `show` parses headers; status and list start without it
+    import email.policy
+
     parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
     msg = parser.parsebytes(data)
     return [(k, " ".join(str(v).split())) for k, v in msg.items()]

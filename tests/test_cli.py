@@ -460,7 +460,7 @@ def test_unreadable_area_is_one_line_exit_3(
     area = str(queue / "deferred")
 
     def scandir(path: Any = ".") -> Any:
-        if os.fspath(path).rstrip("/") == area:
+        if os.fsdecode(path).rstrip("/") == area:
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 

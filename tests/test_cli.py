@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import transaction
 
@@ -405,7 +407,13 @@ def test_usage_errors_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "run", "--password", "x")
     assert code == 2 and "--password" in err
 
-    assert set(VERBS) <= set(build_parser().commands)
+    group = build_parser()
+    with click.Context(group) as ctx:
+        listed = group.list_commands(ctx)
+        assert set(VERBS) <= set(listed)
+        for name in listed:  # each verb listed is found, under its own name
+            command = group.get_command(ctx, name)
+            assert command is not None and command.name == name
     for verb in VERBS:
         code, out, _ = run(capsys, verb, "--help")
         assert code == 0
@@ -452,7 +460,7 @@ def test_unreadable_area_is_one_line_exit_3(
     area = str(queue / "deferred")
 
     def scandir(path: Any = ".") -> Any:
-        if os.fspath(path).rstrip("/") == area:
+        if os.fsdecode(path).rstrip("/") == area:
             raise PermissionError(13, "Permission denied", os.fspath(path))
         return real_scandir(path)
 
@@ -557,3 +565,33 @@ def test_logged_errors_stay_one_line_unless_vv() -> None:
     assert record.exc_info is info  # other handlers still see the exception
     full = OneLineFormatter(tracebacks=True).format(record)
     assert "Traceback (most recent call last)" in full and full.endswith("ValueError: bad\nthing")
+
+
+def test_status_imports_no_delivery_modules(tmp_path: Path) -> None:
+    """`status` and `list` load only their own verbs' module, not the processor's
+    or the SMTP modules `run` needs, and compile no address pattern: what a
+    million-message queue's `status` must not spend its second on."""
+    Spool(str(tmp_path / "q"))
+    code = (
+        "import sys; from mailspool.cli.main import main; "
+        f"main(['--queue', {str(tmp_path / 'q')!r}, 'status']); "
+        f"main(['--queue', {str(tmp_path / 'q')!r}, 'list', '--limit', '5']); "
+        "seen = ('mailspool.', 'smtplib', 'email.p');"
+        "print(sorted(m for m in sys.modules if m.startswith(seen)));"
+        "print(sys.modules['mailspool.address']._pattern.cache_info().currsize)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    *_, modules, compiled = done.stdout.strip().splitlines()
+    loaded = set(eval(modules))  # a list of names
+    assert compiled == "0"  # no address was parsed, so no address pattern compiled
+    assert "mailspool.cli.queue_verbs" in loaded
+    for module in (
+        "mailspool.cli.delivery_verbs",
+        "mailspool.cli.dev_verbs",
+        "mailspool.cli.db_verbs",
+        "mailspool.smtp.mailer",
+        "mailspool.processor.loop",
+        "smtplib",
+        "email.parser",
+    ):
+        assert module not in loaded, module

@@ -67,3 +67,15 @@ def test_deferred_entries_due_are_counted_apart(tmp_path: Path) -> None:
     ready = [0]
     n, oldest = scan_dir(str(d), 1, due_by=250, ready=ready)
     assert (n, ready[0], oldest) == (1, 2, ["1.M1P1Q1R0.h"])
+
+
+def test_a_name_not_in_utf8_is_kept_as_a_listing_of_str_would_name_it(tmp_path: Path) -> None:
+    d = tmp_path / "d"
+    d.mkdir()
+    odd = os.fsencode(str(d)) + b"/\xffodd"
+    open(odd, "wb").close()
+    touch(d, ["1700000000.M5P1Q1R0.host"])
+    n, names = scan_dir(str(d), 5)
+    assert n == 2
+    assert names == ["1700000000.M5P1Q1R0.host", os.fsdecode(b"\xffodd")]
+    assert names[1] in os.listdir(d)  # the name the rest of the spool opens it by

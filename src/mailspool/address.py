@@ -34,14 +34,25 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 # (UTF-8 can encode every code point but the surrogates).
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-"
 _UTF8 = "\u00a0-\ud7ff\ue000-\U0010ffff"
-_DOT_ATOM = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*\Z")
-# RFC 5321 Quoted-string: qtextSMTP or a backslash and a printable character.
-_QUOTED = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"\Z')
-_LABEL = re.compile(rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9{_UTF8}])?\Z")
-# A display name: words (atoms, with the dots obs-phrase allows, or quoted
-# strings), white space and comments.  Every alternative consumes one
-# character or one whole delimited token, so matching stays linear.
-_PHRASE = re.compile(rf'(?:[ \t]|[{_ATEXT}{_UTF8}.]|"(?:[^"\\]|\\.)*"|\((?:[^()\\]|\\.)*\))*')
+# The patterns below hold a class spanning all of Unicode, which takes the
+# re module milliseconds each to compile: they are compiled when first used,
+# so a command that parses no address (``mailspool status``) does not pay.
+_PATTERNS = {
+    "dot_atom": rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*\Z",
+    # RFC 5321 Quoted-string: qtextSMTP or a backslash and a printable character.
+    "quoted": rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"\Z',
+    "label": rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9\-{_UTF8}]*[A-Za-z0-9{_UTF8}])?\Z",
+    # A display name: words (atoms, with the dots obs-phrase allows, or quoted
+    # strings), white space and comments.  Every alternative consumes one
+    # character or one whole delimited token, so matching stays linear.
+    "phrase": rf'(?:[ \t]|[{_ATEXT}{_UTF8}.]|"(?:[^"\\]|\\.)*"|\((?:[^()\\]|\\.)*\))*',
+}
+
+
+@functools.cache
+def _pattern(name: str) -> re.Pattern[str]:
+    """The compiled pattern ``name`` of :data:`_PATTERNS`."""
+    return re.compile(_PATTERNS[name])
 
 
 @dataclass(frozen=True)
@@ -95,7 +106,7 @@ def _check_domain(domain: str, original: str) -> None:
             ) from None
         return
     for label in domain.split("."):
-        if not _LABEL.match(label):
+        if not _pattern("label").match(label):
             raise InvalidAddress(original, f"domain {domain!r} has an invalid label {label!r}")
         # A non-ASCII label is limited in its ASCII (xn--) form.
         size = len(label) if label.isascii() else 4 + len(label.encode("punycode"))
@@ -116,7 +127,7 @@ def _check_mailbox(mailbox: str, original: str) -> str:
         raise InvalidAddress(original, "empty local part")
     if not domain:
         raise InvalidAddress(original, "empty domain")
-    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+    if not (_pattern("dot_atom").match(local) or _pattern("quoted").match(local)):
         if not local.startswith('"') and "@" in local:
             n = mailbox.count("@")
             raise InvalidAddress(
@@ -184,7 +195,7 @@ def _parse_mailbox(value: str) -> str:
     if text.endswith(">"):
         # [display-name] "<" mailbox ">": the phrase ends at the first "<"
         # that is not inside a quoted string or a comment.
-        phrase = _PHRASE.match(text)
+        phrase = _pattern("phrase").match(text)
         end = phrase.end() if phrase else 0
         if text[end : end + 1] != "<":
             raise InvalidAddress(

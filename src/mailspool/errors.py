@@ -25,8 +25,11 @@
 from __future__ import annotations
 
 import re
-import smtplib
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import smtplib
 
 __all__ = [
     "AuthenticationError",
@@ -330,14 +333,18 @@ def error_for_reply(
     return make(TransientError)
 
 
-# What each smtplib reply error answered, for error_for_reply's ``phase``.
-_SMTPLIB_PHASES: tuple[tuple[type[smtplib.SMTPResponseException], str], ...] = (
-    (smtplib.SMTPConnectError, "greeting"),
-    (smtplib.SMTPHeloError, "ehlo"),
-    (smtplib.SMTPAuthenticationError, "auth"),
-    (smtplib.SMTPSenderRefused, "mail"),
-    (smtplib.SMTPDataError, "data"),
-)
+def _smtplib_phase(smtp: Any, exc: smtplib.SMTPResponseException) -> str:
+    """What an smtplib reply error answered, for error_for_reply's ``phase``."""
+    for cls, phase in (
+        (smtp.SMTPConnectError, "greeting"),
+        (smtp.SMTPHeloError, "ehlo"),
+        (smtp.SMTPAuthenticationError, "auth"),
+        (smtp.SMTPSenderRefused, "mail"),
+        (smtp.SMTPDataError, "data"),
+    ):
+        if isinstance(exc, cls):
+            return phase
+    return ""
 
 
 def reply_text(value: object) -> str:
@@ -365,13 +372,16 @@ def is_transient(exc: BaseException) -> bool:
     """
     if isinstance(exc, DeliveryError):
         return exc.transient
-    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+    # An smtplib error exists only once smtplib is imported: this module does
+    # not import it (with ssl and email, a tenth of every command's start).
+    smtp: Any = sys.modules.get("smtplib")
+    if smtp is not None and isinstance(exc, smtp.SMTPRecipientsRefused):
         return any(
             error_for_reply(code, reply_text(text), phase="rcpt").transient
             for code, text in exc.recipients.values()
         )
-    if isinstance(exc, smtplib.SMTPResponseException):
-        phase = next((p for cls, p in _SMTPLIB_PHASES if isinstance(exc, cls)), "")
+    if smtp is not None and isinstance(exc, smtp.SMTPResponseException):
+        phase = _smtplib_phase(smtp, exc)
         reply = error_for_reply(exc.smtp_code, reply_text(exc.smtp_error), phase=phase)
         return reply.transient
     return isinstance(exc, OSError)

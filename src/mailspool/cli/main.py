@@ -40,6 +40,7 @@ code  meaning
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import sys
@@ -47,12 +48,6 @@ from collections.abc import Sequence
 
 import click
 
-from mailspool.cli import check_verb as cli_check
-from mailspool.cli import config_verb as cli_config
-from mailspool.cli import db_verbs as cli_db
-from mailspool.cli import delivery_verbs as cli_delivery
-from mailspool.cli import dev_verbs as cli_dev
-from mailspool.cli import queue_verbs as cli_queue
 from mailspool.cli.common import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -77,8 +72,38 @@ __all__ = [
 
 log = logging.getLogger("mailspool.cli")
 
+#: Each verb, and the module that defines it: a verb's module is imported
+#: only when that verb (or the list of them, for ``--help``) is asked for,
+#: so ``mailspool status`` does not pay for the processor's and the SMTP
+#: modules that ``run`` needs.
+_VERBS: dict[str, str] = {
+    **dict.fromkeys(("run", "drain", "send"), "delivery_verbs"),
+    **dict.fromkeys(
+        ("status", "list", "show", "retry", "delete", "hold", "release"), "queue_verbs"
+    ),
+    "check": "check_verb",
+    "config": "config_verb",
+    **dict.fromkeys(("devserver", "demo"), "dev_verbs"),
+    "db": "db_verbs",
+}
+
+
+class _Verbs(click.Group):
+    """The group whose verbs are imported when first named (see :data:`_VERBS`)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *_VERBS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _VERBS:
+            module = importlib.import_module(f"mailspool.cli.{_VERBS[cmd_name]}")
+            for command in module.COMMANDS:
+                self.add_command(command)
+        return self.commands.get(cmd_name)
+
 
 @click.group(
+    cls=_Verbs,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @common_options
@@ -117,17 +142,6 @@ def cli(
         "log_format": log_format,
         "log_addresses": log_addresses,
     }
-
-
-for _command in (
-    *cli_delivery.COMMANDS,
-    *cli_queue.COMMANDS,
-    *cli_check.COMMANDS,
-    *cli_config.COMMANDS,
-    *cli_dev.COMMANDS,
-    *cli_db.COMMANDS,
-):
-    cli.add_command(_command)
 
 
 def build_parser() -> click.Group:

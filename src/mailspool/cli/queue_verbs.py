@@ -9,8 +9,6 @@ mail, and a verb that only looks never creates or changes the spool.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
 import sys
 import time
@@ -35,7 +33,6 @@ from mailspool.cli.common import (
 )
 from mailspool.cli.opening import open_spool, reading
 from mailspool.errors import SpoolError
-from mailspool.processor.outcome import per_second
 from mailspool.queue import age_order
 
 if TYPE_CHECKING:
@@ -121,6 +118,9 @@ def _read_message(spool: Spool, entry: SpoolEntry) -> bytes | None:
 
 
 def _headers(data: bytes) -> list[tuple[str, str]]:
+    import email.parser  # only `show` parses headers; status and list start without it
+    import email.policy
+
     parser = email.parser.BytesHeaderParser(policy=email.policy.compat32)
     msg = parser.parsebytes(data)
     return [(k, " ".join(str(v).split())) for k, v in msg.items()]
@@ -215,6 +215,8 @@ def status(ctx: click.Context, /, as_json: bool, watch: bool, **kw: Any) -> int:
 
 def _relay_line(relay: dict[str, Any], now: float) -> str:
     """What a processor last said about its relay (see mailspool.processor.relayfile)."""
+    from mailspool.processor.outcome import per_second  # the processor's modules, only here
+
     parts = []
     rate = relay.get("rate")
     if isinstance(rate, (int, float)):

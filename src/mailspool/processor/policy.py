@@ -250,6 +250,8 @@ class RelayState:
 
     def parallelism(self, now: float) -> int:
         """How many messages may be in flight at ``now``."""
+        if not self._failures and self._limit >= self._max:
+            return self._limit  # the common case, twice per message: no lock
         with self._lock:
             if self._failures:
                 return 1  # probing: one message at a time until one gets through

@@ -141,7 +141,7 @@ class Crew:
         try:
             for id in ids:
                 sender.outage.worked(p.mark)  # it answered: over, unless a claim failed since
-                if sender.skipped(id, p.now):
+                if sender.skips.skipped(id, p.now):
                     continue
                 if sender.lost_run >= LOST_RUN:
                     return True

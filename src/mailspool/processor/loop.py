@@ -479,7 +479,7 @@ class QueueProcessor:
             candidates.append(ABANDONED_CHECK)
         if self.relay.paused(now):
             candidates.append(self.relay.paused_until - now)
-        unskip = self._sender.next_unskip(now)
+        unskip = self._sender.skips.next_unskip(now)
         if unskip is not None:
             candidates.append(unskip - now)
         idle = self.pool.close_idle()

@@ -71,6 +71,7 @@ from mailspool.processor.outcome import (
 from mailspool.processor.pacing import Pacer
 from mailspool.processor.policy import QUICK_IN_PASS, QUICK_TRIES, RelayState, RetryPolicy
 from mailspool.processor.pool import ConnectionPool
+from mailspool.processor.skips import Skips
 from mailspool.processor.unwritten import WAITING, Unwritten
 from mailspool.queue import QueueBackend, QueueClaim
 from mailspool.smtp.result import Reply, SendResult
@@ -150,8 +151,7 @@ class Sender:
         self._stopping = stopping
         self._sleep = sleep
         self.outage = outage if outage is not None else Outage(spool.location)
-        self._skip: dict[str, float] = {}  # messages that could not even be deferred
-        self._skip_lock = threading.Lock()
+        self.skips = Skips()  # messages that could not even be deferred
         self._key = os.path.realpath(spool.location)  # whose waiting outcomes are ours
         self._local = _ThreadTimes()
         #: Claims lost in a row (taken by another processor, or gone); reset
@@ -474,8 +474,7 @@ class Sender:
         except Exception:
             until = now + self.retry.delay(attempt)
             log.exception("%s; cannot defer it either, leaving it until %s", head, when(until))
-            with self._skip_lock:
-                self._skip[claim.id] = until
+            self.skips.add(claim.id, until)
             return NOTHING
         log.exception("%s; deferred until %s (attempt %d)", head, when(retry_at), attempt)
         return Done("deferred")
@@ -496,22 +495,3 @@ class Sender:
         spool is common when several drain it, and must stay cheap.
         """
         return self.spool.quarantined_last(id)
-
-    def skipped(self, id: str, now: float) -> bool:
-        """True for a message that could not be deferred, until its retry time."""
-        if not self._skip:  # the common case, once per id listed: no lock
-            return False
-        with self._skip_lock:
-            until = self._skip.get(id)
-            if until is None:
-                return False
-            if now < until:
-                return True
-            del self._skip[id]
-            return False
-
-    def next_unskip(self, now: float) -> float | None:
-        """The earliest time a skipped message is due again, if any (forgets past ones)."""
-        with self._skip_lock:
-            self._skip = {id: t for id, t in self._skip.items() if t > now}
-            return min(self._skip.values(), default=None)

@@ -441,17 +441,8 @@ class Sender:
         return unwritten.write_again(self._key, self._let_go)
 
     def last_chance(self) -> list[Done]:
-        """Before the processor stops: write what waits, once more.
-
-        A message whose outcome still cannot be written is released when
-        the relay accepted none of its recipients (nothing is sent twice);
-        otherwise it stays claimed, for a later processor of this spool in
-        this process or the try at exit, and an error names the recipients
-        that get it again if the process ends first.
-
-        Returns:
-            What became of those now written (their events not dispatched).
-        """
+        """Before the processor stops: write what waits, once more
+        (:func:`mailspool.processor.unwritten.last_chance`)."""
         return unwritten.last_chance(self._key, self._let_go)
 
     def _after_error(self, claim: QueueClaim, now: float, exc: Exception) -> Done:

@@ -295,8 +295,9 @@ def _first_line(sock: socket.socket, wait: float) -> bytes:
     return data.splitlines()[0] if data else b""
 
 
-class _SMTP(smtplib.SMTP):
-    """Connects within the connect timeout, then waits ``greeting_timeout`` for the greeting."""
+class _GreetingFirst:
+    """Connects within the connect timeout, then waits ``greeting_timeout`` for
+    the greeting; mixed into smtplib's two client classes below."""
 
     greeting_timeout = 300.0
     banner = b""
@@ -309,17 +310,12 @@ class _SMTP(smtplib.SMTP):
         return sock
 
 
-class _SMTP_SSL(smtplib.SMTP_SSL):
+class _SMTP(_GreetingFirst, smtplib.SMTP):
+    """Plain SMTP, STARTTLS later if asked: see :class:`_GreetingFirst`."""
+
+
+class _SMTP_SSL(_GreetingFirst, smtplib.SMTP_SSL):
     """:class:`_SMTP` for implicit TLS: the handshake within the connect timeout."""
-
-    greeting_timeout = 300.0
-    banner = b""
-    _host: str
-
-    def _get_socket(self, host: str, port: int, timeout: float | None) -> socket.socket:
-        sock: socket.socket = super()._get_socket(host, port, timeout)  # type: ignore[misc]
-        self.banner = _first_line(sock, self.greeting_timeout)
-        return sock
 
 
 def _greeting_wait(m: SessionSettings) -> float:
